@@ -1,0 +1,136 @@
+"""The Orpheus TTS protocol: vocabulary layout, prompt format, and how audio tokens
+become SNAC codes.
+
+Every part of Chorus that touches token ids or code frames goes through here, so the
+facts live in one place (see DESIGN.md, "The Orpheus protocol").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# Vocabulary: 128,256 Llama-3 tokens, then 28,684 `<custom_token_N>` at 128256 + N.
+TEXT_VOCAB_SIZE = 128_256
+CUSTOM_TOKEN_BASE = 128_256
+N_CUSTOM_TOKENS = 28_684
+VOCAB_SIZE = TEXT_VOCAB_SIZE + N_CUSTOM_TOKENS  # 156,940
+
+BOS = 128_000
+END_OF_TEXT = 128_009
+START_OF_SPEECH = 128_257
+END_OF_SPEECH = 128_258
+START_OF_HUMAN = 128_259
+END_OF_HUMAN = 128_260
+START_OF_AI = 128_261
+END_OF_AI = 128_262
+AUDIO_TOKEN_BASE = 128_266
+
+SPECIAL_IDS = {
+    "bos": BOS,
+    "end_of_text": END_OF_TEXT,
+    "start_of_speech": START_OF_SPEECH,
+    "end_of_speech": END_OF_SPEECH,
+    "start_of_human": START_OF_HUMAN,
+    "end_of_human": END_OF_HUMAN,
+    "start_of_ai": START_OF_AI,
+    "end_of_ai": END_OF_AI,
+}
+
+# SNAC 24 kHz: one frame is 7 codes (1 + 2 + 4 over three layers) and 2048 samples.
+CODES_PER_FRAME = 7
+CODEBOOK_SIZE = 4096
+SAMPLE_RATE = 24_000
+SAMPLES_PER_FRAME = 2048
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 85.33 ms
+TOKENS_PER_AUDIO_SECOND = CODES_PER_FRAME / FRAME_SECONDS  # ~82
+
+# Position in the frame of each code, by layer: layer 0 [t0], layer 1 [t1, t4],
+# layer 2 [t2, t3, t5, t6].
+LAYER_POSITIONS = ((0,), (1, 4), (2, 3, 5, 6))
+
+DEFAULT_VOICE = "tara"
+
+
+def custom_token_id(n: int) -> int:
+    """Id of `<custom_token_n>`."""
+    if not 0 <= n < N_CUSTOM_TOKENS:
+        raise ValueError(f"custom token index {n} outside 0..{N_CUSTOM_TOKENS - 1}")
+    return CUSTOM_TOKEN_BASE + n
+
+
+def prompt_text(text: str, voice: str | None) -> str:
+    """The text the backbone reads: "{voice}: {text}"."""
+    return f"{voice}: {text}" if voice else text
+
+
+def wrap_prompt(text_ids: Sequence[int]) -> list[int]:
+    """Frames tokenized text (BOS first) in the Orpheus turn markers."""
+    return [START_OF_HUMAN, *text_ids, END_OF_TEXT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH]
+
+
+def audio_token_range(position: int) -> tuple[int, int]:
+    """[first, last+1) token ids that are legal at `position` (0..6) of a frame."""
+    if not 0 <= position < CODES_PER_FRAME:
+        raise ValueError(f"frame position {position} outside 0..6")
+    first = AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE
+    return first, first + CODEBOOK_SIZE
+
+
+def audio_token_id(code: int, position: int) -> int:
+    """Token id that carries `code` at `position` of a frame."""
+    if not 0 <= code < CODEBOOK_SIZE:
+        raise ValueError(f"code {code} outside 0..{CODEBOOK_SIZE - 1}")
+    return audio_token_range(position)[0] + code
+
+
+def token_to_code(token_id: int, index: int) -> int:
+    """Code carried by the `index`-th audio token of a stream (index counts audio tokens only)."""
+    code = token_id - AUDIO_TOKEN_BASE - (index % CODES_PER_FRAME) * CODEBOOK_SIZE
+    if not 0 <= code < CODEBOOK_SIZE:
+        raise ValueError(
+            f"token {token_id} is not a legal audio token at frame position {index % CODES_PER_FRAME}"
+        )
+    return code
+
+
+def frames_to_layers(codes: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Splits n frames (7n codes, flat or (n, 7)) into SNAC's three layers.
+
+    Returns int64 arrays of shape (n,), (2n,), (4n,), in time order per layer.
+    """
+    frames = np.asarray(codes, dtype=np.int64).reshape(-1, CODES_PER_FRAME)
+    return tuple(frames[:, list(pos)].reshape(-1) for pos in LAYER_POSITIONS)  # type: ignore[return-value]
+
+
+def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndarray:
+    """Checks a flat run of codes and returns it as (n, 7) int64.
+
+    Raises ValueError naming the first bad frame, so that callers can report it.
+    """
+    flat = np.asarray(codes, dtype=np.int64)
+    if flat.size == 0 or flat.size % CODES_PER_FRAME:
+        raise ValueError(
+            f"frame {first_frame_index}: got {flat.size} codes, expected a non-zero multiple of 7"
+        )
+    frames = flat.reshape(-1, CODES_PER_FRAME)
+    bad = np.nonzero(((frames < 0) | (frames >= CODEBOOK_SIZE)).any(axis=1))[0]
+    if bad.size:
+        row = int(bad[0])
+        value = int(frames[row][(frames[row] < 0) | (frames[row] >= CODEBOOK_SIZE)][0])
+        raise ValueError(
+            f"frame {first_frame_index + row}: code {value} outside 0..{CODEBOOK_SIZE - 1}"
+        )
+    return frames
+
+
+def default_max_tokens(text: str, tokens_per_char: float = 1.5, minimum: int = 7 * 24) -> int:
+    """A generation budget from the text length, a whole number of frames.
+
+    Speech runs at roughly 14 characters a second and ~82 tokens a second, so about
+    6 tokens a character; the default allows 1.5x that headroom per character plus
+    two seconds, and callers may set their own.
+    """
+    budget = max(minimum, int(len(text) * 6 * tokens_per_char) + 2 * 82)
+    return budget - budget % CODES_PER_FRAME

@@ -1,0 +1,49 @@
+from chorus.proto.tts.v1 import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DecodeStart(_message.Message):
+    __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    first_frame_index: int
+    resume_from_sample: int
+    deterministic: bool
+    def __init__(self, request_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., resume_from_sample: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("start", "frames")
+    START_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    start: DecodeStart
+    frames: _common_pb2.CodeFrames
+    def __init__(self, start: _Optional[_Union[DecodeStart, _Mapping]] = ..., frames: _Optional[_Union[_common_pb2.CodeFrames, _Mapping]] = ...) -> None: ...
+
+class DecodeResponse(_message.Message):
+    __slots__ = ("audio", "final")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    audio: _common_pb2.PcmChunk
+    final: bool
+    def __init__(self, audio: _Optional[_Union[_common_pb2.PcmChunk, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLoadResponse(_message.Message):
+    __slots__ = ("open_streams", "max_streams", "device")
+    OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    open_streams: int
+    max_streams: int
+    device: str
+    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,111 @@
+"""What every Chorus gRPC server shares: health, reflection, SIGTERM drain.
+
+Each service's `start_server(config, port=0)` builds its servicers, then hands the
+`grpc.aio.Server` to `serve_with_health` so that the three services behave alike
+when probed, reflected or terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Large enough for a few seconds of PCM in one message.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class RunningServer:
+    """A started server: its port, its health servicer, and how to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Goes NOT_SERVING, lets in-flight calls finish within `grace`, then releases resources."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for hook in reversed(self.on_stop):
+            await hook()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve_with_health(
+    server: grpc.aio.Server,
+    service_names: Iterable[str],
+    port: int,
+    host: str = "127.0.0.1",
+) -> RunningServer:
+    """Adds health and reflection, binds, starts, and reports NOT_SERVING until the
+    caller marks the server ready (after warm-up)."""
+    names = tuple(service_names)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+    await running.set_serving(False)
+    return running
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=GRPC_OPTIONS)
+
+
+async def run_until_signalled(running: RunningServer, grace: float) -> None:
+    """Serves until SIGTERM or SIGINT, then drains: NOT_SERVING, finish streams, stop."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("signal received: draining for up to %.1fs", grace)
+    await running.stop(grace)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
