@@ -109,3 +109,19 @@ def configure_logging(level: str = "INFO") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def write_ready_file(path: str | None, running: RunningServer) -> None:
+    """Tells a launcher (chorus serve, tests) the bound address once the server is SERVING.
+
+    Written atomically, so a reader never sees half a file.
+    """
+    if not path:
+        return
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"address": running.address, "port": running.port, "pid": os.getpid()}, f)
+    os.replace(tmp, path)

@@ -1,0 +1,39 @@
+"""The `chorus` command: one entry point, one module per subcommand.
+
+Each subcommand names a `module:function` that adds its parser to the subparsers
+and sets `func` to what runs it. Modules are imported only for the subcommand being
+run, so that `chorus say` does not pay for torch or llama.cpp imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> ("module:register function", one-line help)
+SUBCOMMANDS = {
+    "models": ("chorus.demo.cli:register", "build demo models"),
+    "serve": ("chorus.stack:register", "start the whole stack locally on the demo models"),
+    "say": ("chorus.client:register_say", "synthesize text through a gateway"),
+    "voices": ("chorus.client:register_voices", "list the gateway's voices"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="chorus", description="Chorus streaming TTS")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (target, help_text) in SUBCOMMANDS.items():
+        if name != wanted:
+            subparsers.add_parser(name, help=help_text)
+            continue
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(subparsers, name, help_text)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
