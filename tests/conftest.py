@@ -1,0 +1,31 @@
+"""Shared fixtures: the demo models are built once per test session.
+
+Set CHORUS_TEST_MODELS to a folder to reuse models across runs (the README's test
+command points it at models/demo, which the demo command also builds).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    from chorus.demo.build import build_demo_models
+
+    root = os.environ.get("CHORUS_TEST_MODELS")
+    out = Path(root) if root else tmp_path_factory.mktemp("demo-models")
+    return build_demo_models(out)
+
+
+@pytest.fixture(scope="session")
+def gguf_path(demo_models) -> Path:
+    return demo_models.gguf
+
+
+@pytest.fixture(scope="session")
+def snac_dir(demo_models) -> Path:
+    return demo_models.snac_dir
