@@ -36,6 +36,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The service's engine objects, for in-process tests and introspection.
+    components: dict[str, object] = field(default_factory=dict)
     _stopped: bool = False
 
     @property

@@ -1,0 +1,47 @@
+"""Builds the token server: backbone, engine, codec pool, gRPC service.
+
+`start_server(config, port=0)` is the one factory `__main__` and the tests share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
+from chorus.serving import RunningServer, new_server, serve_with_health
+from services.token_server.codec_relay import CodecPool
+from services.token_server.config import TokenServerConfig
+from services.token_server.engine import Engine
+from services.token_server.llama_backend import LlamaBackbone
+from services.token_server.servicer import TokenServicer
+
+SERVICE_NAME = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+
+
+async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServer:
+    # Loading the model maps hundreds of MB: keep it off the event loop.
+    backbone = await asyncio.to_thread(
+        LlamaBackbone,
+        config.model_path,
+        n_ctx=config.slots * config.ctx_per_slot,
+        n_batch=config.n_batch,
+        n_seq_max=config.slots,
+        threads=config.threads,
+    )
+    engine = Engine(backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot)
+    engine.start()
+    pool = CodecPool(config.codec_workers)
+
+    server = new_server()
+    token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
+
+    async def release() -> None:
+        await asyncio.to_thread(engine.stop)
+        await pool.close()
+        backbone.close()
+
+    running.on_stop.append(release)
+    await running.set_serving(True)
+    return running

@@ -1,0 +1,243 @@
+"""The token server over real gRPC, with the demo GGUF in llama.cpp.
+
+Codec workers are fakes here (a real grpc server whose PCM encodes the frame index),
+so that relay and failover can be checked sample by sample; the real codec worker is
+exercised in its own tests and end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import numpy as np
+import pytest
+
+from chorus import orpheus
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, token_server_pb2, token_server_pb2_grpc
+from chorus.serving import new_server, serve_with_health
+from services.token_server.config import TokenServerConfig
+from services.token_server.server import start_server
+
+
+class FakeCodec(codec_pb2_grpc.CodecServiceServicer):
+    """Returns, for frame i, 2048 samples of value i (mod 30000); can die after N frames."""
+
+    def __init__(self, die_after_frames: int | None = None) -> None:
+        self.die_after_frames = die_after_frames
+        self.starts: list[codec_pb2.DecodeStart] = []
+        self.frames_seen = 0
+
+    async def Decode(self, request_iterator, context):
+        start = None
+        async for req in request_iterator:
+            if req.HasField("start"):
+                start = req.start
+                self.starts.append(start)
+                continue
+            frames = np.asarray(req.frames.codes).reshape(-1, 7)
+            for k in range(len(frames)):
+                index = req.frames.first_frame_index + k
+                self.frames_seen += 1
+                if self.die_after_frames is not None and self.frames_seen > self.die_after_frames:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "fake codec worker died")
+                offset = index * orpheus.SAMPLES_PER_FRAME
+                if offset + orpheus.SAMPLES_PER_FRAME <= start.resume_from_sample:
+                    continue
+                pcm = np.full(orpheus.SAMPLES_PER_FRAME, index % 30000, dtype="<i2")
+                yield codec_pb2.DecodeResponse(
+                    audio=common_pb2.PcmChunk(sample_offset=offset, pcm=pcm.tobytes(), sample_rate_hz=24000)
+                )
+        yield codec_pb2.DecodeResponse(final=True)
+
+
+@contextlib.asynccontextmanager
+async def fake_codec(servicer):
+    server = new_server()
+    codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
+    running = await serve_with_health(server, ["tts.v1.CodecService"], 0)
+    await running.set_serving(True)
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def token_server(gguf_path, codec_workers=(), **overrides):
+    config = TokenServerConfig(
+        model_path=gguf_path, codec_workers=tuple(codec_workers), slots=2, ctx_per_slot=2048,
+        n_batch=128, threads=2, queue_size=1, **overrides,
+    )
+    running = await start_server(config, port=0)
+    channel = grpc.aio.insecure_channel(running.address)
+    try:
+        yield running, token_server_pb2_grpc.TokenServiceStub(channel)
+    finally:
+        await channel.close()
+        await running.stop(1)
+
+
+def request(text="Hello there.", frames=6, seed=1, **kw):
+    sampling = common_pb2.SamplingParams(seed=seed, max_tokens=frames * 7)
+    return token_server_pb2.GenerateRequest(text=text, sampling=sampling, **kw)
+
+
+async def read_all(call):
+    audio, frames, summary = [], [], None
+    async for msg in call:
+        kind = msg.WhichOneof("payload")
+        if kind == "audio":
+            audio.append(msg.audio)
+        elif kind == "frames":
+            frames.append(msg.frames)
+        else:
+            summary = msg.summary
+    return audio, frames, summary
+
+
+def test_codes_only_streams_frames_then_summary(gguf_path):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            return await read_all(stub.Generate(request(codes_only=True, frames=5)))
+
+    _, frames, summary = asyncio.run(scenario())
+    assert [f.first_frame_index for f in frames] == list(range(5))
+    assert all(len(f.codes) == 7 and all(0 <= c < 4096 for c in f.codes) for f in frames)
+    assert summary.frames == 5 and summary.tokens == 35
+    assert summary.finish_reason == "max_tokens"
+    assert summary.prompt_tokens > 10 and summary.time_to_first_token_ms > 0
+
+
+def test_same_seed_same_codes_over_rpc(gguf_path):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            a = await read_all(stub.Generate(request(codes_only=True, seed=42)))
+            b = await read_all(stub.Generate(request(codes_only=True, seed=42)))
+            c = await read_all(stub.Generate(request(codes_only=True, seed=43)))
+            return [[tuple(f.codes) for f in r[1]] for r in (a, b, c)]
+
+    a, b, c = asyncio.run(scenario())
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (token_server_pb2.GenerateRequest(text="   "), "text is empty"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=0)), "top_p"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=5)), "temperature"),
+        (token_server_pb2.GenerateRequest(text="x" * 3000, codes_only=True), "too long"),
+    ],
+)
+def test_bad_requests_get_invalid_argument(gguf_path, bad, message):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.Generate(bad))
+            return err.value
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
+def test_full_queue_gets_resource_exhausted_and_admitted_complete(gguf_path):
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            admitted = [asyncio.create_task(read_all(stub.Generate(request(codes_only=True, frames=20, seed=i))))
+                        for i in range(3)]  # 2 slots + 1 queued
+            engine = running.components["engine"]
+            while sum(engine.load()) < 3:
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.Generate(request(codes_only=True)))
+            results = await asyncio.gather(*admitted)
+            return err.value, results
+
+    err, results = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry later" in err.details()
+    assert all(len(frames) == 20 and summary.frames == 20 for _, frames, summary in results)
+    assert max(summary.queue_wait_ms for _, _, summary in results) > 0
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_client_gone_frees_slot_and_kv(gguf_path, how):
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            engine = running.components["engine"]
+            timeout = 0.5 if how == "deadline" else None
+            call = stub.Generate(request(codes_only=True, frames=250), timeout=timeout)
+            got = 0
+            with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)) as err:
+                async for _ in call:
+                    got += 1
+                    if how == "cancel" and got == 3:
+                        call.cancel()
+            for _ in range(200):  # the server notices the RPC end, then the engine frees the slot
+                if engine.load() == (0, 0):
+                    break
+                await asyncio.sleep(0.02)
+            kv = await asyncio.wrap_future(
+                engine.run_in_engine(lambda e: [e.backbone.sequence_length(s) for s in range(e.n_slots)])
+            )
+            status = await stub.GetStatus(token_server_pb2.GetStatusRequest())
+            return got, err, kv, status
+
+    got, err, kv, status = asyncio.run(scenario())
+    assert got >= 1
+    if how == "deadline":
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status.slots_busy == 0 and status.queue_depth == 0
+    assert kv == [0, 0]
+
+
+def test_audio_relayed_from_codec_worker(gguf_path):
+    async def scenario():
+        codec = FakeCodec()
+        async with fake_codec(codec) as worker:
+            async with token_server(gguf_path, [worker.address]) as (_, stub):
+                result = await read_all(stub.Generate(request(frames=8)))
+        return codec, result
+
+    codec, (audio, _, summary) = asyncio.run(scenario())
+    pcm = np.concatenate([np.frombuffer(a.pcm, "<i2") for a in audio])
+    assert len(pcm) == 8 * orpheus.SAMPLES_PER_FRAME
+    assert [a.sample_offset for a in audio] == [i * 2048 for i in range(8)]
+    assert np.array_equal(pcm, np.repeat(np.arange(8), 2048))
+    assert summary.audio_seconds == pytest.approx(8 * 2048 / 24000)
+    assert summary.time_to_first_audio_ms > 0
+    assert len(codec.starts) == 1 and codec.starts[0].resume_from_sample == 0
+
+
+def test_codec_worker_killed_mid_stream_loses_no_audio(gguf_path):
+    async def scenario():
+        dying, healthy = FakeCodec(die_after_frames=5), FakeCodec()
+        async with fake_codec(dying) as w1, fake_codec(healthy) as w2:
+            async with token_server(gguf_path, [w1.address, w2.address]) as (_, stub):
+                result = await read_all(stub.Generate(request(frames=12)))
+        return dying, healthy, result
+
+    dying, healthy, (audio, _, summary) = asyncio.run(scenario())
+    pcm = np.concatenate([np.frombuffer(a.pcm, "<i2") for a in audio])
+    # Every sample exactly once, in order, although the first worker died after 5 frames.
+    assert np.array_equal(pcm, np.repeat(np.arange(12), 2048))
+    assert len(dying.starts) == 1 and len(healthy.starts) == 1
+    resumed = healthy.starts[0]
+    assert resumed.resume_from_sample == 5 * 2048
+    assert resumed.first_frame_index == 2  # 3 frames of decoder context before the resume point
+    assert summary.frames == 12
+
+
+def test_no_codec_worker_is_unavailable(gguf_path):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.Generate(request()))
+            return err.value
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no codec workers" in err.details()
