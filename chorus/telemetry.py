@@ -30,6 +30,7 @@ from typing import Iterator, Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -49,7 +50,7 @@ INSTRUMENTATION_SCOPE = "chorus"
 __all__ = [
     "GATEWAY", "TOKEN_SERVER", "CODEC_WORKER", "SERVICES",
     "setup_tracing", "shutdown_tracing", "flush_tracing", "get_tracer",
-    "span", "server_span", "inject_metadata", "extract_context", "current_trace_id",
+    "SpanKind", "span", "server_span", "inject_metadata", "extract_context", "current_trace_id",
     "TTFA", "REAL_TIME_FACTOR", "UNDERRUNS",
     "SLOTS_BUSY", "QUEUE_DEPTH", "QUEUE_WAIT", "BATCH_TOKENS",
     "CODEC_STREAMS", "CODEC_BATCH_STREAMS",
@@ -87,14 +88,10 @@ def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvide
             return _tracing.provider
         previous, _tracing = _tracing, None
     if previous:
-        _shutdown(previous.provider)
+        previous.provider.shutdown()
 
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
     if endpoint:
-        # Imported here: the exporter pulls in its own gRPC stubs, which a process
-        # that only wants trace ids should not pay for.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
         # insecure=True unless the endpoint says https://, which the exporter honours
         # over this flag: in-cluster collectors listen in plaintext.
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
@@ -120,12 +117,8 @@ def shutdown_tracing() -> None:
     with _lock:
         previous, _tracing = _tracing, None
     if previous:
-        _shutdown(previous.provider)
-
-
-def _shutdown(provider: TracerProvider) -> None:
-    provider.force_flush()
-    provider.shutdown()
+        # The batch processor exports what it still holds before it stops.
+        previous.provider.shutdown()
 
 
 def get_tracer() -> trace.Tracer:
@@ -169,6 +162,8 @@ def extract_context(servicer_context) -> otel_context.Context:
     metadata = servicer_context.invocation_metadata() or ()
     # Binary (-bin) entries arrive as bytes and are never trace context.
     carrier = {key: value for key, value in metadata if isinstance(value, str)}
+    # On an empty base, not the current context: in the in-process stack a handler's
+    # task can inherit its caller's context, which would hide a missing traceparent.
     return propagate.extract(carrier, context=otel_context.Context())
 
 
@@ -193,7 +188,7 @@ def server_span(
 
 
 def current_trace_id() -> str:
-    """The current trace id as 32 hex digits, or "" outside a (recording) trace."""
+    """The current trace id as 32 hex digits; "" outside any span or with tracing off."""
     span_context = trace.get_current_span().get_span_context()
     return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
 
@@ -270,7 +265,7 @@ _SERVICE_METRICS = {
 # (registry, metric) pairs already registered; identity, not names, so that a test's
 # private registry never counts as the process's.
 _registered: list[tuple[CollectorRegistry, object]] = []
-_metrics_server = None
+_metrics_servers: dict[tuple[str, int], object] = {}
 
 
 def register_metrics(service: str, registry: CollectorRegistry = REGISTRY) -> None:
@@ -290,15 +285,17 @@ def start_metrics_server(port: int | None, service: str, addr: str = "0.0.0.0"):
     Prometheus can scrape the pod). Port 0 or None only registers: in tests and the
     local stack, several services share one process and cannot share one port.
 
-    Returns the HTTP server, or None when disabled; a second call reuses the first
-    server, since a process has one registry to show.
+    Returns the HTTP server, or None when disabled. A second call for the same
+    address returns the same server: the in-process stack's services may all ask
+    for it, and the one registry already holds everything they registered.
     """
-    global _metrics_server
     register_metrics(service)
     if not port:
         return None
     with _lock:
-        if _metrics_server is None:
-            _metrics_server, _thread = _prometheus_http_server(port, addr=addr)
+        server = _metrics_servers.get((addr, port))
+        if server is None:
+            server, _thread = _prometheus_http_server(port, addr=addr)
+            _metrics_servers[(addr, port)] = server
             log.info("metrics on %s:%d/metrics", addr, port)
-        return _metrics_server
+        return server

@@ -244,8 +244,10 @@ def test_metrics_server_serves_the_registered_service():
     port = _free_port()
     server = telemetry.start_metrics_server(port, telemetry.CODEC_WORKER, addr="127.0.0.1")
     assert server is not None
-    assert telemetry.start_metrics_server(port, telemetry.CODEC_WORKER) is server
+    assert telemetry.start_metrics_server(port, telemetry.GATEWAY, addr="127.0.0.1") is server
     telemetry.CODEC_STREAMS.set(3)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
     assert "chorus_codec_worker_streams 3.0" in body
+    # The second service registered into the same registry, so the same server shows it.
+    assert "chorus_gateway_underruns_total" in body

@@ -108,26 +108,28 @@ def sample(
     if idx.size == 0:
         return choice
 
+    # Probabilities relative to the best column (which gets exactly 1).
     rows = legal[idx] / temps[idx, None]
-    top_k = np.array([samplers[i].params.top_k for i in idx])
-    order = np.argsort(-rows, axis=1, kind="stable")
-    sorted_logits = np.take_along_axis(rows, order, axis=1)
-    sorted_logits -= sorted_logits[:, :1]
-    probs = np.exp(sorted_logits)
-    keep = np.ones_like(probs, dtype=bool)
-    ranks = np.arange(probs.shape[1])[None, :]
-    keep &= (top_k[:, None] == 0) | (ranks < top_k[:, None])
+    rows -= rows.max(axis=1, keepdims=True)
+    probs = np.exp(rows)
+    for k, i in enumerate(idx):
+        top_k = samplers[i].params.top_k
+        if 0 < top_k < probs.shape[1]:
+            kth = np.partition(probs[k], -top_k)[-top_k]
+            probs[k][probs[k] < kth] = 0.0
     min_p = np.array([samplers[i].params.min_p for i in idx], dtype=np.float32)
-    keep &= probs >= min_p[:, None]  # best prob is exp(0) = 1 after the shift
-    probs = np.where(keep, probs, 0.0)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs[probs < min_p[:, None]] = 0.0
+    # Nucleus: the smallest set of best columns holding top_p of the mass. Sorting
+    # values (not indices) finds its threshold; the draw below then runs in column
+    # order, which samples the same distribution without an argsort (4 ms a step at
+    # 16 slots, more than the decode itself on the demo model).
     top_p = np.array([samplers[i].params.top_p for i in idx], dtype=np.float32)
+    descending = np.sort(probs, axis=1)[:, ::-1]
+    mass = np.cumsum(descending, axis=1)
+    last = np.minimum((mass < top_p[:, None] * mass[:, -1:]).sum(axis=1), probs.shape[1] - 1)
+    threshold = descending[np.arange(idx.size), last]
+    probs[probs < threshold[:, None]] = 0.0
     cum = np.cumsum(probs, axis=1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = (cum - probs) < top_p[:, None]
-    probs = np.where(keep, probs, 0.0)
-    cum = np.cumsum(probs, axis=1)
-    draws = np.array([samplers[i].rng.random() for i in idx]) * cum[:, -1]
-    picked = np.minimum((cum < draws[:, None]).sum(axis=1), probs.shape[1] - 1)
-    choice[idx] = order[np.arange(idx.size), picked]
+    draws = np.array([samplers[i].rng.random() for i in idx], dtype=np.float32) * cum[:, -1]
+    choice[idx] = np.minimum((cum <= draws[:, None]).sum(axis=1), probs.shape[1] - 1)
     return choice

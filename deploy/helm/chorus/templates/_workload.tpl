@@ -6,6 +6,7 @@ They take the component dict of _helpers.tpl plus:
   module      what `python -m` runs
   autoscaled  leave replicas to an HPA
   env         extra environment, name -> value
+  models      mount the models volume (the gateway has no weights)
   gpu         nvidia.com/gpu per pod, 0 for none (codec worker only)
   headless    Service without a cluster IP
 */}}
@@ -60,7 +61,7 @@ spec:
       {{- end }}
       securityContext:
         {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
-      {{- if eq $root.Values.models.source "demo" }}
+      {{- if and .models (eq $root.Values.models.source "demo") }}
       initContainers:
         # Same seed, same bytes: every pod builds identical demo weights.
         - name: demo-models
@@ -89,7 +90,7 @@ spec:
           env:
             - name: CHORUS_PORT
               value: {{ $v.port | quote }}
-            - name: CHORUS_DRAIN_GRACE_S
+            - name: CHORUS_DRAIN_SECONDS
               value: {{ $v.drainGraceSeconds | quote }}
             # The root filesystem is read-only; libraries that cache under
             # $HOME write to the scratch volume instead.
@@ -110,12 +111,15 @@ spec:
             grpc:
               port: {{ $v.port }}
             periodSeconds: 5
+            timeoutSeconds: 3
             # Model load and warm-up: up to 10 minutes.
             failureThreshold: 120
           readinessProbe:
             grpc:
               port: {{ $v.port }}
             periodSeconds: 5
+            # A busy 2-core pod can be slow to answer; slow is not unready.
+            timeoutSeconds: 3
             failureThreshold: 2
           livenessProbe:
             grpc:
@@ -140,12 +144,15 @@ spec:
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
+            {{- if .models }}
             - name: models
               mountPath: {{ $root.Values.models.mountPath }}
               readOnly: true
+            {{- end }}
             - name: tmp
               mountPath: /tmp
       volumes:
+        {{- if .models }}
         - name: models
           {{- if eq $root.Values.models.source "demo" }}
           emptyDir: {}
@@ -154,6 +161,7 @@ spec:
             claimName: {{ include "chorus.modelsClaim" $root }}
             readOnly: true
           {{- end }}
+        {{- end }}
         - name: tmp
           emptyDir: {}
       # Spread replicas over nodes so that one node going away takes few streams.
