@@ -58,7 +58,7 @@ def generate(out_root: Path) -> list[Path]:
 
 
 def stale_files(out_root: Path = OUT_ROOT) -> list[str]:
-    """Names the generated files that differ from a fresh generation."""
+    """Names (relative to `out_root`) the generated files that differ from a fresh generation."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh_root = Path(tmp)
         generate(fresh_root)
@@ -67,7 +67,7 @@ def stale_files(out_root: Path = OUT_ROOT) -> list[str]:
             if fresh.is_file() and fresh.suffix in {".py", ".pyi"}:
                 committed = out_root / fresh.relative_to(fresh_root)
                 if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
-                    stale.append(str(committed.relative_to(ROOT)))
+                    stale.append(str(committed.relative_to(out_root)))
         return stale
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print("stale generated stubs (run `python -m chorus.protogen`):", *stale, sep="\n  ")
+            print("stale generated stubs in chorus/proto (run `python -m chorus.protogen`):", *stale, sep="\n  ")
             return 1
         print("generated stubs are up to date")
         return 0

@@ -12,6 +12,7 @@ worker drops the samples already relayed. No admitted stream loses audio.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import AsyncIterator, Sequence
@@ -19,6 +20,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from chorus import orpheus
+from chorus.discovery import EndpointSet
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -43,31 +45,37 @@ class NoCodecWorkerError(Exception):
 class CodecPool:
     """The codec workers this token server may use, with their in-flight streams.
 
-    Least in-flight streams wins; a worker that just failed sits out a cooldown so
-    that new streams avoid it while Kubernetes replaces it.
+    Workers are the endpoints behind the configured addresses (a headless Service
+    resolves to every pod). Least in-flight streams wins; a worker that just failed
+    sits out a cooldown so that new streams avoid it while Kubernetes replaces it.
     """
 
     def __init__(self, addresses: Sequence[str]) -> None:
-        self.addresses = tuple(addresses)
-        self._channels = {a: grpc.aio.insecure_channel(a) for a in self.addresses}
-        self._stubs = {a: codec_pb2_grpc.CodecServiceStub(c) for a, c in self._channels.items()}
-        self._in_flight = {a: 0 for a in self.addresses}
+        self.endpoints = EndpointSet(addresses)
+        self._in_flight: collections.Counter[str] = collections.Counter()
         self._failed_at: dict[str, float] = {}
 
+    async def start(self) -> None:
+        await self.endpoints.start()
+
     def pick(self, exclude: set[str] = frozenset()) -> str:
-        if not self.addresses:
-            raise NoCodecWorkerError("this token server has no codec workers configured (--codec-workers)")
+        workers = self.endpoints.endpoints()
+        if not workers:
+            raise NoCodecWorkerError(
+                "this token server has no codec workers (--codec-workers is empty or does not resolve)"
+            )
         now = time.monotonic()
-        candidates = [a for a in self.addresses if a not in exclude]
-        healthy = [a for a in candidates if now - self._failed_at.get(a, -1e9) > FAILED_WORKER_COOLDOWN_S]
+        candidates = [w for w in workers if w not in exclude]
+        healthy = [w for w in candidates if now - self._failed_at.get(w, -1e9) > FAILED_WORKER_COOLDOWN_S]
         pool = healthy or candidates
         if not pool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
-        return min(pool, key=lambda a: (self._in_flight[a], self.addresses.index(a)))
+        return min(pool, key=lambda w: (self._in_flight[w], workers.index(w)))
 
     def open(self, address: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
-        return self._stubs[address].Decode(metadata=tuple(metadata))
+        stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
+        return stub.Decode(metadata=tuple(metadata))
 
     def release(self, address: str) -> None:
         self._in_flight[address] -= 1
@@ -76,11 +84,10 @@ class CodecPool:
         self._failed_at[address] = time.monotonic()
 
     def in_flight(self) -> dict[str, int]:
-        return dict(self._in_flight)
+        return {w: self._in_flight[w] for w in self.endpoints.endpoints()}
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        await self.endpoints.close()
 
 
 class CodecRelay:

@@ -31,6 +31,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     engine = Engine(backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot)
     engine.start()
     pool = CodecPool(config.codec_workers)
+    await pool.start()
 
     server = new_server()
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)

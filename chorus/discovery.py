@@ -1,0 +1,105 @@
+"""Endpoints behind configured addresses, re-resolved while the service runs.
+
+In Kubernetes a peer pool is one name (a headless Service) that resolves to every
+pod. A single gRPC channel to that name sends all calls to one pod (pick_first), so
+the least-loaded choice would see one peer, failover would have nowhere to go, and
+pods added by the autoscaler would get no traffic. Instead each configured host:port
+is resolved to all its addresses, one channel is kept per address, and the set is
+refreshed every few seconds. IP literals and localhost are used as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from typing import Sequence
+
+import grpc
+
+from chorus.serving import GRPC_OPTIONS
+
+log = logging.getLogger(__name__)
+
+REFRESH_INTERVAL_S = 10.0
+
+
+def _split(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_literal(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class EndpointSet:
+    """The current endpoints of a list of targets, each with its own channel."""
+
+    def __init__(self, targets: Sequence[str]) -> None:
+        self.targets = tuple(targets)
+        self._resolved: dict[str, tuple[str, ...]] = {
+            t: (t,) for t in self.targets if _is_literal(_split(t)[0])
+        }
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task | None = None
+
+    def endpoints(self) -> list[str]:
+        """Every known endpoint, in target order, without duplicates."""
+        seen: dict[str, None] = {}
+        for target in self.targets:
+            for endpoint in self._resolved.get(target, ()):
+                seen[endpoint] = None
+        return list(seen)
+
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+        return channel
+
+    async def refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        for target in self.targets:
+            host, port = _split(target)
+            if _is_literal(host):
+                continue
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:
+                log.warning("could not resolve %s (%s); keeping %d known endpoints",
+                            target, err, len(self._resolved.get(target, ())))
+                continue
+            found = tuple(sorted({_endpoint(info[4][0], port) for info in infos}))
+            if found != self._resolved.get(target):
+                log.info("%s -> %s", target, ", ".join(found))
+                self._resolved[target] = found
+
+    async def start(self, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        """Resolves once now, then keeps refreshing in the background."""
+        await self.refresh()
+        if any(not _is_literal(_split(t)[0]) for t in self.targets):
+            self._task = asyncio.create_task(self._refresh_forever(interval_s))
+
+    async def _refresh_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.refresh()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
