@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -143,6 +144,22 @@ def span(
     from `inject_metadata()` inside the block. Exceptions mark it as an error."""
     with get_tracer().start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
         yield current
+
+
+_MONOTONIC_TO_EPOCH_NS = time.time_ns() - time.monotonic_ns()
+
+
+def record_stage(name: str, start_monotonic: float | None, end_monotonic: float | None,
+                 attributes: Mapping[str, object] | None = None) -> None:
+    """A child span of the current span for a stage that already happened, timed by
+    time.monotonic() readings taken where the work ran (the engine thread, the
+    codec step), so the hot path only reads a clock. Skipped when either end is unknown."""
+    if start_monotonic is None or end_monotonic is None:
+        return
+    stage = get_tracer().start_span(
+        name, attributes=attributes, start_time=int(start_monotonic * 1e9) + _MONOTONIC_TO_EPOCH_NS
+    )
+    stage.end(end_time=int(end_monotonic * 1e9) + _MONOTONIC_TO_EPOCH_NS)
 
 
 def inject_metadata(extra: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, token_ser
 from chorus.serving import new_server, serve_with_health
 from services.token_server.config import TokenServerConfig
 from services.token_server.server import start_server
+from otlp_receiver import receiver  # noqa: F401 (fixture)
 
 
 class FakeCodec(codec_pb2_grpc.CodecServiceServicer):
@@ -266,3 +267,30 @@ def test_codec_pool_spreads_streams_over_every_address_a_name_resolves_to():
     assert "127.0.0.1:50099" in workers and len(workers) >= 2
     # Least in-flight: every endpoint gets a stream before any gets a second.
     assert set(picks[: len(workers)]) == set(workers)
+
+
+def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
+    from chorus import telemetry
+
+    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            return await read_all(stub.Generate(request(codes_only=True, frames=3)))
+
+    try:
+        _, _, summary = asyncio.run(scenario())
+        assert telemetry.flush_tracing()
+    finally:
+        telemetry.shutdown_tracing()
+    spans = receiver.spans()
+    assert len(summary.trace_id) == 32
+    for name in ("token_server.generate", "token_server.queue_wait", "token_server.prefill",
+                 "token_server.first_frame", "token_server.decode"):
+        resource, span = spans[name]
+        assert span.trace_id.hex() == summary.trace_id, name
+        assert resource["service.name"] == telemetry.TOKEN_SERVER
+    root = spans["token_server.generate"][1]
+    prefill = spans["token_server.prefill"][1]
+    assert prefill.parent_span_id == root.span_id
+    assert root.start_time_unix_nano <= prefill.start_time_unix_nano <= prefill.end_time_unix_nano

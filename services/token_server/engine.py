@@ -143,7 +143,15 @@ class _Active:
 class Engine:
     """N slots over one llama context; a dedicated thread runs the step loop."""
 
-    def __init__(self, backbone: LlamaBackbone, slots: int, n_batch: int, queue_size: int, ctx_per_slot: int) -> None:
+    def __init__(
+        self,
+        backbone: LlamaBackbone,
+        slots: int,
+        n_batch: int,
+        queue_size: int,
+        ctx_per_slot: int,
+        on_decode: Callable[[int], None] | None = None,
+    ) -> None:
         self.backbone = backbone
         self.n_slots = slots
         self.n_batch = n_batch
@@ -159,6 +167,8 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.batch_tokens_total = 0
+        # Called on the engine thread with each llama_decode's token count (metrics).
+        self._on_decode = on_decode
 
     # -- asyncio side -------------------------------------------------------
 
@@ -336,6 +346,8 @@ class Engine:
     def _decode(self, batch: TokenBatch) -> None:
         self.backbone.decode(batch)
         self.batch_tokens_total += batch.n_tokens
+        if self._on_decode is not None:
+            self._on_decode(batch.n_tokens)
 
     def _sample(self, sampling: list[tuple[_Active, int]]) -> None:
         acts = [a for a, _ in sampling]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from chorus import telemetry
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.token_server.codec_relay import CodecPool
@@ -28,7 +29,10 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         n_seq_max=config.slots,
         threads=config.threads,
     )
-    engine = Engine(backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot)
+    engine = Engine(
+        backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
+        on_decode=telemetry.BATCH_TOKENS.observe,
+    )
     engine.start()
     pool = CodecPool(config.codec_workers)
     await pool.start()
@@ -38,7 +42,10 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
 
+    gauges = asyncio.create_task(_publish_load(engine))
+
     async def release() -> None:
+        gauges.cancel()
         await asyncio.to_thread(engine.stop)
         await pool.close()
         backbone.close()
@@ -46,3 +53,12 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(release)
     await running.set_serving(True)
     return running
+
+
+async def _publish_load(engine: Engine, interval_s: float = 0.5) -> None:
+    """Slot and queue gauges, sampled: the engine thread never touches them."""
+    while True:
+        busy, waiting = engine.load()
+        telemetry.SLOTS_BUSY.set(busy)
+        telemetry.QUEUE_DEPTH.set(waiting)
+        await asyncio.sleep(interval_s)

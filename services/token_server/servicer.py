@@ -45,9 +45,21 @@ def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(**values)
 
 
+def record_stages(stats: RequestStats) -> None:
+    """Queue wait, prefill and first frame as spans of the request's trace."""
+    telemetry.QUEUE_WAIT.observe(stats.queue_wait_s)
+    telemetry.record_stage("token_server.queue_wait", stats.submitted_at, stats.admitted_at)
+    telemetry.record_stage("token_server.prefill", stats.admitted_at, stats.first_token_at,
+                           {"chorus.prompt_tokens": stats.prompt_tokens})
+    telemetry.record_stage("token_server.first_frame", stats.first_token_at, stats.first_frame_at)
+    telemetry.record_stage("token_server.decode", stats.first_token_at, stats.finished_at,
+                           {"chorus.tokens": stats.generated_tokens, "chorus.frames": stats.frames})
+
+
 def build_summary(
     request_id: str, stats: RequestStats, reason: str, started: float, first_audio_at: float | None, samples: int
 ) -> common_pb2.SynthesisSummary:
+    record_stages(stats)
     now = time.monotonic()
     audio_seconds = samples / orpheus.SAMPLE_RATE
     return common_pb2.SynthesisSummary(
