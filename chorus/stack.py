@@ -1,0 +1,298 @@
+"""The whole Chorus stack on one machine, each service in its own process.
+
+Separate processes, as in production: a token server never shares a GIL or a crash
+with a codec worker, and the end-to-end tests exercise the real wire between them.
+`Stack` is the one place that knows how to launch, wait for and stop the three
+services; `chorus serve` and the end-to-end tests both use it.
+
+Each child binds port 0 and writes a ready file once SERVING, so nothing races for
+a port and nothing polls a socket. Children run in their own session (a Ctrl-C
+reaches only this process, which then stops them in order: gateway, token servers,
+codec workers, so that in-flight streams drain downstream first) and get SIGTERM if
+this process dies without stopping them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODELS_DIR = Path("models/demo")
+DEFAULT_GATEWAY_PORT = 50051
+
+
+class StackError(RuntimeError):
+    """A service failed to start or died; the message carries the end of its log."""
+
+
+def _libc_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stop() still stops the children
+
+
+# Looked up here, not in the child: between fork and exec only async-signal-safe
+# work is safe, and an import could wait on a lock another thread held at fork.
+_PRCTL = _libc_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launching process goes away."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ServiceProcess:
+    """One launched service: its process, its log, and once ready its address."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ready_file: Path
+    address: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if not self.alive:
+                raise StackError(
+                    f"{self.name} exited with code {self.popen.returncode} before it was ready; "
+                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop(grace_s=2)
+                raise StackError(
+                    f"{self.name} was not ready after {timeout_s:.0f}s; the end of its log ({self.log_path}):\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        self.address = json.loads(self.ready_file.read_text())["address"]
+        return self.address
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM (the services drain), then SIGKILL after `grace_s`."""
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class Stack:
+    """Codec workers, token servers and a gateway on loopback; use as a context manager."""
+
+    models_dir: Path = DEFAULT_MODELS_DIR
+    slots: int = 4
+    token_servers: int = 1
+    codec_workers: int = 1
+    gateway_port: int = 0
+    start_timeout_s: float = 180.0
+    stop_grace_s: float = 10.0
+    log_level: str = "INFO"
+    # Extra flags per service, e.g. {"token_server": ["--threads", "1"]}.
+    extra_args: Mapping[str, list[str]] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Logs and ready files go here; a temporary folder (removed on stop) when None.
+    work_dir: Path | None = None
+    on_progress: Callable[[str], None] = lambda message: None
+
+    CODEC_WORKER = "services.codec_worker"
+    TOKEN_SERVER = "services.token_server"
+    GATEWAY = "gateway"
+
+    def __post_init__(self) -> None:
+        self.models_dir = Path(self.models_dir)
+        self.codec_worker_processes: list[ServiceProcess] = []
+        self.token_server_processes: list[ServiceProcess] = []
+        self.gateway_process: ServiceProcess | None = None
+        self._launched: list[ServiceProcess] = []  # in launch order, stopped in reverse
+        self._own_work_dir = self.work_dir is None
+        self._keep_logs = False
+
+    @property
+    def gateway_address(self) -> str:
+        if self.gateway_process is None or self.gateway_process.address is None:
+            raise StackError("the stack is not started")
+        return self.gateway_process.address
+
+    def start(self) -> Stack:
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="chorus-stack-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            models = self._models()
+            self.codec_worker_processes = self._launch_all(
+                "codec worker", self.CODEC_WORKER, self.codec_workers,
+                ["--model-dir", str(models.snac_dir)], "codec_worker",
+            )
+            codec_addresses = ",".join(p.address for p in self.codec_worker_processes)
+            self.token_server_processes = self._launch_all(
+                "token server", self.TOKEN_SERVER, self.token_servers,
+                ["--model", str(models.gguf), "--codec-workers", codec_addresses, "--slots", str(self.slots)],
+                "token_server",
+            )
+            token_addresses = ",".join(p.address for p in self.token_server_processes)
+            [self.gateway_process] = self._launch_all(
+                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses], "gateway", port=self.gateway_port
+            )
+        except BaseException as err:
+            self._keep_logs = isinstance(err, StackError)
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stops every service, front to back (gateway first), so streams drain downstream first.
+
+        The logs go with the temporary folder, unless a service failed."""
+        for process in reversed(self._launched):
+            process.stop(self.stop_grace_s)
+        if self._own_work_dir and self.work_dir is not None and not self._keep_logs:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        """Raises StackError for the first service that died (its log is then kept)."""
+        for process in self._launched:
+            if not process.alive:
+                self._keep_logs = True
+                raise StackError(
+                    f"{process.name} exited with code {process.popen.returncode}; "
+                    f"the end of its log ({process.log_path}):\n{process.log_tail()}"
+                )
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _models(self):
+        from chorus.demo.build import build_demo_models
+
+        self.on_progress(f"demo models in {self.models_dir} (built if missing or stale)")
+        return build_demo_models(self.models_dir)
+
+    def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):
+        """Starts `count` instances at once (they load models in parallel), then waits for each."""
+        args = args + self.extra_args.get(key, [])
+        processes = [self._launch(f"{label} {i}" if count > 1 else label, module, args, port) for i in range(count)]
+        self._launched += processes  # stopped even if one of them fails to start
+        for process in processes:
+            process.wait_ready(self.start_timeout_s)
+            self.on_progress(f"{process.name} ready at {process.address}")
+        return processes
+
+    def _launch(self, name: str, module: str, args: list[str], port: int) -> ServiceProcess:
+        slug = name.replace(" ", "-")
+        ready_file = self.work_dir / f"{slug}.ready.json"
+        log_path = self.work_dir / f"{slug}.log"
+        ready_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", module, *args, "--port", str(port),
+                   "--ready-file", str(ready_file), "--log-level", self.log_level]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        return ServiceProcess(name, popen, log_path, ready_file)
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(
+        name, help=help_text,
+        description="Start codec worker, token server and gateway as local processes on the demo models.",
+    )
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help=f"demo models folder, built if missing (default {DEFAULT_MODELS_DIR})")
+    p.add_argument("--slots", type=int, default=4, help="token server slots (parallel streams)")
+    p.add_argument("--token-servers", type=int, default=1, help="token server processes")
+    p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
+    p.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port; 0 picks one")
+    p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
+    p.add_argument("-o", "--output", default="out.wav", help="WAV file for --say (default out.wav)")
+    p.add_argument("--log-level", default="INFO", help="services' log level (logs in a temporary folder)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    stack = Stack(
+        models_dir=args.models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
+        gateway_port=args.gateway_port, log_level=args.log_level, on_progress=progress,
+    )
+    try:
+        stack.start()
+    except StackError as err:
+        print(f"chorus serve: {err}", file=sys.stderr)
+        return 1
+    try:
+        print(f"gateway: {stack.gateway_address}", flush=True)
+        if args.say is not None:
+            return _say_once(stack, args.say, args.output)
+        progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
+        return _serve_until_signalled(stack)
+    finally:
+        progress("stopping")
+        stack.stop()
+
+
+def _say_once(stack: Stack, text: str, output: str) -> int:
+    import grpc
+
+    from chorus.client import describe, open_output, say
+
+    try:
+        with open_output(output) as out:
+            result = say(stack.gateway_address, text, out, encoding="wav")
+    except grpc.RpcError as err:
+        print(f"chorus serve --say: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print(output)
+    print(describe(result), file=sys.stderr)
+    return 0
+
+
+def _serve_until_signalled(stack: Stack) -> int:
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    while not stopping:
+        try:
+            stack.check_alive()
+        except StackError as err:
+            print(f"chorus serve: {err}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0

@@ -1,0 +1,68 @@
+"""The output formats the gateway speaks, as plain data.
+
+One table serves the encoder (which muxer and codec), the validator (which rates an
+encoding accepts) and the `chorus say` client (which name or file extension picks
+which wire enum), so the three cannot disagree. It imports no codec library, so a
+client can read it without loading FFmpeg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chorus import orpheus
+from chorus.proto.tts.v1 import gateway_pb2
+
+# Telephony, wideband, the CD family and the model's own rate.
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+# Opus runs at 48 kHz internally and FFmpeg's libopus only takes the rates that
+# divide it; resampling 44.1 kHz behind the caller's back would hand them a stream
+# that decodes at a rate they did not ask for.
+OPUS_RATES = (8000, 16000, 24000, 48000)
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    name: str
+    wire: int  # gateway_pb2.AudioEncoding value
+    muxer: str  # FFmpeg output format
+    codec: str  # FFmpeg encoder
+    extensions: tuple[str, ...]
+    rates: tuple[int, ...] = SAMPLE_RATES
+    # FFmpeg muxer options beyond the packet flushing that every format gets.
+    muxer_options: dict[str, str] = field(default_factory=dict)
+
+
+FORMATS: dict[str, AudioFormat] = {
+    f.name: f
+    for f in (
+        AudioFormat("pcm", gateway_pb2.AUDIO_ENCODING_PCM_S16LE, "s16le", "pcm_s16le", (".pcm", ".raw", ".s16")),
+        # FFmpeg's WAV muxer on a non-seekable sink writes the header first with the
+        # RIFF and data sizes set to 0xFFFFFFFF ("unknown, read to the end"), which
+        # is what a streamed WAV needs; readers take the length from the bytes.
+        AudioFormat("wav", gateway_pb2.AUDIO_ENCODING_WAV, "wav", "pcm_s16le", (".wav",)),
+        # The Ogg muxer buffers a page per second by default; one page per 20 ms Opus
+        # packet keeps the first audio from waiting a second.
+        AudioFormat(
+            "opus", gateway_pb2.AUDIO_ENCODING_OGG_OPUS, "ogg", "libopus", (".ogg", ".opus"),
+            rates=OPUS_RATES, muxer_options={"page_duration": "20000"},
+        ),
+        AudioFormat("mp3", gateway_pb2.AUDIO_ENCODING_MP3, "mp3", "libmp3lame", (".mp3",)),
+        AudioFormat("mulaw", gateway_pb2.AUDIO_ENCODING_MULAW, "mulaw", "pcm_mulaw", (".ulaw", ".mulaw", ".mu")),
+    )
+}
+
+BY_WIRE: dict[int, AudioFormat] = {f.wire: f for f in FORMATS.values()}
+# The proto says an unset encoding means raw PCM.
+BY_WIRE[gateway_pb2.AUDIO_ENCODING_UNSPECIFIED] = FORMATS["pcm"]
+
+NATIVE_RATE = orpheus.SAMPLE_RATE
+
+
+def for_extension(path: str) -> AudioFormat | None:
+    """The format a file name asks for by its extension, if any."""
+    lowered = path.lower()
+    for fmt in FORMATS.values():
+        if lowered.endswith(fmt.extensions):
+            return fmt
+    return None

@@ -1,0 +1,82 @@
+"""Gateway configuration: typed and checked once, set from flags/env only in __main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chorus import orpheus
+
+# Orpheus's English speakers, the default (tara) first. A voice is only a prompt
+# prefix ("tara: ..."), so a fine-tune with other speakers lists its own.
+ORPHEUS_VOICES = {
+    "tara": "female, conversational, clear",
+    "leah": "female, warm",
+    "jess": "female, lively",
+    "leo": "male, steady",
+    "dan": "male, relaxed",
+    "mia": "female, soft",
+    "zac": "male, upbeat",
+    "zoe": "female, bright",
+}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # host:port of each token server; requests go to the least loaded.
+    token_servers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    # Longest text one Synthesize call accepts, and the longest text message of a
+    # StreamingSynthesize call.
+    max_text_chars: int = 20_000
+    voices: tuple[str, ...] = tuple(ORPHEUS_VOICES)
+    default_voice: str = orpheus.DEFAULT_VOICE
+    # Pieces of a long text are packed up to this many characters (about 15 s of
+    # speech, some 1,300 tokens: well inside a slot's context).
+    segment_target_chars: int = 240
+    # Generations running ahead of the one being relayed. One is enough while the
+    # backbone is faster than real time; more only adds work that a client who
+    # hangs up throws away.
+    lookahead_segments: int = 1
+    # Deadline for calls that set none: a client that forgets one must not hold a
+    # slot forever.
+    request_deadline_s: float = 600.0
+    # How often token servers are asked for their load.
+    status_interval_s: float = 0.25
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
+        object.__setattr__(self, "token_servers", servers)
+        object.__setattr__(self, "voices", tuple(self.voices))
+        problems = []
+        if not servers:
+            problems.append("at least one token server address is needed (--token-servers host:port[,host:port])")
+        for address in servers:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                problems.append(f"token server address {address!r} must be host:port")
+        if len(set(servers)) != len(servers):
+            problems.append(f"token server addresses repeat: {', '.join(servers)}")
+        if not 1 <= self.max_text_chars <= 1_000_000:
+            problems.append(f"max_text_chars must be 1..1000000, got {self.max_text_chars}")
+        if not self.voices:
+            problems.append("at least one voice is needed")
+        if self.default_voice not in self.voices:
+            problems.append(f"default voice {self.default_voice!r} is not among the voices {list(self.voices)}")
+        if not 16 <= self.segment_target_chars <= 4000:
+            problems.append(f"segment_target_chars must be 16..4000, got {self.segment_target_chars}")
+        if not 0 <= self.lookahead_segments <= 8:
+            problems.append(f"lookahead_segments must be 0..8, got {self.lookahead_segments}")
+        if self.request_deadline_s <= 0:
+            problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
+        if self.status_interval_s <= 0:
+            problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
+        if self.drain_grace_s < 0:
+            problems.append(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        if problems:
+            raise ValueError("invalid gateway config: " + "; ".join(problems))
+
+    def listed_voices(self) -> list[tuple[str, str]]:
+        """(name, description) of every voice, the default first (as ListVoices promises)."""
+        names = [self.default_voice, *(v for v in self.voices if v != self.default_voice)]
+        return [(name, ORPHEUS_VOICES.get(name, "")) for name in names]

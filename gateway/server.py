@@ -1,0 +1,136 @@
+"""tts.v1.SynthesisService: adapts the client calls to the synthesis logic.
+
+Requests become SynthesisOptions (validation), text becomes a TextFeed, and what
+`synthesize` yields becomes response messages; a GatewayError raised anywhere becomes
+the call's status. Nothing else is decided here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
+from chorus.serving import RunningServer, new_server, serve_with_health
+from gateway import validation
+from gateway.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
+from gateway.config import GatewayConfig
+from gateway.encoding import Encoded
+from gateway.errors import GatewayError, invalid
+from gateway.feed import TextFeed
+from gateway.pipeline import Pipeline
+from gateway.router import Router
+from gateway.segmenter import Segmenter
+from gateway.synthesis import SynthesisOptions, synthesize
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["SynthesisService"].full_name
+
+
+class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
+    def __init__(self, config: GatewayConfig, pipeline: Pipeline) -> None:
+        self._config = config
+        self._pipeline = pipeline
+
+    async def Synthesize(self, request, context: grpc.aio.ServicerContext):
+        arrived = time.monotonic()
+        try:
+            options = validation.synthesize_options(request, self._config, context.time_remaining())
+            feed = TextFeed.of_text(request.text, self._segmenter())
+            async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
+                yield item
+        except GatewayError as err:
+            await _abort(context, err)
+
+    async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
+        arrived = time.monotonic()
+        requests = request_iterator.__aiter__()
+        reader = None
+        try:
+            first = await anext(requests, None)
+            if first is None:
+                raise invalid("the stream closed before its first message, which must carry `config`")
+            options = validation.streaming_options(first, self._config, context.time_remaining())
+            feed = TextFeed(self._segmenter())
+            reader = asyncio.create_task(self._read_text(requests, feed))
+            async for item in self._run(feed, options, arrived, gateway_pb2.StreamingSynthesizeResponse):
+                yield item
+        except GatewayError as err:
+            await _abort(context, err)
+        finally:
+            if reader is not None:
+                reader.cancel()
+
+    async def ListVoices(self, request, context):
+        return gateway_pb2.ListVoicesResponse(
+            voices=[gateway_pb2.Voice(name=n, description=d) for n, d in self._config.listed_voices()]
+        )
+
+    async def GetLimits(self, request, context):
+        return gateway_pb2.GetLimitsResponse(
+            max_text_chars=self._config.max_text_chars,
+            encodings=[f.wire for f in FORMATS.values()],
+            sample_rates_hz=list(SAMPLE_RATES),
+            native_sample_rate_hz=NATIVE_RATE,
+        )
+
+    def _segmenter(self) -> Segmenter:
+        return Segmenter(self._config.segment_target_chars)
+
+    async def _run(self, feed: TextFeed, options: SynthesisOptions, arrived: float, response_type):
+        async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
+            async for item in items:
+                if isinstance(item, Encoded):
+                    yield response_type(audio=gateway_pb2.AudioChunk(data=item.data, num_samples=item.num_samples))
+                else:
+                    yield response_type(summary=item)
+
+    async def _read_text(self, requests, feed: TextFeed) -> None:
+        """Feeds the text messages of a StreamingSynthesize call; end or half-close ends input."""
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("payload")
+                if kind == "text":
+                    validation.check_text_piece(message.text, self._config)
+                    feed.push(message.text)
+                    validation.check_backlog(feed.waiting_chars, self._config)
+                elif kind == "flush":
+                    feed.flush()
+                elif kind == "end":
+                    break
+                elif kind == "config":
+                    raise invalid("`config` may only be sent once, as the first message")
+                else:
+                    raise invalid("empty StreamingSynthesize message: set one of text, flush or end")
+            feed.end()
+        except GatewayError as err:
+            feed.fail(err)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
+    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
+        log.error("request failed: %s", err)
+    await context.abort(err.code, err.message)
+
+
+async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
+    """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
+    router = Router(config.token_servers, config.status_interval_s)
+    await router.start()
+    server = new_server()
+    pipeline = Pipeline(router, config.lookahead_segments)
+    gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
+    try:
+        running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    except BaseException:
+        await router.close()
+        raise
+    running.on_stop.append(router.close)
+    await running.set_serving(True)
+    log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))
+    return running

@@ -1,0 +1,85 @@
+"""One synthesis as the client sees it: pieces of audio in its encoding, then a summary.
+
+Both client calls end here: the pipeline's PCM goes through the client's encoder,
+and the summary is measured at the gateway (arrival to first audio sent, wall time
+over audio delivered), because that is the latency the client lives with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from chorus.proto.tts.v1 import common_pb2
+from gateway.audio_formats import AudioFormat
+from gateway.encoding import Encoded, StreamEncoder
+from gateway.errors import invalid
+from gateway.feed import TextFeed
+from gateway.pipeline import GenerationSpec, Pipeline, PipelineStats
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    spec: GenerationSpec
+    format: AudioFormat
+    sample_rate: int
+    # Seconds the whole call may take (the client's deadline, or the gateway's default).
+    timeout_s: float
+
+
+async def synthesize(
+    pipeline: Pipeline, feed: TextFeed, options: SynthesisOptions, arrived: float
+) -> AsyncIterator[Encoded | common_pb2.SynthesisSummary]:
+    """Encoded audio as it is ready, then the summary. `arrived` is time.monotonic()
+    when the call reached the gateway."""
+    deadline = arrived + options.timeout_s
+    stats = PipelineStats()
+    encoder = StreamEncoder(options.format, options.sample_rate)
+    first_audio_at = None
+    pending_samples = 0  # encoded but not yet released by the muxer
+    try:
+        async with contextlib.aclosing(pipeline.run(feed, options.spec, deadline, stats)) as pcm_stream:
+            async for pcm in pcm_stream:
+                piece = encoder.encode(pcm)
+                pending_samples += piece.num_samples
+                if piece.data:
+                    if first_audio_at is None:
+                        first_audio_at = time.monotonic()
+                    yield Encoded(piece.data, pending_samples)
+                    pending_samples = 0
+        if stats.pieces == 0:
+            raise invalid("the input ended without any text to speak: send text before ending the stream")
+        last = encoder.finish()
+        if last.data:
+            if first_audio_at is None:
+                first_audio_at = time.monotonic()
+            yield Encoded(last.data, pending_samples + last.num_samples)
+    finally:
+        encoder.close()
+    yield _summary(options, stats, arrived, first_audio_at, encoder.samples_out)
+
+
+def _summary(
+    options: SynthesisOptions, stats: PipelineStats, arrived: float, first_audio_at: float | None, samples: int
+) -> common_pb2.SynthesisSummary:
+    audio_seconds = samples / options.sample_rate
+    wall = time.monotonic() - arrived
+    return common_pb2.SynthesisSummary(
+        request_id=options.spec.request_id,
+        trace_id="",
+        tokens=stats.tokens,
+        frames=stats.frames,
+        audio_seconds=audio_seconds,
+        time_to_first_token_ms=_ms_since(arrived, stats.first_token_at),
+        time_to_first_audio_ms=_ms_since(arrived, first_audio_at),
+        real_time_factor=wall / audio_seconds if audio_seconds else 0.0,
+        queue_wait_ms=stats.queue_wait_ms,
+        prompt_tokens=stats.prompt_tokens,
+        finish_reason=stats.finish_reason,
+    )
+
+
+def _ms_since(start: float, at: float | None) -> float:
+    return max(0.0, (at - start) * 1000) if at is not None else 0.0

@@ -1,0 +1,148 @@
+"""Client requests checked and resolved into SynthesisOptions, or INVALID_ARGUMENT
+naming the field, the bad value and what would be accepted.
+
+Checked here, before any generation starts, so that a bad request costs no backbone
+step and never fails halfway through a long text. The sampling ranges mirror the
+token server's (services/token_server/sampler.py), which checks them again.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import grpc
+
+from chorus.proto.tts.v1 import common_pb2, gateway_pb2
+from gateway.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, invalid
+from gateway.pipeline import GenerationSpec
+from gateway.segmenter import has_speech
+from gateway.synthesis import SynthesisOptions
+
+MAX_REQUEST_ID_CHARS = 128
+
+# field -> (lowest, highest, brackets ("[]" closed, "(]" open below, "[)" open above), note)
+_SAMPLING_RANGES = {
+    "temperature": (0.0, 2.0, "[]", "0 is greedy"),
+    "top_p": (0.0, 1.0, "(]", "the nucleus mass"),
+    "top_k": (0, 4096, "[]", "0 disables it"),
+    "min_p": (0.0, 1.0, "[)", "0 disables it"),
+    "repetition_penalty": (0.5, 2.0, "[]", "1 disables it"),
+    "max_tokens": (0, 2**31 - 1, "[]", "0 derives a budget from the text"),
+}
+
+
+def check_text(text: str, config: GatewayConfig) -> None:
+    """A whole text for Synthesize."""
+    if not text.strip():
+        raise invalid("text is empty: put the words to speak in `text`")
+    check_text_piece(text, config)
+    if not has_speech(text):
+        raise invalid("text has nothing to speak: it has no letters or digits")
+
+
+def check_text_piece(text: str, config: GatewayConfig) -> None:
+    """One message of text (a whole text, or a piece of a StreamingSynthesize call)."""
+    if len(text) > config.max_text_chars:
+        raise invalid(
+            f"text is {len(text)} characters; this gateway takes at most {config.max_text_chars} in one message "
+            "(GetLimits.max_text_chars): split it, or send it in pieces with StreamingSynthesize"
+        )
+
+
+def check_backlog(waiting_chars: int, config: GatewayConfig) -> None:
+    """Text a StreamingSynthesize client sent ahead of the speech: bounded like one Synthesize text."""
+    if waiting_chars > config.max_text_chars:
+        raise GatewayError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{waiting_chars} characters are waiting to be spoken, more than {config.max_text_chars}: "
+            "send text about as fast as it is spoken (read the audio as it comes)",
+        )
+
+
+def synthesize_options(
+    request: gateway_pb2.SynthesizeRequest, config: GatewayConfig, time_remaining: float | None
+) -> SynthesisOptions:
+    check_text(request.text, config)
+    return _options(
+        config,
+        time_remaining,
+        voice=request.voice,
+        audio=request.audio,
+        sampling=request.sampling if request.HasField("sampling") else None,
+        request_id=request.request_id,
+    )
+
+
+def streaming_options(
+    first: gateway_pb2.StreamingSynthesizeRequest, config: GatewayConfig, time_remaining: float | None
+) -> SynthesisOptions:
+    if first.WhichOneof("payload") != "config":
+        raise invalid(
+            f"the first StreamingSynthesize message must carry `config`, got `{first.WhichOneof('payload')}`"
+        )
+    cfg = first.config
+    return _options(
+        config,
+        time_remaining,
+        voice=cfg.voice,
+        audio=cfg.audio,
+        sampling=cfg.sampling if cfg.HasField("sampling") else None,
+        request_id=cfg.request_id,
+    )
+
+
+def _options(
+    config: GatewayConfig,
+    time_remaining: float | None,
+    *,
+    voice: str,
+    audio: gateway_pb2.AudioConfig,
+    sampling: common_pb2.SamplingParams | None,
+    request_id: str,
+) -> SynthesisOptions:
+    voice = voice or config.default_voice
+    if voice not in config.voices:
+        raise invalid(f"unknown voice {voice!r}; this gateway speaks {', '.join(config.voices)} (see ListVoices)")
+    fmt = BY_WIRE.get(audio.encoding)
+    if fmt is None:
+        raise invalid(f"unsupported audio encoding {audio.encoding}; GetLimits lists the encodings")
+    rate = audio.sample_rate_hz or NATIVE_RATE
+    if rate not in SAMPLE_RATES:
+        raise invalid(
+            f"sample_rate_hz {rate} is not supported; "
+            f"use one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps {NATIVE_RATE})"
+        )
+    if rate not in fmt.rates:
+        raise invalid(
+            f"{gateway_pb2.AudioEncoding.Name(fmt.wire)} does not support {rate} Hz; "
+            f"use one of {', '.join(map(str, fmt.rates))}"
+        )
+    if sampling is not None:
+        _check_sampling(sampling)
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
+    return SynthesisOptions(
+        spec=GenerationSpec(request_id=request_id or uuid.uuid4().hex, voice=voice, sampling=sampling),
+        format=fmt,
+        sample_rate=rate,
+        timeout_s=timeout,
+    )
+
+
+def _check_sampling(sampling: common_pb2.SamplingParams) -> None:
+    problems = []
+    for name, (low, high, brackets, note) in _SAMPLING_RANGES.items():
+        if not sampling.HasField(name):
+            continue
+        value = getattr(sampling, name)
+        above = low <= value if brackets[0] == "[" else low < value
+        below = value <= high if brackets[1] == "]" else value < high
+        if not (above and below and math.isfinite(value)):
+            interval = f"{brackets[0]}{low:g}, {high:g}{brackets[1]}"
+            problems.append(f"sampling.{name} is {value:g}; it must be in {interval} ({note})")
+    if problems:
+        raise invalid("; ".join(problems))

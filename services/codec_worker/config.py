@@ -1,0 +1,56 @@
+"""Codec worker configuration: typed, validated once, set from flags/env only in __main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+# A waiting step on a GPU costs little and a shared forward saves a lot there; on CPU
+# the wait does not pay (see batcher.py), so "auto" resolves per device.
+GPU_BATCH_WAIT_MS = 2.0
+CPU_BATCH_WAIT_MS = 0.0
+
+
+@dataclass(frozen=True)
+class CodecWorkerConfig:
+    model_dir: Path
+    device: str = "auto"
+    # Float16 weights and activations; CUDA only.
+    half: bool = False
+    max_streams: int = 64
+    # Most streams decoded in one forward.
+    max_batch: int = 16
+    # Longest a step waits for more streams to have frames ready; None picks by device.
+    batch_wait_ms: float | None = None
+    host: str = "127.0.0.1"
+    # torch intra-op threads for the decode thread; None leaves torch's default.
+    threads: int | None = None
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.half and self.device == "cpu":
+            problems.append("half precision needs CUDA (device 'cuda' or 'auto')")
+        if not 1 <= self.max_streams <= 4096:
+            problems.append(f"max_streams must be 1..4096, got {self.max_streams}")
+        if not 1 <= self.max_batch <= 256:
+            problems.append(f"max_batch must be 1..256, got {self.max_batch}")
+        if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= 1000:
+            problems.append(f"batch_wait_ms must be 0..1000, got {self.batch_wait_ms}")
+        if not self.host:
+            problems.append("host must not be empty")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be positive, got {self.threads}")
+        if self.drain_grace_s < 0:
+            problems.append(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        if problems:
+            raise ValueError("invalid codec worker config: " + "; ".join(problems))
+
+    def batch_wait_for(self, device_type: str) -> float:
+        if self.batch_wait_ms is not None:
+            return self.batch_wait_ms
+        return GPU_BATCH_WAIT_MS if device_type == "cuda" else CPU_BATCH_WAIT_MS

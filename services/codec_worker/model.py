@@ -1,0 +1,108 @@
+"""Loads a SNAC directory (config.json + pytorch_model.bin) for serving.
+
+Real and demo weights take the same path. The load is strict and the model is built
+from its own config, never with `noise=False`: dropping the NoiseBlocks shifts the
+module indices, and a non-strict load would then put weights in the wrong layers
+without a word. Weight norm is folded into plain weights once, so that serving does
+not recompute `g * v / |v|` on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from snac import SNAC
+from torch.nn.utils import parametrize
+
+from chorus.orpheus import CODEBOOK_SIZE
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "pytorch_model.bin"
+WARM_UP_FRAMES = 4
+
+
+class ModelLoadError(RuntimeError):
+    """The SNAC directory cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedSnac:
+    model: SNAC
+    device: torch.device
+
+    @property
+    def device_name(self) -> str:
+        return self.device.type
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def fold_weight_norm(model: torch.nn.Module) -> int:
+    """Replaces every weight-norm parametrization by the weight it computes."""
+    folded = 0
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            folded += 1
+    return folded
+
+
+def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -> LoadedSnac:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"SNAC model directory {model_dir} does not exist (build one with `chorus models demo`)")
+    config_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelLoadError(f"SNAC model directory {model_dir} has no {path.name}")
+    try:
+        model = SNAC.from_config(str(config_path))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ModelLoadError(f"{config_path} is not a valid SNAC config: {err}") from err
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"{weights_path} does not match {config_path}: {err}") from err
+
+    target = resolve_device(device)
+    if half and target.type != "cuda":
+        log.warning("half precision is CUDA only; decoding in float32 on %s", target)
+        half = False
+    fold_weight_norm(model)
+    model = model.to(target)
+    if half:
+        model = model.half()
+    model.eval()
+    loaded = LoadedSnac(model, target)
+    warm_up(loaded)
+    log.info(
+        "loaded SNAC from %s on %s (%s, %.1f M parameters)",
+        model_dir, target, "float16" if half else "float32",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return loaded
+
+
+@torch.inference_mode()
+def warm_up(loaded: LoadedSnac, frames: int = WARM_UP_FRAMES) -> None:
+    """One small decode, so that kernels and allocators are ready before SERVING."""
+    codes = [
+        torch.randint(0, CODEBOOK_SIZE, (1, frames * per_frame), device=loaded.device)
+        for per_frame in (1, 2, 4)
+    ]
+    loaded.model.decode(codes)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)

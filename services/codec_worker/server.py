@@ -1,0 +1,168 @@
+"""The CodecService gRPC servicer and the worker's `start_server`.
+
+Each Decode call is one audio stream: the handler checks the frames on the event
+loop (cheap) and hands them to the decode engine's thread; PCM comes back through
+the stream's asyncio queue. A bad message ends only its own call, with
+INVALID_ARGUMENT naming the frame, and never the streams beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from chorus import orpheus
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
+from chorus.serving import RunningServer, new_server, serve_with_health
+from services.codec_worker.batcher import Audio, DecodeEngine, End, EngineStream, Failed
+from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.model import load_snac
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = codec_pb2.DESCRIPTOR.services_by_name["CodecService"].full_name
+
+
+class BadRequest(Exception):
+    """A message the stream cannot take; the call ends with INVALID_ARGUMENT."""
+
+
+class StreamCheck:
+    """What a Decode stream has accepted so far, so that the next frames can be checked."""
+
+    @classmethod
+    def opened_by(cls, first: codec_pb2.DecodeRequest | None) -> StreamCheck:
+        if first is None:
+            raise BadRequest("stream closed before DecodeStart")
+        kind = first.WhichOneof("payload")
+        if kind != "start":
+            index = first.frames.first_frame_index if kind == "frames" else 0
+            raise BadRequest(f"frame {index}: frames sent before DecodeStart")
+        return cls(first.start)
+
+    def __init__(self, start: codec_pb2.DecodeStart) -> None:
+        if start.first_frame_index < 0:
+            raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
+        if start.resume_from_sample < 0:
+            raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
+        self.next_frame = start.first_frame_index
+
+    def frames(self, request: codec_pb2.DecodeRequest):
+        kind = request.WhichOneof("payload")
+        if kind == "start":
+            raise BadRequest(f"frame {self.next_frame}: a second DecodeStart in the same stream")
+        if kind != "frames":
+            raise BadRequest(f"frame {self.next_frame}: empty DecodeRequest (neither start nor frames)")
+        first = request.frames.first_frame_index
+        if first != self.next_frame:
+            raise BadRequest(f"frame {first}: expected frame {self.next_frame} (frames must be consecutive)")
+        try:
+            frames = orpheus.validate_frames(request.frames.codes, first)
+        except ValueError as err:
+            raise BadRequest(str(err)) from err
+        self.next_frame += len(frames)
+        return frames
+
+
+class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
+    """Registered before the server starts (gRPC wants its methods then); answers
+    UNAVAILABLE until `attach` hands it the warmed-up engine."""
+
+    def __init__(self, max_streams: int) -> None:
+        self._max_streams = max_streams
+        self._engine: DecodeEngine | None = None
+        self._device = ""
+        self._open = 0
+
+    def attach(self, engine: DecodeEngine, device: str) -> None:
+        self._engine, self._device = engine, device
+
+    async def GetLoad(self, request, context):
+        return codec_pb2.GetLoadResponse(
+            open_streams=self._open, max_streams=self._max_streams, device=self._device
+        )
+
+    async def Decode(
+        self, request_iterator: AsyncIterator[codec_pb2.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[codec_pb2.DecodeResponse]:
+        if self._engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "codec worker is still loading its model")
+        if self._open >= self._max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"codec worker is at its limit of {self._max_streams} streams",
+            )
+        self._open += 1
+        stream: EngineStream | None = None
+        reader: asyncio.Task | None = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            try:
+                check = StreamCheck.opened_by(first)
+            except BadRequest as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            start = first.start
+            stream = self._engine.open_stream(start.first_frame_index, start.resume_from_sample, start.deterministic)
+            reader = asyncio.create_task(_read(request_iterator, check, stream))
+            while True:
+                item = await stream.get()
+                if isinstance(item, Audio):
+                    yield codec_pb2.DecodeResponse(
+                        audio=common_pb2.PcmChunk(
+                            sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
+                        )
+                    )
+                elif isinstance(item, End):
+                    yield codec_pb2.DecodeResponse(final=True)
+                    return
+                elif isinstance(item, Failed):
+                    code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
+                    await context.abort(code, item.message)
+        finally:
+            # Also on cancellation by the client: the decoder state goes at once.
+            self._open -= 1
+            if reader is not None:
+                reader.cancel()
+            if stream is not None:
+                stream.cancel()
+
+
+async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
+    try:
+        async for request in requests:
+            stream.submit(check.frames(request))
+        stream.finish()
+    except BadRequest as err:
+        stream.reject(str(err))
+
+
+async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
+    """Binds and answers health (NOT_SERVING) at once, then loads and warms the model
+    and goes SERVING."""
+    server = new_server()
+    servicer = CodecServicer(config.max_streams)
+    codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    try:
+        loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
+        decoder = StreamingSnacDecoder(loaded.model)
+        await asyncio.to_thread(decoder.warm_up)
+    except BaseException:
+        await running.stop(grace=None)
+        raise
+    engine = DecodeEngine(
+        decoder,
+        max_batch=config.max_batch,
+        batch_wait_ms=config.batch_wait_for(loaded.device_name),
+        threads=config.threads,
+    )
+    engine.start()
+    running.on_stop.append(engine.aclose)
+    servicer.attach(engine, loaded.device_name)
+    await running.set_serving(True)
+    log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)
+    return running

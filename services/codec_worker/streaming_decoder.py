@@ -1,0 +1,439 @@
+"""A stateful streaming SNAC decoder that computes every output sample exactly once.
+
+The usual Orpheus decoder re-decodes a 4-frame window for every frame it emits (4x
+the compute, seams at ~44 dB SNR, and the first and last frames lost). SNAC's decoder
+is purely convolutional, so it can instead run layer by layer on just the new
+samples, each layer keeping only the input it still needs:
+
+- a 'same' conv with padding p keeps its last 2p inputs (it starts with p zeros,
+  which is the left padding of the whole-sequence decode) and runs unpadded over
+  cache + new input;
+- a transposed conv (kernel 2s, stride s, padding s/2) overlap-adds each call's
+  output onto the tail carried from the previous call: every input sample is
+  multiplied into the kernel once, and s positions stay open until the next input
+  arrives. The first s/2 positions of the stream are the padding crop;
+- a residual unit delays its skip path by whatever its branch still holds back;
+- pointwise layers (Snake, 1x1 convs, noise, tanh) just apply.
+
+Flushing pushes the right-hand zero padding through, so that N frames give exactly
+N * 2048 samples equal to `SNAC.decode` of the whole sequence (noise off). The first
+audio needs only the decoder's reach (4,757 samples, 2.32 frames) of lookahead.
+
+The quantizer is frame-local (1x1 projections, repeat_interleave by the vq strides
+lines up with frame boundaries), so each step turns only its new frames into 4
+latent steps a frame.
+
+State lives outside the layers, as one flat list of tensors per stream, so that
+streams whose caches have the same shapes can be stacked along the batch dimension
+and decoded in one forward. This module knows nothing of gRPC or threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, Snake1d
+from torch import nn
+
+from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
+
+# Tensors of one stream (batch 1) or of a stacked group (batch B), one per slot.
+State = list[torch.Tensor]
+
+
+@dataclass
+class _StepContext:
+    # (B, 1, 1) with 1 where a stream wants noise, or None when no stream does.
+    noise_mask: torch.Tensor | None
+
+
+# A step feeds the first layers only 4 latent steps a frame. For so few steps, a
+# channel mix run as x^T W^T (F.linear) streams the weights 2-6x faster on CPU than
+# conv1d or W @ x, whose GEMM shapes suit long inputs; for long inputs all are alike.
+_FEW_STEPS = 16
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """weight (out, in) applied to every step of x (B, in, T); returns (B, T, out)."""
+    return F.linear(x.transpose(1, 2), weight, bias)
+
+
+class _Layer:
+    """One streaming layer. `step` gets a non-empty chunk of new input and returns
+    the new outputs it can now complete (None when none yet); `flush` returns the
+    rest, as if the input were followed by the whole-sequence right padding."""
+
+    def initial_state(self, device: torch.device, dtype: torch.dtype) -> State:
+        return []
+
+    def bind(self, first_slot: int) -> int:
+        """Takes state slots from `first_slot` on; returns the next free slot."""
+        return first_slot
+
+    def step(self, x: torch.Tensor, st: State, ctx: _StepContext) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def flush(self, st: State, ctx: _StepContext) -> torch.Tensor | None:
+        return None
+
+
+class _StatefulLayer(_Layer):
+    slot = -1
+
+    def bind(self, first_slot: int) -> int:
+        self.slot = first_slot
+        return first_slot + 1
+
+
+class _Snake(_Layer):
+    """snac's `snake`, the same arithmetic in the same order, but eager and in place:
+    the TorchScript original re-profiles and re-optimizes as chunk lengths change,
+    which stalls the first steps of a stream for seconds."""
+
+    def __init__(self, module: Snake1d) -> None:
+        self.alpha = module.alpha.detach()
+        self.inv_alpha = (self.alpha + 1e-9).reciprocal()
+
+    def step(self, x, st, ctx):
+        y = torch.mul(x, self.alpha).sin_().square_().mul_(self.inv_alpha)
+        return y.add_(x)
+
+
+class _Tanh(_Layer):
+    def step(self, x, st, ctx):
+        return torch.tanh(x)
+
+
+class _Noise(_Layer):
+    """x + randn(B, 1, T) * linear(x): pointwise in time, so each new sample draws
+    its noise once, as in a whole-sequence decode."""
+
+    def __init__(self, module: NoiseBlock) -> None:
+        self.weight = module.linear.weight.detach()
+
+    def step(self, x, st, ctx):
+        if ctx.noise_mask is None:
+            return x
+        noise = torch.randn((x.shape[0], 1, x.shape[-1]), device=x.device, dtype=x.dtype)
+        return x + (noise * ctx.noise_mask) * F.conv1d(x, self.weight)
+
+
+class _Conv(_StatefulLayer):
+    """A 'same' conv (odd kernel, symmetric padding p). Stateless when p is 0."""
+
+    def __init__(self, module: nn.Conv1d) -> None:
+        (kernel,), (dilation,), (padding,), (stride,) = (
+            module.kernel_size, module.dilation, module.padding, module.stride,
+        )
+        if stride != 1 or padding != (kernel - 1) * dilation // 2 or not kernel % 2:
+            raise ValueError(f"not a 'same' convolution: {module}")
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.dilation, self.groups, self.pad = dilation, module.groups, padding
+        self.in_channels = module.in_channels
+
+    def bind(self, first_slot):
+        return super().bind(first_slot) if self.pad else first_slot
+
+    def initial_state(self, device, dtype):
+        if not self.pad:
+            return []
+        return [torch.zeros((1, self.in_channels, self.pad), device=device, dtype=dtype)]
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[-1] == 1 and self.groups == 1 and x.shape[-1] < _FEW_STEPS:
+            return _pointwise(x, self.weight[..., 0], self.bias).transpose(1, 2)
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+
+    def _run(self, buf: torch.Tensor, st: State) -> torch.Tensor | None:
+        keep = 2 * self.pad
+        st[self.slot] = buf[..., -keep:] if buf.shape[-1] > keep else buf
+        return self._conv(buf) if buf.shape[-1] > keep else None
+
+    def step(self, x, st, ctx):
+        if not self.pad:
+            return self._conv(x)
+        return self._run(torch.cat((st[self.slot], x), dim=-1), st)
+
+    def flush(self, st, ctx):
+        if not self.pad:
+            return None
+        cache = st[self.slot]
+        tail = cache.new_zeros((cache.shape[0], cache.shape[1], self.pad))
+        return self._run(torch.cat((cache, tail), dim=-1), st)
+
+
+class _TransposedConv(_StatefulLayer):
+    """ConvTranspose1d(kernel 2s, stride s, padding s/2), s even, by overlap-add.
+
+    Each input sample x[m] spreads over output blocks m (kernel taps 0..s-1) and
+    m + 1 (taps s..2s-1); one matmul computes both halves for every new sample, and
+    the second half of the newest sample is carried until the next call. torch's
+    own transposed conv is no good here: on CPU it takes a slow path that costs
+    ~50 ms for the first layer's 4 inputs, more than a whole-sequence decode of it.
+
+    The carry (bias excluded) is empty until the first input: that marks the stream
+    start, where the padding crops s/2 positions."""
+
+    def __init__(self, module: nn.ConvTranspose1d) -> None:
+        (kernel,), (stride,), (padding,), (out_pad,) = (
+            module.kernel_size, module.stride, module.padding, module.output_padding,
+        )
+        if stride % 2 or kernel != 2 * stride or padding != stride // 2 or out_pad or module.groups != 1:
+            raise ValueError(f"transposed conv shape not supported for streaming: {module}")
+        weight = module.weight.detach()  # (in, out, 2s)
+        # Rows ordered (out channel, tap), so that the product views as (B, out, n, 2s).
+        self.weight = weight.permute(1, 2, 0).reshape(-1, weight.shape[0]).contiguous()
+        self.bias = module.bias.detach().view(1, -1, 1, 1)
+        self.stride, self.crop = stride, padding
+        self.out_channels = module.out_channels
+
+    def initial_state(self, device, dtype):
+        return [torch.zeros((1, self.out_channels, 0), device=device, dtype=dtype)]
+
+    def step(self, x, st, ctx):
+        s, (batch, _, n) = self.stride, x.shape
+        taps = _pointwise(x, self.weight).view(batch, n, self.out_channels, 2 * s).transpose(1, 2)
+        own, spill = taps[..., :s], taps[..., s:]  # (B, out, n, s): into blocks m and m + 1
+        carry = st[self.slot]
+        started = carry.shape[-1] > 0
+        if not started:
+            carry = spill.new_zeros((batch, self.out_channels, s))
+        spilled_in = torch.cat((carry.unsqueeze(2), spill[:, :, :-1]), dim=2) if n > 1 else carry.unsqueeze(2)
+        st[self.slot] = spill[:, :, -1]
+        # Written out contiguous, since the sum would take the taps' strided layout.
+        y = torch.add(own, spilled_in, out=own.new_empty((batch, self.out_channels, n, s)))
+        y = y.add_(self.bias).view(batch, self.out_channels, n * s)
+        return y if started else y[..., self.crop :]
+
+    def flush(self, st, ctx):
+        carry = st[self.slot]
+        if not carry.shape[-1]:
+            return None
+        return carry[..., : self.crop] + self.bias[..., 0]
+
+
+class _Chain(_Layer):
+    def __init__(self, layers: Sequence[_Layer]) -> None:
+        self.layers = list(layers)
+
+    def initial_state(self, device, dtype):
+        return [t for layer in self.layers for t in layer.initial_state(device, dtype)]
+
+    def bind(self, first_slot):
+        for layer in self.layers:
+            first_slot = layer.bind(first_slot)
+        return first_slot
+
+    def step(self, x, st, ctx):
+        for layer in self.layers:
+            x = layer.step(x, st, ctx)
+            if x is None:
+                return None
+        return x
+
+    def flush(self, st, ctx):
+        # Whatever an upstream layer flushes is new input for the layers below it.
+        y = None
+        for layer in self.layers:
+            parts = []
+            if y is not None:
+                stepped = layer.step(y, st, ctx)
+                if stepped is not None:
+                    parts.append(stepped)
+            tail = layer.flush(st, ctx)
+            if tail is not None:
+                parts.append(tail)
+            y = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y
+
+
+class _Residual(_StatefulLayer):
+    """x + branch(x), the skip path held back as long as the branch lags."""
+
+    def __init__(self, branch: _Chain, channels: int) -> None:
+        self.branch = branch
+        self.channels = channels
+
+    def initial_state(self, device, dtype):
+        return [torch.zeros((1, self.channels, 0), device=device, dtype=dtype), *self.branch.initial_state(device, dtype)]
+
+    def bind(self, first_slot):
+        return self.branch.bind(super().bind(first_slot))
+
+    def step(self, x, st, ctx):
+        y = self.branch.step(x, st, ctx)
+        skip = st[self.slot]
+        held = torch.cat((skip, x), dim=-1) if skip.shape[-1] else x
+        if y is None:
+            st[self.slot] = held
+            return None
+        n = y.shape[-1]
+        st[self.slot] = held[..., n:]
+        return held[..., :n] + y
+
+    def flush(self, st, ctx):
+        y = self.branch.flush(st, ctx)
+        return None if y is None else st[self.slot] + y
+
+
+def _build(modules: nn.Sequential) -> _Chain:
+    layers: list[_Layer] = []
+    for module in modules:
+        if isinstance(module, Snake1d):
+            layers.append(_Snake(module))
+        elif isinstance(module, nn.Conv1d):
+            layers.append(_Conv(module))
+        elif isinstance(module, nn.ConvTranspose1d):
+            layers.append(_TransposedConv(module))
+        elif isinstance(module, NoiseBlock):
+            layers.append(_Noise(module))
+        elif isinstance(module, DecoderBlock):
+            layers.append(_build(module.block))
+        elif isinstance(module, ResidualUnit):
+            channels = module.block[0].alpha.shape[1]
+            layers.append(_Residual(_build(module.block), channels))
+        elif isinstance(module, nn.Tanh):
+            layers.append(_Tanh())
+        else:
+            # LocalMHA (attn_window_size set) looks both ways over a window; the
+            # 24 kHz model has none.
+            raise ValueError(f"SNAC decoder layer {type(module).__name__} cannot be streamed")
+    return _Chain(layers)
+
+
+@dataclass
+class StreamState:
+    """One stream's decoder state and position."""
+
+    first_frame_index: int = 0
+    resume_from_sample: int = 0
+    deterministic: bool = False
+    tensors: State = field(default_factory=list, repr=False)
+    frames_in: int = 0
+    samples_out: int = 0
+    flushed: bool = False
+
+    @property
+    def next_frame_index(self) -> int:
+        return self.first_frame_index + self.frames_in
+
+    def shape_key(self) -> tuple[int, ...]:
+        """Streams with equal keys have caches of equal shapes and can share a forward."""
+        return tuple(t.shape[-1] for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Decoded audio: float samples in [-1, 1] from absolute `sample_offset`."""
+
+    sample_offset: int
+    samples: np.ndarray
+
+
+class StreamingSnacDecoder:
+    """Streams SNAC codes to audio; one instance serves any number of streams.
+
+    Not thread-safe: the engine drives it from one thread.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.quantizer = model.quantizer
+        param = next(model.decoder.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._net = _build(model.decoder.model)
+        self._n_slots = self._net.bind(0)
+        # Forwards the last `decode` call ran (one per batch group), for stats.
+        self.last_forwards = 0
+
+    @torch.inference_mode()
+    def new_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False) -> StreamState:
+        """A stream whose first frame is `first_frame_index`, decoded with zero left
+        context (failover: the caller resends a few frames of context before the
+        point it had relayed, and samples before `resume_from_sample` are dropped)."""
+        if first_frame_index < 0 or resume_from_sample < 0:
+            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
+        tensors = self._net.initial_state(self.device, self.dtype)
+        assert len(tensors) == self._n_slots
+        return StreamState(first_frame_index, resume_from_sample, deterministic, tensors)
+
+    @torch.inference_mode()
+    def decode(
+        self, items: Sequence[tuple[StreamState, np.ndarray]], max_batch: int = 64
+    ) -> list[Chunk | None]:
+        """Feeds each stream its new frames ((n, 7) codes) and returns the audio each
+        can now complete, in order. Streams feeding the same number of frames with
+        caches of the same shapes share one forward, up to `max_batch` at a time."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (state, frames) in enumerate(items):
+            if state.flushed:
+                raise ValueError("stream already flushed")
+            groups.setdefault((len(frames), state.shape_key()), []).append(i)
+        results: list[Chunk | None] = [None] * len(items)
+        self.last_forwards = 0
+        for members in groups.values():
+            for lo in range(0, len(members), max_batch):
+                self.last_forwards += 1
+                batch = members[lo : lo + max_batch]
+                chunks = self._decode_group([items[i][0] for i in batch], [items[i][1] for i in batch])
+                for i, chunk in zip(batch, chunks):
+                    results[i] = chunk
+        return results
+
+    @torch.inference_mode()
+    def flush(self, state: StreamState) -> Chunk | None:
+        """Ends a stream: returns the rest of its audio, after which it takes no frames."""
+        if state.flushed:
+            raise ValueError("stream already flushed")
+        state.flushed = True
+        ctx = self._context([state])
+        y = self._net.flush(state.tensors, ctx)
+        state.tensors = []
+        return self._emit(state, y[0, 0]) if y is not None else None
+
+    def warm_up(self, frames: int = 4) -> None:
+        """Runs a short stream, so that the first real one finds its kernels ready."""
+        rng = np.random.default_rng(0)
+        codes = rng.integers(0, CODEBOOK_SIZE, (frames, CODES_PER_FRAME))
+        state = self.new_stream()
+        for i in range(frames):
+            self.decode([(state, codes[i : i + 1])])
+        self.flush(state)
+
+    def _context(self, states: Sequence[StreamState]) -> _StepContext:
+        wants = [not s.deterministic for s in states]
+        if not any(wants):
+            return _StepContext(None)
+        mask = torch.tensor(wants, device=self.device, dtype=self.dtype).view(-1, 1, 1)
+        return _StepContext(mask)
+
+    def _decode_group(self, states: Sequence[StreamState], frames: Sequence[np.ndarray]) -> list[Chunk | None]:
+        layers = frames_to_layers(np.stack(frames))
+        codes = [
+            torch.from_numpy(layer.reshape(len(states), -1)).to(self.device) for layer in layers
+        ]
+        latent = self.quantizer.from_codes(codes).to(self.dtype)
+        if len(states) == 1:
+            st = states[0].tensors
+        else:
+            st = [torch.cat(parts, dim=0) for parts in zip(*(s.tensors for s in states))]
+        y = self._net.step(latent, st, self._context(states))
+        for b, state in enumerate(states):
+            state.frames_in += len(frames[b])
+            if len(states) > 1:
+                state.tensors = [t[b : b + 1] for t in st]
+        if y is None:
+            return [None] * len(states)
+        return [self._emit(state, y[b, 0]) for b, state in enumerate(states)]
+
+    def _emit(self, state: StreamState, samples: torch.Tensor) -> Chunk | None:
+        offset = state.first_frame_index * SAMPLES_PER_FRAME + state.samples_out
+        state.samples_out += samples.shape[-1]
+        skip = max(0, min(state.resume_from_sample - offset, samples.shape[-1]))
+        if skip == samples.shape[-1]:
+            return None
+        return Chunk(offset + skip, samples[skip:].float().cpu().numpy())

