@@ -46,6 +46,10 @@ SAMPLES_PER_FRAME = 2048
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 85.33 ms
 TOKENS_PER_AUDIO_SECOND = CODES_PER_FRAME / FRAME_SECONDS  # ~82
 
+# SNAC's decoder reaches 4,757 samples (2.32 frames) to each side, so its first
+# samples need 3 frames: the backbone's "first decodable frames".
+DECODER_LOOKAHEAD_FRAMES = 3
+
 # Position in the frame of each code, by layer: layer 0 [t0], layer 1 [t1, t4],
 # layer 2 [t2, t3, t5, t6].
 LAYER_POSITIONS = ((0,), (1, 4), (2, 3, 5, 6))

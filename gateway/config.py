@@ -42,7 +42,6 @@ class GatewayConfig:
     request_deadline_s: float = 600.0
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
-    drain_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
@@ -71,8 +70,6 @@ class GatewayConfig:
             problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
-        if self.drain_grace_s < 0:
-            problems.append(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if problems:
             raise ValueError("invalid gateway config: " + "; ".join(problems))
 

@@ -54,6 +54,8 @@ class PipelineStats:
     finish_reason: str = ""
     # time.monotonic() of the first token of the first piece, as seen from here.
     first_token_at: float | None = None
+    # ... and of the first piece's first decodable frames (see SynthesisSummary).
+    decodable_at: float | None = None
 
     def add(self, piece: _Piece) -> None:
         self.pieces += 1
@@ -66,13 +68,18 @@ class PipelineStats:
                 # The token server measures first token and first audio on its own
                 # clock; their difference, taken back from when the audio reached us,
                 # places the first token on ours.
-                lead = max(0.0, summary.time_to_first_audio_ms - summary.time_to_first_token_ms) / 1000
-                self.first_token_at = piece.first_audio_at - lead
+                self.first_token_at = piece.first_audio_at - _lead(summary, summary.time_to_first_token_ms)
+                self.decodable_at = piece.first_audio_at - _lead(summary, summary.time_to_decodable_frames_ms)
         self.tokens += summary.tokens
         self.frames += summary.frames
         self.prompt_tokens += summary.prompt_tokens
         if self.finish_reason != "max_tokens":  # any piece cut short makes the whole one so
             self.finish_reason = summary.finish_reason
+
+
+def _lead(summary: common_pb2.SynthesisSummary, at_ms: float) -> float:
+    """Seconds from a token-server event to its first audio, on the token server's clock."""
+    return max(0.0, summary.time_to_first_audio_ms - at_ms) / 1000
 
 
 def _piece_request(spec: GenerationSpec, index: int, text: str) -> token_server_pb2.GenerateRequest:

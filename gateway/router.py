@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from chorus import telemetry
+
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.serving import GRPC_OPTIONS
+from chorus.discovery import EndpointSet
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,17 @@ class _Server:
 
 class Router:
     def __init__(self, addresses: tuple[str, ...], status_interval_s: float = 0.25) -> None:
-        self._servers = []
-        for address in addresses:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            self._servers.append(_Server(address, channel, token_server_pb2_grpc.TokenServiceStub(channel)))
+        # A name may stand for many token servers (a headless Service): route over
+        # every address it resolves to, as they come and go.
+        self._endpoints = EndpointSet(addresses)
+        self._servers: list[_Server] = []
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
         self._turn = 0  # round-robin among equally loaded servers
 
     async def start(self) -> None:
-        """Polls once (so the first requests are routed on facts), then keeps polling."""
+        """Resolves and polls once (so the first requests are routed on facts), then keeps polling."""
+        await self._endpoints.start()
         await self.poll()
         self._poller = asyncio.create_task(self._poll_forever(), name="token-server-status")
 
@@ -71,16 +74,23 @@ class Router:
         if self._poller:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        for server in self._servers:
-            await server.channel.close()
+        await self._endpoints.close()
 
     async def poll(self) -> None:
+        known = {s.address: s for s in self._servers}
+        self._servers = [known.get(a) or self._new_server(a) for a in self._endpoints.endpoints()]
         await asyncio.gather(*(self._poll_one(s) for s in self._servers))
+
+    def _new_server(self, address: str) -> _Server:
+        channel = self._endpoints.channel(address)
+        return _Server(address, channel, token_server_pb2_grpc.TokenServiceStub(channel))
 
     def ranked(self) -> list[_Server]:
         """Servers, least loaded first; ties taken in turn."""
         self._turn += 1
         n = len(self._servers)
+        if n == 0:
+            return []  # nothing resolved yet: generate() reports UNAVAILABLE
         rotated = [self._servers[(self._turn + i) % n] for i in range(n)]
         return sorted(rotated, key=_Server.load)  # stable: equals keep the rotation
 
@@ -96,7 +106,7 @@ class Router:
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
                 )
             server.sent_since_poll += 1
-            call = server.stub.Generate(request, timeout=remaining)
+            call = server.stub.Generate(request, timeout=remaining, metadata=telemetry.inject_metadata())
             responded = False
             try:
                 async for response in call:

@@ -14,6 +14,7 @@ import time
 
 import grpc
 
+from chorus import telemetry
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from gateway import validation
@@ -39,15 +40,21 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
 
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        try:
-            options = validation.synthesize_options(request, self._config, context.time_remaining())
-            feed = TextFeed.of_text(request.text, self._segmenter())
-            async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
-                yield item
-        except GatewayError as err:
-            await _abort(context, err)
+        with telemetry.server_span("gateway.synthesize", context, {"chorus.text_chars": len(request.text)}):
+            try:
+                options = validation.synthesize_options(request, self._config, context.time_remaining())
+                feed = TextFeed.of_text(request.text, self._segmenter())
+                async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
+                    yield item
+            except GatewayError as err:
+                await _abort(context, err)
 
     async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
+        with telemetry.server_span("gateway.streaming_synthesize", context):
+            async for item in self._streaming(request_iterator, context):
+                yield item
+
+    async def _streaming(self, request_iterator, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         requests = request_iterator.__aiter__()
         reader = None

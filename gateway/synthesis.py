@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from chorus import telemetry
 from chorus.proto.tts.v1 import common_pb2
 from gateway.audio_formats import AudioFormat
 from gateway.encoding import Encoded, StreamEncoder
@@ -66,14 +67,19 @@ def _summary(
 ) -> common_pb2.SynthesisSummary:
     audio_seconds = samples / options.sample_rate
     wall = time.monotonic() - arrived
+    if first_audio_at is not None:
+        telemetry.TTFA.observe(first_audio_at - arrived)
+    if audio_seconds:
+        telemetry.REAL_TIME_FACTOR.observe(wall / audio_seconds)
     return common_pb2.SynthesisSummary(
         request_id=options.spec.request_id,
-        trace_id="",
+        trace_id=telemetry.current_trace_id(),
         tokens=stats.tokens,
         frames=stats.frames,
         audio_seconds=audio_seconds,
         time_to_first_token_ms=_ms_since(arrived, stats.first_token_at),
         time_to_first_audio_ms=_ms_since(arrived, first_audio_at),
+        time_to_decodable_frames_ms=_ms_since(arrived, stats.decodable_at),
         real_time_factor=wall / audio_seconds if audio_seconds else 0.0,
         queue_wait_ms=stats.queue_wait_ms,
         prompt_tokens=stats.prompt_tokens,

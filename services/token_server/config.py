@@ -27,10 +27,6 @@ class TokenServerConfig:
     # Budget of generated tokens per prompt character when a request sets none
     # (see chorus.orpheus.default_max_tokens).
     max_tokens_per_char: float = 1.5
-    codec_connect_timeout_s: float = 5.0
-    drain_grace_s: float = 30.0
-    otlp_endpoint: str | None = None
-    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))

@@ -53,6 +53,8 @@ class RequestStats:
     admitted_at: float | None = None
     first_token_at: float | None = None
     first_frame_at: float | None = None
+    # When the frames the codec needs for its first samples were complete.
+    decodable_at: float | None = None
     finished_at: float | None = None
     generated_tokens: int = 0
     frames: int = 0
@@ -375,12 +377,16 @@ class Engine:
                 act.handle._deliver(Frame(act.frame_index, tuple(act.frame)))
                 act.frame_index += 1
                 stats.frames = act.frame_index
+                if act.frame_index == orpheus.DECODER_LOOKAHEAD_FRAMES:
+                    stats.decodable_at = now
                 act.frame = []
                 if act.generated >= act.max_tokens:
                     self._finish(act, "max_tokens", now)
 
     def _finish(self, act: _Active, reason: str, now: float) -> None:
         act.handle.stats.finished_at = now
+        if act.handle.stats.decodable_at is None:  # shorter than the lookahead: the end flushes it
+            act.handle.stats.decodable_at = now
         self._release(act.seq)
         act.handle._deliver(Finished(reason, act.handle.stats))
 

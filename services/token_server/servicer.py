@@ -70,6 +70,7 @@ def build_summary(
         audio_seconds=audio_seconds,
         time_to_first_token_ms=_ms(stats.first_token_at, stats.submitted_at),
         time_to_first_audio_ms=_ms(first_audio_at, started),
+        time_to_decodable_frames_ms=_ms(stats.decodable_at, stats.submitted_at),
         real_time_factor=(now - started) / audio_seconds if audio_seconds else 0.0,
         queue_wait_ms=stats.queue_wait_s * 1000,
         prompt_tokens=stats.prompt_tokens,

@@ -43,7 +43,7 @@ class PcmChunk(_message.Message):
     def __init__(self, sample_offset: _Optional[int] = ..., pcm: _Optional[bytes] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
 
 class SynthesisSummary(_message.Message):
-    __slots__ = ("request_id", "trace_id", "tokens", "frames", "audio_seconds", "time_to_first_token_ms", "time_to_first_audio_ms", "real_time_factor", "queue_wait_ms", "prompt_tokens", "finish_reason")
+    __slots__ = ("request_id", "trace_id", "tokens", "frames", "audio_seconds", "time_to_first_token_ms", "time_to_first_audio_ms", "real_time_factor", "queue_wait_ms", "prompt_tokens", "finish_reason", "time_to_decodable_frames_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class SynthesisSummary(_message.Message):
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_DECODABLE_FRAMES_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     trace_id: str
     tokens: int
@@ -66,4 +67,5 @@ class SynthesisSummary(_message.Message):
     queue_wait_ms: float
     prompt_tokens: int
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., tokens: _Optional[int] = ..., frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_to_first_audio_ms: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    time_to_decodable_frames_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., tokens: _Optional[int] = ..., frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_to_first_audio_ms: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., time_to_decodable_frames_ms: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,65 @@
+"""What every service's `__main__` shares: the common flags, telemetry, the ready
+file, and serving until SIGTERM with a drain.
+
+Each service parses its own flags (plus these), builds its typed config in one place,
+and hands both to `run`, so the three processes start, report and stop alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+from typing import Callable
+
+from chorus import telemetry
+from chorus.serving import configure_logging, run_until_signalled, write_ready_file
+
+
+def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("CHORUS_HOST", "127.0.0.1"), help="address to bind [CHORUS_HOST]")
+    parser.add_argument("--port", type=int, default=int(env("CHORUS_PORT", default_port)),
+                        help=f"port; 0 picks one (default {default_port}) [CHORUS_PORT]")
+    parser.add_argument("--ready-file", default=None, help="write the bound address here once SERVING")
+    parser.add_argument("--otlp-endpoint", default=env("CHORUS_OTLP_ENDPOINT"),
+                        help="OTLP/gRPC trace receiver host:port, e.g. Jaeger's 4317 [CHORUS_OTLP_ENDPOINT]")
+    parser.add_argument("--metrics-port", type=int, default=int(env("CHORUS_METRICS_PORT", 0)),
+                        help="Prometheus /metrics port; 0 disables [CHORUS_METRICS_PORT]")
+    parser.add_argument("--drain-seconds", type=float, default=float(env("CHORUS_DRAIN_SECONDS", 30)),
+                        help="on SIGTERM, time given to open streams to finish [CHORUS_DRAIN_SECONDS]")
+    parser.add_argument("--log-level", default=env("CHORUS_LOG_LEVEL", "INFO"), help="[CHORUS_LOG_LEVEL]")
+
+
+def run(
+    service: str,
+    args: argparse.Namespace,
+    build_config: Callable[[argparse.Namespace], object],
+    start_server: str,
+    fatal: tuple[type[BaseException], ...] = (ValueError,),
+) -> None:
+    """Builds the config and serves `start_server` ("module:function") until SIGTERM.
+
+    Errors in `fatal` (bad config, a model that does not load) end the process with
+    their message and no traceback: they are the operator's to fix.
+    """
+    configure_logging(args.log_level)
+    try:
+        config = build_config(args)
+        module, function = start_server.split(":")
+        start = getattr(importlib.import_module(module), function)
+        asyncio.run(_serve(service, start, config, args))
+    except fatal as err:
+        raise SystemExit(f"{service}: {err}") from None
+
+
+async def _serve(service: str, start, config, args: argparse.Namespace) -> None:
+    telemetry.setup_tracing(service, args.otlp_endpoint)
+    telemetry.start_metrics_server(args.metrics_port, service)
+    try:
+        running = await start(config, port=args.port)
+        write_ready_file(args.ready_file, running)
+        await run_until_signalled(running, args.drain_seconds)
+    finally:
+        telemetry.shutdown_tracing()
