@@ -11,9 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME
+from chorus import telemetry
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.server import SERVICE_NAME, start_server
+from otlp_receiver import receiver  # noqa: F401 (fixture)
 
 
 @contextlib.asynccontextmanager
@@ -142,7 +144,7 @@ def test_bad_frames_are_invalid_argument_and_spare_other_streams(snac_dir, case)
 
 def test_health_load_limit_and_cancel(snac_dir):
     async def run():
-        async with codec_worker(snac_dir, max_streams=1) as (_, stub, channel):
+        async with codec_worker(snac_dir, max_streams=1) as (running, stub, channel):
             health = health_pb2_grpc.HealthStub(channel)
             statuses = [
                 (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
@@ -164,19 +166,57 @@ def test_health_load_limit_and_cancel(snac_dir):
             with pytest.raises(grpc.aio.AioRpcError) as over:
                 await refused.read()
             call.cancel()
+            engine = running.components["engine"]
             for _ in range(100):
                 after = await stub.GetLoad(codec_pb2.GetLoadRequest())
-                if after.open_streams == 0:
+                if after.open_streams == 0 and engine.open_streams == 0:
                     break
                 await asyncio.sleep(0.02)
+            decoder_streams = engine.open_streams
             # The slot is free again.
             again = await decode(stub, good_requests(2))
-            return statuses, idle, busy, over.value, after, again
+            return statuses, idle, busy, over.value, after, decoder_streams, again
 
-    statuses, idle, busy, over, after, again = asyncio.run(run())
+    statuses, idle, busy, over, after, decoder_streams, again = asyncio.run(run())
     assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 2
     assert (idle.open_streams, idle.max_streams, idle.device) == (0, 1, "cpu")
     assert busy.open_streams == 1
     assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert after.open_streams == 0
+    assert decoder_streams == 0, "a cancelled stream's decoder state must go"
     assert again == (0, 2 * SAMPLES_PER_FRAME, True)
+
+
+def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
+    telemetry.setup_tracing(telemetry.CODEC_WORKER, receiver.endpoint)
+
+    async def run():
+        async with codec_worker(snac_dir) as (_, stub, _):
+            return await decode(stub, good_requests(4))
+
+    assert asyncio.run(run())[2]
+    telemetry.flush_tracing()
+    spans = receiver.spans()
+    resource, decode_span = spans["codec_worker.decode"]
+    _, first_audio = spans["codec_worker.first_audio"]
+    assert resource["service.name"] == telemetry.CODEC_WORKER
+    assert first_audio.trace_id == decode_span.trace_id
+    assert first_audio.parent_span_id == decode_span.span_id
+    attributes = {a.key: a.value for a in decode_span.attributes}
+    assert attributes["chorus.request_id"].string_value == "test"
+    assert attributes["chorus.samples"].int_value == 4 * SAMPLES_PER_FRAME
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"device": "tpu"}, "device must be one of"),
+        ({"device": "cpu", "half": True}, "half precision needs CUDA"),
+        ({"max_streams": 0}, "max_streams must be"),
+        ({"batch_wait_ms": -1.0}, "batch_wait_ms must be"),
+        ({"threads": 0}, "threads must be positive"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CodecWorkerConfig(model_dir=tmp_path, **overrides)

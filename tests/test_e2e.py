@@ -15,12 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+from concurrent import futures
+
 import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 import pytest
 
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
 from chorus.stack import Stack
+from otlp_receiver import Receiver
 from gateway.audio_formats import FORMATS
 from audio_check import assert_decoded_length, decode
 
@@ -42,7 +46,19 @@ def budget(frames: int) -> common_pb2.SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def stack(demo_models, tmp_path_factory):
+def otlp():
+    """Where the three services export their spans (Jaeger's part)."""
+    servicer = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    servicer.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    yield servicer
+    server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def stack(demo_models, tmp_path_factory, otlp):
     # Two token servers (for the failover test) sharing two cores: one thread each.
     with Stack(
         models_dir=demo_models.root,
@@ -51,6 +67,8 @@ def stack(demo_models, tmp_path_factory):
         codec_workers=1,
         work_dir=tmp_path_factory.mktemp("stack"),
         extra_args={"token_server": ["--threads", "1"]},
+        # Export spans within 0.2 s instead of the SDK's 5 s batching delay.
+        env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
     ) as running:
         yield running
 
@@ -256,3 +274,25 @@ def test_one_token_server_stopped_the_other_serves(stack, gateway):
         pcm, summary = collect(gateway.Synthesize(request, timeout=120))
         assert len(pcm) // 2 == summary.frames * SAMPLES_PER_FRAME > 0
     assert all(p.alive for p in stack.token_server_processes[1:])
+
+
+def test_one_trace_spans_all_three_services(gateway, otlp):
+    request = gateway_pb2.SynthesizeRequest(text="Trace me through every stage.", sampling=budget(6))
+    _, summary = collect(gateway.Synthesize(request, timeout=120))
+    assert len(summary.trace_id) == 32
+    services = {}
+    for _ in range(100):  # spans arrive in the services' next export batch
+        services = {}
+        for request_ in list(otlp.requests):
+            for resource_spans in request_.resource_spans:
+                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        if span.trace_id.hex() == summary.trace_id:
+                            services.setdefault(attrs["service.name"], set()).add(span.name)
+        if len(services) == 3 and "codec_worker.first_audio" in services.get("chorus-codec-worker", ()):
+            break
+        time.sleep(0.1)
+    assert set(services) == {"chorus-gateway", "chorus-token-server", "chorus-codec-worker"}, services
+    assert {"token_server.queue_wait", "token_server.prefill", "token_server.first_frame"} <= services["chorus-token-server"]
+    assert {"codec_worker.decode", "codec_worker.first_audio"} <= services["chorus-codec-worker"]

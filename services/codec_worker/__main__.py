@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
-from chorus.serving import configure_logging, run_until_signalled, write_ready_file
+from chorus import telemetry
+from chorus.entrypoint import add_common_flags, run
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
+
+DEFAULT_PORT = 50053
 
 
 def _optional(kind):
@@ -24,18 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto picks CUDA when present [CHORUS_CODEC_DEVICE]")
     p.add_argument("--half", action="store_true", default=env("CHORUS_CODEC_HALF", "") == "1",
                    help="float16 on CUDA [CHORUS_CODEC_HALF=1]")
-    p.add_argument("--host", default=env("CHORUS_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env("CHORUS_PORT", 50053)), help="0 picks a free port")
     p.add_argument("--max-streams", type=int, default=int(env("CHORUS_MAX_STREAMS", 64)),
                    help="open streams before RESOURCE_EXHAUSTED [CHORUS_MAX_STREAMS]")
-    p.add_argument("--max-batch", type=int, default=int(env("CHORUS_MAX_BATCH", 16)), help="streams per forward")
+    p.add_argument("--max-batch", type=int, default=int(env("CHORUS_MAX_BATCH", 16)),
+                   help="most streams decoded in one forward [CHORUS_MAX_BATCH]")
     p.add_argument("--batch-wait-ms", type=_optional(float), default=_optional(float)(env("CHORUS_BATCH_WAIT_MS")),
-                   help="longest wait for more streams to share a forward; default by device (CPU 0, CUDA 2)")
+                   help="longest wait for more streams to share a forward; default by device "
+                        "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
     p.add_argument("--threads", type=_optional(int), default=_optional(int)(env("CHORUS_THREADS")),
-                   help="torch intra-op threads; default torch's")
-    p.add_argument("--ready-file", default=None, help="write the bound address here once SERVING")
-    p.add_argument("--drain-seconds", type=float, default=float(env("CHORUS_DRAIN_SECONDS", 30)))
-    p.add_argument("--log-level", default=env("CHORUS_LOG_LEVEL", "INFO"))
+                   help="most torch threads a decode step uses; default torch's [CHORUS_THREADS]")
+    add_common_flags(p, default_port=DEFAULT_PORT)
     args = p.parse_args(argv)
     if not args.model_dir:
         p.error("--model-dir (or CHORUS_SNAC_DIR) is required: a SNAC directory, e.g. from `chorus models demo`")
@@ -52,26 +52,12 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         batch_wait_ms=args.batch_wait_ms,
         host=args.host,
         threads=args.threads,
-        drain_grace_s=args.drain_seconds,
     )
 
 
-async def serve(config: CodecWorkerConfig, port: int, ready_file: str | None) -> None:
-    from services.codec_worker.server import start_server
-
-    running = await start_server(config, port=port)
-    write_ready_file(ready_file, running)
-    await run_until_signalled(running, config.drain_grace_s)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config = build_config(args)
-        asyncio.run(serve(config, args.port, args.ready_file))
-    except (ValueError, ModelLoadError) as err:  # say what is wrong, no traceback
-        raise SystemExit(str(err)) from None
+    run(telemetry.CODEC_WORKER, parse_args(argv), build_config, "services.codec_worker.server:start_server",
+        fatal=(ValueError, ModelLoadError))
 
 
 if __name__ == "__main__":

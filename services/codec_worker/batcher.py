@@ -8,10 +8,11 @@ streams and decodes them in one step, streams of the same shape in one forward.
 
 Cross-stream batching may wait a little (`batch_wait_ms`) for more streams to have
 frames ready, but never longer than that, and not at all when every open stream is
-already in the step. Measured on 2 CPU cores (docs/benchmarks.md), one forward over
-4 streams costs ~30% less than 4 forwards, because small steps are bound by reading
-the weights; streams that show up together are batched for free, but waiting for
-them does not pay on CPU, so the default wait there is 0.
+already in the step. It pays even on CPU, measured on 2 cores (docs/benchmarks.md):
+a step of one frame is bound by reading the weights, not by arithmetic, so sharing
+forwards more than doubles throughput at 8 streams (1.8-2.5 -> 4-6 s of audio per
+second across runs), and a 5 ms wait for company adds another ~10% at 4-8 streams
+(median of paired runs; single runs vary by +-15% on this shared machine).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -146,14 +147,16 @@ class DecodeEngine:
         decoder: StreamingSnacDecoder,
         max_batch: int = 16,
         batch_wait_ms: float = 0.0,
-        threads: int | None = None,
+        threads: int | None = None,  # most torch threads a step may use; None: torch's default
         max_frames_per_step: int = MAX_FRAMES_PER_STEP,
+        on_forward: Callable[[int], None] = lambda streams: None,  # streams in each forward, for metrics
     ) -> None:
         self.decoder = decoder
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
-        self.threads = threads
+        self.threads = threads or torch.get_num_threads()
         self.max_frames_per_step = max_frames_per_step
+        self.on_forward = on_forward
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._streams: set[EngineStream] = set()
@@ -199,8 +202,6 @@ class DecodeEngine:
             return len(self._streams)
 
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 while not self._stopping and not any(s._ready() for s in self._streams):
@@ -210,6 +211,7 @@ class DecodeEngine:
                 self._wait_for_company()
                 work = self._take_work()
             self._step(*work)
+        torch.set_num_threads(self.threads)  # the pool is process-wide: not left at a step's count
         with self._cond:
             left, self._streams = list(self._streams), set()
         for stream in left:
@@ -233,7 +235,8 @@ class DecodeEngine:
         flush: list[EngineStream] = []
         for stream in list(self._streams):
             if stream._cancelled:
-                self._streams.discard(stream)  # its decoder state goes with it
+                self._streams.discard(stream)
+                stream.state = None  # its caches go now, not when the handler lets go
                 continue
             frames = stream._take(self.max_frames_per_step)
             if frames is not None:
@@ -245,6 +248,12 @@ class DecodeEngine:
 
     def _step(self, decode: list[tuple[EngineStream, np.ndarray]], flush: list[EngineStream]) -> None:
         self.stats.steps += 1
+        if self.decoder.device.type == "cpu":
+            # A frame of one stream is too little work to split: its ops are small
+            # and a second thread only adds sync (1 stream ran at 2.2x real time on
+            # 2 threads, 3.2x on 1). Bigger steps do gain, so threads follow the work.
+            work = sum(len(f) for _, f in decode) or 1
+            torch.set_num_threads(min(self.threads, work))
         failed: set[EngineStream] = set()
         if decode:
             for stream, _ in decode:
@@ -257,7 +266,9 @@ class DecodeEngine:
                 chunks = [None] * len(decode)
                 failed = {s for s, _ in decode}
                 self._fail(failed, f"decode failed: {err}")
-            self.stats.forwards += self.decoder.last_forwards
+            for streams in self.decoder.last_batch_sizes:
+                self.on_forward(streams)
+            self.stats.forwards += len(self.decoder.last_batch_sizes)
             self.stats.streams_stepped += len(decode)
             self.stats.frames += sum(len(f) for _, f in decode)
             for (stream, _), chunk in zip(decode, chunks):

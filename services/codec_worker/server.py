@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
 
-from chorus import orpheus
+from chorus import orpheus, telemetry
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.codec_worker.batcher import Audio, DecodeEngine, End, EngineStream, Failed
@@ -39,9 +40,10 @@ class StreamCheck:
         if first is None:
             raise BadRequest("stream closed before DecodeStart")
         kind = first.WhichOneof("payload")
+        if kind == "frames":
+            raise BadRequest(f"frame {first.frames.first_frame_index}: frames sent before DecodeStart")
         if kind != "start":
-            index = first.frames.first_frame_index if kind == "frames" else 0
-            raise BadRequest(f"frame {index}: frames sent before DecodeStart")
+            raise BadRequest("the first DecodeRequest must carry DecodeStart; it was empty")
         return cls(first.start)
 
     def __init__(self, start: codec_pb2.DecodeStart) -> None:
@@ -49,7 +51,12 @@ class StreamCheck:
             raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
         if start.resume_from_sample < 0:
             raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
-        self.next_frame = start.first_frame_index
+        self.first_frame = self.next_frame = start.first_frame_index
+        self.last_frames_at: float | None = None
+
+    @property
+    def frames_received(self) -> int:
+        return self.next_frame - self.first_frame
 
     def frames(self, request: codec_pb2.DecodeRequest):
         kind = request.WhichOneof("payload")
@@ -65,6 +72,7 @@ class StreamCheck:
         except ValueError as err:
             raise BadRequest(str(err)) from err
         self.next_frame += len(frames)
+        self.last_frames_at = time.monotonic()
         return frames
 
 
@@ -96,39 +104,68 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"codec worker is at its limit of {self._max_streams} streams",
             )
-        self._open += 1
+        opened_at = time.monotonic()
+        self._count_open(+1)
         stream: EngineStream | None = None
         reader: asyncio.Task | None = None
-        try:
-            first = await anext(aiter(request_iterator), None)
+        with telemetry.server_span("codec_worker.decode", context) as span:
             try:
-                check = StreamCheck.opened_by(first)
-            except BadRequest as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            start = first.start
-            stream = self._engine.open_stream(start.first_frame_index, start.resume_from_sample, start.deterministic)
-            reader = asyncio.create_task(_read(request_iterator, check, stream))
-            while True:
-                item = await stream.get()
-                if isinstance(item, Audio):
-                    yield codec_pb2.DecodeResponse(
-                        audio=common_pb2.PcmChunk(
-                            sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
+                first = await anext(aiter(request_iterator), None)
+                try:
+                    check = StreamCheck.opened_by(first)
+                except BadRequest as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                start = first.start
+                span.set_attributes({
+                    "chorus.request_id": start.request_id,
+                    "chorus.first_frame_index": start.first_frame_index,
+                    "chorus.resume_from_sample": start.resume_from_sample,
+                })
+                stream = self._engine.open_stream(
+                    start.first_frame_index, start.resume_from_sample, start.deterministic
+                )
+                reader = asyncio.create_task(_read(request_iterator, check, stream))
+                samples = 0
+                while True:
+                    item = await stream.get()
+                    if isinstance(item, Audio):
+                        if not samples:
+                            _record_first_audio(opened_at, check)
+                        samples += item.samples
+                        yield codec_pb2.DecodeResponse(
+                            audio=common_pb2.PcmChunk(
+                                sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
+                            )
                         )
-                    )
-                elif isinstance(item, End):
-                    yield codec_pb2.DecodeResponse(final=True)
-                    return
-                elif isinstance(item, Failed):
-                    code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
-                    await context.abort(code, item.message)
-        finally:
-            # Also on cancellation by the client: the decoder state goes at once.
-            self._open -= 1
-            if reader is not None:
-                reader.cancel()
-            if stream is not None:
-                stream.cancel()
+                    elif isinstance(item, End):
+                        span.set_attributes({"chorus.frames": check.frames_received, "chorus.samples": samples})
+                        yield codec_pb2.DecodeResponse(final=True)
+                        return
+                    elif isinstance(item, Failed):
+                        code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
+                        await context.abort(code, item.message)
+            finally:
+                # Also on cancellation by the client: the decoder state goes at once.
+                self._count_open(-1)
+                if reader is not None:
+                    reader.cancel()
+                if stream is not None:
+                    stream.cancel()
+
+    def _count_open(self, delta: int) -> None:
+        self._open += delta
+        telemetry.CODEC_STREAMS.set(self._open)
+
+
+def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
+    """A stage from the stream's opening to its first audio; most of it is waiting for
+    the ~2.3 frames of lookahead, so the part after the last frame came in, which is
+    the codec's own latency, goes with it."""
+    now = time.monotonic()
+    attributes = {"chorus.frames_received": check.frames_received}
+    if check.last_frames_at is not None:
+        attributes["chorus.after_last_frame_ms"] = (now - check.last_frames_at) * 1000
+    telemetry.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
 async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
@@ -159,9 +196,11 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         max_batch=config.max_batch,
         batch_wait_ms=config.batch_wait_for(loaded.device_name),
         threads=config.threads,
+        on_forward=telemetry.CODEC_BATCH_STREAMS.observe,
     )
     engine.start()
     running.on_stop.append(engine.aclose)
+    running.components.update(engine=engine, decoder=decoder, model=loaded)
     servicer.attach(engine, loaded.device_name)
     await running.set_serving(True)
     log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)

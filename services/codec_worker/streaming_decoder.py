@@ -318,10 +318,6 @@ class StreamState:
     samples_out: int = 0
     flushed: bool = False
 
-    @property
-    def next_frame_index(self) -> int:
-        return self.first_frame_index + self.frames_in
-
     def shape_key(self) -> tuple[int, ...]:
         """Streams with equal keys have caches of equal shapes and can share a forward."""
         return tuple(t.shape[-1] for t in self.tensors)
@@ -347,8 +343,8 @@ class StreamingSnacDecoder:
         self.device, self.dtype = param.device, param.dtype
         self._net = _build(model.decoder.model)
         self._n_slots = self._net.bind(0)
-        # Forwards the last `decode` call ran (one per batch group), for stats.
-        self.last_forwards = 0
+        # Streams in each forward of the last `decode` call, for stats and metrics.
+        self.last_batch_sizes: list[int] = []
 
     @torch.inference_mode()
     def new_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False) -> StreamState:
@@ -372,13 +368,15 @@ class StreamingSnacDecoder:
         for i, (state, frames) in enumerate(items):
             if state.flushed:
                 raise ValueError("stream already flushed")
+            if len(frames) == 0:
+                raise ValueError("a decode step needs at least one frame per stream")
             groups.setdefault((len(frames), state.shape_key()), []).append(i)
         results: list[Chunk | None] = [None] * len(items)
-        self.last_forwards = 0
+        self.last_batch_sizes = []
         for members in groups.values():
             for lo in range(0, len(members), max_batch):
-                self.last_forwards += 1
                 batch = members[lo : lo + max_batch]
+                self.last_batch_sizes.append(len(batch))
                 chunks = self._decode_group([items[i][0] for i in batch], [items[i][1] for i in batch])
                 for i, chunk in zip(batch, chunks):
                     results[i] = chunk
