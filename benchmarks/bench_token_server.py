@@ -4,6 +4,9 @@
    tokens/s, and engine steps/s against bare `llama_decode` steps/s at the same batch
    size (same context, one token per sequence per step, no sampling): the Python
    around llama_decode should cost under 10%.
+   Each level alternates engine and bare runs (--rounds) and keeps the best of each;
+   the engine also times its own llama_decode calls, whose share of its step time
+   is the overhead figure least disturbed by other load.
 2. 8 concurrent requests through the engine against the same 8 requests one after
    another through llama-cpp-python's high-level `Llama` API (what most Orpheus
    servers do).
@@ -33,14 +36,14 @@ def prompt(backbone: LlamaBackbone) -> list[int]:
     return orpheus.wrap_prompt(backbone.tokenize(orpheus.prompt_text(TEXT, orpheus.DEFAULT_VOICE)))
 
 
-def bench_engine(backbone: LlamaBackbone, slots: int, concurrent: int, tokens: int) -> dict:
-    engine = Engine(backbone, slots=slots, n_batch=512, queue_size=0, ctx_per_slot=CTX_PER_SLOT)
-    engine.start()
+def bench_engine(engine: Engine, concurrent: int, tokens: int) -> dict:
+    backbone = engine.backbone
     ids = prompt(backbone)
+    steps, decode_s, busy_s = engine.steps, engine.decode_seconds, engine.busy_seconds
 
     async def one(i: int) -> float:
         started = time.perf_counter()
-        handle = engine.submit(GenerationRequest(f"b{i}", ids, SamplingParams(seed=i, max_tokens=tokens), tokens))
+        handle = engine.submit(GenerationRequest(f"b{i}", ids, SamplingParams(seed=i, max_tokens=tokens), tokens, ignore_end_of_speech=True))
         async for event in handle.events():
             if isinstance(event, Finished):
                 assert event.stats.generated_tokens == tokens, "benchmark requests must run to their budget"
@@ -52,13 +55,13 @@ def bench_engine(backbone: LlamaBackbone, slots: int, concurrent: int, tokens: i
     started = time.perf_counter()
     per_request = asyncio.run(run())
     wall = time.perf_counter() - started
-    steps = engine.steps
-    engine.stop()
     return {
         "concurrent": concurrent,
         "aggregate_tok_s": concurrent * tokens / wall,
         "per_request_tok_s": sum(tokens / t for t in per_request) / concurrent,
-        "engine_steps_s": steps / wall,
+        "engine_steps_s": (engine.steps - steps) / wall,
+        # Share of the engine loop's busy time spent inside llama_decode.
+        "decode_share": (engine.decode_seconds - decode_s) / (engine.busy_seconds - busy_s),
     }
 
 
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/demo/backbone.gguf"))
     parser.add_argument("--frames", type=int, default=64, help="frames generated per request")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per level; the best counts")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if not args.model.exists():
@@ -135,21 +139,34 @@ def main() -> None:
 
     rows = []
     for level in levels:
-        engine = bench_engine(backbone, slots=16, concurrent=level, tokens=tokens)
-        bare = bench_bare_decode(backbone, level, steps=tokens)
-        engine["bare_steps_s"] = bare
-        engine["engine_vs_bare"] = engine["engine_steps_s"] / bare
+        # Alternate the two, best of each: other tenants of a shared machine slow
+        # single runs by up to 50%, and the best run is the one they disturbed least.
+        engines, bares = [], []
+        engine = Engine(backbone, slots=16, n_batch=512, queue_size=0, ctx_per_slot=CTX_PER_SLOT)
+        engine.start()
+        for _ in range(args.rounds):
+            engines.append(bench_engine(engine, concurrent=level, tokens=tokens))
+            # On the engine's own thread: llama.cpp's OpenMP keeps a thread team per
+            # calling thread, and two teams on two cores would slow whichever ran second.
+            bares.append(engine.run_in_engine(lambda e: bench_bare_decode(backbone, level, steps=tokens)).result())
+        engine.stop()
+        engine = max(engines, key=lambda r: r["engine_steps_s"])
+        engine["decode_share"] = max(r["decode_share"] for r in engines)
+        engine["bare_steps_s"] = max(bares)
+        engine["engine_vs_bare"] = engine["engine_steps_s"] / engine["bare_steps_s"]
         rows.append(engine)
     high_level = bench_high_level_sequential(args.model, 8, tokens, args.threads)
     engine8 = next(r for r in rows if r["concurrent"] == 8)
     backbone.close()
 
     print(f"model {args.model}, {tokens} tokens per request, {args.threads} threads\n")
-    print("| concurrent | aggregate tok/s | per-request tok/s | engine steps/s | bare llama_decode steps/s | engine/bare |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| concurrent | aggregate tok/s | per-request tok/s | engine steps/s | bare llama_decode steps/s "
+          "| engine/bare | llama_decode share of engine step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrent']} | {r['aggregate_tok_s']:.0f} | {r['per_request_tok_s']:.0f} | "
-              f"{r['engine_steps_s']:.1f} | {r['bare_steps_s']:.1f} | {r['engine_vs_bare']:.2f} |")
+              f"{r['engine_steps_s']:.1f} | {r['bare_steps_s']:.1f} | {r['engine_vs_bare']:.2f} | "
+              f"{r['decode_share']:.2f} |")
     print(f"\n8 requests: engine concurrent {engine8['aggregate_tok_s']:.0f} tok/s vs high-level Llama one after "
           f"another {high_level:.0f} tok/s = {engine8['aggregate_tok_s'] / high_level:.2f}x")
     if args.json:

@@ -88,6 +88,8 @@ class GenerationRequest:
     prompt: list[int]
     sampling: SamplingParams
     max_tokens: int
+    # Generate exactly max_tokens (benchmarks: a fixed batch size for the whole run).
+    ignore_end_of_speech: bool = False
 
 
 class RequestHandle:
@@ -169,6 +171,9 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.batch_tokens_total = 0
+        # Wall time inside llama_decode vs. the whole loop: the Python around it is the rest.
+        self.decode_seconds = 0.0
+        self.busy_seconds = 0.0
         # Called on the engine thread with each llama_decode's token count (metrics).
         self._on_decode = on_decode
 
@@ -244,7 +249,9 @@ class Engine:
                     self._handle(item)
                 self._admit()
                 if self._has_work():
+                    started = time.perf_counter()
                     self._step()
+                    self.busy_seconds += time.perf_counter() - started
         except Exception as exc:  # a llama.cpp failure: fail everything, loudly
             log.exception("engine loop failed")
             self._fail_all(f"token engine failed: {exc}")
@@ -346,7 +353,9 @@ class Engine:
         self.steps += 1
 
     def _decode(self, batch: TokenBatch) -> None:
+        started = time.perf_counter()
         self.backbone.decode(batch)
+        self.decode_seconds += time.perf_counter() - started
         self.batch_tokens_total += batch.n_tokens
         if self._on_decode is not None:
             self._on_decode(batch.n_tokens)
@@ -356,6 +365,7 @@ class Engine:
         generated = np.array([a.generated for a in acts])
         positions = generated % orpheus.CODES_PER_FRAME
         eos_allowed = (positions == 0) & (generated > 0)
+        eos_allowed &= np.array([not a.handle.request.ignore_end_of_speech for a in acts])
         legal = gather_legal_logits([self.backbone.logits_at(i) for _, i in sampling], positions)
         choices = sample(legal, [a.sampler for a in acts], positions, eos_allowed)
         now = time.monotonic()
