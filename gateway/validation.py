@@ -8,7 +8,6 @@ token server's (services/token_server/sampler.py), which checks them again.
 
 from __future__ import annotations
 
-import math
 import uuid
 
 import grpc
@@ -17,22 +16,12 @@ from chorus.proto.tts.v1 import common_pb2, gateway_pb2
 from gateway.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
+from chorus.sampling_limits import sampling_problems
 from gateway.pipeline import GenerationSpec
 from gateway.segmenter import has_speech
 from gateway.synthesis import SynthesisOptions
 
 MAX_REQUEST_ID_CHARS = 128
-
-# field -> (lowest, highest, brackets ("[]" closed, "(]" open below, "[)" open above), note)
-_SAMPLING_RANGES = {
-    "temperature": (0.0, 2.0, "[]", "0 is greedy"),
-    "top_p": (0.0, 1.0, "(]", "the nucleus mass"),
-    "top_k": (0, 4096, "[]", "0 disables it"),
-    "min_p": (0.0, 1.0, "[)", "0 disables it"),
-    "repetition_penalty": (0.5, 2.0, "[]", "1 disables it"),
-    "max_tokens": (0, 2**31 - 1, "[]", "0 derives a budget from the text"),
-}
-
 
 def check_text(text: str, config: GatewayConfig) -> None:
     """A whole text for Synthesize."""
@@ -134,15 +123,6 @@ def _options(
 
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:
-    problems = []
-    for name, (low, high, brackets, note) in _SAMPLING_RANGES.items():
-        if not sampling.HasField(name):
-            continue
-        value = getattr(sampling, name)
-        above = low <= value if brackets[0] == "[" else low < value
-        below = value <= high if brackets[1] == "]" else value < high
-        if not (above and below and math.isfinite(value)):
-            interval = f"{brackets[0]}{low:g}, {high:g}{brackets[1]}"
-            problems.append(f"sampling.{name} is {value:g}; it must be in {interval} ({note})")
+    problems = sampling_problems(lambda name: getattr(sampling, name) if sampling.HasField(name) else None)
     if problems:
-        raise invalid("; ".join(problems))
+        raise invalid("; ".join(f"sampling.{p}" for p in problems))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chorus import orpheus
+from chorus.sampling_limits import sampling_problems
 
 N_CODES = orpheus.CODEBOOK_SIZE
 # Log-probability buckets for the top-p threshold search (see nucleus_pick): 1/8 nat
@@ -36,19 +37,7 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 <= self.temperature <= 2.0:
-            problems.append(f"temperature must be in 0..2, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k <= N_CODES:
-            problems.append(f"top_k must be in 0..{N_CODES}, got {self.top_k}")
-        if not 0.0 <= self.min_p < 1.0:
-            problems.append(f"min_p must be in [0, 1), got {self.min_p}")
-        if not 0.5 <= self.repetition_penalty <= 2.0:
-            problems.append(f"repetition_penalty must be in 0.5..2, got {self.repetition_penalty}")
-        if self.max_tokens < 0:
-            problems.append(f"max_tokens must be >= 0, got {self.max_tokens}")
+        problems = sampling_problems(lambda name: getattr(self, name))
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -1,0 +1,37 @@
+"""The legal ranges of the sampling parameters, for every service that checks them.
+
+The gateway rejects bad values before any work starts, the token server checks again
+(it is also called directly); both read this table, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from chorus import orpheus
+
+# field -> (lowest, highest, brackets ("[]" closed, "(]" open below, "[)" open above), note)
+SAMPLING_RANGES = {
+    "temperature": (0.0, 2.0, "[]", "0 is greedy"),
+    "top_p": (0.0, 1.0, "(]", "the nucleus mass"),
+    "top_k": (0, orpheus.CODEBOOK_SIZE, "[]", "0 disables it"),
+    "min_p": (0.0, 1.0, "[)", "0 disables it"),
+    "repetition_penalty": (0.5, 2.0, "[]", "1 disables it"),
+    "max_tokens": (0, 2**31 - 1, "[]", "0 derives a budget from the text"),
+}
+
+
+def sampling_problems(value_of: Callable[[str], float | None]) -> list[str]:
+    """What is out of range, one sentence each; `value_of(name)` is None for unset fields."""
+    problems = []
+    for name, (low, high, brackets, note) in SAMPLING_RANGES.items():
+        value = value_of(name)
+        if value is None:
+            continue
+        above = low <= value if brackets[0] == "[" else low < value
+        below = value <= high if brackets[1] == "]" else value < high
+        if not (above and below and math.isfinite(value)):
+            interval = f"{brackets[0]}{low:g}, {high:g}{brackets[1]}"
+            problems.append(f"{name} is {value:g}; it must be in {interval} ({note})")
+    return problems
