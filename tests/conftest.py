@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for any test)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from chorus import telemetry
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.server import SERVICE_NAME, start_server
-from otlp_receiver import receiver  # noqa: F401 (fixture)
 
 
 @contextlib.asynccontextmanager

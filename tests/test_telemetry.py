@@ -14,12 +14,10 @@ import urllib.request
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, generate_latest
 
 from chorus import telemetry
-from otlp_receiver import Receiver, receiver  # noqa: F401 (fixture)
 
 SERVICE = "chorus-test-service"
 METHOD = "/chorus.test.Echo/TraceId"

@@ -19,7 +19,6 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, token_ser
 from chorus.serving import new_server, serve_with_health
 from services.token_server.config import TokenServerConfig
 from services.token_server.server import start_server
-from otlp_receiver import receiver  # noqa: F401 (fixture)
 
 
 class FakeCodec(codec_pb2_grpc.CodecServiceServicer):
