@@ -129,12 +129,11 @@ def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndar
     return frames
 
 
-def default_max_tokens(text: str, tokens_per_char: float = 1.5, minimum: int = 7 * 24) -> int:
+def default_max_tokens(text: str, headroom: float = 1.5, minimum: int = 7 * 24) -> int:
     """A generation budget from the text length, a whole number of frames.
 
     Speech runs at roughly 14 characters a second and ~82 tokens a second, so about
-    6 tokens a character; the default allows 1.5x that headroom per character plus
-    two seconds, and callers may set their own.
+    6 tokens a character; the budget allows `headroom` times that, plus two seconds.
     """
-    budget = max(minimum, int(len(text) * 6 * tokens_per_char) + 2 * 82)
+    budget = max(minimum, int(len(text) * 6 * headroom) + 2 * 82)
     return budget - budget % CODES_PER_FRAME

@@ -293,3 +293,50 @@ def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
     prefill = spans["token_server.prefill"][1]
     assert prefill.parent_span_id == root.span_id
     assert root.start_time_unix_nano <= prefill.start_time_unix_nano <= prefill.end_time_unix_nano
+
+
+def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ready = tmp_path / "ready.json"
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.token_server", "--model", str(gguf_path), "--port", "0",
+         "--ready-file", str(ready), "--slots", "2", "--threads", "2", "--drain-seconds", "60"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(600):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), (tmp_path / "server.log").read_text()
+        channel = grpc.insecure_channel(json.loads(ready.read_text())["address"])
+        stub = token_server_pb2_grpc.TokenServiceStub(channel)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="tts.v1.TokenService"), timeout=120
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        responses = stub.Generate(request(codes_only=True, frames=60), timeout=120)
+        first = next(responses)
+        assert first.WhichOneof("payload") == "frames"
+
+        proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open Watch would otherwise hold the drain for its whole grace
+        rest = list(responses)
+        frames = [first, *rest[:-1]]
+        assert rest[-1].WhichOneof("payload") == "summary"
+        assert sum(len(m.frames.codes) for m in frames) == 60 * 7
+        assert proc.wait(timeout=60) == 0
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

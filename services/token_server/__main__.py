@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=int(env("CHORUS_THREADS", os.cpu_count() or 1)))
     p.add_argument("--queue-size", type=int, default=int(env("CHORUS_QUEUE_SIZE", 32)),
                    help="requests that may wait for a slot before RESOURCE_EXHAUSTED [CHORUS_QUEUE_SIZE]")
+    p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", 1.5)),
+                   help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
+                        "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
     add_common_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -42,6 +45,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         n_batch=args.n_batch,
         threads=args.threads,
         queue_size=args.queue_size,
+        budget_headroom=args.budget_headroom,
         host=args.host,
     )
 

@@ -24,9 +24,9 @@ class TokenServerConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     queue_size: int = 32
     host: str = "127.0.0.1"
-    # Budget of generated tokens per prompt character when a request sets none
-    # (see chorus.orpheus.default_max_tokens).
-    max_tokens_per_char: float = 1.5
+    # Headroom of the generation budget over ~6 tokens a character, for requests that
+    # set no max_tokens (see chorus.orpheus.default_max_tokens).
+    budget_headroom: float = 1.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -44,8 +44,8 @@ class TokenServerConfig:
             problems.append(f"threads must be positive, got {self.threads}")
         if self.queue_size < 0:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
-        if self.max_tokens_per_char <= 0:
-            problems.append("max_tokens_per_char must be positive")
+        if self.budget_headroom <= 0:
+            problems.append(f"budget_headroom must be positive, got {self.budget_headroom}")
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")

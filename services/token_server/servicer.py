@@ -125,7 +125,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         prompt = orpheus.wrap_prompt(
             self._engine.backbone.tokenize(orpheus.prompt_text(text, request.voice or orpheus.DEFAULT_VOICE))
         )
-        max_tokens = sampling.max_tokens or orpheus.default_max_tokens(text, self._config.max_tokens_per_char)
+        max_tokens = sampling.max_tokens or orpheus.default_max_tokens(text, self._config.budget_headroom)
         # Never more than the slot's context allows, and whole frames only.
         max_tokens = min(max_tokens, self._config.ctx_per_slot - len(prompt) - 1)
         max_tokens -= max_tokens % orpheus.CODES_PER_FRAME
