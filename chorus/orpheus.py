@@ -27,17 +27,6 @@ START_OF_AI = 128_261
 END_OF_AI = 128_262
 AUDIO_TOKEN_BASE = 128_266
 
-SPECIAL_IDS = {
-    "bos": BOS,
-    "end_of_text": END_OF_TEXT,
-    "start_of_speech": START_OF_SPEECH,
-    "end_of_speech": END_OF_SPEECH,
-    "start_of_human": START_OF_HUMAN,
-    "end_of_human": END_OF_HUMAN,
-    "start_of_ai": START_OF_AI,
-    "end_of_ai": END_OF_AI,
-}
-
 # SNAC 24 kHz: one frame is 7 codes (1 + 2 + 4 over three layers) and 2048 samples.
 CODES_PER_FRAME = 7
 CODEBOOK_SIZE = 4096

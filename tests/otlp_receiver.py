@@ -3,6 +3,7 @@ real gRPC server), standing in for Jaeger's port 4317 in tests."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent import futures
 
@@ -38,16 +39,24 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return out
 
 
-@pytest.fixture
-def receiver():
+@contextlib.contextmanager
+def running_receiver():
+    """A Receiver on a real gRPC server at 127.0.0.1:<free port>; `.endpoint` says where."""
     servicer = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    servicer.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
-    servicer.endpoint = f"127.0.0.1:{port}"
-    yield servicer
-    # Before the receiver goes: a failed test's unflushed spans would otherwise retry
-    # against a closed port for seconds.
-    telemetry.shutdown_tracing()
-    server.stop(None)
+    try:
+        yield servicer
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture
+def receiver():
+    with running_receiver() as servicer:
+        yield servicer
+        # Before the receiver goes: a failed test's unflushed spans would otherwise retry
+        # against a closed port for seconds.
+        telemetry.shutdown_tracing()

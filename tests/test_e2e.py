@@ -15,16 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from concurrent import futures
-
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 import pytest
 
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
 from chorus.stack import Stack
-from otlp_receiver import Receiver
+from otlp_receiver import running_receiver
 from gateway.audio_formats import FORMATS
 from audio_check import assert_decoded_length, decode
 
@@ -48,13 +45,8 @@ def budget(frames: int) -> common_pb2.SamplingParams:
 @pytest.fixture(scope="module")
 def otlp():
     """Where the three services export their spans (Jaeger's part)."""
-    servicer = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    servicer.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    yield servicer
-    server.stop(None)
+    with running_receiver() as servicer:
+        yield servicer
 
 
 @pytest.fixture(scope="module")

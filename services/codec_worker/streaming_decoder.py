@@ -314,7 +314,6 @@ class StreamState:
     resume_from_sample: int = 0
     deterministic: bool = False
     tensors: State = field(default_factory=list, repr=False)
-    frames_in: int = 0
     samples_out: int = 0
     flushed: bool = False
 
@@ -421,7 +420,6 @@ class StreamingSnacDecoder:
             st = [torch.cat(parts, dim=0) for parts in zip(*(s.tensors for s in states))]
         y = self._net.step(latent, st, self._context(states))
         for b, state in enumerate(states):
-            state.frames_in += len(frames[b])
             if len(states) > 1:
                 state.tensors = [t[b : b + 1] for t in st]
         if y is None:

@@ -83,9 +83,6 @@ class CodecPool:
     def mark_failed(self, address: str) -> None:
         self._failed_at[address] = time.monotonic()
 
-    def in_flight(self) -> dict[str, int]:
-        return {w: self._in_flight[w] for w in self.endpoints.endpoints()}
-
     async def close(self) -> None:
         await self.endpoints.close()
 

@@ -170,7 +170,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self.batch_tokens_total = 0
         # Wall time inside llama_decode vs. the whole loop: the Python around it is the rest.
         self.decode_seconds = 0.0
         self.busy_seconds = 0.0
@@ -356,7 +355,6 @@ class Engine:
         started = time.perf_counter()
         self.backbone.decode(batch)
         self.decode_seconds += time.perf_counter() - started
-        self.batch_tokens_total += batch.n_tokens
         if self._on_decode is not None:
             self._on_decode(batch.n_tokens)
 

@@ -53,11 +53,9 @@ class TokenBatch:
         self.logits = np.ctypeslib.as_array(self._batch.logits, shape=(capacity,))
         self._seq_id = self._batch.seq_id
         self.n_tokens = 0
-        self.n_outputs = 0
 
     def clear(self) -> None:
         self.n_tokens = 0
-        self.n_outputs = 0
 
     def add(self, tokens: np.ndarray | list[int], first_pos: int, seq: int, want_last_logits: bool) -> int:
         """Appends a run of one sequence's tokens; returns the batch index of the last
@@ -76,7 +74,6 @@ class TokenBatch:
         self.n_tokens = end
         if want_last_logits:
             self.logits[end - 1] = 1
-            self.n_outputs += 1
             return end - 1
         return -1
 
