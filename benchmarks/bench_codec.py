@@ -34,7 +34,7 @@ import torch
 from snac.layers import NoiseBlock
 
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, frames_to_layers
-from services.codec_worker.batcher import Audio, DecodeEngine, End
+from services.codec_worker.decode_engine import Audio, DecodeEngine, End
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -176,7 +176,7 @@ def main() -> None:
 
     snac_dir = args.snac_dir
     if snac_dir is None:
-        from chorus.demo.snac_dir import write_demo_snac
+        from tools.demo_models.snac_dir import write_demo_snac
 
         snac_dir = write_demo_snac(Path(tempfile.mkdtemp()) / "snac")
     torch.manual_seed(0)

@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if not args.model.exists():
-        from chorus.demo.build import build_demo_models
+        from tools.demo_models.build import build_demo_models
 
         build_demo_models(args.model.parent)
     tokens = args.frames * orpheus.CODES_PER_FRAME

@@ -13,6 +13,8 @@ import importlib
 import os
 from typing import Callable
 
+from prometheus_client import CollectorRegistry
+
 from chorus import telemetry
 from chorus.serving import configure_logging, run_until_signalled, write_ready_file
 
@@ -37,9 +39,11 @@ def run(
     args: argparse.Namespace,
     build_config: Callable[[argparse.Namespace], object],
     start_server: str,
+    metrics: CollectorRegistry,
     fatal: tuple[type[BaseException], ...] = (ValueError,),
 ) -> None:
-    """Builds the config and serves `start_server` ("module:function") until SIGTERM.
+    """Builds the config and serves `start_server` ("module:function") until SIGTERM,
+    with `metrics` (the service's registry) on --metrics-port.
 
     Errors in `fatal` (bad config, a model that does not load) end the process with
     their message and no traceback: they are the operator's to fix.
@@ -49,14 +53,14 @@ def run(
         config = build_config(args)
         module, function = start_server.split(":")
         start = getattr(importlib.import_module(module), function)
-        asyncio.run(_serve(service, start, config, args))
+        asyncio.run(_serve(service, start, config, args, metrics))
     except fatal as err:
         raise SystemExit(f"{service}: {err}") from None
 
 
-async def _serve(service: str, start, config, args: argparse.Namespace) -> None:
+async def _serve(service: str, start, config, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
     telemetry.setup_tracing(service, args.otlp_endpoint)
-    telemetry.start_metrics_server(args.metrics_port, service)
+    telemetry.start_metrics_server(args.metrics_port, metrics, args.host)
     try:
         running = await start(config, port=args.port)
         write_ready_file(args.ready_file, running)

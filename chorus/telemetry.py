@@ -1,4 +1,5 @@
-"""Tracing and metrics shared by the gateway, the token server and the codec workers.
+"""Tracing, and the plumbing of metrics, shared by the gateway, the token server and
+the codec workers.
 
 One request must read as one trace across three processes, so every service builds
 its tracer here and carries W3C `traceparent` in gRPC metadata the same way: the
@@ -13,11 +14,10 @@ module state lets `setup_tracing` re-point a process (tests export to an in-proc
 receiver, then to another). The global is still set, once, for any library that
 instruments through it.
 
-Metrics live in prometheus_client's default registry, one per process. Each service
-exposes only its own names (`chorus_<service>_*`): the metric objects exist at import
-so that code can observe them unconditionally, but they are registered by
-`start_metrics_server(port, service)`, so a token server's /metrics does not list an
-always-empty codec histogram and scrape configs can tell the services apart by name.
+Each service declares its own metrics in its own `metrics.py`, in a registry of its
+own, named `chorus_<service>_*`: a token server's /metrics lists only token-server
+names, and scrape configs can tell the services apart by name. This module only
+names them and serves a registry.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client import start_http_server as _prometheus_http_server
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,7 @@ __all__ = [
     "GATEWAY", "TOKEN_SERVER", "CODEC_WORKER", "SERVICES",
     "setup_tracing", "shutdown_tracing", "flush_tracing", "get_tracer",
     "SpanKind", "span", "server_span", "inject_metadata", "extract_context", "current_trace_id",
-    "TTFA", "REAL_TIME_FACTOR", "UNDERRUNS",
-    "SLOTS_BUSY", "QUEUE_DEPTH", "QUEUE_WAIT", "BATCH_TOKENS",
-    "CODEC_STREAMS", "CODEC_BATCH_STREAMS",
-    "register_metrics", "start_metrics_server",
+    "record_stage", "LATENCY_BUCKETS", "metric_name", "start_metrics_server",
 ]
 
 
@@ -212,107 +209,35 @@ def current_trace_id() -> str:
 
 # --------------------------------------------------------------------------- metrics
 
-# Time to first audio is dominated by prefill + ~2.3 frames of lookahead (~200 ms of
-# audio) on the demo model; buckets resolve tens of ms there and still catch
-# multi-second stalls under overload.
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
-# Below 1 is faster than real time; the interesting region is 0.3..1.5.
-_RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
-# llama_decode batch sizes: one token per generating slot plus chunked prefill.
-_BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-_BATCH_STREAM_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# Latency buckets shared by every service's histograms of seconds: time to first
+# audio is dominated by prefill + ~2.3 frames of lookahead (~200 ms of audio) on the
+# demo model; the buckets resolve tens of ms there and still catch multi-second
+# stalls under overload.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
-
-def _name(service: str, metric: str) -> str:
-    return f"{service.replace('-', '_')}_{metric}"
-
-
-# Created unregistered (registry=None); see the module docstring.
-TTFA = Histogram(
-    _name(GATEWAY, "time_to_first_audio_seconds"),
-    "From request arrival at the gateway to the first audio sent to the client.",
-    buckets=_LATENCY_BUCKETS, registry=None,
-)
-REAL_TIME_FACTOR = Histogram(
-    _name(GATEWAY, "real_time_factor"),
-    "Synthesis wall time divided by audio duration, per request; below 1 is faster than real time.",
-    buckets=_RTF_BUCKETS, registry=None,
-)
-UNDERRUNS = Counter(
-    _name(GATEWAY, "underruns"),
-    "Times a stream's audio fell behind real-time playback after its first audio.",
-    registry=None,
-)
-SLOTS_BUSY = Gauge(
-    _name(TOKEN_SERVER, "slots_busy"),
-    "Backbone slots holding a request (prefilling or generating).",
-    registry=None,
-)
-QUEUE_DEPTH = Gauge(
-    _name(TOKEN_SERVER, "queue_depth"),
-    "Requests admitted and waiting for a free slot.",
-    registry=None,
-)
-QUEUE_WAIT = Histogram(
-    _name(TOKEN_SERVER, "queue_wait_seconds"),
-    "Time a request waited in the admission queue for a slot.",
-    buckets=_LATENCY_BUCKETS, registry=None,
-)
-BATCH_TOKENS = Histogram(
-    _name(TOKEN_SERVER, "batch_tokens"),
-    "Tokens per llama_decode step (one per generating slot plus chunked prefill).",
-    buckets=_BATCH_TOKEN_BUCKETS, registry=None,
-)
-CODEC_STREAMS = Gauge(
-    _name(CODEC_WORKER, "streams"),
-    "Decode streams open on this worker: the load signal the codec pool autoscales on.",
-    registry=None,
-)
-CODEC_BATCH_STREAMS = Histogram(
-    _name(CODEC_WORKER, "batch_streams"),
-    "Streams decoded together in one codec step (cross-stream batching).",
-    buckets=_BATCH_STREAM_BUCKETS, registry=None,
-)
-
-_SERVICE_METRICS = {
-    GATEWAY: (TTFA, REAL_TIME_FACTOR, UNDERRUNS),
-    TOKEN_SERVER: (SLOTS_BUSY, QUEUE_DEPTH, QUEUE_WAIT, BATCH_TOKENS),
-    CODEC_WORKER: (CODEC_STREAMS, CODEC_BATCH_STREAMS),
-}
-# (registry, metric) pairs already registered; identity, not names, so that a test's
-# private registry never counts as the process's.
-_registered: list[tuple[CollectorRegistry, object]] = []
 _metrics_servers: dict[tuple[str, int], object] = {}
 
 
-def register_metrics(service: str, registry: CollectorRegistry = REGISTRY) -> None:
-    """Exposes `service`'s metrics in `registry`; repeat calls are no-ops, so an
-    in-process stack can register all three services in the one registry."""
-    if service not in _SERVICE_METRICS:
-        raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
-    with _lock:
-        for metric in _SERVICE_METRICS[service]:
-            if not any(r is registry and m is metric for r, m in _registered):
-                registry.register(metric)
-                _registered.append((registry, metric))
+def metric_name(service: str, metric: str) -> str:
+    """`chorus_<service>_<metric>`: each service's names are its own, so scrape
+    configs and dashboards can tell the services apart by name."""
+    return f"{service.replace('-', '_')}_{metric}"
 
 
-def start_metrics_server(port: int | None, service: str, addr: str = "0.0.0.0"):
-    """Registers `service`'s metrics and serves /metrics on `port` (all interfaces, so
-    Prometheus can scrape the pod). Port 0 or None only registers: in tests and the
-    local stack, several services share one process and cannot share one port.
+def start_metrics_server(port: int | None, registry: CollectorRegistry, addr: str = "127.0.0.1"):
+    """Serves `registry` (one service's metrics) on `addr:port`/metrics. Port 0 or
+    None serves nothing (tests run several services in one process).
 
-    Returns the HTTP server, or None when disabled. A second call for the same
-    address returns the same server: the in-process stack's services may all ask
-    for it, and the one registry already holds everything they registered.
+    `addr` is the service's own bind address: a metrics port must not be reachable
+    where the service's gRPC port is not. A second call for the same address
+    returns the same server.
     """
-    register_metrics(service)
     if not port:
         return None
     with _lock:
         server = _metrics_servers.get((addr, port))
         if server is None:
-            server, _thread = _prometheus_http_server(port, addr=addr)
+            server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
             _metrics_servers[(addr, port)] = server
             log.info("metrics on %s:%d/metrics", addr, port)
         return server

@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, run
+from gateway import metrics
 from gateway.config import GatewayConfig
 
 
@@ -43,7 +44,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(telemetry.GATEWAY, parse_args(argv), build_config, "gateway.server:start_server")
+    run(telemetry.GATEWAY, parse_args(argv), build_config, "gateway.server:start_server", metrics.REGISTRY)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from gateway.audio_formats import NATIVE_RATE, AudioFormat
+from chorus.audio_formats import NATIVE_RATE, AudioFormat
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from chorus import telemetry
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from gateway import validation
-from gateway.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
+from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
 from gateway.errors import GatewayError, invalid

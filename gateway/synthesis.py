@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from chorus import telemetry
+from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
-from gateway.audio_formats import AudioFormat
+from chorus.audio_formats import AudioFormat
 from gateway.encoding import Encoded, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
@@ -68,9 +69,9 @@ def _summary(
     audio_seconds = samples / options.sample_rate
     wall = time.monotonic() - arrived
     if first_audio_at is not None:
-        telemetry.TTFA.observe(first_audio_at - arrived)
+        metrics.TTFA.observe(first_audio_at - arrived)
     if audio_seconds:
-        telemetry.REAL_TIME_FACTOR.observe(wall / audio_seconds)
+        metrics.REAL_TIME_FACTOR.observe(wall / audio_seconds)
     return common_pb2.SynthesisSummary(
         request_id=options.spec.request_id,
         trace_id=telemetry.current_trace_id(),

@@ -13,7 +13,7 @@ import uuid
 import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
-from gateway.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
+from chorus.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from chorus.sampling_limits import sampling_problems

@@ -15,7 +15,7 @@ from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for a
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory):
-    from chorus.demo.build import build_demo_models
+    from tools.demo_models.build import build_demo_models
 
     root = os.environ.get("CHORUS_TEST_MODELS")
     out = Path(root) if root else tmp_path_factory.mktemp("demo-models")

@@ -17,7 +17,7 @@ from tests.test_gateway_server import FakeTokenService, token_server
 
 async def chorus(*args: str) -> tuple[int, bytes, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chorus.cli", *args,
+        sys.executable, "-m", "tools.cli", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()

@@ -16,7 +16,7 @@ import torch
 from snac.layers import NoiseBlock
 
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
-from services.codec_worker.batcher import Audio, DecodeEngine, End, to_pcm16
+from services.codec_worker.decode_engine import Audio, DecodeEngine, End, to_pcm16
 from services.codec_worker.model import ModelLoadError, load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 

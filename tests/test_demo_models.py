@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from chorus import orpheus
-from chorus.demo.backbone_gguf import BackboneShape, llama3_rope_factors
-from chorus.demo.build import build_demo_models
-from chorus.demo.snac_dir import SNAC_24KHZ_CONFIG
+from tools.demo_models.backbone_gguf import BackboneShape, llama3_rope_factors
+from tools.demo_models.build import build_demo_models
+from tools.demo_models.snac_dir import SNAC_24KHZ_CONFIG
 from services.token_server.llama_backend import LlamaBackbone
 
 

@@ -306,13 +306,13 @@ def test_demo_models_are_built_in_each_pod():
             assert "initContainers" not in spec
             continue
         (init,) = spec["initContainers"]
-        assert init["command"] == ["python", "-m", "chorus.cli", "models", "demo", "--dir", "/models"]
+        assert init["command"] == ["python", "-m", "tools.cli", "models", "demo", "--dir", "/models"]
         assert {v["name"]: v for v in spec["volumes"]}["models"] == {"name": "models", "emptyDir": {}}
 
     # The chart calls the real CLI, and that CLI writes where CHORUS_MODEL points.
-    help_text = _run("-m", "chorus.cli", "models", "demo", "--help")
+    help_text = _run("-m", "tools.cli", "models", "demo", "--help")
     assert help_text.returncode == 0 and "--dir" in help_text.stdout
-    from chorus.demo.build import DemoModels
+    from tools.demo_models.build import DemoModels
 
     models = DemoModels(Path("/models"))
     env = next(iter(objects["ConfigMap"].values()))["data"]

@@ -1,5 +1,5 @@
 """End to end: codec worker, token servers and gateway as separate processes on
-loopback (chorus.stack.Stack), the demo models, and clients that know only the wire:
+loopback (tools.supervisor.Stack), the demo models, and clients that know only the wire:
 a plain gRPC stub, `chorus say`, grpcurl through reflection, and Node.
 
 Generation budgets are kept small (sampling.max_tokens) so that the suite takes
@@ -20,9 +20,9 @@ import pytest
 
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
-from chorus.stack import Stack
+from tools.supervisor import Stack
 from otlp_receiver import running_receiver
-from gateway.audio_formats import FORMATS
+from chorus.audio_formats import FORMATS
 from audio_check import assert_decoded_length, decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_time_to_first_audio_at_one_stream(gateway, capsys):
 def test_chorus_say_writes_a_wav(stack, tmp_path):
     out = tmp_path / "say.wav"
     done = subprocess.run(
-        [sys.executable, "-m", "chorus.cli", "say", "Hello from the command line.", "-o", str(out),
+        [sys.executable, "-m", "tools.cli", "say", "Hello from the command line.", "-o", str(out),
          "--gateway", stack.gateway_address, "--sample-rate", "16000", "--timeout", "120"],
         capture_output=True, text=True, timeout=180,
     )
@@ -245,7 +245,7 @@ def test_chorus_serve_say_runs_the_demo(demo_models, tmp_path):
     """The README's demo command: a whole stack of its own, one sentence, stopped."""
     out = tmp_path / "demo.wav"
     done = subprocess.run(
-        [sys.executable, "-m", "chorus.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
+        [sys.executable, "-m", "tools.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
          "--slots", "2", "--say", "Chorus is up.", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )

@@ -15,7 +15,7 @@ import urllib.request
 import grpc
 import pytest
 from opentelemetry.trace import SpanKind
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from chorus import telemetry
 
@@ -149,43 +149,48 @@ def test_inject_without_a_current_span_adds_nothing():
     assert telemetry.inject_metadata([("a", "b")]) == [("a", "b")]
 
 
+def _samples(registry) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in generate_latest(registry).decode().splitlines()
+            if not line.startswith("#")}
+
+
 def test_each_service_renders_only_its_own_metrics():
+    from gateway import metrics as gateway_metrics
+    from services.codec_worker import metrics as codec_metrics
+    from services.token_server import metrics as token_metrics
+
     expected = {
-        telemetry.GATEWAY: {
+        gateway_metrics.REGISTRY: {
             "chorus_gateway_time_to_first_audio_seconds_bucket",
             "chorus_gateway_real_time_factor_bucket",
             "chorus_gateway_underruns_total",
+            "chorus_gateway_stall_seconds_total",
+            "chorus_gateway_in_flight_streams",
         },
-        telemetry.TOKEN_SERVER: {
+        token_metrics.REGISTRY: {
             "chorus_token_server_slots_busy",
             "chorus_token_server_queue_depth",
             "chorus_token_server_queue_wait_seconds_bucket",
             "chorus_token_server_batch_tokens_bucket",
+            "chorus_token_server_capacity_streams",
+            "chorus_token_server_capacity_headroom_streams",
         },
-        telemetry.CODEC_WORKER: {
+        codec_metrics.REGISTRY: {
             "chorus_codec_worker_streams",
             "chorus_codec_worker_batch_streams_bucket",
+            "chorus_codec_worker_busy_ratio",
+            "chorus_codec_worker_lag_seconds",
         },
     }
-    rendered = {}
-    for service in telemetry.SERVICES:
-        registry = CollectorRegistry()
-        telemetry.register_metrics(service, registry)
-        telemetry.register_metrics(service, registry)  # idempotent, no duplicate error
-        rendered[service] = generate_latest(registry).decode()
-    for service, names in expected.items():
-        samples = {line.split("{")[0].split(" ")[0] for line in rendered[service].splitlines() if not line.startswith("#")}
-        assert names <= samples, service
-        others = set().union(*(n for s, n in expected.items() if s != service))
-        assert not others & samples, service
+    prefixes = {gateway_metrics.REGISTRY: "chorus_gateway_", token_metrics.REGISTRY: "chorus_token_server_",
+                codec_metrics.REGISTRY: "chorus_codec_worker_"}
+    for registry, names in expected.items():
+        samples = _samples(registry)
+        assert names <= samples
+        assert all(name.startswith(prefixes[registry]) for name in samples), samples
 
-    telemetry.QUEUE_WAIT.observe(0.042)
-    registry = CollectorRegistry()
-    telemetry.register_metrics(telemetry.TOKEN_SERVER, registry)
-    assert registry.get_sample_value("chorus_token_server_queue_wait_seconds_bucket", {"le": "0.05"}) >= 1
-
-    with pytest.raises(ValueError, match="unknown service"):
-        telemetry.register_metrics("chorus-nonesuch")
+    token_metrics.QUEUE_WAIT.observe(0.042)
+    assert token_metrics.REGISTRY.get_sample_value("chorus_token_server_queue_wait_seconds_bucket", {"le": "0.05"}) >= 1
 
 
 def _free_port() -> int:
@@ -194,17 +199,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_metrics_server_serves_the_registered_service():
-    assert telemetry.start_metrics_server(0, telemetry.CODEC_WORKER) is None
-    assert telemetry.start_metrics_server(None, telemetry.CODEC_WORKER) is None
+def test_metrics_server_serves_the_service_registry_on_its_address():
+    registry = CollectorRegistry()
+    gauge = Gauge("chorus_test_streams", "test", registry=registry)
+    assert telemetry.start_metrics_server(0, registry) is None
+    assert telemetry.start_metrics_server(None, registry) is None
 
     port = _free_port()
-    server = telemetry.start_metrics_server(port, telemetry.CODEC_WORKER, addr="127.0.0.1")
+    server = telemetry.start_metrics_server(port, registry, addr="127.0.0.1")
     assert server is not None
-    assert telemetry.start_metrics_server(port, telemetry.GATEWAY, addr="127.0.0.1") is server
-    telemetry.CODEC_STREAMS.set(3)
+    assert telemetry.start_metrics_server(port, registry, addr="127.0.0.1") is server
+    gauge.set(3)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
-    assert "chorus_codec_worker_streams 3.0" in body
-    # The second service registered into the same registry, so the same server shows it.
-    assert "chorus_gateway_underruns_total" in body
+    assert "chorus_test_streams 3.0" in body

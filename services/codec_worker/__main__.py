@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, run
+from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
 
@@ -57,7 +58,7 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     run(telemetry.CODEC_WORKER, parse_args(argv), build_config, "services.codec_worker.server:start_server",
-        fatal=(ValueError, ModelLoadError))
+        metrics.REGISTRY,         fatal=(ValueError, ModelLoadError))
 
 
 if __name__ == "__main__":

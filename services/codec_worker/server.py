@@ -16,9 +16,10 @@ from typing import AsyncIterator
 import grpc
 
 from chorus import orpheus, telemetry
+from services.codec_worker import metrics
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
-from services.codec_worker.batcher import Audio, DecodeEngine, End, EngineStream, Failed
+from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
@@ -154,7 +155,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
 
     def _count_open(self, delta: int) -> None:
         self._open += delta
-        telemetry.CODEC_STREAMS.set(self._open)
+        metrics.STREAMS.set(self._open)
 
 
 def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
@@ -196,7 +197,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         max_batch=config.max_batch,
         batch_wait_ms=config.batch_wait_for(loaded.device_name),
         threads=config.threads,
-        on_forward=telemetry.CODEC_BATCH_STREAMS.observe,
+        on_forward=metrics.BATCH_STREAMS.observe,
     )
     engine.start()
     running.on_stop.append(engine.aclose)

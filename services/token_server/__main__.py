@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, run
+from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_slots
 
 
@@ -52,7 +53,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     run(telemetry.TOKEN_SERVER, parse_args(argv), build_config, "services.token_server.server:start_server",
-        fatal=(ValueError, RuntimeError))
+        metrics.REGISTRY,         fatal=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

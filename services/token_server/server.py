@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from chorus import telemetry
+from services.token_server import metrics
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.token_server.codec_relay import CodecPool
@@ -31,7 +31,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     )
     engine = Engine(
         backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
-        on_decode=telemetry.BATCH_TOKENS.observe,
+        on_decode=metrics.BATCH_TOKENS.observe,
     )
     engine.start()
     pool = CodecPool(config.codec_workers)
@@ -59,6 +59,6 @@ async def _publish_load(engine: Engine, interval_s: float = 0.5) -> None:
     """Slot and queue gauges, sampled: the engine thread never touches them."""
     while True:
         busy, waiting = engine.load()
-        telemetry.SLOTS_BUSY.set(busy)
-        telemetry.QUEUE_DEPTH.set(waiting)
+        metrics.SLOTS_BUSY.set(busy)
+        metrics.QUEUE_DEPTH.set(waiting)
         await asyncio.sleep(interval_s)

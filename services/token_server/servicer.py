@@ -14,6 +14,7 @@ import uuid
 import grpc
 
 from chorus import orpheus, telemetry
+from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
 from services.token_server.config import TokenServerConfig
@@ -47,7 +48,7 @@ def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
 
 def record_stages(stats: RequestStats) -> None:
     """Queue wait, prefill and first frame as spans of the request's trace."""
-    telemetry.QUEUE_WAIT.observe(stats.queue_wait_s)
+    metrics.QUEUE_WAIT.observe(stats.queue_wait_s)
     telemetry.record_stage("token_server.queue_wait", stats.submitted_at, stats.admitted_at)
     telemetry.record_stage("token_server.prefill", stats.admitted_at, stats.first_token_at,
                            {"chorus.prompt_tokens": stats.prompt_tokens})
@@ -198,5 +199,5 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             slots_busy=busy,
             queue_depth=waiting,
             queue_capacity=self._engine.queue_size,
-            model=str(self._config.model_path),
+            model=self._config.model_path.name,
         )

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeStart(_message.Message):
-    __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic")
+    __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic", "seed", "playback")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PLAYBACK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_frame_index: int
     resume_from_sample: int
     deterministic: bool
-    def __init__(self, request_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., resume_from_sample: _Optional[int] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+    seed: int
+    playback: _common_pb2.PlaybackClock
+    def __init__(self, request_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., resume_from_sample: _Optional[int] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("start", "frames")
@@ -39,11 +43,17 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("open_streams", "max_streams", "device")
+    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds")
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_RATE_FIELD_NUMBER: _ClassVar[int]
+    BUSY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     open_streams: int
     max_streams: int
     device: str
-    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    decode_rate: float
+    busy_ratio: float
+    lag_seconds: float
+    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ...) -> None: ...

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "ignore_end_of_speech")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class SamplingParams(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_END_OF_SPEECH_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -22,7 +23,16 @@ class SamplingParams(_message.Message):
     repetition_penalty: float
     max_tokens: int
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    ignore_end_of_speech: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., ignore_end_of_speech: _Optional[bool] = ...) -> None: ...
+
+class PlaybackClock(_message.Message):
+    __slots__ = ("first_sample_due_in_s", "start_buffer_s")
+    FIRST_SAMPLE_DUE_IN_S_FIELD_NUMBER: _ClassVar[int]
+    START_BUFFER_S_FIELD_NUMBER: _ClassVar[int]
+    first_sample_due_in_s: float
+    start_buffer_s: float
+    def __init__(self, first_sample_due_in_s: _Optional[float] = ..., start_buffer_s: _Optional[float] = ...) -> None: ...
 
 class CodeFrames(_message.Message):
     __slots__ = ("first_frame_index", "codes")
@@ -43,7 +53,7 @@ class PcmChunk(_message.Message):
     def __init__(self, sample_offset: _Optional[int] = ..., pcm: _Optional[bytes] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
 
 class SynthesisSummary(_message.Message):
-    __slots__ = ("request_id", "trace_id", "tokens", "frames", "audio_seconds", "time_to_first_token_ms", "time_to_first_audio_ms", "real_time_factor", "queue_wait_ms", "prompt_tokens", "finish_reason", "time_to_decodable_frames_ms")
+    __slots__ = ("request_id", "trace_id", "tokens", "frames", "audio_seconds", "time_to_first_token_ms", "time_to_first_audio_ms", "real_time_factor", "queue_wait_ms", "prompt_tokens", "finish_reason", "time_to_decodable_frames_ms", "seed", "underruns", "stall_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +66,9 @@ class SynthesisSummary(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_DECODABLE_FRAMES_MS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    UNDERRUNS_FIELD_NUMBER: _ClassVar[int]
+    STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     trace_id: str
     tokens: int
@@ -68,4 +81,7 @@ class SynthesisSummary(_message.Message):
     prompt_tokens: int
     finish_reason: str
     time_to_decodable_frames_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., tokens: _Optional[int] = ..., frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_to_first_audio_ms: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., time_to_decodable_frames_ms: _Optional[float] = ...) -> None: ...
+    seed: int
+    underruns: int
+    stall_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., tokens: _Optional[int] = ..., frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_to_first_audio_ms: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., time_to_decodable_frames_ms: _Optional[float] = ..., seed: _Optional[int] = ..., underruns: _Optional[int] = ..., stall_seconds: _Optional[float] = ...) -> None: ...

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "voice", "sampling", "codes_only", "deterministic_audio")
+    __slots__ = ("request_id", "text", "voice", "sampling", "codes_only", "deterministic_audio", "playback")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VOICE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CODES_ONLY_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    PLAYBACK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     voice: str
     sampling: _common_pb2.SamplingParams
     codes_only: bool
     deterministic_audio: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., voice: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., codes_only: _Optional[bool] = ..., deterministic_audio: _Optional[bool] = ...) -> None: ...
+    playback: _common_pb2.PlaybackClock
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., voice: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., codes_only: _Optional[bool] = ..., deterministic_audio: _Optional[bool] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("audio", "frames", "summary")
@@ -37,15 +39,19 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("slots_total", "slots_busy", "queue_depth", "queue_capacity", "model")
+    __slots__ = ("slots_total", "slots_busy", "queue_depth", "queue_capacity", "model", "capacity_streams", "active_streams")
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_BUSY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_busy: int
     queue_depth: int
     queue_capacity: int
     model: str
-    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    capacity_streams: int
+    active_streams: int
+    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., model: _Optional[str] = ..., capacity_streams: _Optional[int] = ..., active_streams: _Optional[int] = ...) -> None: ...

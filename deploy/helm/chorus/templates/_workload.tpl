@@ -67,7 +67,7 @@ spec:
         - name: demo-models
           image: {{ include "chorus.image" $root }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: [python, -m, chorus.cli, models, demo, --dir, {{ $root.Values.models.mountPath }}]
+          command: [python, -m, tools.cli, models, demo, --dir, {{ $root.Values.models.mountPath }}]
           env:
             - name: HOME
               value: /tmp

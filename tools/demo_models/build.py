@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from chorus.demo.backbone_gguf import write_demo_backbone
-from chorus.demo.snac_dir import write_demo_snac
+from tools.demo_models.backbone_gguf import write_demo_backbone
+from tools.demo_models.snac_dir import write_demo_snac
 
 # Bump when the bytes the builder writes change.
 BUILDER_VERSION = 2

@@ -20,7 +20,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from chorus.demo.build import build_demo_models
+    from tools.demo_models.build import build_demo_models
 
     started = time.perf_counter()
     models = build_demo_models(args.dir, seed=args.seed, force=args.force)

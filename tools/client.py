@@ -21,7 +21,7 @@ import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from chorus.serving import GRPC_OPTIONS
-from gateway.audio_formats import FORMATS, NATIVE_RATE, for_extension
+from chorus.audio_formats import FORMATS, NATIVE_RATE, for_extension
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 

@@ -1,9 +1,9 @@
-"""The whole Chorus stack on one machine, each service in its own process.
+"""Launches and supervises the Chorus services on one machine, each in its own process.
 
 Separate processes, as in production: a token server never shares a GIL or a crash
 with a codec worker, and the end-to-end tests exercise the real wire between them.
 `Stack` is the one place that knows how to launch, wait for and stop the three
-services; `chorus serve` and the end-to-end tests both use it.
+services; `chorus serve`, `chorus bench` and the end-to-end tests use it.
 
 Each child binds port 0 and writes a ready file once SERVING, so nothing races for
 a port and nothing polls a socket. Children run in their own session (a Ctrl-C
@@ -14,7 +14,6 @@ this process dies without stopping them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path("models/demo")
-DEFAULT_GATEWAY_PORT = 50051
 
 
 class StackError(RuntimeError):
@@ -196,7 +194,7 @@ class Stack:
         self.stop()
 
     def _models(self):
-        from chorus.demo.build import build_demo_models
+        from tools.demo_models.build import build_demo_models
 
         self.on_progress(f"demo models in {self.models_dir} (built if missing or stale)")
         return build_demo_models(self.models_dir)
@@ -225,74 +223,3 @@ class Stack:
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
         return ServiceProcess(name, popen, log_path, ready_file)
-
-
-def register(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(
-        name, help=help_text,
-        description="Start codec worker, token server and gateway as local processes on the demo models.",
-    )
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
-                   help=f"demo models folder, built if missing (default {DEFAULT_MODELS_DIR})")
-    p.add_argument("--slots", type=int, default=4, help="token server slots (parallel streams)")
-    p.add_argument("--token-servers", type=int, default=1, help="token server processes")
-    p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
-    p.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port; 0 picks one")
-    p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
-    p.add_argument("-o", "--output", default="out.wav", help="WAV file for --say (default out.wav)")
-    p.add_argument("--log-level", default="INFO", help="services' log level (logs in a temporary folder)")
-    p.set_defaults(func=run_serve)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    def progress(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    stack = Stack(
-        models_dir=args.models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
-        gateway_port=args.gateway_port, log_level=args.log_level, on_progress=progress,
-    )
-    try:
-        stack.start()
-    except StackError as err:
-        print(f"chorus serve: {err}", file=sys.stderr)
-        return 1
-    try:
-        print(f"gateway: {stack.gateway_address}", flush=True)
-        if args.say is not None:
-            return _say_once(stack, args.say, args.output)
-        progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
-        return _serve_until_signalled(stack)
-    finally:
-        progress("stopping")
-        stack.stop()
-
-
-def _say_once(stack: Stack, text: str, output: str) -> int:
-    import grpc
-
-    from chorus.client import describe, open_output, say
-
-    try:
-        with open_output(output) as out:
-            result = say(stack.gateway_address, text, out, encoding="wav")
-    except grpc.RpcError as err:
-        print(f"chorus serve --say: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
-    print(output)
-    print(describe(result), file=sys.stderr)
-    return 0
-
-
-def _serve_until_signalled(stack: Stack) -> int:
-    stopping = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.append(True))
-    while not stopping:
-        try:
-            stack.check_alive()
-        except StackError as err:
-            print(f"chorus serve: {err}", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
-    return 0

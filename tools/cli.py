@@ -13,10 +13,10 @@ import sys
 
 # subcommand -> ("module:register function", one-line help)
 SUBCOMMANDS = {
-    "models": ("chorus.demo.cli:register", "build demo models"),
-    "serve": ("chorus.stack:register", "start the whole stack locally on the demo models"),
-    "say": ("chorus.client:register_say", "synthesize text through a gateway"),
-    "voices": ("chorus.client:register_voices", "list the gateway's voices"),
+    "models": ("tools.demo_models.cli:register", "build demo models"),
+    "serve": ("tools.serve:register", "start the whole stack locally on the demo models"),
+    "say": ("tools.client:register_say", "synthesize text through a gateway"),
+    "voices": ("tools.client:register_voices", "list the gateway's voices"),
 }
 
 

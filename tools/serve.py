@@ -1,0 +1,89 @@
+"""`chorus serve`: the whole stack on local processes, until Ctrl-C, or for one `--say`.
+
+The supervisor (tools/supervisor.py) launches and stops the services; this module
+only turns flags into a Stack and, with `--say`, runs one synthesis through the
+gateway with the `chorus say` client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError
+
+DEFAULT_GATEWAY_PORT = 50051
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(
+        name, help=help_text,
+        description="Start codec worker, token server and gateway as local processes on the demo models.",
+    )
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help=f"demo models folder, built if missing (default {DEFAULT_MODELS_DIR})")
+    p.add_argument("--slots", type=int, default=4, help="token server slots (parallel streams)")
+    p.add_argument("--token-servers", type=int, default=1, help="token server processes")
+    p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
+    p.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port; 0 picks one")
+    p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
+    p.add_argument("-o", "--output", default="out.wav", help="WAV file for --say (default out.wav)")
+    p.add_argument("--log-level", default="INFO", help="services' log level (logs in a temporary folder)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    stack = Stack(
+        models_dir=args.models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
+        gateway_port=args.gateway_port, log_level=args.log_level, on_progress=progress,
+    )
+    try:
+        stack.start()
+    except StackError as err:
+        print(f"chorus serve: {err}", file=sys.stderr)
+        return 1
+    try:
+        print(f"gateway: {stack.gateway_address}", flush=True)
+        if args.say is not None:
+            return _say_once(stack, args.say, args.output)
+        progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
+        return _serve_until_signalled(stack)
+    finally:
+        progress("stopping")
+        stack.stop()
+
+
+def _say_once(stack: Stack, text: str, output: str) -> int:
+    import grpc
+
+    from tools.client import describe, open_output, say
+
+    try:
+        with open_output(output) as out:
+            result = say(stack.gateway_address, text, out, encoding="wav")
+    except grpc.RpcError as err:
+        print(f"chorus serve --say: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print(output)
+    print(describe(result), file=sys.stderr)
+    return 0
+
+
+def _serve_until_signalled(stack: Stack) -> int:
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    while not stopping:
+        try:
+            stack.check_alive()
+        except StackError as err:
+            print(f"chorus serve: {err}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0
