@@ -342,3 +342,19 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_denormal_temperature_fails_nothing_and_the_engine_keeps_serving(gguf_path):
+    """Defect: temperature 1e-40 passed validation, made the sampler raise on the
+    engine thread, and every later request hung until its deadline."""
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            odd = request(codes_only=True, frames=3)
+            odd.sampling.temperature = 1e-40
+            first = await read_all(stub.Generate(odd, timeout=60))
+            after = await read_all(stub.Generate(request(codes_only=True, frames=3), timeout=60))
+            return first, after
+
+    (_, frames, summary), (_, after_frames, after_summary) = asyncio.run(scenario())
+    assert len(frames) == 3 and summary.frames == 3
+    assert len(after_frames) == 3 and after_summary.frames == 3
