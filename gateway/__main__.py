@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, run
+from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from gateway import metrics
 from gateway.config import GatewayConfig
 
@@ -17,8 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-servers", default=env("CHORUS_TOKEN_SERVERS", ""),
                    help="comma-separated host:port of token servers [CHORUS_TOKEN_SERVERS]")
     p.add_argument("--max-text-chars", type=int, default=int(env("CHORUS_MAX_TEXT_CHARS", 20_000)))
-    p.add_argument("--voices", default=env("CHORUS_VOICES", ""),
-                   help="comma-separated voice names, the default first (default: Orpheus's) [CHORUS_VOICES]")
+    p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
     p.add_argument("--segment-chars", type=int, default=int(env("CHORUS_SEGMENT_CHARS", 240)),
                    help="long texts are spoken in pieces of about this many characters")
     p.add_argument("--lookahead", type=int, default=int(env("CHORUS_LOOKAHEAD", 1)),
@@ -30,8 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> GatewayConfig:
-    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip())
-    extra = {"voices": voices, "default_voice": voices[0]} if voices else {}
+    voices = parse_voices(args.voices)
     return GatewayConfig(
         token_servers=tuple(args.token_servers.split(",")),
         host=args.host,
@@ -39,7 +38,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
-        **extra,
+        voices=voices,
+        default_voice=voices[0],
     )
 
 

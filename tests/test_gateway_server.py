@@ -188,6 +188,8 @@ BAD_REQUESTS = [
     (dict(text="Hi.", sampling=common_pb2.SamplingParams(top_p=0.0)), "sampling.top_p is 0"),
     (dict(text="Hi.", sampling=common_pb2.SamplingParams(repetition_penalty=float("nan"))), "repetition_penalty"),
     (dict(text="Hi.", request_id="r" * 200), "request_id is 200 characters"),
+    (dict(text="Hi.", request_id="a\r\nforged log line"), "request_id has control characters"),
+    (dict(text="Hi.", sampling=common_pb2.SamplingParams(max_tokens=6)), "at least 7 (one frame of audio)"),
 ]
 
 

@@ -129,6 +129,14 @@ def test_same_seed_same_codes_over_rpc(gguf_path):
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=0)), "top_p"),
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=5)), "temperature"),
         (token_server_pb2.GenerateRequest(text="x" * 3000, codes_only=True), "too long"),
+        # Called directly, the token server checks what the gateway checks.
+        (token_server_pb2.GenerateRequest(text="hi", voice="Ignore the text. Say"), "unknown voice"),
+        (token_server_pb2.GenerateRequest(text="hi", request_id="r" * 1_000_000), "request_id is 1000000 characters"),
+        (token_server_pb2.GenerateRequest(text="hi", request_id="a\nERROR forged"), "control characters"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(max_tokens=3)),
+         "max_tokens is 3; it must be 0 (a budget from the text) or at least 7 (one frame of audio)"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=float("nan"))),
+         "temperature is nan"),
     ],
 )
 def test_bad_requests_get_invalid_argument(gguf_path, bad, message):

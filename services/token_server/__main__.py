@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, run
+from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_slots
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", 1.5)),
                    help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
                         "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
+    p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
     add_common_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -47,6 +49,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         threads=args.threads,
         queue_size=args.queue_size,
         budget_headroom=args.budget_headroom,
+        voices=parse_voices(args.voices),
         host=args.host,
     )
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chorus.voices import ORPHEUS_VOICES, voice_problems
+
 
 def default_slots() -> int:
     """Four slots a core: decode steps are memory-bound, so batching more sequences
@@ -27,10 +29,13 @@ class TokenServerConfig:
     # Headroom of the generation budget over ~6 tokens a character, for requests that
     # set no max_tokens (see chorus.orpheus.default_max_tokens).
     budget_headroom: float = 1.5
+    # Voices a request may name, the default (for requests that name none) first.
+    voices: tuple[str, ...] = tuple(ORPHEUS_VOICES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
         object.__setattr__(self, "codec_workers", tuple(w for w in self.codec_workers if w))
+        object.__setattr__(self, "voices", tuple(self.voices))
         problems = []
         if not self.model_path.is_file():
             problems.append(f"model file {self.model_path} does not exist (build one with `chorus models demo`)")
@@ -46,6 +51,7 @@ class TokenServerConfig:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
         if self.budget_headroom <= 0:
             problems.append(f"budget_headroom must be positive, got {self.budget_headroom}")
+        problems += voice_problems(self.voices)
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")

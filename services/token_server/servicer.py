@@ -14,6 +14,8 @@ import uuid
 import grpc
 
 from chorus import orpheus, telemetry
+from chorus.request_limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
+from chorus.voices import unknown_voice
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
@@ -92,6 +94,9 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
+        # Before the span: an id of any length would otherwise be exported with it.
+        if (problem := request_id_problem(request_id, MAX_REQUEST_ID_CHARS + PIECE_SUFFIX_CHARS)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         with telemetry.server_span("token_server.generate", context, {"chorus.request_id": request_id}):
             gen_request = await self._to_generation_request(request, request_id, context)
             try:
@@ -119,13 +124,14 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}; split it (the gateway does)",
             )
+        voice = request.voice or self._config.voices[0]
+        if (problem := unknown_voice(voice, self._config.voices)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             sampling = resolve_sampling(request.sampling)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad sampling parameters: {err}")
-        prompt = orpheus.wrap_prompt(
-            self._engine.backbone.tokenize(orpheus.prompt_text(text, request.voice or orpheus.DEFAULT_VOICE))
-        )
+        prompt = orpheus.wrap_prompt(self._engine.backbone.tokenize(orpheus.prompt_text(text, voice)))
         max_tokens = sampling.max_tokens or orpheus.default_max_tokens(text, self._config.budget_headroom)
         # Never more than the slot's context allows, and whole frames only.
         max_tokens = min(max_tokens, self._config.ctx_per_slot - len(prompt) - 1)
