@@ -35,6 +35,12 @@ SAMPLES_PER_FRAME = 2048
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 85.33 ms
 TOKENS_PER_AUDIO_SECOND = CODES_PER_FRAME / FRAME_SECONDS  # ~82
 
+# The longest stream any service accepts: 2^32 frames is over eleven years of audio,
+# and its sample count (2^43) stays far inside int64 and exact in float64, so frame
+# and sample arithmetic cannot overflow whatever index a caller sends.
+MAX_STREAM_FRAMES = 2**32
+MAX_STREAM_SAMPLES = MAX_STREAM_FRAMES * SAMPLES_PER_FRAME
+
 # SNAC's decoder reaches 4,757 samples (2.32 frames) to each side, so its first
 # samples need 3 frames: the backbone's "first decodable frames".
 DECODER_LOOKAHEAD_FRAMES = 3

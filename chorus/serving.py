@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chorus.request_parsing import InvalidRequestsAreInvalidArgument
+
 log = logging.getLogger(__name__)
 
 # Large enough for a few seconds of PCM in one message.
@@ -92,7 +94,7 @@ async def serve_with_health(
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS)
+    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=[InvalidRequestsAreInvalidArgument()])
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:

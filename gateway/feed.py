@@ -8,7 +8,11 @@ whole text is pushed and ended up front, so both calls share one pipeline.
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
+
+from gateway.errors import GatewayError
 from gateway.segmenter import Segmenter
 
 
@@ -47,8 +51,12 @@ class TextFeed:
         """Text received but not yet taken to be spoken."""
         return self._segmenter.buffered_chars
 
-    async def next_piece(self, first: bool) -> str | None:
-        """The next piece to speak, waiting for text if none is ready; None at the end."""
+    async def next_piece(self, first: bool, deadline: float) -> str | None:
+        """The next piece to speak, waiting for text if none is ready; None at the end.
+
+        A client that keeps its stream open and sends nothing would otherwise hold the
+        call forever: past `deadline` (time.monotonic()) the wait ends in DEADLINE_EXCEEDED.
+        """
         while True:
             if self._error is not None:
                 raise self._error
@@ -58,4 +66,11 @@ class TextFeed:
             if self._segmenter.done:
                 return None
             self._changed.clear()
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise GatewayError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the request's deadline passed while waiting for more text: send `end` (or close the "
+                    "stream) once the text is complete, and set a deadline that covers the whole text",
+                ) from None

@@ -117,6 +117,8 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             feed.end()
         except GatewayError as err:
             feed.fail(err)
+        except Exception as err:  # the call broke on the client's side: end it, never leave it waiting
+            feed.fail(GatewayError(grpc.StatusCode.CANCELLED, f"reading the request stream failed: {err}"))
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:

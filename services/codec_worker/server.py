@@ -52,6 +52,16 @@ class StreamCheck:
             raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
         if start.resume_from_sample < 0:
             raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
+        if start.first_frame_index >= orpheus.MAX_STREAM_FRAMES:
+            raise BadRequest(
+                f"start: first_frame_index {start.first_frame_index} is past the longest stream "
+                f"({orpheus.MAX_STREAM_FRAMES} frames)"
+            )
+        if start.resume_from_sample >= orpheus.MAX_STREAM_SAMPLES:
+            raise BadRequest(
+                f"start: resume_from_sample {start.resume_from_sample} is past the longest stream "
+                f"({orpheus.MAX_STREAM_SAMPLES} samples)"
+            )
         self.first_frame = self.next_frame = start.first_frame_index
         self.last_frames_at: float | None = None
 
@@ -72,6 +82,8 @@ class StreamCheck:
             frames = orpheus.validate_frames(request.frames.codes, first)
         except ValueError as err:
             raise BadRequest(str(err)) from err
+        if first + len(frames) > orpheus.MAX_STREAM_FRAMES:
+            raise BadRequest(f"frame {first}: past the longest stream ({orpheus.MAX_STREAM_FRAMES} frames)")
         self.next_frame += len(frames)
         self.last_frames_at = time.monotonic()
         return frames
@@ -176,6 +188,8 @@ async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamC
         stream.finish()
     except BadRequest as err:
         stream.reject(str(err))
+    except Exception as err:  # the request stream broke: end the call, never leave it waiting
+        stream.reject(f"reading the request stream failed: {err}")
 
 
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:

@@ -1,0 +1,95 @@
+"""Request messages that do not parse end their call with INVALID_ARGUMENT.
+
+grpc Python deserializes a request before the handler sees it. When that fails
+(invalid UTF-8 in a string field, a corrupt wire format), a unary request is
+answered UNKNOWN with a Python exception name, and a streamed one raises out of the
+request iterator wherever the handler reads it: in a reader task, the failure was
+lost and the call hung until its deadline. Every Chorus server therefore installs
+this interceptor (`chorus.serving.new_server`): it takes each request as bytes and
+parses it itself, and a message that does not parse ends the call at once with a
+status the client can act on, whatever task was reading.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+
+def _problem(err: DecodeError) -> str:
+    return (
+        f"the request message does not parse ({err}); send a serialized message of the method's request type, "
+        "with every string field valid UTF-8"
+    )
+
+
+async def _parsed(parse: Callable[[bytes], Any], raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _problem(err))
+
+
+async def _parsed_stream(parse, raws: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
+    async for raw in raws:
+        # Aborting sends the status now, from whichever task reads, and the handler is cancelled.
+        yield await _parsed(parse, raw, context)
+
+
+async def _result(outcome):
+    return await outcome if inspect.isawaitable(outcome) else outcome
+
+
+async def _responses(outcome) -> AsyncIterator[Any]:
+    if hasattr(outcome, "__aiter__"):
+        async for response in outcome:
+            yield response
+    else:  # a handler that writes with context.write() and returns nothing
+        await _result(outcome)
+
+
+def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    parse = handler.request_deserializer
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(raw, context):
+            return await _result(inner(await _parsed(parse, raw, context), context))
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
+    if handler.unary_stream is not None:
+        inner = handler.unary_stream
+
+        async def unary_stream(raw, context):
+            async for response in _responses(inner(await _parsed(parse, raw, context), context)):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
+    if handler.stream_unary is not None:
+        inner = handler.stream_unary
+
+        async def stream_unary(raws, context):
+            return await _result(inner(_parsed_stream(parse, raws, context), context))
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
+    inner = handler.stream_stream
+
+    async def stream_stream(raws, context):
+        async for response in _responses(inner(_parsed_stream(parse, raws, context), context)):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
+
+
+class InvalidRequestsAreInvalidArgument(grpc.aio.ServerInterceptor):
+    """Parses every request itself; see the module's docstring."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _wrap(handler)
