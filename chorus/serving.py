@@ -29,6 +29,10 @@ GRPC_OPTIONS = [
 ]
 
 
+class StartupError(Exception):
+    """A server cannot start for a reason its operator must fix (a port in use)."""
+
+
 @dataclass
 class RunningServer:
     """A started server: its port, its health servicer, and how to stop it."""
@@ -84,9 +88,15 @@ async def serve_with_health(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc says only "Failed to bind"
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise StartupError(
+            f"cannot listen on {host}:{port}: the address is in use or not available on this host "
+            "(choose another --port or --host, or stop what holds it)"
+        )
     await server.start()
     running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
     await running.set_serving(False)

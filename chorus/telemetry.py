@@ -39,6 +39,8 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client import start_http_server as _prometheus_http_server
 
+from chorus.serving import StartupError
+
 log = logging.getLogger(__name__)
 
 GATEWAY = "chorus-gateway"
@@ -237,7 +239,13 @@ def start_metrics_server(port: int | None, registry: CollectorRegistry, addr: st
     with _lock:
         server = _metrics_servers.get((addr, port))
         if server is None:
-            server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
+            try:
+                server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
+            except OSError as err:
+                raise StartupError(
+                    f"cannot serve metrics on {addr}:{port}: {err.strerror or err} "
+                    "(the port is in use, or the address is not this host's; choose another --metrics-port)"
+                ) from None
             _metrics_servers[(addr, port)] = server
             log.info("metrics on %s:%d/metrics", addr, port)
         return server

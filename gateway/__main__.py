@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, from_env, parse_flags, run
 from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from gateway import metrics
 from gateway.config import GatewayConfig
@@ -17,16 +17,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chorus-gateway", description="Chorus client-facing gRPC gateway")
     p.add_argument("--token-servers", default=env("CHORUS_TOKEN_SERVERS", ""),
                    help="comma-separated host:port of token servers [CHORUS_TOKEN_SERVERS]")
-    p.add_argument("--max-text-chars", type=int, default=int(env("CHORUS_MAX_TEXT_CHARS", 20_000)))
+    p.add_argument("--max-text-chars", type=int, default=from_env("CHORUS_MAX_TEXT_CHARS", 20_000))
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
-    p.add_argument("--segment-chars", type=int, default=int(env("CHORUS_SEGMENT_CHARS", 240)),
+    p.add_argument("--segment-chars", type=int, default=from_env("CHORUS_SEGMENT_CHARS", 240),
                    help="long texts are spoken in pieces of about this many characters")
-    p.add_argument("--lookahead", type=int, default=int(env("CHORUS_LOOKAHEAD", 1)),
+    p.add_argument("--lookahead", type=int, default=from_env("CHORUS_LOOKAHEAD", 1),
                    help="pieces generated ahead of the one being relayed")
-    p.add_argument("--request-deadline", type=float, default=float(env("CHORUS_REQUEST_DEADLINE", 600)),
+    p.add_argument("--request-deadline", type=float, default=from_env("CHORUS_REQUEST_DEADLINE", 600),
                    help="seconds a call may take when the client sets no deadline")
     add_common_flags(p, default_port=50051)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)
 
 
 def build_config(args: argparse.Namespace) -> GatewayConfig:

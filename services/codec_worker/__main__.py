@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, from_env, parse_flags, run
 from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
@@ -23,21 +23,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chorus-codec-worker", description="SNAC codec worker: code frames in, PCM out")
     p.add_argument("--model-dir", default=env("CHORUS_SNAC_DIR"),
                    help="SNAC directory with config.json and pytorch_model.bin [CHORUS_SNAC_DIR]")
-    p.add_argument("--device", choices=DEVICES, default=env("CHORUS_CODEC_DEVICE", "auto"),
+    p.add_argument("--device", choices=DEVICES, default=from_env("CHORUS_CODEC_DEVICE", "auto"),
                    help="auto picks CUDA when present [CHORUS_CODEC_DEVICE]")
     p.add_argument("--half", action="store_true", default=env("CHORUS_CODEC_HALF", "") == "1",
                    help="float16 on CUDA [CHORUS_CODEC_HALF=1]")
-    p.add_argument("--max-streams", type=int, default=int(env("CHORUS_MAX_STREAMS", 64)),
+    p.add_argument("--max-streams", type=int, default=from_env("CHORUS_MAX_STREAMS", 64),
                    help="open streams before RESOURCE_EXHAUSTED [CHORUS_MAX_STREAMS]")
-    p.add_argument("--max-batch", type=int, default=int(env("CHORUS_MAX_BATCH", 16)),
+    p.add_argument("--max-batch", type=int, default=from_env("CHORUS_MAX_BATCH", 16),
                    help="most streams decoded in one forward [CHORUS_MAX_BATCH]")
-    p.add_argument("--batch-wait-ms", type=_optional(float), default=_optional(float)(env("CHORUS_BATCH_WAIT_MS")),
+    p.add_argument("--batch-wait-ms", type=_optional(float), default=from_env("CHORUS_BATCH_WAIT_MS"),
                    help="longest wait for more streams to share a forward; default by device "
                         "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
     p.add_argument("--threads", type=_optional(int), default=_optional(int)(env("CHORUS_THREADS")),
                    help="most torch threads a decode step uses; default torch's [CHORUS_THREADS]")
     add_common_flags(p, default_port=DEFAULT_PORT)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if not args.model_dir:
         p.error("--model-dir (or CHORUS_SNAC_DIR) is required: a SNAC directory, e.g. from `chorus models demo`")
     return args

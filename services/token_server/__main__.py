@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, from_env, parse_flags, run
 from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_slots
@@ -19,21 +19,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codec-workers", default=env("CHORUS_CODEC_WORKERS", ""),
                    help="comma-separated host:port of codec workers; names resolving to several "
                         "addresses (a headless Service) give one worker each [CHORUS_CODEC_WORKERS]")
-    p.add_argument("--slots", type=int, default=int(env("CHORUS_SLOTS", default_slots())),
+    p.add_argument("--slots", type=int, default=from_env("CHORUS_SLOTS", default_slots()),
                    help="parallel sequences [CHORUS_SLOTS]")
-    p.add_argument("--ctx-per-slot", type=int, default=int(env("CHORUS_CTX_PER_SLOT", 4096)),
+    p.add_argument("--ctx-per-slot", type=int, default=from_env("CHORUS_CTX_PER_SLOT", 4096),
                    help="context tokens of each slot: prompt + generated audio [CHORUS_CTX_PER_SLOT]")
-    p.add_argument("--n-batch", type=int, default=int(env("CHORUS_N_BATCH", 512)),
+    p.add_argument("--n-batch", type=int, default=from_env("CHORUS_N_BATCH", 512),
                    help="tokens per engine step [CHORUS_N_BATCH]")
     p.add_argument("--threads", type=int, default=int(env("CHORUS_THREADS", os.cpu_count() or 1)))
-    p.add_argument("--queue-size", type=int, default=int(env("CHORUS_QUEUE_SIZE", 32)),
+    p.add_argument("--queue-size", type=int, default=from_env("CHORUS_QUEUE_SIZE", 32),
                    help="requests that may wait for a slot before RESOURCE_EXHAUSTED [CHORUS_QUEUE_SIZE]")
-    p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", 1.5)),
+    p.add_argument("--budget-headroom", type=float, default=from_env("CHORUS_BUDGET_HEADROOM", 1.5),
                    help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
                         "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
     add_common_flags(p, default_port=50052)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if not args.model:
         p.error("--model (or CHORUS_MODEL) is required: a backbone GGUF, e.g. from `chorus models demo`")
     return args
