@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chorus.request_parsing import InvalidRequestsAreInvalidArgument
+from chorus.call_guard import CallGuard
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,15 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
+]
+# Channels to peers: after a peer restarts, a channel finds it at its next reconnect
+# attempt, and gRPC's default backoff grows to minutes; a second at most keeps a
+# returning peer's first calls from failing "connection refused".
+CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -44,28 +53,55 @@ class RunningServer:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # The service's engine objects, for in-process tests and introspection.
     components: dict[str, object] = field(default_factory=dict)
+    # Counts the calls in flight, for the drain (None for a server not made by new_server).
+    guard: CallGuard | None = None
     _stopped: bool = False
+    # What must hold for SERVING, by name: "ready" (warm-up done), and e.g. "upstream".
+    _conditions: dict[str, bool] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """The server's own readiness (warm-up done); SERVING also needs every condition."""
+        await self.set_condition("ready", serving)
+
+    async def set_condition(self, name: str, holds: bool) -> None:
+        """SERVING only while every named condition holds and the server is not stopping:
+        a service that cannot serve (no upstream reachable) says so to its probes."""
+        if self._conditions.get(name) == holds:
+            return
+        self._conditions[name] = holds
+        if name != "ready":
+            log.log(logging.INFO if holds else logging.WARNING, "health condition %s: %s", name,
+                    "holds" if holds else "fails")
+        await self._publish()
+
+    async def _publish(self) -> None:
+        serving = not self._stopped and self._conditions.get("ready", False) and all(self._conditions.values())
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Goes NOT_SERVING, lets in-flight calls finish within `grace`, then releases resources."""
+        """Goes NOT_SERVING and turns new work away while the port stays open (probes
+        read NOT_SERVING, not connection refused), lets the calls in flight finish
+        within `grace`, then closes the port and releases resources."""
         if self._stopped:
             return
         self._stopped = True
-        await self.set_serving(False)
-        await self.server.stop(grace)
+        await self._publish()
+        if self.guard is not None and grace:
+            self.guard.drain()
+            try:
+                await asyncio.wait_for(self.guard.wait_idle(), grace)
+            except TimeoutError:
+                log.warning("%d calls still in flight after the %.1fs drain; cancelling them",
+                            self.guard.in_flight, grace)
+            await self.server.stop(0)
+        else:
+            await self.server.stop(grace)
         for hook in reversed(self.on_stop):
             await hook()
 
@@ -98,13 +134,18 @@ async def serve_with_health(
             "(choose another --port or --host, or stop what holds it)"
         )
     await server.start()
-    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names,
+                            guard=getattr(server, "chorus_guard", None))
     await running.set_serving(False)
     return running
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=[InvalidRequestsAreInvalidArgument()])
+    """A grpc.aio server whose every call passes the CallGuard (request parsing, drain)."""
+    guard = CallGuard()
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[guard])
+    server.chorus_guard = guard  # serve_with_health hands it to the RunningServer
+    return server
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:

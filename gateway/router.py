@@ -8,7 +8,12 @@ not pile onto the server that looked idle a moment ago.
 
 A call that fails with UNAVAILABLE (server down, no codec worker) or
 RESOURCE_EXHAUSTED (queue full) before any response came is retried on the next
-server: nothing reached the client, so nothing is duplicated. After the first
+server: nothing reached the client, so nothing is duplicated. When every server
+refused it as unreachable, the call waits (briefly, within its deadline) for one to
+come back and tries again, so that a restarted server takes the next request.
+
+The poll also reads each server's health: one that is NOT_SERVING (draining, no
+codec worker) sorts last, and the gateway is SERVING only while one is. After the first
 response a failure is the client's to see. Each attempt carries the request's
 remaining time as its gRPC deadline, so the token server stops (and frees the slot)
 when the client's deadline passes.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -27,13 +32,15 @@ import grpc
 from chorus import telemetry
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.discovery import EndpointSet
+from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 STATUS_TIMEOUT_S = 1.0
+_DONE = object()
+TOKEN_SERVICE = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
 
 @dataclass
@@ -44,7 +51,7 @@ class _Server:
     slots_total: int = 0
     slots_busy: int = 0
     queue_depth: int = 0
-    reachable: bool = True  # optimistic until a poll or a call says otherwise
+    reachable: bool = True  # and SERVING; optimistic until a poll or a call says otherwise
     sent_since_poll: int = 0
 
     def load(self) -> float:
@@ -63,6 +70,8 @@ class Router:
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
         self._turn = 0  # round-robin among equally loaded servers
+        # Told after every poll whether any server is reachable and SERVING (available()).
+        self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Resolves and polls once (so the first requests are routed on facts), then keeps polling."""
@@ -80,6 +89,12 @@ class Router:
         known = {s.address: s for s in self._servers}
         self._servers = [known.get(a) or self._new_server(a) for a in self._endpoints.endpoints()]
         await asyncio.gather(*(self._poll_one(s) for s in self._servers))
+        if self.on_availability is not None:
+            await self.on_availability(self.available())
+
+    def available(self) -> bool:
+        """Whether a token server was reachable and SERVING at the last poll."""
+        return any(s.reachable for s in self._servers)
 
     def _new_server(self, address: str) -> _Server:
         channel = self._endpoints.channel(address)
@@ -99,6 +114,22 @@ class Router:
     ) -> AsyncIterator[token_server_pb2.GenerateResponse]:
         """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
         failures: list[tuple[str, grpc.aio.AioRpcError]] = []
+        async for response in self._attempt(request, deadline, failures):
+            if response is _DONE:
+                return
+            yield response
+        unreachable = all(err.code() == grpc.StatusCode.UNAVAILABLE for _, err in failures)
+        wait = min(deadline - time.monotonic(), PEER_RETURN_WAIT_S)
+        if unreachable and await self._endpoints.wait_until_any_ready(wait):
+            async for response in self._attempt(request, deadline, failures):
+                if response is _DONE:
+                    return
+                yield response
+        raise _exhausted(failures)
+
+    async def _attempt(self, request, deadline: float, failures: list) -> AsyncIterator:
+        """One round over the servers, best first: the responses of the one that takes
+        the call, then _DONE; nothing when every one refused (each added to `failures`)."""
         for server in self.ranked():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -112,6 +143,7 @@ class Router:
                 async for response in call:
                     responded = True
                     yield response
+                yield _DONE
                 return
             except grpc.aio.AioRpcError as err:
                 if responded or err.code() not in RETRYABLE:
@@ -123,7 +155,6 @@ class Router:
                 failures.append((server.address, err))
             finally:
                 call.cancel()  # no-op once finished; frees the slot if our consumer went away
-        raise _exhausted(failures)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -132,15 +163,18 @@ class Router:
 
     async def _poll_one(self, server: _Server) -> None:
         try:
-            status = await server.stub.GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S)
+            status, serving = await asyncio.gather(
+                server.stub.GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S),
+                self._endpoints.serving(server.address, TOKEN_SERVICE, STATUS_TIMEOUT_S),
+            )
         except grpc.aio.AioRpcError as err:
             if server.reachable:
                 log.warning("token server %s is unreachable: %s", server.address, err.code().name)
             server.reachable = False
             return
-        if not server.reachable:
-            log.info("token server %s is reachable again", server.address)
-        server.reachable = True
+        if serving != server.reachable:
+            log.info("token server %s is %s", server.address, "serving again" if serving else "not serving")
+        server.reachable = serving
         server.slots_total = status.slots_total
         server.slots_busy = status.slots_busy
         server.queue_depth = status.queue_depth

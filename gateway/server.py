@@ -139,6 +139,9 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     except BaseException:
         await router.close()
         raise
+    # SERVING only while a token server is reachable and SERVING.
+    router.on_availability = lambda available: running.set_condition("token_servers", available)
+    await running.set_condition("token_servers", router.available())
     running.on_stop.append(router.close)
     await running.set_serving(True)
     log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))

@@ -339,7 +339,14 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
 
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        watch.cancel()  # an open Watch would otherwise hold the drain for its whole grace
+        # While the stream drains the port still answers: a new connection's health
+        # check gets NOT_SERVING (not connection refused), and new work is turned away.
+        with grpc.insecure_channel(json.loads(ready.read_text())["address"]) as fresh:
+            check = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                list(token_server_pb2_grpc.TokenServiceStub(fresh).Generate(request(codes_only=True), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
         rest = list(responses)
         frames = [first, *rest[:-1]]
         assert rest[-1].WhichOneof("payload") == "summary"

@@ -15,12 +15,12 @@ import asyncio
 import collections
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
 from chorus import orpheus
-from chorus.discovery import EndpointSet
+from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
 }
 FAILED_WORKER_COOLDOWN_S = 5.0
+HEALTH_INTERVAL_S = 1.0
+HEALTH_TIMEOUT_S = 1.0
+CODEC_SERVICE = codec_pb2.DESCRIPTOR.services_by_name["CodecService"].full_name
 
 
 class NoCodecWorkerError(Exception):
@@ -48,15 +51,45 @@ class CodecPool:
     Workers are the endpoints behind the configured addresses (a headless Service
     resolves to every pod). Least in-flight streams wins; a worker that just failed
     sits out a cooldown so that new streams avoid it while Kubernetes replaces it.
+    Each worker's health is read every second: new streams prefer SERVING workers,
+    and `on_availability` hears whether any is (the token server's own health).
     """
 
     def __init__(self, addresses: Sequence[str]) -> None:
         self.endpoints = EndpointSet(addresses)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._failed_at: dict[str, float] = {}
+        self._serving: set[str] = set()
+        self._watcher: asyncio.Task | None = None
+        self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         await self.endpoints.start()
+        await self.check_health()
+        self._watcher = asyncio.create_task(self._watch_health(), name="codec-worker-health")
+
+    def available(self) -> bool:
+        """A codec worker was SERVING at the last check, or none is configured (a
+        token server without codec workers serves codes only)."""
+        return bool(self._serving) or not self.endpoints.targets
+
+    async def check_health(self) -> None:
+        workers = self.endpoints.endpoints()
+        serving = await asyncio.gather(
+            *(self.endpoints.serving(w, CODEC_SERVICE, HEALTH_TIMEOUT_S) for w in workers)
+        )
+        self._serving = {w for w, ok in zip(workers, serving) if ok}
+        if self.on_availability is not None:
+            await self.on_availability(self.available())
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self.check_health()
+
+    async def wait_for_a_worker(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for a worker's channel to be ready (one coming back)."""
+        return await self.endpoints.wait_until_any_ready(min(timeout_s, PEER_RETURN_WAIT_S))
 
     def pick(self, exclude: set[str] = frozenset()) -> str:
         workers = self.endpoints.endpoints()
@@ -67,7 +100,8 @@ class CodecPool:
         now = time.monotonic()
         candidates = [w for w in workers if w not in exclude]
         healthy = [w for w in candidates if now - self._failed_at.get(w, -1e9) > FAILED_WORKER_COOLDOWN_S]
-        pool = healthy or candidates
+        serving = [w for w in healthy if w in self._serving]
+        pool = serving or healthy or candidates
         if not pool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return min(pool, key=lambda w: (self._in_flight[w], workers.index(w)))
@@ -84,6 +118,9 @@ class CodecPool:
         self._failed_at[address] = time.monotonic()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.endpoints.close()
 
 
@@ -97,8 +134,10 @@ class CodecRelay:
         deterministic: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 3,
+        deadline: float | None = None,  # time.monotonic() of the request's deadline
     ) -> None:
         self._pool = pool
+        self._deadline = deadline
         self._request_id = request_id
         self._deterministic = deterministic
         self._metadata = metadata
@@ -120,8 +159,20 @@ class CodecRelay:
     async def audio(self) -> AsyncIterator[common_pb2.PcmChunk]:
         """PCM chunks with absolute sample offsets, contiguous from 0, until the tail."""
         failed: set[str] = set()
+        attempts = 0
         while True:
-            address = self._pool.pick(failed)
+            try:
+                address = self._pool.pick(failed)
+            except NoCodecWorkerError:
+                # Every worker failed this stream: one may be restarting. Wait briefly
+                # for one to come back rather than fail while its channel reconnects.
+                if not failed or attempts >= self._max_attempts or not await self._pool.wait_for_a_worker(
+                    self._time_left()
+                ):
+                    raise
+                failed.clear()
+                address = self._pool.pick(failed)
+            attempts += 1
             self.workers.append(address)
             first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - RESUME_CONTEXT_FRAMES)
             call = self._pool.open(address, self._metadata)
@@ -140,7 +191,7 @@ class CodecRelay:
                     grpc.StatusCode.UNAVAILABLE, None, None, f"codec worker {address} ended the stream without its tail"
                 )
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE or len(failed) + 1 >= self._max_attempts:
+                if err.code() not in RETRYABLE or attempts >= self._max_attempts:
                     raise
                 log.warning(
                     "codec worker %s failed for %s at sample %d (%s: %s); resuming on another worker",
@@ -152,6 +203,9 @@ class CodecRelay:
                 writer.cancel()
                 call.cancel()
                 self._pool.release(address)
+
+    def _time_left(self) -> float:
+        return PEER_RETURN_WAIT_S if self._deadline is None else self._deadline - time.monotonic()
 
     def _unseen_part(self, chunk: common_pb2.PcmChunk) -> common_pb2.PcmChunk | None:
         """Drops samples already relayed (a resumed worker may repeat a few)."""

@@ -41,6 +41,9 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
+    # SERVING only while a codec worker is (or none is configured: codes only).
+    pool.on_availability = lambda available: running.set_condition("codec_workers", available)
+    await running.set_condition("codec_workers", pool.available())
 
     gauges = asyncio.create_task(_publish_load(engine))
 

@@ -161,8 +161,10 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
 
     async def _stream_audio(self, handle, request, request_id, started, context):
+        remaining = context.time_remaining()
         relay = CodecRelay(
-            self._pool, request_id, deterministic=request.deterministic_audio, metadata=telemetry.inject_metadata()
+            self._pool, request_id, deterministic=request.deterministic_audio, metadata=telemetry.inject_metadata(),
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
         outcome: dict[str, object] = {}
 
