@@ -21,6 +21,7 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
 from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.memory import HeapTrimmer
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -93,8 +94,9 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
     """Registered before the server starts (gRPC wants its methods then); answers
     UNAVAILABLE until `attach` hands it the warmed-up engine."""
 
-    def __init__(self, max_streams: int) -> None:
+    def __init__(self, max_streams: int, trimmer: HeapTrimmer | None = None) -> None:
         self._max_streams = max_streams
+        self._trimmer = trimmer
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._open = 0
@@ -164,6 +166,8 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     reader.cancel()
                 if stream is not None:
                     stream.cancel()
+                    if self._trimmer is not None:
+                        self._trimmer.stream_ended(self._open)
 
     def _count_open(self, delta: int) -> None:
         self._open += delta
@@ -196,7 +200,8 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     """Binds and answers health (NOT_SERVING) at once, then loads and warms the model
     and goes SERVING."""
     server = new_server()
-    servicer = CodecServicer(config.max_streams)
+    trimmer = HeapTrimmer()
+    servicer = CodecServicer(config.max_streams, trimmer)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
     try:
@@ -214,8 +219,10 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         on_forward=metrics.BATCH_STREAMS.observe,
     )
     engine.start()
+    trimmer.start()
     running.on_stop.append(engine.aclose)
-    running.components.update(engine=engine, decoder=decoder, model=loaded)
+    running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
+    running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     servicer.attach(engine, loaded.device_name)
     await running.set_serving(True)
     log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)
