@@ -8,6 +8,7 @@ token server's (services/token_server/sampler.py), which checks them again.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
 import grpc
@@ -111,6 +112,7 @@ def _options(
         )
     if sampling is not None:
         _check_sampling(sampling)
+    sampling = _seeded(sampling)
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
     timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
@@ -120,6 +122,18 @@ def _options(
         sample_rate=rate,
         timeout_s=timeout,
     )
+
+
+def _seeded(sampling: common_pb2.SamplingParams | None) -> common_pb2.SamplingParams:
+    """The client's sampling with a seed drawn when it set none: the request's audio
+    is then a function of the request (reported in the summary, so it can be
+    replayed), and a token server that fails mid-stream can be replaced exactly."""
+    seeded = common_pb2.SamplingParams()
+    if sampling is not None:
+        seeded.CopyFrom(sampling)
+    if not seeded.HasField("seed"):
+        seeded.seed = secrets.randbits(63)
+    return seeded
 
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:

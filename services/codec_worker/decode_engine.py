@@ -27,7 +27,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +180,21 @@ class DecodeEngine:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.stop)
 
-    def open_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False) -> EngineStream:
-        """Must be called on the event loop that will await the stream's output."""
-        if first_frame_index < 0 or resume_from_sample < 0:
-            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
+    def open_stream(
+        self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False, seed: int = 0
+    ) -> EngineStream:
+        """Must be called on the event loop that will await the stream's output.
+        ValueError when the decoder cannot start a stream there."""
+        check_stream_start(first_frame_index, resume_from_sample, seed)
         stream = EngineStream(
             self,
             asyncio.get_running_loop(),
-            dict(first_frame_index=first_frame_index, resume_from_sample=resume_from_sample, deterministic=deterministic),
+            dict(
+                first_frame_index=first_frame_index,
+                resume_from_sample=resume_from_sample,
+                deterministic=deterministic,
+                seed=seed,
+            ),
         )
         with self._cond:
             if self._stopping:

@@ -22,7 +22,7 @@ from chorus.serving import RunningServer, new_server, serve_with_health
 from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.model import load_snac
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class StreamCheck:
         return cls(first.start)
 
     def __init__(self, start: codec_pb2.DecodeStart) -> None:
-        if start.first_frame_index < 0:
-            raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
-        if start.resume_from_sample < 0:
-            raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
+        try:
+            check_stream_start(start.first_frame_index, start.resume_from_sample, start.seed)
+        except ValueError as err:
+            raise BadRequest(f"start: {err}") from err
         self.first_frame = self.next_frame = start.first_frame_index
         self.last_frames_at: float | None = None
 
@@ -123,7 +123,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     "chorus.resume_from_sample": start.resume_from_sample,
                 })
                 stream = self._engine.open_stream(
-                    start.first_frame_index, start.resume_from_sample, start.deterministic
+                    start.first_frame_index, start.resume_from_sample, start.deterministic, start.seed
                 )
                 reader = asyncio.create_task(_read(request_iterator, check, stream))
                 samples = 0

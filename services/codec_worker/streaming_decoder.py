@@ -409,6 +409,22 @@ class StreamState:
         return tuple(t.shape[-1] for t in self.tensors)
 
 
+# Sample offsets (and noise positions, two counter words each) stay far inside int64.
+MAX_FIRST_FRAME_INDEX = 2**61 // SAMPLES_PER_FRAME
+
+
+def check_stream_start(first_frame_index: int, resume_from_sample: int, seed: int) -> None:
+    """ValueError, saying which, unless a stream can start here."""
+    if not 0 <= first_frame_index <= MAX_FIRST_FRAME_INDEX:
+        raise ValueError(f"first_frame_index {first_frame_index} is outside 0..{MAX_FIRST_FRAME_INDEX}")
+    if not 0 <= resume_from_sample <= MAX_FIRST_FRAME_INDEX * SAMPLES_PER_FRAME:
+        raise ValueError(
+            f"resume_from_sample {resume_from_sample} is outside 0..{MAX_FIRST_FRAME_INDEX * SAMPLES_PER_FRAME}"
+        )
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is outside 0..2^64-1")
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Decoded audio: float samples in [-1, 1] from absolute `sample_offset`."""
@@ -446,13 +462,7 @@ class StreamingSnacDecoder:
         point it had relayed, and samples before `resume_from_sample` are dropped).
         Its noise is keyed by `seed` (0..2^64-1) and absolute position, so a resumed
         stream continues the noise of the one it replaces."""
-        if first_frame_index < 0 or resume_from_sample < 0:
-            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed {seed} is outside 0..2^64-1")
-        # Positions up to 2^62 keep the noise counters (2 words a value) in uint64.
-        if first_frame_index > 2**62 // SAMPLES_PER_FRAME:
-            raise ValueError(f"first_frame_index {first_frame_index} is too large")
+        check_stream_start(first_frame_index, resume_from_sample, seed)
         tensors = self._net.initial_state(self.device, self.dtype)
         assert len(tensors) == self._n_slots
         positions = first_frame_index * self._noise_steps_per_frame

@@ -5,8 +5,10 @@ Decode stream, writes frames as the engine completes them and reads PCM as the
 worker produces it. If the worker fails mid-stream, the relay resumes on another
 worker from the last sample it relayed: it resends the frames from a few frames
 before that point (the decoder's reach is 2.32 frames, so 3 frames of context make
-the resumed samples the same as if nothing had happened, noise aside) and the new
-worker drops the samples already relayed. No admitted stream loses audio.
+the resumed samples the same as if nothing had happened, to the last bit: the
+decoder is bit-exact across a resume and its noise is keyed by the request's seed
+and sample position) and the new worker drops the samples already relayed. No
+admitted stream loses audio, and none hears a seam.
 """
 
 from __future__ import annotations
@@ -97,16 +99,19 @@ class CodecRelay:
         deterministic: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 3,
+        seed: int = 0,
+        resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
     ) -> None:
         self._pool = pool
         self._request_id = request_id
         self._deterministic = deterministic
+        self._seed = seed
         self._metadata = metadata
         self._max_attempts = max_attempts
         self._frames: list[tuple[int, ...]] = []
         self._finished = False
         self._changed = asyncio.Event()
-        self.relayed_samples = 0
+        self.relayed_samples = resume_from_sample
         self.workers: list[str] = []
 
     def push(self, codes: tuple[int, ...]) -> None:
@@ -176,6 +181,7 @@ class CodecRelay:
             first_frame_index=first_frame,
             resume_from_sample=self.relayed_samples,
             deterministic=self._deterministic,
+            seed=self._seed,
         )
         await call.write(codec_pb2.DecodeRequest(start=start))
         sent = first_frame

@@ -16,6 +16,7 @@ import grpc
 from chorus import orpheus, telemetry
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
+from services.token_server.code_digest import CodeDigest
 from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
 from services.token_server.config import TokenServerConfig
 from services.token_server.engine import (
@@ -58,7 +59,8 @@ def record_stages(stats: RequestStats) -> None:
 
 
 def build_summary(
-    request_id: str, stats: RequestStats, reason: str, started: float, first_audio_at: float | None, samples: int
+    request_id: str, stats: RequestStats, reason: str, started: float, first_audio_at: float | None, samples: int,
+    seed: int,
 ) -> common_pb2.SynthesisSummary:
     record_stages(stats)
     now = time.monotonic()
@@ -76,11 +78,34 @@ def build_summary(
         queue_wait_ms=stats.queue_wait_s * 1000,
         prompt_tokens=stats.prompt_tokens,
         finish_reason=reason,
+        seed=seed,
     )
 
 
 def _ms(at: float | None, since: float) -> float:
     return (at - since) * 1000 if at is not None else 0.0
+
+
+async def _check_replay(request, max_tokens: int, context) -> None:
+    """resume_from_sample and verify_frames: within what the request can generate."""
+    if not (request.resume_from_sample or request.verify_frames):
+        return
+    if request.codes_only:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "resume_from_sample and verify_frames replay audio; codes_only has none"
+        )
+    frames = max_tokens // orpheus.CODES_PER_FRAME
+    if not 0 <= request.resume_from_sample <= frames * orpheus.SAMPLES_PER_FRAME:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"resume_from_sample {request.resume_from_sample} is outside 0..{frames * orpheus.SAMPLES_PER_FRAME}, "
+            f"the audio of this request's {frames} frames at most",
+        )
+    if not 0 <= request.verify_frames <= frames:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"verify_frames {request.verify_frames} is outside 0..{frames}, this request's frames at most",
+        )
 
 
 class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
@@ -101,11 +126,12 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             except PromptTooLongError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             try:
+                seed = gen_request.sampling.seed
                 if request.codes_only:
-                    async for message in self._stream_codes(handle, request_id, started, context):
+                    async for message in self._stream_codes(handle, request_id, seed, started, context):
                         yield message
                 else:
-                    async for message in self._stream_audio(handle, request, request_id, started, context):
+                    async for message in self._stream_audio(handle, request, request_id, seed, started, context):
                         yield message
             finally:
                 handle.cancel()
@@ -136,9 +162,10 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 f"text is too long for one request: its prompt of {len(prompt)} tokens leaves no room for audio "
                 f"in a slot of {self._config.ctx_per_slot} tokens",
             )
+        await _check_replay(request, max_tokens, context)
         return GenerationRequest(request_id, prompt, sampling, max_tokens)
 
-    async def _stream_codes(self, handle, request_id, started, context):
+    async def _stream_codes(self, handle, request_id, seed, started, context):
         first_at = None
         async for event in handle.events():
             if isinstance(event, Frame):
@@ -149,31 +176,49 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             elif isinstance(event, Finished):
                 samples = event.stats.frames * orpheus.SAMPLES_PER_FRAME
                 yield token_server_pb2.GenerateResponse(
-                    summary=build_summary(request_id, event.stats, event.reason, started, first_at, samples)
+                    summary=build_summary(request_id, event.stats, event.reason, started, first_at, samples, seed)
                 )
             elif isinstance(event, Failed):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
 
-    async def _stream_audio(self, handle, request, request_id, started, context):
+    async def _stream_audio(self, handle, request, request_id, seed, started, context):
+        # The codec's noise takes the request's seed: same request, same audio.
         relay = CodecRelay(
-            self._pool, request_id, deterministic=request.deterministic_audio, metadata=telemetry.inject_metadata()
+            self._pool, request_id, deterministic=request.deterministic_audio, metadata=telemetry.inject_metadata(),
+            seed=seed, resume_from_sample=request.resume_from_sample,
         )
         outcome: dict[str, object] = {}
+        digest = CodeDigest()
+        # A replay's check: the digest of its first verify_frames frames, sent before
+        # any audio (generation ending sooner settles it with what there is).
+        checkpoint = asyncio.get_running_loop().create_future() if request.verify_frames else None
+
+        def settle_checkpoint() -> None:
+            if checkpoint is not None and not checkpoint.done():
+                checkpoint.set_result(digest.message())
 
         async def feed() -> None:
             async for event in handle.events():
                 if isinstance(event, Frame):
+                    digest.update(event.codes)
+                    if digest.frames == request.verify_frames:
+                        settle_checkpoint()
                     relay.push(event.codes)
                 else:
                     outcome["event"] = event
+                    settle_checkpoint()
                     relay.finish()
 
         feeder = asyncio.create_task(feed())
+        feeder.add_done_callback(lambda _: settle_checkpoint())
         first_audio_at = None
         try:
             async for chunk in relay.audio():
+                if checkpoint is not None:
+                    yield token_server_pb2.GenerateResponse(codes=await checkpoint)
+                    checkpoint = None
                 first_audio_at = first_audio_at or time.monotonic()
-                yield token_server_pb2.GenerateResponse(audio=chunk)
+                yield token_server_pb2.GenerateResponse(audio=chunk, codes=digest.message())
         except NoCodecWorkerError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except grpc.aio.AioRpcError as err:
@@ -186,9 +231,11 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         if isinstance(event, Failed):
             await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
         if isinstance(event, Finished):
+            if checkpoint is not None:
+                yield token_server_pb2.GenerateResponse(codes=await checkpoint)
             yield token_server_pb2.GenerateResponse(
                 summary=build_summary(
-                    request_id, event.stats, event.reason, started, first_audio_at, relay.relayed_samples
+                    request_id, event.stats, event.reason, started, first_audio_at, relay.relayed_samples, seed
                 )
             )
 
