@@ -114,7 +114,7 @@ class Router:
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
                 )
             server.sent_since_poll += 1
-            attempt = relayed.replay() if relayed.samples else request
+            attempt = relayed.replay() if relayed.replayable else request
             call = server.stub.Generate(attempt, timeout=remaining, metadata=telemetry.inject_metadata())
             responded = False
             try:
@@ -132,7 +132,7 @@ class Router:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     server.reachable = False
-                if relayed.samples and relayed.replayable and err.code() in RETRYABLE | FAILOVER:
+                if relayed.replayable and err.code() in RETRYABLE | FAILOVER:
                     log.warning("token server %s failed %s at sample %d (%s: %s); replaying on another",
                                 server.address, request.request_id, relayed.samples, err.code().name, err.details())
                 elif responded or err.code() not in RETRYABLE:
@@ -205,9 +205,14 @@ class _Relayed:
 
     def __init__(self, request: token_server_pb2.GenerateRequest) -> None:
         self._request = request
-        self.replayable = request.HasField("sampling") and request.sampling.HasField("seed")
+        self._seeded = request.HasField("sampling") and request.sampling.HasField("seed")
         self.samples = 0
         self.codes: token_server_pb2.CodeDigest | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Audio was relayed, and a replay can regenerate it and be checked."""
+        return self._seeded and self.samples > 0 and self.codes is not None
 
     def note(self, response: token_server_pb2.GenerateResponse) -> None:
         if response.HasField("audio"):
@@ -220,14 +225,10 @@ class _Relayed:
         request = token_server_pb2.GenerateRequest()
         request.CopyFrom(self._request)
         request.resume_from_sample = self.samples
-        # Every chunk carries a digest; without one (an older server) nothing can be
-        # checked, so verify everything it could have depended on: all frames.
-        request.verify_frames = self.codes.frames if self.codes is not None else 0
+        request.verify_frames = self.codes.frames
         return request
 
     def check_replay(self, first: token_server_pb2.GenerateResponse | None, address: str) -> None:
-        if self.codes is None:
-            raise _Diverged(f"token server {address}: cannot check a replay without the codes' digest")
         if first is None or first.WhichOneof("payload") is not None or not first.HasField("codes"):
             raise _Diverged(f"token server {address} did not open its replay with the codes' digest")
         if first.codes != self.codes:
