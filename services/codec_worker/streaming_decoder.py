@@ -13,7 +13,8 @@ samples, each layer keeping only the input it still needs:
   multiplied into the kernel once, and s positions stay open until the next input
   arrives. The first s/2 positions of the stream are the padding crop;
 - a residual unit delays its skip path by whatever its branch still holds back;
-- pointwise layers (Snake, 1x1 convs, noise, tanh) just apply.
+- pointwise layers (Snake, 1x1 convs, noise, tanh) just apply; noise takes each
+  position's value once, from its absolute position.
 
 Flushing pushes the right-hand zero padding through, so that N frames give exactly
 N * 2048 samples equal to `SNAC.decode` of the whole sequence (noise off). The first
@@ -36,11 +37,10 @@ failover); on CPU (torch 2.13, MKL) this is measured, not assumed
 computed by arithmetic that does not depend on the shape around it:
 
 - channel mixes (1x1 convs, the transposed convs' products, the quantizer's
-  projections, and other convs as unfolded windows) are one GEMM over contiguous
-  rows (batch x time), the row count padded to a multiple of 4: MKL's sgemm gives a
-  row the same bits whatever the other rows are, at any thread count, for 4 rows
-  a thread or more, but takes another kernel (other bits) below that; torch's
-  conv1d for 1x1 and dense convs does not hold at all;
+  projections, dense convs as one mix per tap summed in a fixed order) are GEMMs
+  with their shapes padded so that MKL keeps one kernel per element
+  (channel_mix.py); torch's conv1d for 1x1 and dense convs is not bit-exact
+  across shapes at all;
 - depthwise convs stay on conv1d, which holds for every batch, length, memory
   layout and thread count measured;
 - everything else is elementwise (sin through MKL VML, which holds at any offset)
@@ -48,7 +48,8 @@ computed by arithmetic that does not depend on the shape around it:
 - noise is keyed by (seed, noise layer, absolute position), see keyed_noise.py.
 
 The engine may therefore chunk and batch freely: there is no constraint on frames
-per step, batch partners or thread counts. On CUDA the same code runs, but cuBLAS
+per step, batch partners or thread counts. A resume needs its context frames to
+cover the decoder's reach (2.32 frames; the token server resends 3), nothing else. On CUDA the same code runs, but cuBLAS
 and cuDNN choose kernels by shape, so bit-exactness there is not claimed.
 """
 
