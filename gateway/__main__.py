@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pieces generated ahead of the one being relayed")
     p.add_argument("--request-deadline", type=float, default=float(env("CHORUS_REQUEST_DEADLINE", 600)),
                    help="seconds a call may take when the client sets no deadline")
+    p.add_argument("--start-buffer-ms", type=float, default=float(env("CHORUS_START_BUFFER_MS", 150)),
+                   help="audio a listener buffers before playback starts; late audio after that counts as an "
+                        "underrun [CHORUS_START_BUFFER_MS]")
     add_common_flags(p, default_port=50051)
     return p.parse_args(argv)
 
@@ -39,6 +42,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
+        start_buffer_s=args.start_buffer_ms / 1000.0,
         **extra,
     )
 

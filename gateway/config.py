@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chorus import orpheus
+from chorus.playback import DEFAULT_START_BUFFER_S
 
 # Orpheus's English speakers, the default (tara) first. A voice is only a prompt
 # prefix ("tara: ..."), so a fine-tune with other speakers lists its own.
@@ -42,6 +43,9 @@ class GatewayConfig:
     request_deadline_s: float = 600.0
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
+    # Audio a listener buffers before playback starts: the playback clock that
+    # underruns are counted against, passed on to the token servers and codec workers.
+    start_buffer_s: float = DEFAULT_START_BUFFER_S
 
     def __post_init__(self) -> None:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
@@ -68,6 +72,8 @@ class GatewayConfig:
             problems.append(f"lookahead_segments must be 0..8, got {self.lookahead_segments}")
         if self.request_deadline_s <= 0:
             problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
+        if not 0.0 <= self.start_buffer_s <= 60.0:
+            problems.append(f"start_buffer_s must be in [0, 60], got {self.start_buffer_s}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
         if problems:

@@ -2,8 +2,8 @@
 naming the field, the bad value and what would be accepted.
 
 Checked here, before any generation starts, so that a bad request costs no backbone
-step and never fails halfway through a long text. The sampling ranges mirror the
-token server's (services/token_server/sampler.py), which checks them again.
+step and never fails halfway through a long text. The sampling ranges come from the
+shared table (chorus/sampling_limits.py), which the token server checks again.
 """
 
 from __future__ import annotations
@@ -119,10 +119,13 @@ def _options(
         format=fmt,
         sample_rate=rate,
         timeout_s=timeout,
+        start_buffer_s=config.start_buffer_s,
     )
 
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:
     problems = sampling_problems(lambda name: getattr(sampling, name) if sampling.HasField(name) else None)
+    if sampling.ignore_end_of_speech and not sampling.max_tokens:
+        problems.append("ignore_end_of_speech needs max_tokens: it generates exactly that many tokens")
     if problems:
         raise invalid("; ".join(f"sampling.{p}" for p in problems))

@@ -19,7 +19,7 @@ from services.codec_worker.server import SERVICE_NAME, start_server
 
 @contextlib.asynccontextmanager
 async def codec_worker(snac_dir, **overrides):
-    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", **overrides)
+    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", **{"calibrate": False, **overrides})
     running = await start_server(config, port=0)
     channel = grpc.aio.insecure_channel(running.address)
     try:
@@ -213,7 +213,7 @@ def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
         ({"device": "cpu", "half": True}, "half precision needs CUDA"),
         ({"max_streams": 0}, "max_streams must be"),
         ({"batch_wait_ms": -1.0}, "batch_wait_ms must be"),
-        ({"threads": 0}, "threads must be positive"),
+        ({"torch_threads": 0}, "torch_threads must be 1..1024"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, overrides, message):

@@ -51,14 +51,14 @@ def otlp():
 
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory, otlp):
-    # Two token servers (for the failover test) sharing two cores: one thread each.
+    # Two token servers (for the failover test) sharing two cores: one llama thread each.
     with Stack(
         models_dir=demo_models.root,
         slots=4,
         token_servers=2,
         codec_workers=1,
         work_dir=tmp_path_factory.mktemp("stack"),
-        extra_args={"token_server": ["--threads", "1"]},
+        llama_threads=1,
         # Export spans within 0.2 s instead of the SDK's 5 s batching delay.
         env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
     ) as running:

@@ -7,9 +7,11 @@ import asyncio
 import pytest
 
 from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
 from services.token_server.engine import (
+    TOKEN_SECONDS,
     Engine,
-    Failed,
+    GenerationFailed,
     Finished,
     Frame,
     GenerationRequest,
@@ -33,7 +35,9 @@ def backbone(gguf_path):
 @pytest.fixture
 def engine(backbone):
     # A small n_batch forces chunked prefill to share steps with generation.
-    eng = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT)
+    # Admission by slots only: these tests are about batching, not about this machine's speed.
+    eng = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                 capacity=RealTimeCapacity(TOKEN_SECONDS, SLOTS, enforce=False))
     eng.start()
     yield eng
     eng.stop()
@@ -41,7 +45,7 @@ def engine(backbone):
 
 def make_request(backbone, rid: str, text: str, sampling: SamplingParams, frames: int) -> GenerationRequest:
     prompt = orpheus.wrap_prompt(backbone.tokenize(orpheus.prompt_text(text, "tara")))
-    return GenerationRequest(rid, prompt, sampling, max_tokens=frames * orpheus.CODES_PER_FRAME)
+    return GenerationRequest(rid, prompt, sampling, token_budget=frames * orpheus.CODES_PER_FRAME)
 
 
 async def run_one(engine, req):
@@ -129,12 +133,12 @@ def test_cancelled_request_frees_slot_and_kv_while_others_finish(backbone, engin
             seen += 1
             if seen == 2:
                 break
-        seq = engine.run_in_engine(lambda e: next(i for i, a in enumerate(e._slots) if a and a.handle is doomed))
+        seq = engine.run_in_engine(lambda e: next(i for i, a in enumerate(e.scheduler.slots) if a and a.owner is doomed))
         seq = await asyncio.wrap_future(seq)
         assert backbone_len(seq) > 0
         doomed.cancel()
         # The next engine-thread call runs after the cancel was handled, before any further step.
-        state = await asyncio.wrap_future(engine.run_in_engine(lambda e: (e._slots[seq], e.backbone.sequence_length(seq))))
+        state = await asyncio.wrap_future(engine.run_in_engine(lambda e: (e.scheduler.slots[seq], e.backbone.sequence_length(seq))))
         results = await asyncio.gather(*tasks)
         return seq, state, results
 
@@ -158,7 +162,7 @@ def test_full_queue_rejects_and_admitted_requests_complete(backbone, engine):
 
     async def scenario():
         handles = [engine.submit(r) for r in reqs]
-        with pytest.raises(QueueFullError, match="slots are busy"):
+        with pytest.raises(QueueFullError, match="all are taken"):
             engine.submit(make_request(backbone, "over", "One too many.", SamplingParams(), 4))
         return await asyncio.gather(*(collect(h) for h in handles))
 
@@ -181,6 +185,6 @@ def test_end_of_speech_only_at_frame_boundary(backbone, engine):
     for seed in range(3):
         req = make_request(backbone, f"eos{seed}", "Stop?", SamplingParams(seed=seed, temperature=2.0, top_p=1.0), 30)
         frames, last = asyncio.run(run_one(engine, req))
-        assert isinstance(last, Finished) and not isinstance(last, Failed)
+        assert isinstance(last, Finished) and not isinstance(last, GenerationFailed)
         assert last.stats.generated_tokens == len(frames) * orpheus.CODES_PER_FRAME
         assert len(frames) >= 1

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from chorus.cpu_budget import cpu_budget, split_for_stack
 from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError
 
 DEFAULT_GATEWAY_PORT = 50051
@@ -25,9 +26,21 @@ def register(subparsers, name: str, help_text: str) -> None:
     )
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
                    help=f"demo models folder, built if missing (default {DEFAULT_MODELS_DIR})")
-    p.add_argument("--slots", type=int, default=4, help="token server slots (parallel streams)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="token server slots (most parallel streams; real-time capacity admits fewer when the "
+                        "machine cannot hold them); default: the token server's")
     p.add_argument("--token-servers", type=int, default=1, help="token server processes")
     p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
+    share = split_for_stack(cpu_budget())
+    p.add_argument("--llama-threads", type=int, default=None,
+                   help=f"llama.cpp threads per token server; default: this machine's CPUs divided between the "
+                        f"processes (here {share.llama})")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help=f"torch threads per codec worker; default: the rest of the division (here {share.torch})")
+    for service in ("token-server", "codec-worker", "gateway"):
+        p.add_argument(f"--{service}-arg", action="append", default=[], metavar="FLAG",
+                       help=f"pass FLAG to every {service.replace('-', ' ')} (repeat; e.g. "
+                            f"--{service}-arg=--log-level=DEBUG)")
     p.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port; 0 picks one")
     p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
     p.add_argument("-o", "--output", default="out.wav", help="WAV file for --say (default out.wav)")
@@ -41,7 +54,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     stack = Stack(
         models_dir=args.models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
+        llama_threads=args.llama_threads, torch_threads=args.torch_threads,
         gateway_port=args.gateway_port, log_level=args.log_level, on_progress=progress,
+        extra_args={"token_server": args.token_server_arg, "codec_worker": args.codec_worker_arg,
+                    "gateway": args.gateway_arg},
     )
     try:
         stack.start()

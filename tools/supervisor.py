@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chorus.cpu_budget import cpu_budget, split_for_stack
+
 DEFAULT_MODELS_DIR = Path("models/demo")
 
 
@@ -109,14 +111,19 @@ class Stack:
     """Codec workers, token servers and a gateway on loopback; use as a context manager."""
 
     models_dir: Path = DEFAULT_MODELS_DIR
-    slots: int = 4
+    # None: the token server's default (enough that real-time capacity decides).
+    slots: int | None = None
     token_servers: int = 1
     codec_workers: int = 1
+    # Compute threads per token server / codec worker; None: this machine's CPU budget
+    # divided between them (chorus.cpu_budget.split_for_stack), never each taking all.
+    llama_threads: int | None = None
+    torch_threads: int | None = None
     gateway_port: int = 0
     start_timeout_s: float = 180.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
-    # Extra flags per service, e.g. {"token_server": ["--threads", "1"]}.
+    # Extra flags per service, e.g. {"token_server": ["--pace-lead", "1"]}.
     extra_args: Mapping[str, list[str]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
@@ -129,6 +136,9 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.models_dir = Path(self.models_dir)
+        share = split_for_stack(cpu_budget(), self.token_servers, self.codec_workers)
+        self.llama_threads = self.llama_threads or share.llama
+        self.torch_threads = self.torch_threads or share.torch
         self.codec_worker_processes: list[ServiceProcess] = []
         self.token_server_processes: list[ServiceProcess] = []
         self.gateway_process: ServiceProcess | None = None
@@ -150,12 +160,13 @@ class Stack:
             models = self._models()
             self.codec_worker_processes = self._launch_all(
                 "codec worker", self.CODEC_WORKER, self.codec_workers,
-                ["--model-dir", str(models.snac_dir)], "codec_worker",
+                ["--model-dir", str(models.snac_dir), "--torch-threads", str(self.torch_threads)], "codec_worker",
             )
             codec_addresses = ",".join(p.address for p in self.codec_worker_processes)
             self.token_server_processes = self._launch_all(
                 "token server", self.TOKEN_SERVER, self.token_servers,
-                ["--model", str(models.gguf), "--codec-workers", codec_addresses, "--slots", str(self.slots)],
+                ["--model", str(models.gguf), "--codec-workers", codec_addresses,
+                 "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else [])],
                 "token_server",
             )
             token_addresses = ",".join(p.address for p in self.token_server_processes)

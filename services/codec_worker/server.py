@@ -19,7 +19,10 @@ from chorus import orpheus, telemetry
 from services.codec_worker import metrics
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
-from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
+from chorus.capacity import RealTimeCapacity
+from chorus.engine_thread import EngineDead, EngineStopped
+from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
@@ -91,9 +94,13 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._engine, self._device = engine, device
 
     async def GetLoad(self, request, context):
-        return codec_pb2.GetLoadResponse(
-            open_streams=self._open, max_streams=self._max_streams, device=self._device
-        )
+        reply = codec_pb2.GetLoadResponse(open_streams=self._open, max_streams=self._max_streams, device=self._device)
+        if self._engine is not None:
+            reply.decode_rate = self._engine.load.decode_rate
+            reply.busy_ratio = self._engine.load.busy_ratio
+            reply.lag_seconds = self._engine.lag_seconds
+            reply.capacity_streams = self._engine.capacity.streams()
+        return reply
 
     async def Decode(
         self, request_iterator: AsyncIterator[codec_pb2.DecodeRequest], context: grpc.aio.ServicerContext
@@ -122,9 +129,16 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     "chorus.first_frame_index": start.first_frame_index,
                     "chorus.resume_from_sample": start.resume_from_sample,
                 })
-                stream = self._engine.open_stream(
-                    start.first_frame_index, start.resume_from_sample, start.deterministic
-                )
+                try:
+                    clock = playback_clock(start)
+                except ValueError as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                try:
+                    stream = self._engine.open_stream(
+                        start.first_frame_index, start.resume_from_sample, start.deterministic, clock
+                    )
+                except (EngineStopped, EngineDead) as err:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
                 reader = asyncio.create_task(_read(request_iterator, check, stream))
                 samples = 0
                 while True:
@@ -142,7 +156,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                         span.set_attributes({"chorus.frames": check.frames_received, "chorus.samples": samples})
                         yield codec_pb2.DecodeResponse(final=True)
                         return
-                    elif isinstance(item, Failed):
+                    elif isinstance(item, DecodeFailed):
                         code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
                         await context.abort(code, item.message)
             finally:
@@ -169,6 +183,22 @@ def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
     telemetry.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
+def playback_clock(start: codec_pb2.DecodeStart) -> PlaybackClock:
+    """The listener's schedule for this stream, on this worker's clock."""
+    playback = start.playback
+    start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
+    if not 0.0 <= start_buffer <= 60.0:
+        raise ValueError(f"start: playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
+    if not playback.HasField("first_sample_due_in_s"):
+        return PlaybackClock(orpheus.SAMPLE_RATE, start_buffer)
+    due_in = playback.first_sample_due_in_s
+    if not -3600.0 <= due_in <= 3600.0:
+        raise ValueError(f"start: playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
+    return PlaybackClock.scheduled(
+        orpheus.SAMPLE_RATE, time.monotonic() + due_in, start.resume_from_sample, start_buffer
+    )
+
+
 async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
     try:
         async for request in requests:
@@ -176,11 +206,13 @@ async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamC
         stream.finish()
     except BadRequest as err:
         stream.reject(str(err))
+    except (EngineStopped, EngineDead) as err:
+        stream.reject(str(err))
 
 
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
-    """Binds and answers health (NOT_SERVING) at once, then loads and warms the model
-    and goes SERVING."""
+    """Binds and answers health (NOT_SERVING) at once, then loads, warms and measures
+    the model and goes SERVING."""
     server = new_server()
     servicer = CodecServicer(config.max_streams)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
@@ -188,21 +220,46 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     try:
         loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
         decoder = StreamingSnacDecoder(loaded.model)
+        engine = DecodeEngine(
+            decoder,
+            max_batch=config.max_batch,
+            batch_wait_ms=config.batch_wait_for(loaded.device_name),
+            threads=config.torch_threads,
+            on_forward=metrics.BATCH_STREAMS.observe,
+            capacity=RealTimeCapacity(orpheus.FRAME_SECONDS, config.max_streams, config.capacity_margin),
+        )
         await asyncio.to_thread(decoder.warm_up)
+        if config.calibrate:
+            measured = await asyncio.to_thread(engine.calibrate)
+            log.info("step seconds by batch size: %s; real-time capacity %d streams",
+                     ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in measured.items()), engine.capacity.streams())
     except BaseException:
         await running.stop(grace=None)
         raise
-    engine = DecodeEngine(
-        decoder,
-        max_batch=config.max_batch,
-        batch_wait_ms=config.batch_wait_for(loaded.device_name),
-        threads=config.threads,
-        on_forward=metrics.BATCH_STREAMS.observe,
-    )
     engine.start()
     running.on_stop.append(engine.aclose)
     running.components.update(engine=engine, decoder=decoder, model=loaded)
     servicer.attach(engine, loaded.device_name)
+
+    def engine_died(error: BaseException) -> None:
+        log.error("the decode engine died (%s): NOT_SERVING", error)
+        asyncio.ensure_future(running.set_serving(False))
+
+    engine.bridge.on_death(engine_died)
+    gauges = asyncio.create_task(_publish_load(engine))
+
+    async def stop_gauges() -> None:
+        gauges.cancel()
+
+    running.on_stop.append(stop_gauges)
     await running.set_serving(True)
     log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)
     return running
+
+
+async def _publish_load(engine: DecodeEngine, interval_s: float = 0.5) -> None:
+    """Utilization and lag gauges, sampled: the engine thread never touches them."""
+    while True:
+        metrics.BUSY_RATIO.set(engine.load.busy_ratio)
+        metrics.LAG_SECONDS.set(engine.lag_seconds)
+        await asyncio.sleep(interval_s)
