@@ -43,7 +43,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
         with telemetry.server_span("gateway.synthesize", context, {"chorus.text_chars": len(request.text)}):
             try:
                 options = validation.synthesize_options(request, self._config, context.time_remaining())
-                feed = TextFeed.of_text(request.text, self._segmenter())
+                feed = await TextFeed.of_text(request.text, self._segmenter())
                 async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
                     yield item
             except GatewayError as err:
@@ -104,17 +104,17 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
                 kind = message.WhichOneof("payload")
                 if kind == "text":
                     validation.check_text_piece(message.text, self._config)
-                    feed.push(message.text)
+                    await feed.push(message.text)
                     validation.check_backlog(feed.waiting_chars, self._config)
                 elif kind == "flush":
-                    feed.flush()
+                    await feed.flush()
                 elif kind == "end":
                     break
                 elif kind == "config":
                     raise invalid("`config` may only be sent once, as the first message")
                 else:
                     raise invalid("empty StreamingSynthesize message: set one of text, flush or end")
-            feed.end()
+            await feed.end()
         except GatewayError as err:
             feed.fail(err)
 

@@ -16,7 +16,7 @@ from chorus import telemetry
 from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
 from chorus.audio_formats import AudioFormat
-from gateway.encoding import Encoded, StreamEncoder
+from gateway.encoding import Encoded, OffloadedEncoder, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
 from gateway.pipeline import GenerationSpec, Pipeline, PipelineStats
@@ -29,6 +29,8 @@ class SynthesisOptions:
     sample_rate: int
     # Seconds the whole call may take (the client's deadline, or the gateway's default).
     timeout_s: float
+    # Playback speed by time-stretching (the OpenAI endpoint's `speed`); 1 keeps the audio as generated.
+    tempo: float = 1.0
 
 
 async def synthesize(
@@ -38,13 +40,13 @@ async def synthesize(
     when the call reached the gateway."""
     deadline = arrived + options.timeout_s
     stats = PipelineStats()
-    encoder = StreamEncoder(options.format, options.sample_rate)
+    encoder = OffloadedEncoder(StreamEncoder(options.format, options.sample_rate, options.tempo))
     first_audio_at = None
     pending_samples = 0  # encoded but not yet released by the muxer
     try:
         async with contextlib.aclosing(pipeline.run(feed, options.spec, deadline, stats)) as pcm_stream:
             async for pcm in pcm_stream:
-                piece = encoder.encode(pcm)
+                piece = await encoder.encode(pcm)
                 pending_samples += piece.num_samples
                 if piece.data:
                     if first_audio_at is None:
@@ -53,7 +55,7 @@ async def synthesize(
                     pending_samples = 0
         if stats.pieces == 0:
             raise invalid("the input ended without any text to speak: send text before ending the stream")
-        last = encoder.finish()
+        last = await encoder.finish()
         if last.data:
             if first_audio_at is None:
                 first_audio_at = time.monotonic()
