@@ -10,6 +10,8 @@ from chorus.entrypoint import add_common_flags, run
 from gateway import metrics
 from gateway.config import GatewayConfig
 
+DEFAULT_HTTP_PORT = 8080
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
@@ -25,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pieces generated ahead of the one being relayed")
     p.add_argument("--request-deadline", type=float, default=float(env("CHORUS_REQUEST_DEADLINE", 600)),
                    help="seconds a call may take when the client sets no deadline")
+    p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
+                   help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health; "
+                        f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
     add_common_flags(p, default_port=50051)
     return p.parse_args(argv)
 
@@ -39,8 +44,17 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
+        http_port=_http_port(args.http_port),
         **extra,
     )
+
+
+def _http_port(value: str) -> int | None:
+    if value.strip().lower() == "off":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"--http-port must be a port number or off, got {value!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> None:

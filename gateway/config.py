@@ -42,6 +42,9 @@ class GatewayConfig:
     request_deadline_s: float = 600.0
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
+    # The HTTP port (OpenAI's speech endpoint, the browser page, /health), on `host`;
+    # 0 picks a free one, None serves no HTTP.
+    http_port: int | None = None
 
     def __post_init__(self) -> None:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
@@ -68,6 +71,8 @@ class GatewayConfig:
             problems.append(f"lookahead_segments must be 0..8, got {self.lookahead_segments}")
         if self.request_deadline_s <= 0:
             problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            problems.append(f"http_port must be 0..65535 (or off), got {self.http_port}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
         if problems:

@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
 from gateway.errors import GatewayError, invalid
 from gateway.feed import TextFeed
+from gateway.openai_http.app import HttpListener, SpeechEndpoint
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.segmenter import Segmenter
@@ -138,6 +139,22 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
         await router.close()
         raise
     running.on_stop.append(router.close)
+    if config.http_port is not None:
+        try:
+            http = await HttpListener.start(
+                SpeechEndpoint(config, pipeline, lambda: running.serving).app(), config.host, config.http_port
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+        running.on_drain.append(http.drain)
+        running.endpoints["http"] = f"{_loopback_or(config.host)}:{http.port}"
+        log.info("gateway HTTP (OpenAI /v1/audio/speech, page at /) on %s:%d", config.host, http.port)
     await running.set_serving(True)
     log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))
     return running
+
+
+def _loopback_or(host: str) -> str:
+    """Where a local client reaches a listener bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -8,6 +8,7 @@ token server's (services/token_server/sampler.py), which checks them again.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import grpc
@@ -81,6 +82,21 @@ def streaming_options(
         sampling=cfg.sampling if cfg.HasField("sampling") else None,
         request_id=cfg.request_id,
     )
+
+
+def front_end_options(
+    config: GatewayConfig,
+    time_remaining: float | None,
+    *,
+    voice: str,
+    audio: gateway_pb2.AudioConfig,
+    sampling: common_pb2.SamplingParams | None,
+    request_id: str,
+    tempo: float = 1.0,
+) -> SynthesisOptions:
+    """The Riva and OpenAI front ends' requests, once mapped to tts.v1's terms: the same checks."""
+    options = _options(config, time_remaining, voice=voice, audio=audio, sampling=sampling, request_id=request_id)
+    return dataclasses.replace(options, tempo=tempo)
 
 
 def _options(
