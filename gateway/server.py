@@ -15,15 +15,18 @@ import time
 import grpc
 
 from chorus import telemetry
+from chorus.proto.riva import riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from gateway import validation
 from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, abort_with, invalid
 from gateway.feed import TextFeed
 from gateway.openai_http.app import HttpListener, SpeechEndpoint
+from gateway.riva.servicer import SERVICE_NAME as RIVA_SERVICE_NAME
+from gateway.riva.servicer import RivaSynthesisServicer
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.segmenter import Segmenter
@@ -48,7 +51,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
                 async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
                     yield item
             except GatewayError as err:
-                await _abort(context, err)
+                await abort_with(context, err)
 
     async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
         with telemetry.server_span("gateway.streaming_synthesize", context):
@@ -69,7 +72,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             async for item in self._run(feed, options, arrived, gateway_pb2.StreamingSynthesizeResponse):
                 yield item
         except GatewayError as err:
-            await _abort(context, err)
+            await abort_with(context, err)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -120,12 +123,6 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             feed.fail(err)
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
-        log.error("request failed: %s", err)
-    await context.abort(err.code, err.message)
-
-
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
     router = Router(config.token_servers, config.status_interval_s)
@@ -133,8 +130,9 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     server = new_server()
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
+    riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)
     try:
-        running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+        running = await serve_with_health(server, [SERVICE_NAME, RIVA_SERVICE_NAME], port, config.host)
     except BaseException:
         await router.close()
         raise

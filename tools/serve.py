@@ -36,6 +36,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--gateway-port", type=int, default=None,
                    help=f"gateway port; 0 picks one (default: the port of CHORUS_GATEWAY if set, else "
                         f"{DEFAULT_GATEWAY_PORT}, where `chorus say` looks)")
+    p.add_argument("--http-port", default=None,
+                   help="gateway HTTP port (OpenAI endpoint, browser page at /); 0 picks one, off disables "
+                        "(default: CHORUS_HTTP_PORT, else 8080; with --say: off)")
     p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
     p.add_argument("-o", "--output", default="out.wav",
                    help="audio file for --say; its extension picks the format (default out.wav)")
@@ -57,7 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
     stack = Stack(
         models_dir=args.models, demo_models=args.demo_models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
-        gateway_port=_gateway_port(args.gateway_port), log_level=args.log_level, on_progress=progress,
+        gateway_port=_gateway_port(args.gateway_port), gateway_http_port=_http_port(args), log_level=args.log_level, on_progress=progress,
     )
     try:
         stack.start()
@@ -66,6 +69,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         print(f"gateway: {stack.gateway_address}", flush=True)
+        if stack.gateway_http_address:
+            print(f"HTTP: http://{stack.gateway_http_address}/ (browser page; OpenAI API at /v1/audio/speech)",
+                  flush=True)
         if args.say is not None:
             return _say_once(stack, args.say, args.output)
         progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
@@ -73,6 +79,11 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         progress("stopping")
         stack.stop()
+
+
+def _http_port(args: argparse.Namespace) -> int | None:
+    value = args.http_port or os.environ.get("CHORUS_HTTP_PORT") or ("off" if args.say is not None else "8080")
+    return None if value == "off" else int(value)
 
 
 def _gateway_port(flag: int | None) -> int:

@@ -104,6 +104,8 @@ class ServiceProcess:
     log_path: Path
     ready_file: Path
     address: str | None = None
+    # Everything the ready file said: the gRPC address, and other listeners ("http").
+    ready: dict = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -124,7 +126,8 @@ class ServiceProcess:
                     f"{self.log_tail()}"
                 )
             time.sleep(0.05)
-        self.address = json.loads(self.ready_file.read_text())["address"]
+        self.ready = json.loads(self.ready_file.read_text())
+        self.address = self.ready["address"]
         return self.address
 
     def stop(self, grace_s: float = 10.0) -> int | None:
@@ -156,6 +159,8 @@ class Stack:
     token_servers: int = 1
     codec_workers: int = 1
     gateway_port: int = 0
+    # The gateway's HTTP port (OpenAI endpoint, browser page); 0 picks one, None: off.
+    gateway_http_port: int | None = 0
     start_timeout_s: float = 180.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -185,6 +190,12 @@ class Stack:
             raise StackError("the stack is not started")
         return self.gateway_process.address
 
+    @property
+    def gateway_http_address(self) -> str | None:
+        """host:port of the gateway's HTTP port, None when it has none."""
+        self.gateway_address  # raises when not started
+        return self.gateway_process.ready.get("http")
+
     def start(self) -> Stack:
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix="chorus-stack-"))
@@ -202,8 +213,10 @@ class Stack:
                 "token_server",
             )
             token_addresses = ",".join(p.address for p in self.token_server_processes)
+            http = "off" if self.gateway_http_port is None else str(self.gateway_http_port)
             [self.gateway_process] = self._launch_all(
-                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses], "gateway", port=self.gateway_port
+                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses, "--http-port", http], "gateway",
+                port=self.gateway_port,
             )
         except BaseException as err:
             self._keep_logs = isinstance(err, StackError)
