@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
 import httpx2 as httpx
@@ -187,3 +190,60 @@ def test_sse_streams_deltas_then_done_with_usage(stack):
     assert len(pcm) // 2 == expected_samples(SAMPLE_RATE)
     usage = events[-1]["usage"]
     assert usage["output_tokens"] == 7 * FRAMES and usage["total_tokens"] == usage["input_tokens"] + 7 * FRAMES
+
+
+# --- the browser page ----------------------------------------------------------------
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "out" / "browser-page.png"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium, installed here when missing (as root, which CI is)."""
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if Path(path).exists():
+        return path
+    steps = [["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]]
+    for step in steps:
+        done = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", *step[1:]], capture_output=True, text=True,
+                              timeout=1200, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if done.returncode != 0:
+            pytest.fail(f"headless Chromium is needed and `{' '.join(step)}` failed "
+                        f"(run it as root, or install Debian's chromium):\n{done.stderr[-2000:]}")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("apt-get installed chromium but /usr/bin/chromium is missing")
+    return "/usr/bin/chromium"
+
+
+def test_browser_page_plays_the_stream_as_it_arrives(stack, chromium, tmp_path, capsys):
+    from playwright.sync_api import sync_playwright
+
+    sampling = json.dumps({"max_tokens": 7 * 40, "ignore_end_of_speech": True, "seed": 5})
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{stack.gateway_http_address}/?sampling={quote(sampling)}")
+            page.wait_for_function("document.querySelectorAll('#voice option').length > 0")
+            assert page.locator("#voice option").first.get_attribute("value") == "tara"
+            page.fill("#text", "A sentence for the browser to play.")
+            page.click("#speak")
+            page.wait_for_function("window.chorus.done", timeout=180_000)
+            stats = page.evaluate("window.chorus")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    with capsys.disabled():
+        print(f"\n[browser] screenshot: {SCREENSHOT}; page stats: {stats}")
+    assert stats["error"] is None
+    assert stats["receivedSamples"] == 40 * SAMPLES_PER_FRAME
+    # Every received sample was played by Web Audio (counted as each buffer ended).
+    assert stats["playedSamples"] == stats["receivedSamples"]
+    assert stats["ttfaMs"] > 0 and stats["lateChunks"] >= 0
