@@ -8,7 +8,6 @@ token server's (services/token_server/sampler.py), which checks them again.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 
 import grpc
@@ -56,7 +55,7 @@ def synthesize_options(
     request: gateway_pb2.SynthesizeRequest, config: GatewayConfig, time_remaining: float | None
 ) -> SynthesisOptions:
     check_text(request.text, config)
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=request.voice,
@@ -74,7 +73,7 @@ def streaming_options(
             f"the first StreamingSynthesize message must carry `config`, got `{first.WhichOneof('payload')}`"
         )
     cfg = first.config
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=cfg.voice,
@@ -84,7 +83,7 @@ def streaming_options(
     )
 
 
-def front_end_options(
+def options(
     config: GatewayConfig,
     time_remaining: float | None,
     *,
@@ -94,20 +93,7 @@ def front_end_options(
     request_id: str,
     tempo: float = 1.0,
 ) -> SynthesisOptions:
-    """The Riva and OpenAI front ends' requests, once mapped to tts.v1's terms: the same checks."""
-    options = _options(config, time_remaining, voice=voice, audio=audio, sampling=sampling, request_id=request_id)
-    return dataclasses.replace(options, tempo=tempo)
-
-
-def _options(
-    config: GatewayConfig,
-    time_remaining: float | None,
-    *,
-    voice: str,
-    audio: gateway_pb2.AudioConfig,
-    sampling: common_pb2.SamplingParams | None,
-    request_id: str,
-) -> SynthesisOptions:
+    """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
     if voice not in config.voices:
         raise invalid(f"unknown voice {voice!r}; this gateway speaks {', '.join(config.voices)} (see ListVoices)")
@@ -135,6 +121,7 @@ def _options(
         format=fmt,
         sample_rate=rate,
         timeout_s=timeout,
+        tempo=tempo,
     )
 
 

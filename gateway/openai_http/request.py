@@ -65,7 +65,7 @@ def parse(body: object, config: GatewayConfig) -> SpeechRequest:
     sampling = body.get("sampling")
     if sampling is not None and not isinstance(sampling, dict):
         raise invalid("sampling must be an object, e.g. {\"temperature\": 0.6, \"seed\": 7}")
-    options = validation.front_end_options(
+    options = validation.options(
         config,
         None,
         voice=voice,

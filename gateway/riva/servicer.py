@@ -166,7 +166,7 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
         rate = request.sample_rate_hz
         if fmt_name == "opus" and rate and rate not in OPUS_RATES:
             rate = min((r for r in OPUS_RATES if r >= rate), default=max(OPUS_RATES))
-        return validation.front_end_options(
+        return validation.options(
             self._config,
             time_remaining,
             voice=voice_aliases.resolve(request.voice_name, self._config),
