@@ -134,7 +134,8 @@ class SpeechEndpoint:
             otel_context.detach(token)
         span_context = span.get_span_context()
         trace_id = trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
-        headers = {"X-Request-Id": parsed.options.spec.request_id}
+        request_id = parsed.options.spec.request_id
+        headers = {"X-Request-Id": request_id} if request_id.isascii() and request_id.isprintable() else {}
         if trace_id:
             headers["X-Trace-Id"] = trace_id
         body = self._relay(first, items, parsed, span, trace_id)

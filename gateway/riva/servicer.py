@@ -56,14 +56,20 @@ LANGUAGE = "en-US"
 
 
 def summary_metadata(summary: common_pb2.SynthesisSummary) -> list[tuple[str, str | bytes]]:
+    # Text metadata must be printable ASCII; a caller's id may not be (the -bin summary has it).
+    readable_id = [("chorus-request-id", summary.request_id)] if _printable_ascii(summary.request_id) else []
     return [
         ("chorus-summary-bin", summary.SerializeToString()),
-        ("chorus-request-id", summary.request_id),
+        *readable_id,
         ("chorus-trace-id", summary.trace_id),
         ("chorus-time-to-first-audio-ms", f"{summary.time_to_first_audio_ms:.1f}"),
         ("chorus-audio-seconds", f"{summary.audio_seconds:.3f}"),
         ("chorus-real-time-factor", f"{summary.real_time_factor:.3f}"),
     ]
+
+
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
 
 
 class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
