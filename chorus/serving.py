@@ -36,6 +36,12 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Other listeners of the same service (the gateway's HTTP port): told to drain,
+    # with the same grace, while the gRPC server drains.
+    on_drain: list[Callable[[float | None], Awaitable[None]]] = field(default_factory=list)
+    serving: bool = False
+    # Other listeners' addresses by name (the gateway's "http"), for the ready file.
+    endpoints: dict[str, str] = field(default_factory=dict)
     # The service's engine objects, for in-process tests and introspection.
     components: dict[str, object] = field(default_factory=dict)
     _stopped: bool = False
@@ -50,6 +56,7 @@ class RunningServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -59,7 +66,7 @@ class RunningServer:
             return
         self._stopped = True
         await self.set_serving(False)
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(drain(grace) for drain in self.on_drain))
         for hook in reversed(self.on_stop):
             await hook()
 
@@ -125,5 +132,5 @@ def write_ready_file(path: str | None, running: RunningServer) -> None:
 
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"address": running.address, "port": running.port, "pid": os.getpid()}, f)
+        json.dump({"address": running.address, "port": running.port, "pid": os.getpid(), **running.endpoints}, f)
     os.replace(tmp, path)

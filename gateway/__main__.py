@@ -10,6 +10,8 @@ from chorus.entrypoint import add_common_flags, run
 from gateway import metrics
 from gateway.config import GatewayConfig
 
+DEFAULT_HTTP_PORT = 8080
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
@@ -28,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-buffer-ms", type=float, default=float(env("CHORUS_START_BUFFER_MS", 150)),
                    help="audio a listener buffers before playback starts; late audio after that counts as an "
                         "underrun [CHORUS_START_BUFFER_MS]")
+    p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
+                   help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health; "
+                        f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
     add_common_flags(p, default_port=50051)
     return p.parse_args(argv)
 
@@ -43,8 +48,17 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
         start_buffer_s=args.start_buffer_ms / 1000.0,
+        http_port=_http_port(args.http_port),
         **extra,
     )
+
+
+def _http_port(value: str) -> int | None:
+    if value.strip().lower() == "off":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"--http-port must be a port number or off, got {value!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> None:

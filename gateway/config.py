@@ -46,6 +46,9 @@ class GatewayConfig:
     # Audio a listener buffers before playback starts: the playback clock that
     # underruns are counted against, passed on to the token servers and codec workers.
     start_buffer_s: float = DEFAULT_START_BUFFER_S
+    # The HTTP port (OpenAI's speech endpoint, the browser page, /health), on `host`;
+    # 0 picks a free one, None serves no HTTP.
+    http_port: int | None = None
 
     def __post_init__(self) -> None:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
@@ -74,6 +77,8 @@ class GatewayConfig:
             problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
         if not 0.0 <= self.start_buffer_s <= 60.0:
             problems.append(f"start_buffer_s must be in [0, 60], got {self.start_buffer_s}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            problems.append(f"http_port must be 0..65535 (or off), got {self.http_port}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
         if problems:

@@ -15,14 +15,18 @@ import time
 import grpc
 
 from chorus import telemetry
+from chorus.proto.riva import riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from gateway import validation
 from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, abort_with, invalid
 from gateway.feed import TextFeed
+from gateway.openai_http.app import HttpListener, SpeechEndpoint
+from gateway.riva.servicer import SERVICE_NAME as RIVA_SERVICE_NAME
+from gateway.riva.servicer import RivaSynthesisServicer
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.segmenter import Segmenter
@@ -43,11 +47,11 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
         with telemetry.server_span("gateway.synthesize", context, {"chorus.text_chars": len(request.text)}):
             try:
                 options = validation.synthesize_options(request, self._config, context.time_remaining())
-                feed = TextFeed.of_text(request.text, self._segmenter())
+                feed = await TextFeed.of_text(request.text, self._segmenter())
                 async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
                     yield item
             except GatewayError as err:
-                await _abort(context, err)
+                await abort_with(context, err)
 
     async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
         with telemetry.server_span("gateway.streaming_synthesize", context):
@@ -68,7 +72,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             async for item in self._run(feed, options, arrived, gateway_pb2.StreamingSynthesizeResponse):
                 yield item
         except GatewayError as err:
-            await _abort(context, err)
+            await abort_with(context, err)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -104,25 +108,19 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
                 kind = message.WhichOneof("payload")
                 if kind == "text":
                     validation.check_text_piece(message.text, self._config)
-                    feed.push(message.text)
+                    await feed.push(message.text)
                     validation.check_backlog(feed.waiting_chars, self._config)
                 elif kind == "flush":
-                    feed.flush()
+                    await feed.flush()
                 elif kind == "end":
                     break
                 elif kind == "config":
                     raise invalid("`config` may only be sent once, as the first message")
                 else:
                     raise invalid("empty StreamingSynthesize message: set one of text, flush or end")
-            feed.end()
+            await feed.end()
         except GatewayError as err:
             feed.fail(err)
-
-
-async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
-        log.error("request failed: %s", err)
-    await context.abort(err.code, err.message)
 
 
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
@@ -132,12 +130,29 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     server = new_server()
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
+    riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)
     try:
-        running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+        running = await serve_with_health(server, [SERVICE_NAME, RIVA_SERVICE_NAME], port, config.host)
     except BaseException:
         await router.close()
         raise
     running.on_stop.append(router.close)
+    if config.http_port is not None:
+        try:
+            http = await HttpListener.start(
+                SpeechEndpoint(config, pipeline, lambda: running.serving).app(), config.host, config.http_port
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+        running.on_drain.append(http.drain)
+        running.endpoints["http"] = f"{_loopback_or(config.host)}:{http.port}"
+        log.info("gateway HTTP (OpenAI /v1/audio/speech, page at /) on %s:%d", config.host, http.port)
     await running.set_serving(True)
     log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))
     return running
+
+
+def _loopback_or(host: str) -> str:
+    """Where a local client reaches a listener bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -22,7 +22,7 @@ from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
 from chorus.audio_formats import AudioFormat
-from gateway.encoding import Encoded, StreamEncoder
+from gateway.encoding import Encoded, OffloadedEncoder, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
 from gateway.pipeline import GenerationSpec, Pipeline, PipelineStats
@@ -37,6 +37,8 @@ class SynthesisOptions:
     timeout_s: float
     # Audio the listener buffers before playback starts (the playback clock).
     start_buffer_s: float = DEFAULT_START_BUFFER_S
+    # Playback speed by time-stretching (the OpenAI endpoint's `speed`); 1 keeps the audio as generated.
+    tempo: float = 1.0
 
 
 async def synthesize(
@@ -46,7 +48,7 @@ async def synthesize(
     when the call reached the gateway."""
     deadline = arrived + options.timeout_s
     stats = PipelineStats()
-    encoder = StreamEncoder(options.format, options.sample_rate)
+    encoder = OffloadedEncoder(StreamEncoder(options.format, options.sample_rate, options.tempo))
     listener = PlaybackClock(options.sample_rate, options.start_buffer_s)
     first_audio_at = None
     pending_samples = 0  # encoded but not yet released by the muxer
@@ -54,7 +56,7 @@ async def synthesize(
     try:
         async with contextlib.aclosing(pipeline.run(feed, options.spec, deadline, stats, listener)) as pcm_stream:
             async for pcm in pcm_stream:
-                piece = encoder.encode(pcm)
+                piece = await encoder.encode(pcm)
                 pending_samples += piece.num_samples
                 if piece.data:
                     first_audio_at = first_audio_at or time.monotonic()
@@ -62,7 +64,7 @@ async def synthesize(
                     pending_samples = 0
         if stats.pieces == 0:
             raise invalid("the input ended without any text to speak: send text before ending the stream")
-        last = encoder.finish()
+        last = await encoder.finish()
         if last.data:
             first_audio_at = first_audio_at or time.monotonic()
             yield _sent(listener, Encoded(last.data, pending_samples + last.num_samples))

@@ -55,7 +55,7 @@ def synthesize_options(
     request: gateway_pb2.SynthesizeRequest, config: GatewayConfig, time_remaining: float | None
 ) -> SynthesisOptions:
     check_text(request.text, config)
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=request.voice,
@@ -73,7 +73,7 @@ def streaming_options(
             f"the first StreamingSynthesize message must carry `config`, got `{first.WhichOneof('payload')}`"
         )
     cfg = first.config
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=cfg.voice,
@@ -83,7 +83,7 @@ def streaming_options(
     )
 
 
-def _options(
+def options(
     config: GatewayConfig,
     time_remaining: float | None,
     *,
@@ -91,7 +91,9 @@ def _options(
     audio: gateway_pb2.AudioConfig,
     sampling: common_pb2.SamplingParams | None,
     request_id: str,
+    tempo: float = 1.0,
 ) -> SynthesisOptions:
+    """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
     if voice not in config.voices:
         raise invalid(f"unknown voice {voice!r}; this gateway speaks {', '.join(config.voices)} (see ListVoices)")
@@ -120,6 +122,7 @@ def _options(
         sample_rate=rate,
         timeout_s=timeout,
         start_buffer_s=config.start_buffer_s,
+        tempo=tempo,
     )
 
 

@@ -241,19 +241,27 @@ def test_node_client_synthesizes(stack):
     assert result["summary"]["frames"] > 0 and result["summary"]["audio_seconds"] > 0
 
 
-def test_chorus_serve_say_runs_the_demo(demo_models, tmp_path):
-    """The README's demo command: a whole stack of its own, one sentence, stopped."""
-    out = tmp_path / "demo.wav"
+def test_chorus_serve_say_serves_real_weights_untouched_in_the_format_of_the_extension(demo_models, tmp_path):
+    """`chorus serve --models DIR --say`: a whole stack of its own, one sentence, stopped. DIR
+    is laid out like real weights (not written by Chorus): served as they are, never
+    overwritten; `-o x.mp3` gets MP3 bytes."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(demo_models.gguf, weights / "orpheus-q8_0.gguf")
+    shutil.copytree(demo_models.snac_dir, weights / "snac_24khz")
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in weights.rglob("*")}
+    out = tmp_path / "demo.mp3"
     done = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
+        [sys.executable, "-m", "tools.cli", "serve", "--models", str(weights), "--gateway-port", "0",
          "--slots", "2", "--say", "Chorus is up.", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout
-    assert "time to first audio" in done.stderr
-    samples, rate = decode("wav", SAMPLE_RATE, out.read_bytes())
+    assert "time to first audio" in done.stderr and "orpheus-q8_0.gguf" in done.stderr
+    samples, rate = decode("mp3", SAMPLE_RATE, out.read_bytes())
     assert rate == SAMPLE_RATE and samples.size > 0
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in weights.rglob("*")} == before
 
 
 # Last: it stops a token server of the shared stack.

@@ -518,7 +518,7 @@ def test_voices_and_limits():
         assert [v.name for v in voices.voices] == ["tara", "leo", "mia"]
         assert all(v.description for v in voices.voices)
         assert limits.max_text_chars == 500
-        assert set(limits.encodings) == {1, 2, 3, 4, 5}
+        assert set(limits.encodings) == {1, 2, 3, 4, 5, 6, 7, 8}
         assert 24000 in limits.sample_rates_hz and 8000 in limits.sample_rates_hz
         assert limits.native_sample_rate_hz == 24000
 
