@@ -196,7 +196,7 @@ def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
     assert asyncio.run(run())[2]
     telemetry.flush_tracing()
     spans = receiver.spans()
-    resource, decode_span = spans["codec_worker.decode"]
+    resource, decode_span = spans["/tts.v1.CodecService/Decode"]
     _, first_audio = spans["codec_worker.first_audio"]
     assert resource["service.name"] == telemetry.CODEC_WORKER
     assert first_audio.trace_id == decode_span.trace_id

@@ -273,10 +273,10 @@ def test_one_trace_spans_all_three_services(gateway, otlp):
     _, summary = collect(gateway.Synthesize(request, timeout=120))
     assert len(summary.trace_id) == 32
     expected = {
-        "chorus-gateway": {"gateway.synthesize"},
-        "chorus-token-server": {"token_server.generate", "token_server.queue_wait", "token_server.prefill",
+        "chorus-gateway": {"/tts.v1.SynthesisService/Synthesize"},
+        "chorus-token-server": {"/tts.v1.TokenService/Generate", "token_server.queue_wait", "token_server.prefill",
                                 "token_server.first_frame"},
-        "chorus-codec-worker": {"codec_worker.decode", "codec_worker.first_audio"},
+        "chorus-codec-worker": {"/tts.v1.CodecService/Decode", "codec_worker.first_audio"},
     }
 
     def seen() -> dict[str, set[str]]:

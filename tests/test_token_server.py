@@ -286,12 +286,12 @@ def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
         telemetry.shutdown_tracing()
     spans = receiver.spans()
     assert len(summary.trace_id) == 32
-    for name in ("token_server.generate", "token_server.queue_wait", "token_server.prefill",
+    for name in ("/tts.v1.TokenService/Generate", "token_server.queue_wait", "token_server.prefill",
                  "token_server.first_frame", "token_server.decode"):
         resource, span = spans[name]
         assert span.trace_id.hex() == summary.trace_id, name
         assert resource["service.name"] == telemetry.TOKEN_SERVER
-    root = spans["token_server.generate"][1]
+    root = spans["/tts.v1.TokenService/Generate"][1]
     prefill = spans["token_server.prefill"][1]
     assert prefill.parent_span_id == root.span_id
     assert root.start_time_unix_nano <= prefill.start_time_unix_nano <= prefill.end_time_unix_nano

@@ -37,7 +37,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     pool = CodecPool(config.codec_workers)
     await pool.start()
 
-    server = new_server()
+    server = new_server(metrics.RPC)
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)

@@ -92,23 +92,23 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
-        with telemetry.server_span("token_server.generate", context, {"chorus.request_id": request_id}):
-            gen_request = await self._to_generation_request(request, request_id, context)
-            try:
-                handle = self._engine.submit(gen_request)
-            except QueueFullError as err:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-            except PromptTooLongError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            try:
-                if request.codes_only:
-                    async for message in self._stream_codes(handle, request_id, started, context):
-                        yield message
-                else:
-                    async for message in self._stream_audio(handle, request, request_id, started, context):
-                        yield message
-            finally:
-                handle.cancel()
+        telemetry.tag_request(request_id)
+        gen_request = await self._to_generation_request(request, request_id, context)
+        try:
+            handle = self._engine.submit(gen_request)
+        except QueueFullError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except PromptTooLongError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            if request.codes_only:
+                async for message in self._stream_codes(handle, request_id, started, context):
+                    yield message
+            else:
+                async for message in self._stream_audio(handle, request, request_id, started, context):
+                    yield message
+        finally:
+            handle.cancel()
 
     async def _to_generation_request(self, request, request_id: str, context) -> GenerationRequest:
         text = request.text.strip()
@@ -155,9 +155,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
 
     async def _stream_audio(self, handle, request, request_id, started, context):
-        relay = CodecRelay(
-            self._pool, request_id, deterministic=request.deterministic_audio, metadata=telemetry.inject_metadata()
-        )
+        relay = CodecRelay(self._pool, request_id, deterministic=request.deterministic_audio)
         outcome: dict[str, object] = {}
 
         async def feed() -> None:
