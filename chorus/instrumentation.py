@@ -46,6 +46,8 @@ __all__ = ["ServerInterceptor", "server_interceptors", "client_interceptors", "r
 _SCOPE = "opentelemetry.instrumentation.grpc"
 _UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                       "grpc.reflection.v1.ServerReflection")
+# A cancel this close to the deadline is the client's deadline (see rpc_outcome).
+DEADLINE_SLACK_S = 0.25
 # Polled several times a second per peer: a trace each would bury the requests.
 _LOAD_POLLS = ("GetStatus", "GetLoad")
 
@@ -62,14 +64,17 @@ def rpc_outcome(context: grpc.aio.ServicerContext, error: BaseException | None) 
 
     An abort or set_code leaves its code on the context. A handler cancelled by
     grpc.aio (CancelledError), or a stream that grpc.aio dropped (GeneratorExit), was
-    cut off by its deadline when no time remains, else by its client.
+    cut off by its deadline when (almost) no time remained, else by its client. Almost:
+    the client's clock runs out first and it resets the stream, which reaches the
+    server while the server's own copy of the deadline still has the one-way
+    latency to go.
     """
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
         return code, context.details() or ""
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before it finished"
         return grpc.StatusCode.CANCELLED, "the client cancelled the call or went away"
     if error is not None:

@@ -128,11 +128,11 @@ class _RequestFields(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", service: str = "") -> None:
-    """Text for people at a terminal; JSON (one object a line, with `trace_id` and
-    `request_id` on every line written for a request) for log pipelines, so that a
-    line leads to its trace in Jaeger and back."""
-    handler = logging.StreamHandler()
+def log_handler(fmt: str = "text", service: str = "", stream=None) -> logging.Handler:
+    """Text for people at a terminal; JSON (one object a line, with `trace_id`,
+    `span_id` and `request_id` on every line written for a request) for log
+    pipelines, so that a line leads to its trace in Jaeger and back."""
+    handler = logging.StreamHandler(stream)
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -146,7 +146,13 @@ def configure_logging(level: str = "INFO", fmt: str = "text", service: str = "")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    return handler
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", service: str = "") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), handlers=[log_handler(fmt, service)], force=True
+    )
 
 
 def write_ready_file(path: str | None, running: RunningServer) -> None:

@@ -233,6 +233,46 @@ def test_codec_worker_killed_mid_stream_loses_no_audio(gguf_path):
     assert summary.frames == 12
 
 
+def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
+    """Each attempt on a codec worker is a CLIENT span of the request's trace; the one
+    that resumes the stream says it is a failover, from where, and who failed."""
+    from chorus import telemetry
+
+    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+
+    async def scenario():
+        dying, healthy = FakeCodec(die_after_frames=5), FakeCodec()
+        async with fake_codec(dying) as w1, fake_codec(healthy) as w2:
+            async with token_server(gguf_path, [w1.address, w2.address]) as (_, stub):
+                _, _, summary = await read_all(stub.Generate(request(frames=12)))
+        return w1.address, w2.address, summary
+
+    try:
+        failed, resumed, summary = asyncio.run(scenario())
+        assert telemetry.flush_tracing()
+    finally:
+        telemetry.shutdown_tracing()
+    spans = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+             if s.trace_id.hex() == summary.trace_id]
+    (generate,) = [s for s in spans if s.name == "/tts.v1.TokenService/Generate" and s.kind == 2]
+    clients = sorted((s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 3),
+                     key=lambda s: s.start_time_unix_nano)
+    assert len(clients) == 2
+    assert all(c.parent_span_id == generate.span_id for c in clients)
+    first, failover = ({a.key: a.value for a in c.attributes} for c in clients)
+    assert "chorus.failover" not in first
+    assert first["rpc.grpc.status_code"].int_value == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert clients[0].status.code == 2 and "fake codec worker died" in clients[0].status.message
+    assert failover["chorus.failover"].bool_value is True
+    assert failover["chorus.resume_from_sample"].int_value == 5 * 2048
+    assert [v.string_value for v in failover["chorus.failed_workers"].array_value.values] == [failed]
+    assert failover["rpc.grpc.status_code"].int_value == 0
+    # The fake workers run in this process: each attempt's SERVER span is the child of its CLIENT span.
+    servers = [s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 2]
+    assert {s.parent_span_id for s in servers} == {c.span_id for c in clients}
+    assert resumed != failed
+
+
 def test_no_codec_worker_is_unavailable(gguf_path):
     async def scenario():
         async with token_server(gguf_path) as (_, stub):

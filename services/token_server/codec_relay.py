@@ -139,13 +139,18 @@ class CodecRelay:
             # A failed write surfaces through the read side; don't log it twice.
             writer.add_done_callback(lambda t: t.cancelled() or t.exception())
             try:
+                tail = False
+                # To the end of the stream, not just to its tail: a call read to its
+                # end has its status, and its CLIENT span ends then, not when the
+                # garbage collector gets to it.
                 async for response in call:
                     chunk = self._unseen_part(response.audio)
                     if chunk is not None:
                         self.relayed_samples += len(chunk.pcm) // 2
                         yield chunk
-                    if response.final:
-                        return
+                    tail = tail or response.final
+                if tail:
+                    return
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, None, None, f"codec worker {address} ended the stream without its tail"
                 )
