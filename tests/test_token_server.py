@@ -122,6 +122,20 @@ def test_same_seed_same_codes_over_rpc(gguf_path):
     assert a == b and a != c
 
 
+def test_gpu_layers_on_a_cpu_build_change_nothing(gguf_path):
+    """--gpu-layers reaches llama.cpp's model parameters; a CPU build keeps every layer
+    on the CPU, so the same seed gives the same codes with any setting."""
+    async def codes(gpu_layers: int):
+        async with token_server(gguf_path, gpu_layers=gpu_layers) as (running, stub):
+            assert running.components["backbone"].gpu_layers == gpu_layers
+            _, frames, _ = await read_all(stub.Generate(request(codes_only=True, seed=7)))
+            return [tuple(f.codes) for f in frames]
+
+    assert asyncio.run(codes(-1)) == asyncio.run(codes(0))
+    with pytest.raises(ValueError, match="gpu_layers must be"):
+        TokenServerConfig(model_path=gguf_path, gpu_layers=-2)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -27,6 +27,10 @@ class TokenServerConfig:
     # Headroom of the generation budget over ~6 tokens a character, for requests that
     # set no max_tokens (see chorus.orpheus.default_max_tokens).
     budget_headroom: float = 1.5
+    # Layers llama.cpp offloads to the GPU: 0 keeps everything on the CPU (and the
+    # batch-invariance measured there); -1 offloads every layer. Needs a CUDA build
+    # of llama-cpp-python (the CUDA image); a CPU build ignores it.
+    gpu_layers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -44,6 +48,8 @@ class TokenServerConfig:
             problems.append(f"threads must be positive, got {self.threads}")
         if self.queue_size < 0:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.gpu_layers < -1:
+            problems.append(f"gpu_layers must be -1 (all), 0 (none) or a layer count, got {self.gpu_layers}")
         if self.budget_headroom <= 0:
             problems.append(f"budget_headroom must be positive, got {self.budget_headroom}")
         for worker in self.codec_workers:

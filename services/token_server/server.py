@@ -28,6 +28,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         n_batch=config.n_batch,
         n_seq_max=config.slots,
         threads=config.threads,
+        gpu_layers=config.gpu_layers,
     )
     engine = Engine(
         backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
