@@ -68,11 +68,11 @@ def expected_files(root: Path, backbone_name: str, snac_name: str) -> list[Path]
     return [root / backbone_name, *(root / snac_name / name for name in SNAC_FILES)]
 
 
-def wait_for(paths: list[Path], poll_s: float = 5.0, log=print) -> None:
+def wait_for(paths: list[Path], poll_s: float = 5.0, log=print, sleep=time.sleep) -> None:
     missing = [p for p in paths if not p.exists()]
     while missing:
         log(f"waiting for {', '.join(map(str, missing))}")
-        time.sleep(poll_s)
+        sleep(poll_s)
         missing = [p for p in paths if not p.exists()]
 
 
