@@ -28,6 +28,7 @@ part of a traced request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -88,19 +89,7 @@ class _UnattachedTracer:
     step and ends it when the call is over."""
 
     def start_as_current_span(self, name, kind=SpanKind.INTERNAL, attributes=None, **_ignored):
-        span = telemetry.get_tracer(_SCOPE).start_span(name, kind=kind, attributes=attributes)
-        return _Holding(span)
-
-
-class _Holding:
-    def __init__(self, span: trace.Span) -> None:
-        self._span = span
-
-    def __enter__(self) -> trace.Span:
-        return self._span
-
-    def __exit__(self, *exc_info) -> None:
-        return None
+        return contextlib.nullcontext(telemetry.get_tracer(_SCOPE).start_span(name, kind=kind, attributes=attributes))
 
 
 def _server_filter(details: grpc.HandlerCallDetails) -> bool:

@@ -1,5 +1,9 @@
-"""chorus.telemetry against real gRPC: a trace crosses a grpc.aio call and reaches an
-OTLP receiver as one trace, the way Jaeger would get it from the three services.
+"""Tracing and request metrics against real gRPC: Chorus servers and channels
+(`new_server`, `new_channel`, the standard OpenTelemetry gRPC interceptors) make one
+trace of a call, with CLIENT and SERVER spans that reach an OTLP receiver the way
+Jaeger would get them; failed, expired and cancelled calls are errors with their
+message; calls are counted by status; log lines carry the ids; reflection answers
+both protocols.
 
 The receiver is opentelemetry-proto's TraceServiceServicer on a real gRPC server, so
 the exporter, its serialisation and the W3C propagation are all the production code.
