@@ -18,7 +18,7 @@ from typing import Sequence
 
 import grpc
 
-from chorus.serving import GRPC_OPTIONS
+from chorus.serving import new_channel
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class EndpointSet:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS)
+            channel = self._channels[endpoint] = new_channel(endpoint)
         return channel
 
     async def refresh(self) -> None:

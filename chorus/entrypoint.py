@@ -16,7 +16,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from chorus import telemetry
-from chorus.serving import configure_logging, run_until_signalled, write_ready_file
+from chorus.serving import LOG_FORMATS, configure_logging, run_until_signalled, write_ready_file
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -32,6 +32,8 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     parser.add_argument("--drain-seconds", type=float, default=float(env("CHORUS_DRAIN_SECONDS", 30)),
                         help="on SIGTERM, time given to open streams to finish [CHORUS_DRAIN_SECONDS]")
     parser.add_argument("--log-level", default=env("CHORUS_LOG_LEVEL", "INFO"), help="[CHORUS_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("CHORUS_LOG_FORMAT", "text"),
+                        help="json: one object a line with trace_id and request_id [CHORUS_LOG_FORMAT]")
 
 
 def run(
@@ -48,7 +50,7 @@ def run(
     Errors in `fatal` (bad config, a model that does not load) end the process with
     their message and no traceback: they are the operator's to fix.
     """
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service)
     try:
         config = build_config(args)
         module, function = start_server.split(":")

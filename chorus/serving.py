@@ -1,8 +1,9 @@
-"""What every Chorus gRPC server shares: health, reflection, SIGTERM drain.
+"""What every Chorus gRPC server shares: health, reflection (v1 and v1alpha),
+standard RPC tracing and request metrics, SIGTERM drain, logging.
 
-Each service's `start_server(config, port=0)` builds its servicers, then hands the
-`grpc.aio.Server` to `serve_with_health` so that the three services behave alike
-when probed, reflected or terminated.
+Each service's `start_server(config, port=0)` builds its servicers on `new_server`,
+then hands the `grpc.aio.Server` to `serve_with_health` so that the three services
+behave alike when probed, reflected, traced or terminated.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
 import grpc
+from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+from chorus import instrumentation, reflection, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +88,7 @@ async def serve_with_health(
     names = tuple(service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
@@ -98,8 +98,15 @@ async def serve_with_health(
     return running
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS)
+def new_server(metrics: telemetry.RpcMetrics | None = None) -> grpc.aio.Server:
+    """A server whose every call gets a standard SERVER span and, with the service's
+    `metrics`, is counted by method and status."""
+    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=instrumentation.server_interceptors(metrics))
+
+
+def new_channel(target: str) -> grpc.aio.Channel:
+    """A channel whose every call gets a standard CLIENT span and carries the trace."""
+    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=instrumentation.client_interceptors())
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:
@@ -113,10 +120,45 @@ async def run_until_signalled(running: RunningServer, grace: float) -> None:
     await running.stop(grace)
 
 
-def configure_logging(level: str = "INFO") -> None:
+LOG_FORMATS = ("text", "json")
+
+
+class _RequestFields(logging.Filter):
+    """Puts the trace id, span id and request id of the request being served (empty
+    outside one) on every record, for the JSON formatter to write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span = trace.get_current_span().get_span_context()
+        record.trace_id = trace.format_trace_id(span.trace_id) if span.is_valid else ""
+        record.span_id = trace.format_span_id(span.span_id) if span.is_valid else ""
+        record.request_id = telemetry.REQUEST_ID.get()
+        return True
+
+
+def log_handler(fmt: str = "text", service: str = "", stream=None) -> logging.Handler:
+    """Text for people at a terminal; JSON (one object a line, with `trace_id`,
+    `span_id` and `request_id` on every line written for a request) for log
+    pipelines, so that a line leads to its trace in Jaeger and back."""
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s %(request_id)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            static_fields={"service": service} if service else None,
+        ))
+        handler.addFilter(_RequestFields())
+    elif fmt == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    return handler
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", service: str = "") -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, level.upper(), logging.INFO), handlers=[log_handler(fmt, service)], force=True
     )
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, metric_name
+from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name
 
 REGISTRY = CollectorRegistry()
+
+# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+RPC = RpcMetrics(GATEWAY, REGISTRY)
 
 # Below 1 is faster than real time; the interesting region is 0.3..1.5.
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)

@@ -99,14 +99,16 @@ class Router:
     ) -> AsyncIterator[token_server_pb2.GenerateResponse]:
         """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
         failures: list[tuple[str, grpc.aio.AioRpcError]] = []
-        for server in self.ranked():
+        for attempt, server in enumerate(self.ranked()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GatewayError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
                 )
             server.sent_since_poll += 1
-            call = server.stub.Generate(request, timeout=remaining, metadata=telemetry.inject_metadata())
+            # A retry's CLIENT span says so, and which servers refused before it.
+            with telemetry.call_attributes(**_retry_attributes(attempt, failures)):
+                call = server.stub.Generate(request, timeout=remaining)
             responded = False
             try:
                 async for response in call:
@@ -145,6 +147,16 @@ class Router:
         server.slots_busy = status.slots_busy
         server.queue_depth = status.queue_depth
         server.sent_since_poll = 0
+
+
+def _retry_attributes(attempt: int, failures: list[tuple[str, grpc.aio.AioRpcError]]) -> dict[str, object]:
+    if not attempt:
+        return {}
+    return {
+        "chorus.retry": True,
+        "chorus.attempt": attempt + 1,
+        "chorus.refused_by": [f"{address}: {err.code().name}" for address, err in failures],
+    }
 
 
 def _relayed(address: str, err: grpc.aio.AioRpcError) -> GatewayError:

@@ -18,7 +18,7 @@ from chorus import telemetry
 from chorus.proto.riva import riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
-from gateway import validation
+from gateway import metrics, validation
 from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
@@ -44,21 +44,16 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
 
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        with telemetry.server_span("gateway.synthesize", context, {"chorus.text_chars": len(request.text)}):
-            try:
-                options = validation.synthesize_options(request, self._config, context.time_remaining())
-                feed = await TextFeed.of_text(request.text, self._segmenter())
-                async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
-                    yield item
-            except GatewayError as err:
-                await abort_with(context, err)
+        try:
+            options = validation.synthesize_options(request, self._config, context.time_remaining())
+            _tag(options, text_chars=len(request.text))
+            feed = await TextFeed.of_text(request.text, self._segmenter())
+            async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
+                yield item
+        except GatewayError as err:
+            await abort_with(context, err)
 
     async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
-        with telemetry.server_span("gateway.streaming_synthesize", context):
-            async for item in self._streaming(request_iterator, context):
-                yield item
-
-    async def _streaming(self, request_iterator, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         requests = request_iterator.__aiter__()
         reader = None
@@ -67,6 +62,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             if first is None:
                 raise invalid("the stream closed before its first message, which must carry `config`")
             options = validation.streaming_options(first, self._config, context.time_remaining())
+            _tag(options)
             feed = TextFeed(self._segmenter())
             reader = asyncio.create_task(self._read_text(requests, feed))
             async for item in self._run(feed, options, arrived, gateway_pb2.StreamingSynthesizeResponse):
@@ -123,11 +119,21 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             feed.fail(err)
 
 
+def _tag(options: SynthesisOptions, **extra: object) -> None:
+    """The request's id, voice and output on its server span and log lines."""
+    telemetry.tag_request(options.spec.request_id, **{
+        "chorus.voice": options.spec.voice,
+        "chorus.encoding": options.format.name,
+        "chorus.sample_rate_hz": options.sample_rate,
+        **{f"chorus.{key}": value for key, value in extra.items()},
+    })
+
+
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
     router = Router(config.token_servers, config.status_interval_s)
     await router.start()
-    server = new_server()
+    server = new_server(metrics.RPC)
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
     riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)

@@ -128,6 +128,20 @@ def test_same_seed_same_codes_over_rpc(gguf_path):
     assert a == b and a != c
 
 
+def test_gpu_layers_on_a_cpu_build_change_nothing(gguf_path):
+    """--gpu-layers reaches llama.cpp's model parameters; a CPU build keeps every layer
+    on the CPU, so the same seed gives the same codes with any setting."""
+    async def codes(gpu_layers: int):
+        async with token_server(gguf_path, gpu_layers=gpu_layers) as (running, stub):
+            assert running.components["backbone"].gpu_layers == gpu_layers
+            _, frames, _ = await read_all(stub.Generate(request(codes_only=True, seed=7)))
+            return [tuple(f.codes) for f in frames]
+
+    assert asyncio.run(codes(-1)) == asyncio.run(codes(0))
+    with pytest.raises(ValueError, match="gpu_layers must be"):
+        TokenServerConfig(model_path=gguf_path, gpu_layers=-2)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -239,6 +253,46 @@ def test_codec_worker_killed_mid_stream_loses_no_audio(gguf_path):
     assert summary.frames == 12
 
 
+def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
+    """Each attempt on a codec worker is a CLIENT span of the request's trace; the one
+    that resumes the stream says it is a failover, from where, and who failed."""
+    from chorus import telemetry
+
+    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+
+    async def scenario():
+        dying, healthy = FakeCodec(die_after_frames=5), FakeCodec()
+        async with fake_codec(dying) as w1, fake_codec(healthy) as w2:
+            async with token_server(gguf_path, [w1.address, w2.address]) as (_, stub):
+                _, _, summary = await read_all(stub.Generate(request(frames=12)))
+        return w1.address, w2.address, summary
+
+    try:
+        failed, resumed, summary = asyncio.run(scenario())
+        assert telemetry.flush_tracing()
+    finally:
+        telemetry.shutdown_tracing()
+    spans = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+             if s.trace_id.hex() == summary.trace_id]
+    (generate,) = [s for s in spans if s.name == "/tts.v1.TokenService/Generate" and s.kind == 2]
+    clients = sorted((s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 3),
+                     key=lambda s: s.start_time_unix_nano)
+    assert len(clients) == 2
+    assert all(c.parent_span_id == generate.span_id for c in clients)
+    first, failover = ({a.key: a.value for a in c.attributes} for c in clients)
+    assert "chorus.failover" not in first
+    assert first["rpc.grpc.status_code"].int_value == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert clients[0].status.code == 2 and "fake codec worker died" in clients[0].status.message
+    assert failover["chorus.failover"].bool_value is True
+    assert failover["chorus.resume_from_sample"].int_value == 5 * 2048
+    assert [v.string_value for v in failover["chorus.failed_workers"].array_value.values] == [failed]
+    assert failover["rpc.grpc.status_code"].int_value == 0
+    # The fake workers run in this process: each attempt's SERVER span is the child of its CLIENT span.
+    servers = [s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 2]
+    assert {s.parent_span_id for s in servers} == {c.span_id for c in clients}
+    assert resumed != failed
+
+
 def test_no_codec_worker_is_unavailable(gguf_path):
     async def scenario():
         async with token_server(gguf_path) as (_, stub):
@@ -292,12 +346,12 @@ def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
         telemetry.shutdown_tracing()
     spans = receiver.spans()
     assert len(summary.trace_id) == 32
-    for name in ("token_server.generate", "token_server.queue_wait", "token_server.prefill",
+    for name in ("/tts.v1.TokenService/Generate", "token_server.queue_wait", "token_server.prefill",
                  "token_server.first_frame", "token_server.decode"):
         resource, span = spans[name]
         assert span.trace_id.hex() == summary.trace_id, name
         assert resource["service.name"] == telemetry.TOKEN_SERVER
-    root = spans["token_server.generate"][1]
+    root = spans["/tts.v1.TokenService/Generate"][1]
     prefill = spans["token_server.prefill"][1]
     assert prefill.parent_span_id == root.span_id
     assert root.start_time_unix_nano <= prefill.start_time_unix_nano <= prefill.end_time_unix_nano

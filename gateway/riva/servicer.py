@@ -79,48 +79,48 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
 
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        with telemetry.server_span("gateway.riva.synthesize", context, {"chorus.text_chars": len(request.text)}):
-            try:
-                validation.check_text(request.text, self._config)
-                options = self._options(request, context.time_remaining())
-                feed = await TextFeed.of_text(request.text, self._segmenter())
-                audio = []
-                async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
-                    async for item in items:
-                        if isinstance(item, Encoded):
-                            audio.append(item.data)
-                        else:
-                            context.set_trailing_metadata(summary_metadata(item))
-                return riva_tts_pb2.SynthesizeSpeechResponse(
-                    audio=b"".join(audio), id=request.id,
-                    meta=riva_tts_pb2.SynthesizeSpeechResponseMetadata(text=request.text),
-                )
-            except GatewayError as err:
-                await abort_with(context, err)
+        try:
+            validation.check_text(request.text, self._config)
+            options = self._options(request, context.time_remaining())
+            telemetry.tag_request(options.spec.request_id, **{"chorus.text_chars": len(request.text)})
+            feed = await TextFeed.of_text(request.text, self._segmenter())
+            audio = []
+            async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
+                async for item in items:
+                    if isinstance(item, Encoded):
+                        audio.append(item.data)
+                    else:
+                        context.set_trailing_metadata(summary_metadata(item))
+            return riva_tts_pb2.SynthesizeSpeechResponse(
+                audio=b"".join(audio), id=request.id,
+                meta=riva_tts_pb2.SynthesizeSpeechResponseMetadata(text=request.text),
+            )
+        except GatewayError as err:
+            await abort_with(context, err)
 
     async def SynthesizeOnline(self, request_iterator, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        with telemetry.server_span("gateway.riva.synthesize_online", context):
-            requests = request_iterator.__aiter__()
-            reader = None
-            try:
-                first = await anext(requests, None)
-                if first is None:
-                    raise invalid("the stream closed before its first request")
-                options = self._options(first, context.time_remaining())
-                feed = TextFeed(self._segmenter())
-                reader = asyncio.create_task(self._read_texts(first, requests, feed))
-                async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
-                    async for item in items:
-                        if isinstance(item, Encoded):
-                            yield riva_tts_pb2.SynthesizeSpeechResponse(audio=item.data, id=first.id)
-                        else:
-                            context.set_trailing_metadata(summary_metadata(item))
-            except GatewayError as err:
-                await abort_with(context, err)
-            finally:
-                if reader is not None:
-                    reader.cancel()
+        requests = request_iterator.__aiter__()
+        reader = None
+        try:
+            first = await anext(requests, None)
+            if first is None:
+                raise invalid("the stream closed before its first request")
+            options = self._options(first, context.time_remaining())
+            telemetry.tag_request(options.spec.request_id)
+            feed = TextFeed(self._segmenter())
+            reader = asyncio.create_task(self._read_texts(first, requests, feed))
+            async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
+                async for item in items:
+                    if isinstance(item, Encoded):
+                        yield riva_tts_pb2.SynthesizeSpeechResponse(audio=item.data, id=first.id)
+                    else:
+                        context.set_trailing_metadata(summary_metadata(item))
+        except GatewayError as err:
+            await abort_with(context, err)
+        finally:
+            if reader is not None:
+                reader.cancel()
 
     async def GetRivaSynthesisConfig(self, request, context):
         names = voice_aliases.riva_voice_names(self._config)

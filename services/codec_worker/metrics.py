@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from chorus.telemetry import CODEC_WORKER, metric_name
+from chorus.telemetry import CODEC_WORKER, RpcMetrics, metric_name
 
 REGISTRY = CollectorRegistry()
+
+# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+RPC = RpcMetrics(CODEC_WORKER, REGISTRY)
 
 _BATCH_STREAM_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 

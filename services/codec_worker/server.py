@@ -14,6 +14,7 @@ import time
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from chorus import orpheus, telemetry
 from services.codec_worker import metrics
@@ -116,56 +117,56 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._count_open(+1)
         stream: EngineStream | None = None
         reader: asyncio.Task | None = None
-        with telemetry.server_span("codec_worker.decode", context) as span:
+        try:
+            first = await anext(aiter(request_iterator), None)
             try:
-                first = await anext(aiter(request_iterator), None)
-                try:
-                    check = StreamCheck.opened_by(first)
-                except BadRequest as err:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                start = first.start
-                span.set_attributes({
-                    "chorus.request_id": start.request_id,
-                    "chorus.first_frame_index": start.first_frame_index,
-                    "chorus.resume_from_sample": start.resume_from_sample,
-                })
-                try:
-                    clock = playback_clock(start)
-                except ValueError as err:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                try:
-                    stream = self._engine.open_stream(
-                        start.first_frame_index, start.resume_from_sample, start.deterministic, clock
-                    )
-                except (EngineStopped, EngineDead) as err:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-                reader = asyncio.create_task(_read(request_iterator, check, stream))
-                samples = 0
-                while True:
-                    item = await stream.get()
-                    if isinstance(item, Audio):
-                        if not samples:
-                            _record_first_audio(opened_at, check)
-                        samples += item.samples
-                        yield codec_pb2.DecodeResponse(
-                            audio=common_pb2.PcmChunk(
-                                sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
-                            )
+                check = StreamCheck.opened_by(first)
+            except BadRequest as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            start = first.start
+            telemetry.tag_request(start.request_id, **{
+                "chorus.first_frame_index": start.first_frame_index,
+                "chorus.resume_from_sample": start.resume_from_sample,
+            })
+            try:
+                clock = playback_clock(start)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            try:
+                stream = self._engine.open_stream(
+                    start.first_frame_index, start.resume_from_sample, start.deterministic, clock
+                )
+            except (EngineStopped, EngineDead) as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            reader = asyncio.create_task(_read(request_iterator, check, stream))
+            samples = 0
+            while True:
+                item = await stream.get()
+                if isinstance(item, Audio):
+                    if not samples:
+                        _record_first_audio(opened_at, check)
+                    samples += item.samples
+                    yield codec_pb2.DecodeResponse(
+                        audio=common_pb2.PcmChunk(
+                            sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
                         )
-                    elif isinstance(item, End):
-                        span.set_attributes({"chorus.frames": check.frames_received, "chorus.samples": samples})
-                        yield codec_pb2.DecodeResponse(final=True)
-                        return
-                    elif isinstance(item, DecodeFailed):
-                        code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
-                        await context.abort(code, item.message)
-            finally:
-                # Also on cancellation by the client: the decoder state goes at once.
-                self._count_open(-1)
-                if reader is not None:
-                    reader.cancel()
-                if stream is not None:
-                    stream.cancel()
+                    )
+                elif isinstance(item, End):
+                    trace.get_current_span().set_attributes(
+                        {"chorus.frames": check.frames_received, "chorus.samples": samples}
+                    )
+                    yield codec_pb2.DecodeResponse(final=True)
+                    return
+                elif isinstance(item, DecodeFailed):
+                    code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
+                    await context.abort(code, item.message)
+        finally:
+            # Also on cancellation by the client: the decoder state goes at once.
+            self._count_open(-1)
+            if reader is not None:
+                reader.cancel()
+            if stream is not None:
+                stream.cancel()
 
     def _count_open(self, delta: int) -> None:
         self._open += delta
@@ -213,7 +214,7 @@ async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamC
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
     """Binds and answers health (NOT_SERVING) at once, then loads, warms and measures
     the model and goes SERVING."""
-    server = new_server()
+    server = new_server(metrics.RPC)
     servicer = CodecServicer(config.max_streams)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", DEFAULT_BUDGET_HEADROOM)),
                    help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
                         "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
+    p.add_argument("--gpu-layers", type=int, default=int(env("CHORUS_GPU_LAYERS", 0)),
+                   help="backbone layers to offload to the GPU: 0 none (CPU), -1 all; needs a CUDA build "
+                        "of llama-cpp-python [CHORUS_GPU_LAYERS]")
     add_common_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -57,6 +60,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         capacity_margin=args.capacity_margin,
         queue_size=args.queue_size,
         budget_headroom=args.budget_headroom,
+        gpu_layers=args.gpu_layers,
         host=args.host,
     )
 

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from chorus import orpheus
+from chorus import orpheus, telemetry
 from chorus.discovery import EndpointSet
 from chorus.playback import PlaybackClock
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
@@ -152,10 +152,10 @@ class CodecPool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return min(pool, key=lambda w: (self._in_flight[w], workers.index(w)))
 
-    def open(self, address: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.aio.StreamStreamCall:
+    def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
         stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
-        return stub.Decode(metadata=tuple(metadata))
+        return stub.Decode()
 
     def release(self, address: str) -> None:
         self._in_flight[address] -= 1
@@ -170,6 +170,16 @@ class CodecPool:
         await self.endpoints.close()
 
 
+def _failover_attributes(failed: set[str], resume_from_sample: int) -> dict[str, object]:
+    if not failed:
+        return {}
+    return {
+        "chorus.failover": True,
+        "chorus.failed_workers": sorted(failed),
+        "chorus.resume_from_sample": resume_from_sample,
+    }
+
+
 class CodecRelay:
     """Frames in (push/finish), PCM out (audio), across worker failures."""
 
@@ -179,14 +189,12 @@ class CodecRelay:
         request_id: str,
         clock: PlaybackClock,
         deterministic: bool = False,
-        metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 3,
     ) -> None:
         self._pool = pool
         self._request_id = request_id
         self._clock = clock
         self._deterministic = deterministic
-        self._metadata = metadata
         self._max_attempts = max_attempts
         self._frames: list[tuple[int, ...]] = []
         self._finished = False
@@ -212,18 +220,25 @@ class CodecRelay:
         while True:
             address = self._pool.pick(failed)
             first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
-            call = self._pool.open(address, self._metadata)
+            # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
+            with telemetry.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
+                call = self._pool.open(address)
             writer = asyncio.create_task(self._write(call, first_frame))
             # A failed write surfaces through the read side; don't log it twice.
             writer.add_done_callback(lambda t: t.cancelled() or t.exception())
             try:
+                tail = False
+                # To the end of the stream, not just to its tail: a call read to its
+                # end has its status, and its CLIENT span ends then, not when the
+                # garbage collector gets to it.
                 async for response in call:
                     chunk = self._unseen_part(response.audio)
                     if chunk is not None:
                         self.relayed_samples += len(chunk.pcm) // 2
                         yield chunk
-                    if response.final:
-                        return
+                    tail = tail or response.final
+                if tail:
+                    return
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, None, None, f"codec worker {address} ended the stream without its tail"
                 )

@@ -44,6 +44,10 @@ class TokenServerConfig:
     realtime_admission: bool = True
     # Measure every batch size once at start, so admission knows the machine.
     calibrate: bool = True
+    # Layers llama.cpp offloads to the GPU: 0 keeps everything on the CPU (and the
+    # batch-invariance measured there); -1 offloads every layer. Needs a CUDA build
+    # of llama-cpp-python (the CUDA image); a CPU build ignores it.
+    gpu_layers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -61,6 +65,8 @@ class TokenServerConfig:
             problems.append(f"llama_threads must be 1..1024, got {self.llama_threads}")
         if self.queue_size < 0:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.gpu_layers < -1:
+            problems.append(f"gpu_layers must be -1 (all), 0 (none) or a layer count, got {self.gpu_layers}")
         if not 0 < self.budget_headroom <= 100:
             problems.append(f"budget_headroom must be in (0, 100], got {self.budget_headroom}")
         if self.pace_lead_s is not None and not 0.0 < self.pace_lead_s <= 3600.0:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from chorus.telemetry import LATENCY_BUCKETS, TOKEN_SERVER, metric_name
+from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name
 
 REGISTRY = CollectorRegistry()
+
+# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+RPC = RpcMetrics(TOKEN_SERVER, REGISTRY)
 
 # llama_decode batch sizes: one token per generating slot plus chunked prefill.
 _BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)

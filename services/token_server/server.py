@@ -32,6 +32,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         n_batch=config.n_batch,
         n_seq_max=config.slots,
         threads=config.llama_threads,
+        gpu_layers=config.gpu_layers,
     )
     pool = CodecPool(config.codec_workers)
     await pool.start()
@@ -49,7 +50,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         log.info("step seconds by batch size: %s; real-time capacity %d streams",
                  ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
 
-    server = new_server()
+    server = new_server(metrics.RPC)
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)

@@ -113,27 +113,27 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
-        with telemetry.server_span("token_server.generate", context, {"chorus.request_id": request_id}):
-            gen_request = await self._to_generation_request(request, request_id, started, context)
-            if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
-            try:
-                handle = self._engine.submit(gen_request)
-            except QueueFullError as err:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-            except PromptTooLongError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            except (EngineStopped, EngineDead) as err:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-            try:
-                if request.codes_only:
-                    stream = self._stream_codes(handle, request_id, started, context)
-                else:
-                    stream = self._stream_audio(handle, request, request_id, started, context)
-                async for message in stream:
-                    yield message
-            finally:
-                handle.cancel()
+        telemetry.tag_request(request_id)
+        gen_request = await self._to_generation_request(request, request_id, started, context)
+        if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        try:
+            handle = self._engine.submit(gen_request)
+        except QueueFullError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except PromptTooLongError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (EngineStopped, EngineDead) as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        try:
+            if request.codes_only:
+                stream = self._stream_codes(handle, request_id, started, context)
+            else:
+                stream = self._stream_audio(handle, request, request_id, started, context)
+            async for message in stream:
+                yield message
+        finally:
+            handle.cancel()
 
     async def _to_generation_request(self, request, request_id: str, now: float, context) -> GenerationRequest:
         text = request.text.strip()
@@ -202,10 +202,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
 
     async def _stream_audio(self, handle, request, request_id, started, context):
-        relay = CodecRelay(
-            self._pool, request_id, handle.clock, deterministic=request.deterministic_audio,
-            metadata=telemetry.inject_metadata(),
-        )
+        relay = CodecRelay(self._pool, request_id, handle.clock, deterministic=request.deterministic_audio)
         outcome: dict[str, object] = {}
 
         async def feed() -> None:
