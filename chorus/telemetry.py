@@ -22,6 +22,7 @@ names them and serves a registry.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -51,7 +52,8 @@ INSTRUMENTATION_SCOPE = "chorus"
 __all__ = [
     "GATEWAY", "TOKEN_SERVER", "CODEC_WORKER", "SERVICES",
     "setup_tracing", "shutdown_tracing", "flush_tracing", "get_tracer",
-    "SpanKind", "span", "server_span", "inject_metadata", "extract_context", "current_trace_id",
+    "SpanKind", "span", "server_span", "set_call_attributes", "inject_metadata", "extract_context",
+    "current_trace_id",
     "record_stage", "LATENCY_BUCKETS", "metric_name", "start_metrics_server",
 ]
 
@@ -181,6 +183,18 @@ def extract_context(servicer_context) -> otel_context.Context:
     return propagate.extract(carrier, context=otel_context.Context())
 
 
+# Who is calling (client, API key id): set by chorus.auth's check before the handler
+# runs, in the call's own task, so the handler's server span names its caller.
+_call_attributes: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "chorus_call_attributes", default={}
+)
+
+
+def set_call_attributes(attributes: Mapping[str, object]) -> None:
+    """Attributes every server span of the current call carries."""
+    _call_attributes.set(dict(attributes))
+
+
 @contextmanager
 def server_span(
     name: str,
@@ -192,6 +206,7 @@ def server_span(
     Records the gRPC status the handler set or aborted with, so that a failed stream
     shows as failed in the trace even though grpc.aio reports it outside the handler.
     """
+    attributes = {**_call_attributes.get(), **(attributes or {})}
     with span(name, kind=SpanKind.SERVER, attributes=attributes, context=extract_context(servicer_context)) as current:
         try:
             yield current

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
@@ -36,6 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
     p.add_argument("--threads", type=_optional(int), default=_optional(int)(env("CHORUS_THREADS")),
                    help="most torch threads a decode step uses; default torch's [CHORUS_THREADS]")
+    p.add_argument("--max-streams-per-client", type=_optional(int), default=env("CHORUS_MAX_STREAMS_PER_CLIENT"),
+                   help="most streams one client (a token server) may hold, so no one client takes the whole "
+                        "cap; default half of --max-streams, 0 no limit [CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--start-timeout", type=float, default=env("CHORUS_START_TIMEOUT", "10"),
+                   help="seconds a new stream may take to send DecodeStart [CHORUS_START_TIMEOUT]")
+    p.add_argument("--idle-timeout", type=float, default=env("CHORUS_IDLE_TIMEOUT", "30"),
+                   help="seconds an unfinished stream may neither send frames nor read audio before it is "
+                        "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = p.parse_args(argv)
     if not args.model_dir:
@@ -53,6 +61,11 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         batch_wait_ms=args.batch_wait_ms,
         host=args.host,
         threads=args.threads,
+        max_streams_per_client=args.max_streams_per_client,
+        start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout,
+        tls=tls_files(args),
+        **allowed_clients(args),
     )
 
 

@@ -16,11 +16,13 @@ from typing import AsyncIterator
 import grpc
 
 from chorus import orpheus, telemetry
+from chorus.auth import CallGuard
 from services.codec_worker import metrics
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
 from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -79,10 +81,16 @@ class StreamCheck:
 
 class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
     """Registered before the server starts (gRPC wants its methods then); answers
-    UNAVAILABLE until `attach` hands it the warmed-up engine."""
+    UNAVAILABLE until `attach` hands it the warmed-up engine.
 
-    def __init__(self, max_streams: int) -> None:
+    The stream cap is shared by every client, so it is guarded twice: streams that go
+    idle end (IdleWatch), and no one client holds more than its share (the server's
+    CallGuard, before a handler runs)."""
+
+    def __init__(self, max_streams: int, start_timeout_s: float, idle_timeout_s: float) -> None:
         self._max_streams = max_streams
+        self._start_timeout_s = start_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._open = 0
@@ -109,6 +117,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._count_open(+1)
         stream: EngineStream | None = None
         reader: asyncio.Task | None = None
+        watch = IdleWatch(self._start_timeout_s, self._idle_timeout_s)
         with telemetry.server_span("codec_worker.decode", context) as span:
             try:
                 first = await anext(aiter(request_iterator), None)
@@ -116,6 +125,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     check = StreamCheck.opened_by(first)
                 except BadRequest as err:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                watch.started()
                 start = first.start
                 span.set_attributes({
                     "chorus.request_id": start.request_id,
@@ -125,7 +135,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 stream = self._engine.open_stream(
                     start.first_frame_index, start.resume_from_sample, start.deterministic
                 )
-                reader = asyncio.create_task(_read(request_iterator, check, stream))
+                reader = asyncio.create_task(_read(request_iterator, check, stream, watch))
                 samples = 0
                 while True:
                     item = await stream.get()
@@ -138,6 +148,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                                 sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
                             )
                         )
+                        watch.touch()  # the client read enough for this write to go out
                     elif isinstance(item, End):
                         span.set_attributes({"chorus.frames": check.frames_received, "chorus.samples": samples})
                         yield codec_pb2.DecodeResponse(final=True)
@@ -145,8 +156,14 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     elif isinstance(item, Failed):
                         code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
                         await context.abort(code, item.message)
+            except asyncio.CancelledError:
+                if watch.expired is None:
+                    raise  # the client cancelled, or the server is stopping
+                asyncio.current_task().uncancel()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, watch.expired)
             finally:
                 # Also on cancellation by the client: the decoder state goes at once.
+                watch.close()
                 self._count_open(-1)
                 if reader is not None:
                     reader.cancel()
@@ -169,10 +186,14 @@ def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
     telemetry.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
-async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
+async def _read(
+    requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream, watch: IdleWatch
+) -> None:
     try:
         async for request in requests:
+            watch.touch()
             stream.submit(check.frames(request))
+        watch.touch()
         stream.finish()
     except BadRequest as err:
         stream.reject(str(err))
@@ -181,10 +202,16 @@ async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamC
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
     """Binds and answers health (NOT_SERVING) at once, then loads and warms the model
     and goes SERVING."""
-    server = new_server()
-    servicer = CodecServicer(config.max_streams)
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server([guard])
+    servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
         loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
         decoder = StreamingSnacDecoder(loaded.model)
