@@ -206,7 +206,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._client_streams[caller.client] += 1
         if caller.key_id:
             self._key_streams[caller.key_id] += 1
-        log.info("%s from %s%s", method, caller.client, f" with key {caller.key_id}" if caller.key_id else "")
+        # The gateway's access log names the key; inside the cluster it would only repeat the tier.
+        log.log(logging.INFO if caller.key_id else logging.DEBUG, "%s from %s%s", method, caller.client,
+                f" with key {caller.key_id}" if caller.key_id else "")
 
         def release() -> None:
             _decrement(self._client_streams, caller.client)

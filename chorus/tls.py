@@ -18,6 +18,7 @@ certificate takes effect at the next (rolling) restart.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -55,8 +56,26 @@ class TlsFiles:
                 continue
             if _PEM_MARKER not in head:
                 problems.append(f"{flag} {path} is not a PEM file (no '-----BEGIN' line)")
+        if not problems:
+            problems += self._check_with_openssl()
         if problems:
             raise ValueError("TLS files: " + "; ".join(problems))
+
+    def _check_with_openssl(self) -> list[str]:
+        """gRPC reports a key that does not match its certificate, or a file it cannot
+        parse, only as "failed to bind"; the standard library's OpenSSL names the problem."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            # An empty password: an encrypted key fails here instead of prompting on a terminal.
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
+        except ssl.SSLError as err:
+            return [f"--tls-cert {self.cert} and --tls-key {self.key} do not make a usable pair "
+                    f"(an unencrypted PEM key that matches the certificate): {err.reason or err}"]
+        try:
+            context.load_verify_locations(cafile=self.ca)
+        except ssl.SSLError as err:
+            return [f"--tls-ca {self.ca} is not a usable CA bundle: {err.reason or err}"]
+        return []
 
     @classmethod
     def from_flags(cls, cert: str | None, key: str | None, ca: str | None) -> TlsFiles | None:

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from gateway import metrics
 from gateway.config import GatewayConfig
 
@@ -25,6 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pieces generated ahead of the one being relayed")
     p.add_argument("--request-deadline", type=float, default=float(env("CHORUS_REQUEST_DEADLINE", 600)),
                    help="seconds a call may take when the client sets no deadline")
+    p.add_argument("--api-keys-file", default=env("CHORUS_API_KEYS_FILE"),
+                   help="file of `<key id>:<secret>` lines; every call but health and reflection then needs "
+                        "`authorization: Bearer <secret>`; re-read when it changes [CHORUS_API_KEYS_FILE]")
+    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "64"),
+                   help="most synthesis streams one client address may hold; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--max-streams-per-key", type=int, default=env("CHORUS_MAX_STREAMS_PER_KEY", "64"),
+                   help="most synthesis streams one API key may hold; 0 no limit [CHORUS_MAX_STREAMS_PER_KEY]")
     add_common_flags(p, default_port=50051)
     return p.parse_args(argv)
 
@@ -39,6 +47,11 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
+        tls=tls_files(args),
+        api_keys_file=args.api_keys_file or None,
+        max_streams_per_client=args.max_streams_per_client,
+        max_streams_per_key=args.max_streams_per_key,
+        **allowed_clients(args),
         **extra,
     )
 

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_slots
 
@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", 1.5)),
                    help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
                         "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
+    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "0"),
+                   help="most Generate streams one client (a gateway) may hold; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     add_common_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -48,6 +51,9 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         queue_size=args.queue_size,
         budget_headroom=args.budget_headroom,
         host=args.host,
+        tls=tls_files(args),
+        max_streams_per_client=args.max_streams_per_client,
+        **allowed_clients(args),
     )
 
 

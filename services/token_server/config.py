@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chorus.telemetry import TOKEN_SERVER
+from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+
 
 def default_slots() -> int:
     """Four slots a core: decode steps are memory-bound, so batching more sequences
@@ -27,6 +30,13 @@ class TokenServerConfig:
     # Headroom of the generation budget over ~6 tokens a character, for requests that
     # set no max_tokens (see chorus.orpheus.default_max_tokens).
     budget_headroom: float = 1.5
+    # PEM files for TLS: with them the server requires a client certificate naming one
+    # of allowed_clients, and calls codec workers over mTLS as chorus-token-server.
+    tls: TlsFiles | None = None
+    allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[TOKEN_SERVER]
+    # Most Generate streams one client (a gateway) may hold; 0: no limit (the queue
+    # already bounds what waits).
+    max_streams_per_client: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -46,6 +56,11 @@ class TokenServerConfig:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
         if self.budget_headroom <= 0:
             problems.append(f"budget_headroom must be positive, got {self.budget_headroom}")
+        object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+        if self.tls is not None and not self.allowed_clients:
+            problems.append("with TLS, allowed_clients must name who may call (e.g. chorus-gateway)")
+        if self.max_streams_per_client < 0:
+            problems.append(f"max_streams_per_client must be >= 0, got {self.max_streams_per_client}")
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")

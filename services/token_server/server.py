@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+from chorus.auth import CallGuard
+from chorus.telemetry import CODEC_WORKER
+from chorus.tls import ChannelSecurity
 from services.token_server import metrics
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
@@ -34,12 +37,18 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         on_decode=metrics.BATCH_TOKENS.observe,
     )
     engine.start()
-    pool = CodecPool(config.codec_workers)
+    pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER))
     await pool.start()
 
-    server = new_server()
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server([guard] if guard.active else [])
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
 
     gauges = asyncio.create_task(_publish_load(engine))
