@@ -9,6 +9,8 @@ so that rotation is tested the way it happens in a cluster.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -356,3 +358,19 @@ def test_oversized_messages_are_refused_before_they_are_read(stack, pki):
         assert gateway_pb2_grpc.SynthesisServiceStub(channel).GetLimits(
             gateway_pb2.GetLimitsRequest(), metadata=bearer(ALICE), timeout=10
         ).max_text_chars
+
+
+@pytest.mark.parametrize("tier", [TOKEN_SERVER, CODEC_WORKER])
+def test_a_pod_probes_its_own_mtls_port_with_its_own_certificate(stack, pki, tier):
+    port = _address(stack, tier).rpartition(":")[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_TLS_")}
+
+    def probe(extra_env):
+        return subprocess.run([sys.executable, "-m", "chorus.probe", "--tier", tier, "--port", port],
+                              env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+
+    own = pki[tier]
+    secured = probe({"CHORUS_TLS_CERT": str(own.cert), "CHORUS_TLS_KEY": str(own.key), "CHORUS_TLS_CA": str(own.ca)})
+    plaintext = probe({})
+    assert (secured.returncode, secured.stdout.strip()) == (0, f"{tier} at 127.0.0.1:{port}: SERVING")
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
