@@ -10,8 +10,9 @@ One server interceptor, `CallGuard`, checks every call before its handler runs:
 3. the streams the caller already holds, per client and per API key ->
    RESOURCE_EXHAUSTED for that caller only.
 
-Health and reflection pass unchecked, so probes and grpcurl work without a key
-(on an mTLS port a probe still needs a certificate from the CA to connect).
+Health and reflection need no key and no particular identity, so probes and grpcurl
+work (on an mTLS port a probe still needs a certificate from the CA to connect); their
+streams (health Watch) still count against the client's limit.
 
 A client is its certificate identity at its address when it has a certificate
 (every pod of a tier shares one certificate, so the identity alone would make a
@@ -40,7 +41,7 @@ from chorus.tls import peer_identities
 
 log = logging.getLogger(__name__)
 
-UNCHECKED_SERVICES = frozenset({
+OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
@@ -79,6 +80,16 @@ def presented_key(metadata) -> str | None:
 
 
 @dataclass(frozen=True)
+class _Call:
+    method: str  # "/package.Service/Method"
+    streaming: bool  # it streams responses: it holds a stream for as long as it runs
+
+    @property
+    def open(self) -> bool:
+        return self.method.split("/")[1] in OPEN_SERVICES
+
+
+@dataclass(frozen=True)
 class Caller:
     client: str
     key_id: str | None = None
@@ -110,27 +121,25 @@ class CallGuard(grpc.aio.ServerInterceptor):
         """Whether it checks anything at all (a server without checks needs no interceptor)."""
         return bool(self.allowed_clients or self.api_keys or self.max_streams_per_client or self.max_streams_per_key)
 
-    def streams_of(self, client: str) -> int:
-        return self._client_streams[client]
-
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.split("/")[1] in UNCHECKED_SERVICES:
+        if handler is None:
             return handler
-        streaming = handler.response_streaming
-        if handler.request_streaming and streaming:
-            return handler._replace(stream_stream=self._guarded(handler.stream_stream, method, streaming))
+        call = _Call(handler_call_details.method, handler.response_streaming)
+        if call.open and not call.streaming:
+            return handler  # a health check or a reflection query: nothing to check or count
+        if handler.request_streaming and call.streaming:
+            return handler._replace(stream_stream=self._guarded(handler.stream_stream, call))
         if handler.request_streaming:
-            return handler._replace(stream_unary=self._guarded(handler.stream_unary, method, streaming))
-        if streaming:
-            return handler._replace(unary_stream=self._guarded(handler.unary_stream, method, streaming))
-        return handler._replace(unary_unary=self._guarded(handler.unary_unary, method, streaming))
+            return handler._replace(stream_unary=self._guarded(handler.stream_unary, call))
+        if call.streaming:
+            return handler._replace(unary_stream=self._guarded(handler.unary_stream, call))
+        return handler._replace(unary_unary=self._guarded(handler.unary_unary, call))
 
-    def _guarded(self, behavior, method: str, streaming: bool):
+    def _guarded(self, behavior, call: _Call):
         if inspect.isasyncgenfunction(behavior):
             async def guarded_stream(request, context):
-                release = await self._admit(context, method, streaming)
+                release = await self._admit(context, call)
                 try:
                     async with contextlib.aclosing(behavior(request, context)) as responses:
                         async for response in responses:
@@ -141,7 +150,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
             return guarded_stream
 
         async def guarded(request, context):
-            release = await self._admit(context, method, streaming)
+            release = await self._admit(context, call)
             try:
                 return await behavior(request, context)
             finally:
@@ -149,23 +158,21 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
         return guarded
 
-    async def _admit(self, context: grpc.aio.ServicerContext, method: str, streaming: bool) -> Callable[[], None]:
+    async def _admit(self, context: grpc.aio.ServicerContext, call: _Call) -> Callable[[], None]:
         """Checks the caller (aborting the call if refused); returns what releases its streams."""
         host = peer_host(context.peer())
-        identity = None
-        if self.allowed_clients:
-            identities = peer_identities(context)
-            identity = next((i for i in identities if i in self.allowed_clients), None)
-            if identity is None:
-                shown = ", ".join(identities) or "none (no client certificate)"
-                await self._refuse(
-                    context, NOT_ALLOWED, grpc.StatusCode.PERMISSION_DENIED,
-                    f"this port takes calls only from {', '.join(self.allowed_clients)} (--allowed-clients); "
-                    f"the client certificate names {shown}",
-                    host,
-                )
+        identities = peer_identities(context) if self.allowed_clients else ()
+        identity = next((i for i in identities if i in self.allowed_clients), None)
+        if self.allowed_clients and identity is None and not call.open:
+            shown = ", ".join(identities) or "none (no client certificate)"
+            await self._refuse(
+                context, NOT_ALLOWED, grpc.StatusCode.PERMISSION_DENIED,
+                f"this port takes calls only from {', '.join(self.allowed_clients)} (--allowed-clients); "
+                f"the client certificate names {shown}",
+                host,
+            )
         caller = Caller(client=f"{identity}@{host}" if identity else host)
-        if self.api_keys is not None:
+        if self.api_keys is not None and not call.open:
             secret = presented_key(context.invocation_metadata())
             if secret is None:
                 await self._refuse(
@@ -183,9 +190,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 )
             caller = Caller(caller.client, key_id)
         telemetry.set_call_attributes(_attributes(caller))
-        if not streaming:
+        if not call.streaming:
             return _nothing
-        return await self._hold_stream(context, caller, method)
+        return await self._hold_stream(context, caller, call.method)
 
     async def _hold_stream(self, context, caller: Caller, method: str) -> Callable[[], None]:
         client_limit, key_limit = self.max_streams_per_client, self.max_streams_per_key

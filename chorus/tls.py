@@ -122,8 +122,9 @@ class ChannelSecurity:
 
 
 def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
-    """The identities the caller's verified client certificate names: its DNS SANs,
-    then its common name; empty for a plaintext call or a call without a certificate."""
+    """The identities the caller's verified client certificate names: its subject
+    alternative names, or its common name when it has none (as hostname checks do,
+    RFC 6125); empty for a plaintext call or a call without a certificate."""
     auth = context.auth_context() or {}
-    names = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
     return tuple(dict.fromkeys(n.decode("utf-8", "replace") for n in names))

@@ -374,3 +374,20 @@ def test_a_pod_probes_its_own_mtls_port_with_its_own_certificate(stack, pki, tie
     plaintext = probe({})
     assert (secured.returncode, secured.stdout.strip()) == (0, f"{tier} at 127.0.0.1:{port}: SERVING")
     assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+
+
+def test_health_watches_need_no_key_but_count_against_the_client_limit(stack, pki):
+    """Open to probes is not open to floods: a client cannot hold endless Watch streams."""
+    port = stack.gateway_address.rpartition(":")[2]
+    with gateway_channel(stack, pki, f"[::1]:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(CLIENT_LIMIT)]
+        try:
+            statuses = [next(watch).status for watch in watches]
+            over = rpc_error(lambda: next(health.Watch(health_pb2.HealthCheckRequest(), timeout=60)))
+        finally:
+            for watch in watches:
+                watch.cancel()
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * CLIENT_LIMIT
+    assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"client ::1 already holds {CLIENT_LIMIT} streams" in over.details()
