@@ -8,6 +8,7 @@ so that rotation is tested the way it happens in a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, gateway_p
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import GRPC_OPTIONS
 from chorus.telemetry import CODEC_WORKER, GATEWAY, TOKEN_SERVER
+from chorus.tls import TlsFiles
+from gateway.config import GatewayConfig
+from gateway.server import start_server as start_gateway
 from otlp_receiver import running_receiver
 from tools.client import GatewayAccess, say
 from tools.supervisor import Stack
@@ -391,3 +395,61 @@ def test_health_watches_need_no_key_but_count_against_the_client_limit(stack, pk
     assert statuses == [health_pb2.HealthCheckResponse.SERVING] * CLIENT_LIMIT
     assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"client ::1 already holds {CLIENT_LIMIT} streams" in over.details()
+
+
+def test_chorus_say_and_voices_reach_a_secured_gateway(stack, pki, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
+    base = [sys.executable, "-m", "tools.cli"]
+    where = ["--gateway", stack.gateway_address, "--tls-ca", str(pki[GATEWAY].ca)]
+
+    def run(args, **extra_env):
+        return subprocess.run(base + args, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "cli.wav"
+    spoken = run(["say", "Hi.", "-o", str(out), *where], CHORUS_API_KEY=BOB)
+    listed = run(["voices", *where], CHORUS_API_KEY=BOB)
+    keyless = run(["voices", *where])
+    plaintext = run(["voices", "--gateway", stack.gateway_address], CHORUS_API_KEY=BOB)
+    assert spoken.returncode == 0, spoken.stderr
+    assert out.stat().st_size > 44
+    assert listed.returncode == 0 and "tara" in listed.stdout
+    assert keyless.returncode == 1
+    assert "UNAUTHENTICATED" in keyless.stderr and "CHORUS_API_KEY" in keyless.stderr
+    assert plaintext.returncode == 1 and "--tls-ca" in plaintext.stderr
+
+
+def test_a_gateway_can_require_client_certificates_too(pki):
+    """--allowed-clients on the gateway: only clients whose certificate names one get in."""
+    ca_pem = pki[GATEWAY].ca.read_bytes()
+    config = GatewayConfig(
+        token_servers=("127.0.0.1:1",),  # none needed: ListVoices answers from config
+        tls=TlsFiles(pki[GATEWAY].cert, pki[GATEWAY].key, pki[GATEWAY].ca),
+        allowed_clients=(TOKEN_SERVER,),  # any tier name will do as "a partner's" identity
+    )
+
+    async def run():
+        running = await start_gateway(config, port=0)
+        try:
+            results = {}
+            for name, client in (("allowed", pki[TOKEN_SERVER]), ("other", pki[CODEC_WORKER]), ("none", None)):
+                if client is None:
+                    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+                else:
+                    credentials = grpc.ssl_channel_credentials(
+                        root_certificates=ca_pem, private_key=client.key.read_bytes(),
+                        certificate_chain=client.cert.read_bytes())
+                async with grpc.aio.secure_channel(running.address, credentials) as channel:
+                    try:
+                        reply = await gateway_pb2_grpc.SynthesisServiceStub(channel).ListVoices(
+                            gateway_pb2.ListVoicesRequest(), timeout=10)
+                        results[name] = len(reply.voices)
+                    except grpc.aio.AioRpcError as err:
+                        results[name] = err.code()
+            return results
+        finally:
+            await running.stop(None)
+
+    results = asyncio.run(run())
+    assert results["allowed"] > 0
+    assert results["other"] == grpc.StatusCode.PERMISSION_DENIED
+    assert results["none"] == grpc.StatusCode.UNAVAILABLE
