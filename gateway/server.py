@@ -19,10 +19,9 @@ from chorus.api_keys import ApiKeys
 from chorus.auth import CallGuard
 from chorus.telemetry import TOKEN_SERVER
 from chorus.tls import ChannelSecurity
-from gateway import metrics
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
-from gateway import validation
+from gateway import metrics, validation
 from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
