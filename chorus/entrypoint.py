@@ -41,7 +41,8 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
     tls.add_argument("--tls-ca", default=env("CHORUS_TLS_CA"),
                      help="PEM CA bundle that peers' certificates must chain to [CHORUS_TLS_CA]")
     tls.add_argument("--allowed-clients", default=env("CHORUS_ALLOWED_CLIENTS"),
-                     help="comma-separated client certificate identities (DNS SAN or CN) this port takes "
+                     help="comma-separated client certificate identities (a SAN, or the CN of a certificate "
+                          "without SANs) this port takes "
                           "with TLS on; default: the tier in front (token server: chorus-gateway, codec "
                           "worker: chorus-token-server; the gateway takes any client) [CHORUS_ALLOWED_CLIENTS]")
 
