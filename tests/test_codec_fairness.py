@@ -149,13 +149,14 @@ def test_a_client_that_never_reads_its_audio_loses_the_stream(snac_dir):
 
     async def run():
         async with worker_with_two_clients(snac_dir, idle_timeout_s=0.5, max_streams=2) as (running, _, polite):
-            # No flow-control window growth: 100 frames of PCM fill the window.
+            # No flow-control window growth: the PCM of 40 frames (160 KB) overfills
+            # the 64 KB window, so the worker ends up waiting in a write.
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.http2.bdp_probe", 0)])
             hog = codec_pb2_grpc.CodecServiceStub(channel)
             call = hog.Decode()
             await call.write(start())
-            codes = random_codes(100)
-            for lo in range(0, 100, 20):
+            codes = random_codes(40)
+            for lo in range(0, 40, 20):
                 await call.write(frames(lo, codes[lo : lo + 20]))
             await until(all_closed(running, polite), "the unread stream is closed")
             served = await decode(polite, good_requests(2))
