@@ -171,10 +171,11 @@ def test_a_slow_but_live_stream_is_not_idle(snac_dir):
     """Frames that keep coming, each sooner than the idle timeout, keep the stream."""
 
     async def run():
-        async with worker_with_two_clients(snac_dir, idle_timeout_s=1.0) as (_, stub, _):
-            return await decode(stub, good_requests(6, pause=0.3))
+        # 12 frames 0.25 s apart: the stream lives 3 s, longer than the 2 s timeout.
+        async with worker_with_two_clients(snac_dir, idle_timeout_s=2.0) as (_, stub, _):
+            return await decode(stub, good_requests(12, pause=0.25))
 
-    assert asyncio.run(run()) == (0, 6 * SAMPLES_PER_FRAME, True)
+    assert asyncio.run(run()) == (0, 12 * SAMPLES_PER_FRAME, True)
 
 
 @pytest.mark.parametrize(
