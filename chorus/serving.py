@@ -12,22 +12,27 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chorus import instrumentation, reflection, telemetry
+from chorus.tls import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
-# Large enough for a few seconds of PCM in one message.
+# Channels: large enough for a few seconds of PCM in one message, which is what
+# flows back to every caller.
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 ]
+# Servers: what comes in is small (text, code frames), so a server reads at most this
+# per message; gRPC refuses a bigger one with RESOURCE_EXHAUSTED before it is parsed.
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -82,14 +87,17 @@ async def serve_with_health(
     service_names: Iterable[str],
     port: int,
     host: str = "127.0.0.1",
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
-    """Adds health and reflection, binds, starts, and reports NOT_SERVING until the
-    caller marks the server ready (after warm-up)."""
+    """Adds health and reflection, binds (with TLS when `credentials` are given),
+    starts, and reports NOT_SERVING until the caller marks the server ready (after
+    warm-up)."""
     names = tuple(service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
@@ -98,15 +106,25 @@ async def serve_with_health(
     return running
 
 
-def new_server(metrics: telemetry.RpcMetrics | None = None) -> grpc.aio.Server:
+def new_server(
+    metrics: telemetry.RpcMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> grpc.aio.Server:
     """A server whose every call gets a standard SERVER span and, with the service's
-    `metrics`, is counted by method and status."""
-    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=instrumentation.server_interceptors(metrics))
+    `metrics`, is counted by method and status; `interceptors` (access checks) run
+    inside that span. Requests over `max_request_bytes` get RESOURCE_EXHAUSTED."""
+    options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_request_bytes))
+    return grpc.aio.server(
+        options=options, interceptors=[*instrumentation.server_interceptors(metrics), *interceptors]
+    )
 
 
-def new_channel(target: str) -> grpc.aio.Channel:
-    """A channel whose every call gets a standard CLIENT span and carries the trace."""
-    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=instrumentation.client_interceptors())
+def new_channel(target: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """A channel whose every call gets a standard CLIENT span and carries the trace,
+    secured as `security` says (plaintext by default)."""
+    return (security or ChannelSecurity()).aio_channel(target, GRPC_OPTIONS, instrumentation.client_interceptors())
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:

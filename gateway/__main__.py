@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from gateway import metrics
 from gateway.config import GatewayConfig
 
@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
                    help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health; "
                         f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
+    p.add_argument("--api-keys-file", default=env("CHORUS_API_KEYS_FILE"),
+                   help="file of `<key id>:<secret>` lines; every call but health and reflection then needs "
+                        "`authorization: Bearer <secret>`; re-read when it changes [CHORUS_API_KEYS_FILE]")
+    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "64"),
+                   help="most synthesis streams one client address may hold; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--max-streams-per-key", type=int, default=env("CHORUS_MAX_STREAMS_PER_KEY", "64"),
+                   help="most synthesis streams one API key may hold; 0 no limit [CHORUS_MAX_STREAMS_PER_KEY]")
     add_common_flags(p, default_port=50051)
     return p.parse_args(argv)
 
@@ -49,6 +57,11 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         request_deadline_s=args.request_deadline,
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
+        tls=tls_files(args),
+        api_keys_file=args.api_keys_file or None,
+        max_streams_per_client=args.max_streams_per_client,
+        max_streams_per_key=args.max_streams_per_key,
+        **allowed_clients(args),
         **extra,
     )
 

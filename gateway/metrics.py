@@ -39,3 +39,9 @@ IN_FLIGHT_STREAMS = Gauge(
     "Synthesis streams the gateway is serving now. The signal gateways autoscale on.",
     registry=REGISTRY,
 )
+REFUSED_CALLS = Counter(
+    metric_name(GATEWAY, "refused_calls"),
+    "Calls refused before any work, by reason: no_api_key, bad_api_key, not_allowed (client certificate "
+    "not allowed), client_limit and key_limit (the client or API key already holds its most streams).",
+    ["reason"], registry=REGISTRY,
+)

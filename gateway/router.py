@@ -28,6 +28,7 @@ from chorus import telemetry
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.discovery import EndpointSet
+from chorus.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ class _Server:
 
 
 class Router:
-    def __init__(self, addresses: tuple[str, ...], status_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, addresses: tuple[str, ...], status_interval_s: float = 0.25, security: ChannelSecurity = ChannelSecurity()
+    ) -> None:
         # A name may stand for many token servers (a headless Service): route over
         # every address it resolves to, as they come and go.
-        self._endpoints = EndpointSet(addresses)
+        self._endpoints = EndpointSet(addresses, security)
         self._servers: list[_Server] = []
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None

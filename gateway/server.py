@@ -16,6 +16,10 @@ import grpc
 
 from chorus import telemetry
 from chorus.proto.riva import riva_tts_pb2_grpc
+from chorus.api_keys import ApiKeys
+from chorus.auth import CallGuard
+from chorus.telemetry import TOKEN_SERVER
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from gateway import metrics, validation
@@ -131,14 +135,22 @@ def _tag(options: SynthesisOptions, **extra: object) -> None:
 
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
-    router = Router(config.token_servers, config.status_interval_s)
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients,
+        api_keys=ApiKeys(config.api_keys_file) if config.api_keys_file else None,
+        max_streams_per_client=config.max_streams_per_client,
+        max_streams_per_key=config.max_streams_per_key,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    router = Router(config.token_servers, config.status_interval_s, ChannelSecurity(config.tls, TOKEN_SERVER))
     await router.start()
-    server = new_server(metrics.RPC)
+    server = new_server(metrics.RPC, [guard] if guard.active else [], config.max_request_bytes)
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
     riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)
+    credentials = config.tls.server_credentials(require_client_cert=bool(config.allowed_clients)) if config.tls else None
     try:
-        running = await serve_with_health(server, [SERVICE_NAME, RIVA_SERVICE_NAME], port, config.host)
+        running = await serve_with_health(server, [SERVICE_NAME, RIVA_SERVICE_NAME], port, config.host, credentials)
     except BaseException:
         await router.close()
         raise

@@ -112,6 +112,45 @@ def gateway_address(explicit: str | None = None) -> str:
     return explicit or os.environ.get("CHORUS_GATEWAY") or DEFAULT_GATEWAY
 
 
+@dataclass(frozen=True)
+class GatewayAccess:
+    """How to reach a secured gateway: TLS against `tls_ca` (checking the certificate
+    for `tls_server_name` instead of the address, e.g. through a port-forward) and an
+    API key. The defaults reach the local demo's plaintext gateway."""
+
+    tls_ca: str | None = None
+    api_key: str | None = None
+    tls_server_name: str | None = None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not self.tls_ca:
+            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        options = list(GRPC_OPTIONS)
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes())
+        return grpc.secure_channel(address, credentials, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+def add_access_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--tls-ca", default=env("CHORUS_TLS_CA"),
+                        help="PEM CA bundle: talk TLS to the gateway and verify it against this [CHORUS_TLS_CA]")
+    parser.add_argument("--tls-server-name", default=env("CHORUS_TLS_SERVER_NAME"),
+                        help="name the gateway's certificate must carry, when it is not the address "
+                             "[CHORUS_TLS_SERVER_NAME]")
+    parser.add_argument("--api-key", default=env("CHORUS_API_KEY"),
+                        help="API key for a gateway that needs one; prefer the environment variable, which "
+                             "other users cannot see in the process list [CHORUS_API_KEY]")
+
+
+def access_from(args: argparse.Namespace) -> GatewayAccess:
+    return GatewayAccess(tls_ca=args.tls_ca, api_key=args.api_key, tls_server_name=args.tls_server_name)
+
+
 def say(
     address: str,
     text: str,
@@ -124,6 +163,7 @@ def say(
     sampling: common_pb2.SamplingParams | None = None,
     request_id: str = "",
     on_progress: Callable[[int, float], None] | None = None,
+    access: GatewayAccess = GatewayAccess(),
 ) -> SpeechResult:
     """Synthesizes `text` through the gateway at `address`, writing audio to `out` as it comes.
 
@@ -139,9 +179,9 @@ def say(
         request.sampling.CopyFrom(sampling)
     started = time.perf_counter()
     first_audio_s, written, samples, summary = None, 0, 0, None
-    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel, ConnectionWatch(channel):
+    with access.channel(address) as channel, ConnectionWatch(channel):
         stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
-        for response in stub.Synthesize(request, timeout=timeout):
+        for response in stub.Synthesize(request, timeout=timeout, metadata=access.metadata()):
             if response.WhichOneof("payload") == "summary":
                 summary = response.summary
                 continue
@@ -229,6 +269,7 @@ def register_say(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--sample-rate", type=int, default=0, help="output rate in Hz; 0 keeps the model's 24000")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable audio")
+    add_access_flags(p)
     p.set_defaults(func=run_say)
 
 
@@ -248,7 +289,7 @@ def run_say(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer if to_stdout else open_output(args.output)
     try:
         result = say(address, text, out, voice=args.voice, encoding=fmt, sample_rate=args.sample_rate,
-                     timeout=args.timeout, sampling=sampling, on_progress=progress)
+                     timeout=args.timeout, sampling=sampling, on_progress=progress, access=access_from(args))
     except grpc.RpcError as err:
         _fail_cleanup(out, None if to_stdout else args.output)
         print(f"\nchorus say: {_explain(err, address)}", file=sys.stderr)
@@ -270,15 +311,17 @@ def register_voices(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description="List the voices a Chorus gateway speaks.")
     p.add_argument("--gateway", default=None, help=f"gateway host:port [CHORUS_GATEWAY, default {DEFAULT_GATEWAY}]")
     p.add_argument("--timeout", type=float, default=10.0)
+    add_access_flags(p)
     p.set_defaults(func=run_voices)
 
 
 def run_voices(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
     try:
-        with grpc.insecure_channel(address) as channel, ConnectionWatch(channel):
+        access = access_from(args)
+        with access.channel(address) as channel, ConnectionWatch(channel):
             reply = gateway_pb2_grpc.SynthesisServiceStub(channel).ListVoices(
-                gateway_pb2.ListVoicesRequest(), timeout=args.timeout
+                gateway_pb2.ListVoicesRequest(), timeout=args.timeout, metadata=access.metadata()
             )
     except grpc.RpcError as err:
         print(f"chorus voices: {_explain(err, address)}", file=sys.stderr)
@@ -318,4 +361,7 @@ def _explain(err: grpc.RpcError, address: str) -> str:
     message = f"{code.name if code else 'error'}: {details}"
     if code == grpc.StatusCode.UNAVAILABLE and not getattr(err, "connected", False):
         message += f"\n  is a gateway running at {address}? `chorus serve` starts one on the demo models"
+        message += "\n  (a gateway with TLS needs --tls-ca; one without refuses it)"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        message += "\n  set the gateway's API key with CHORUS_API_KEY (or --api-key)"
     return message

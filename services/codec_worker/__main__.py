@@ -7,7 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.cpu_budget import cpu_budget
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
@@ -40,6 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(affinity and cgroup quota) [CHORUS_TORCH_THREADS]")
     p.add_argument("--capacity-margin", type=float, default=float(env("CHORUS_CAPACITY_MARGIN", 0.15)),
                    help="spare speed each stream keeps when capacity is counted [CHORUS_CAPACITY_MARGIN]")
+    p.add_argument("--max-streams-per-client", type=_optional(int), default=env("CHORUS_MAX_STREAMS_PER_CLIENT"),
+                   help="most streams one client (a token server) may hold, so no one client takes the whole "
+                        "cap; default half of --max-streams, 0 no limit [CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--start-timeout", type=float, default=env("CHORUS_START_TIMEOUT", "10"),
+                   help="seconds a new stream may take to send DecodeStart [CHORUS_START_TIMEOUT]")
+    p.add_argument("--idle-timeout", type=float, default=env("CHORUS_IDLE_TIMEOUT", "30"),
+                   help="seconds an unfinished stream may neither send frames nor read audio before it is "
+                        "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = p.parse_args(argv)
     if not args.model_dir:
@@ -58,6 +66,11 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         host=args.host,
         torch_threads=args.torch_threads,
         capacity_margin=args.capacity_margin,
+        max_streams_per_client=args.max_streams_per_client,
+        start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout,
+        tls=tls_files(args),
+        **allowed_clients(args),
     )
 
 

@@ -17,14 +17,16 @@ import grpc
 from opentelemetry import trace
 
 from chorus import orpheus, telemetry
-from services.codec_worker import metrics
-from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
-from chorus.serving import RunningServer, new_server, serve_with_health
+from chorus.auth import CallGuard
 from chorus.capacity import RealTimeCapacity
 from chorus.engine_thread import EngineDead, EngineStopped
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
-from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
+from chorus.serving import RunningServer, new_server, serve_with_health
+from services.codec_worker import metrics
 from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
+from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -83,10 +85,16 @@ class StreamCheck:
 
 class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
     """Registered before the server starts (gRPC wants its methods then); answers
-    UNAVAILABLE until `attach` hands it the warmed-up engine."""
+    UNAVAILABLE until `attach` hands it the warmed-up engine.
 
-    def __init__(self, max_streams: int) -> None:
+    The stream cap is shared by every client, so it is guarded twice: streams that go
+    idle end (IdleWatch), and no one client holds more than its share (the server's
+    CallGuard, before a handler runs)."""
+
+    def __init__(self, max_streams: int, start_timeout_s: float, idle_timeout_s: float) -> None:
         self._max_streams = max_streams
+        self._start_timeout_s = start_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._open = 0
@@ -117,12 +125,14 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._count_open(+1)
         stream: EngineStream | None = None
         reader: asyncio.Task | None = None
+        watch = IdleWatch(self._start_timeout_s, self._idle_timeout_s)
         try:
             first = await anext(aiter(request_iterator), None)
             try:
                 check = StreamCheck.opened_by(first)
             except BadRequest as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            watch.started()
             start = first.start
             telemetry.tag_request(start.request_id, **{
                 "chorus.first_frame_index": start.first_frame_index,
@@ -138,7 +148,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 )
             except (EngineStopped, EngineDead) as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-            reader = asyncio.create_task(_read(request_iterator, check, stream))
+            reader = asyncio.create_task(_read(request_iterator, check, stream, watch))
             samples = 0
             while True:
                 item = await stream.get()
@@ -151,6 +161,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                             sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
                         )
                     )
+                    watch.touch()  # the client read enough for this write to go out
                 elif isinstance(item, End):
                     trace.get_current_span().set_attributes(
                         {"chorus.frames": check.frames_received, "chorus.samples": samples}
@@ -160,8 +171,14 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 elif isinstance(item, DecodeFailed):
                     code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
                     await context.abort(code, item.message)
+        except asyncio.CancelledError:
+            if watch.expired is None:
+                raise  # the client cancelled, or the server is stopping
+            asyncio.current_task().uncancel()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, watch.expired)
         finally:
             # Also on cancellation by the client: the decoder state goes at once.
+            watch.close()
             self._count_open(-1)
             if reader is not None:
                 reader.cancel()
@@ -200,10 +217,14 @@ def playback_clock(start: codec_pb2.DecodeStart) -> PlaybackClock:
     )
 
 
-async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
+async def _read(
+    requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream, watch: IdleWatch
+) -> None:
     try:
         async for request in requests:
+            watch.touch()
             stream.submit(check.frames(request))
+        watch.touch()
         stream.finish()
     except BadRequest as err:
         stream.reject(str(err))
@@ -214,10 +235,16 @@ async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamC
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
     """Binds and answers health (NOT_SERVING) at once, then loads, warms and measures
     the model and goes SERVING."""
-    server = new_server(metrics.RPC)
-    servicer = CodecServicer(config.max_streams)
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server(metrics.RPC, [guard])
+    servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
         loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
         decoder = StreamingSnacDecoder(loaded.model)

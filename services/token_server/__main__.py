@@ -6,7 +6,7 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
 from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_llama_threads, default_slots
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-layers", type=int, default=int(env("CHORUS_GPU_LAYERS", 0)),
                    help="backbone layers to offload to the GPU: 0 none (CPU), -1 all; needs a CUDA build "
                         "of llama-cpp-python [CHORUS_GPU_LAYERS]")
+    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "0"),
+                   help="most Generate streams one client (a gateway) may hold; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     add_common_flags(p, default_port=50052)
     args = p.parse_args(argv)
     if not args.model:
@@ -62,6 +65,9 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         budget_headroom=args.budget_headroom,
         gpu_layers=args.gpu_layers,
         host=args.host,
+        tls=tls_files(args),
+        max_streams_per_client=args.max_streams_per_client,
+        **allowed_clients(args),
     )
 
 

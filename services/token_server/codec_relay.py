@@ -27,6 +27,7 @@ import grpc
 from chorus import orpheus, telemetry
 from chorus.discovery import EndpointSet
 from chorus.playback import PlaybackClock
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class CodecPool:
     while Kubernetes replaces it.
     """
 
-    def __init__(self, addresses: Sequence[str]) -> None:
-        self.endpoints = EndpointSet(addresses)
+    def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
+        self.endpoints = EndpointSet(addresses, security)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._failed_at: dict[str, float] = {}
         self._loads: dict[str, WorkerLoad] = {}

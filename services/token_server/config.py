@@ -7,6 +7,8 @@ from pathlib import Path
 
 from chorus.cpu_budget import cpu_budget
 from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.telemetry import TOKEN_SERVER
+from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 
 
 def default_llama_threads() -> int:
@@ -48,6 +50,13 @@ class TokenServerConfig:
     # batch-invariance measured there); -1 offloads every layer. Needs a CUDA build
     # of llama-cpp-python (the CUDA image); a CPU build ignores it.
     gpu_layers: int = 0
+    # PEM files for TLS: with them the server requires a client certificate naming one
+    # of allowed_clients, and calls codec workers over mTLS as chorus-token-server.
+    tls: TlsFiles | None = None
+    allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[TOKEN_SERVER]
+    # Most Generate streams one client (a gateway) may hold; 0: no limit (the queue
+    # already bounds what waits).
+    max_streams_per_client: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -73,6 +82,11 @@ class TokenServerConfig:
             problems.append(f"pace_lead_s must be in (0, 3600] seconds, got {self.pace_lead_s}")
         if not 0.0 <= self.capacity_margin <= 10.0:
             problems.append(f"capacity_margin must be in [0, 10], got {self.capacity_margin}")
+        object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+        if self.tls is not None and not self.allowed_clients:
+            problems.append("with TLS, allowed_clients must name who may call (e.g. chorus-gateway)")
+        if self.max_streams_per_client < 0:
+            problems.append(f"max_streams_per_client must be >= 0, got {self.max_streams_per_client}")
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")

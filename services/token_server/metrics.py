@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name
 
@@ -50,4 +50,10 @@ CAPACITY_HEADROOM = Gauge(
     "Capacity minus active and queued streams; negative when requests wait for capacity. "
     "The signal token servers autoscale on.",
     registry=REGISTRY,
+)
+REFUSED_CALLS = Counter(
+    metric_name(TOKEN_SERVER, "refused_calls"),
+    "Calls refused before any work, by reason: not_allowed (client certificate of another tier), "
+    "client_limit (the client already holds its most streams).",
+    ["reason"], registry=REGISTRY,
 )

@@ -9,6 +9,9 @@ import asyncio
 import logging
 
 from chorus.capacity import RealTimeCapacity
+from chorus.auth import CallGuard
+from chorus.telemetry import CODEC_WORKER
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
 from services.token_server import metrics
@@ -34,7 +37,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         threads=config.llama_threads,
         gpu_layers=config.gpu_layers,
     )
-    pool = CodecPool(config.codec_workers)
+    pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER))
     await pool.start()
     engine = Engine(
         backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
@@ -50,9 +53,15 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         log.info("step seconds by batch size: %s; real-time capacity %d streams",
                  ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
 
-    server = new_server(metrics.RPC)
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server(metrics.RPC, [guard] if guard.active else [])
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
 
     def engine_died(error: BaseException) -> None:
