@@ -60,7 +60,8 @@ class Engine(Protocol[Command]):
         """Whether work waits on something the engine polls (capacity). Engine thread only."""
 
     def fail_all(self, message: str, commands: list[Command]) -> None:
-        """Ends every request the engine holds, and those in `commands` never applied."""
+        """Ends every request the engine holds, and those in `commands` (which a dying
+        step may or may not have applied: fail each request once)."""
 
 
 class EventBatch:
@@ -184,6 +185,7 @@ class EngineThread(Generic[Command]):
 
     def _run(self) -> None:
         engine = self._engine
+        commands: list[Command] = []
         try:
             while True:
                 with self._cond:
@@ -194,13 +196,15 @@ class EngineThread(Generic[Command]):
                         break
                     commands, self._inbox = self._inbox, []
                 engine.step(commands)
+                commands = []
                 self.flush_events()
         except BaseException as error:  # a bug or a library failure: the engine is gone
             log.exception("%s died", self.name)
             with self._cond:
                 self._state = State.DEAD
                 self.error = error
-                leftover, self._inbox = self._inbox, []
+                # The dying step's commands too: it may have died before applying them.
+                leftover, self._inbox = [*commands, *self._inbox], []
             self._fail_everything(f"{self.name} failed: {error}", leftover)
             self._report_death(error)
             return

@@ -14,8 +14,8 @@ first; `chorus bench` replays chunk arrival times through it. Each keeps its own
 on its own clock, started at the audio it sends (transport between the hops is a few
 ms), and passes the schedule on with `due_in` when it opens the next hop's stream.
 
-`lead` is audio delivered minus audio played: how long the stream could go without
-new audio before its listener stalls. A stream whose clock has not started (no audio
+`lead` is how long the stream could go without new audio before its listener
+stalls: once playback runs, audio delivered minus audio played. A stream whose clock has not started (no audio
 yet) has no lead: it is the most urgent of all.
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_START_BUFFER_S = 0.15
+# Audio this close to its time is on time: the rounding of the clock's arithmetic.
+_ON_TIME_S = 1e-9
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class PlaybackClock:
             self.start_at = now + self.start_buffer_s
         stall = None
         due = self.start_at + self.delivered / self.sample_rate
-        if now > due:
+        if now - due > _ON_TIME_S:
             stall = Stall(due, now - due)
             self.underruns += 1
             self.stall_seconds += stall.seconds
@@ -83,19 +85,15 @@ class PlaybackClock:
         self.delivered += samples
         return stall
 
-    def played(self, now: float) -> float:
-        """Seconds of audio the listener has played by `now` (never more than delivered)."""
-        if self.start_at is None:
-            return 0.0
-        return min(max(0.0, now - self.start_at), self.delivered / self.sample_rate)
-
     def lead(self, now: float, delivered: int | None = None) -> float | None:
-        """Seconds of audio delivered (or `delivered` samples, e.g. generated but not yet
-        decoded) beyond what the listener has played; None before the clock starts."""
+        """Seconds until the listener runs out of the audio delivered (or of `delivered`
+        samples, e.g. generated but not yet decoded): once playback runs, audio
+        delivered minus audio played. Negative when the listener is already waiting;
+        None before the clock starts."""
         if self.start_at is None:
             return None
         count = self.delivered if delivered is None else delivered
-        return count / self.sample_rate - max(0.0, now - self.start_at)
+        return self.start_at + count / self.sample_rate - now
 
     def due_in(self, sample: int, now: float) -> float | None:
         """Seconds from `now` until the listener needs `sample`; None before the clock starts."""

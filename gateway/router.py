@@ -43,16 +43,19 @@ class _Server:
     channel: grpc.aio.Channel
     stub: token_server_pb2_grpc.TokenServiceStub
     slots_total: int = 0
+    capacity_streams: int = 0
     slots_busy: int = 0
     queue_depth: int = 0
     reachable: bool = True  # optimistic until a poll or a call says otherwise
     sent_since_poll: int = 0
 
     def load(self) -> float:
-        """Work per slot; unreachable servers sort last but stay candidates (they may be back)."""
+        """Work per stream it can hold at real time (its capacity, or its slots before it
+        reports one); unreachable servers sort last but stay candidates (they may be back)."""
         work = self.slots_busy + self.queue_depth + self.sent_since_poll
-        per_slot = work / self.slots_total if self.slots_total else float(work)
-        return per_slot + (1e9 if not self.reachable else 0.0)
+        room = self.capacity_streams or self.slots_total
+        per_stream = work / room if room else float(work)
+        return per_stream + (1e9 if not self.reachable else 0.0)
 
 
 class Router:
@@ -147,6 +150,7 @@ class Router:
             log.info("token server %s is reachable again", server.address)
         server.reachable = True
         server.slots_total = status.slots_total
+        server.capacity_streams = status.capacity_streams
         server.slots_busy = status.slots_busy
         server.queue_depth = status.queue_depth
         server.sent_since_poll = 0

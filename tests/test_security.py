@@ -157,7 +157,7 @@ def test_a_client_with_the_ca_and_a_key_is_served_end_to_end(stack, pki, otlp, t
     assert voices.voices
     # The key's id, never its secret, goes into the gateway's trace and log.
     for _ in range(100):
-        attributes = _span_attributes(otlp, "gateway.synthesize", result.summary.trace_id)
+        attributes = _span_attributes(otlp, "/tts.v1.SynthesisService/Synthesize", result.summary.trace_id)
         if attributes:
             break
         time.sleep(0.1)

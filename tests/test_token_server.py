@@ -402,3 +402,35 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_a_dead_engine_fails_new_requests_at_once_and_health_says_not_serving(gguf_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            engine = running.components["engine"]
+
+            def broken(now):
+                raise RuntimeError("injected scheduler bug")
+
+            engine.scheduler.schedule = broken  # the next step kills the engine thread
+            with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+                await read_all(stub.Generate(request(codes_only=True), timeout=60))
+            health = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(running.address))
+            for _ in range(500):
+                status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            # A long deadline: a request that hung (queued for a dead engine) would end
+            # DEADLINE_EXCEEDED a minute later instead of UNAVAILABLE now.
+            with pytest.raises(grpc.aio.AioRpcError) as after:
+                await read_all(stub.Generate(request(codes_only=True), timeout=60))
+            return in_flight.value, status, after.value, engine.load()
+
+    in_flight, status, after, load = asyncio.run(scenario())
+    assert in_flight.code() == grpc.StatusCode.UNAVAILABLE and "injected scheduler bug" in in_flight.details()
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after.code() == grpc.StatusCode.UNAVAILABLE and "died" in after.details()
+    assert load == (0, 0)  # nothing queued for an engine that will never run it

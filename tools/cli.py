@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "serve": ("tools.serve:register", "start the whole stack locally"),
     "say": ("tools.client:register_say", "synthesize text through a gateway"),
     "voices": ("tools.client:register_voices", "list the gateway's voices"),
+    "bench": ("tools.bench.command:register", "load sweep through a gateway: real-time streams, TTFA, stalls"),
 }
 
 

@@ -89,6 +89,19 @@ def to_pcm16(samples: np.ndarray) -> bytes:
     return np.clip(np.rint(samples * 32767.0), -32768, 32767).astype("<i2").tobytes()
 
 
+def is_urgent(lead: float | None) -> bool:
+    return lead is None or lead < URGENT_LEAD_S
+
+
+def plan_step(ready: list, now: float, max_batch: int) -> tuple[list, list]:
+    """The streams one step decodes, as (urgent pass, the rest): at most `max_batch` of
+    those with frames ready, most urgent first (no audio yet, then least lead)."""
+    leads = {stream: stream.lead(now) for stream in ready}
+    chosen = sorted(ready, key=lambda s: urgency(leads[s]))[:max_batch]
+    urgent = [s for s in chosen if is_urgent(leads[s])]
+    return urgent, [s for s in chosen if not is_urgent(leads[s])]
+
+
 class EngineStream:
     """One stream's handle. Its methods are called from the event loop; its state
     beyond the output queue belongs to the engine thread."""
@@ -279,13 +292,14 @@ class DecodeEngine:
         return False
 
     def fail_all(self, message: str, commands: list[Command]) -> None:
+        failed = {id(s) for s in self._streams}
         for stream in self._streams:
             stream.state = None
             self._emit(stream, DecodeFailed(message))
         self._streams = []
         self._open_count = 0
         for command in commands:
-            if isinstance(command, _Open):
+            if isinstance(command, _Open) and id(command.stream) not in failed:
                 self._emit(command.stream, DecodeFailed(message))
 
     def step(self, commands: list[Command]) -> None:
@@ -301,12 +315,8 @@ class DecodeEngine:
         if not ready and not flush:
             return
         self.stats.steps += 1
-        ready.sort(key=lambda s: urgency(s.lead(now)))
-        chosen = ready[: self.max_batch]
-        urgent = [s for s in chosen if (lead := s.lead(now)) is None or lead < URGENT_LEAD_S]
-        rest = [s for s in chosen if s not in urgent]
         failed: set[EngineStream] = set()
-        for tier in (urgent, rest):
+        for tier in plan_step(ready, now, self.max_batch):
             if tier:
                 failed |= self._decode(tier)
         for stream in flush:
@@ -341,7 +351,7 @@ class DecodeEngine:
         while a ready stream is urgent."""
         deadline = now + self.batch_wait_s
         while len(ready) < min(self.max_batch, len(self._streams)):
-            if any((lead := s.lead(now)) is None or lead < URGENT_LEAD_S for s in ready):
+            if any(is_urgent(s.lead(now)) for s in ready):
                 break
             remaining = deadline - now
             if remaining <= 0:

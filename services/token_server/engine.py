@@ -192,6 +192,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._in_system = 0  # admitted + waiting, counted on submit and on the end
         self._by_handle: dict[RequestHandle, Sequence] = {}
+        self._failed_handles: set[RequestHandle] = set()  # ended by fail_all
         self.steps = 0
         # Wall time inside llama_decode vs. the whole loop: the Python around it is the rest.
         self.decode_seconds = 0.0
@@ -285,14 +286,18 @@ class Engine:
         self.busy_seconds += time.perf_counter() - started
 
     def fail_all(self, message: str, commands: list[Command]) -> None:
+        self._failed_handles = set()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            self.scheduler.remove(seq)
-            self._end(seq, GenerationFailed(message))
+            self._failed_handles.add(seq.owner)
+            try:
+                self._end(seq, GenerationFailed(message))
+            except Exception:  # the backbone may be what broke: the request still ends
+                self._emit(seq.owner, GenerationFailed(message))
         for command in commands:
-            if isinstance(command, _Submit):
+            if isinstance(command, _Submit) and command.handle not in self._failed_handles:
                 self._leave()
                 self._emit(command.handle, GenerationFailed(message))
-            elif isinstance(command, _Call):
+            elif isinstance(command, _Call) and not command.future.done():
                 command.future.set_exception(RuntimeError(message))
 
     # -- commands ----------------------------------------------------------------
