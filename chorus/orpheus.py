@@ -2,7 +2,7 @@
 become SNAC codes.
 
 Every part of Chorus that touches token ids or code frames goes through here, so the
-facts live in one place (see DESIGN.md, "The Orpheus protocol").
+facts live in one place.
 """
 
 from __future__ import annotations
@@ -118,7 +118,12 @@ def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndar
     return frames
 
 
-def default_max_tokens(text: str, headroom: float = 1.5, minimum: int = 7 * 24) -> int:
+# How much longer than the text's expected speech a generation may run before it is
+# stopped (see default_max_tokens).
+DEFAULT_BUDGET_HEADROOM = 1.5
+
+
+def default_max_tokens(text: str, headroom: float = DEFAULT_BUDGET_HEADROOM, minimum: int = 7 * 24) -> int:
     """A generation budget from the text length, a whole number of frames.
 
     Speech runs at roughly 14 characters a second and ~82 tokens a second, so about

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from chorus import telemetry
+from chorus import orpheus, telemetry
+from chorus.playback import DEFAULT_START_BUFFER_S
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.discovery import EndpointSet
+from chorus.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 # codec workers. Anything else is the request's own.
 FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 STATUS_TIMEOUT_S = 1.0
+MAX_DUE_IN_S = 3600.0  # the most a token server accepts in playback.first_sample_due_in_s
 
 
 @dataclass
@@ -49,23 +52,28 @@ class _Server:
     channel: grpc.aio.Channel
     stub: token_server_pb2_grpc.TokenServiceStub
     slots_total: int = 0
+    capacity_streams: int = 0
     slots_busy: int = 0
     queue_depth: int = 0
     reachable: bool = True  # optimistic until a poll or a call says otherwise
     sent_since_poll: int = 0
 
     def load(self) -> float:
-        """Work per slot; unreachable servers sort last but stay candidates (they may be back)."""
+        """Work per stream it can hold at real time (its capacity, or its slots before it
+        reports one); unreachable servers sort last but stay candidates (they may be back)."""
         work = self.slots_busy + self.queue_depth + self.sent_since_poll
-        per_slot = work / self.slots_total if self.slots_total else float(work)
-        return per_slot + (1e9 if not self.reachable else 0.0)
+        room = self.capacity_streams or self.slots_total
+        per_stream = work / room if room else float(work)
+        return per_stream + (1e9 if not self.reachable else 0.0)
 
 
 class Router:
-    def __init__(self, addresses: tuple[str, ...], status_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, addresses: tuple[str, ...], status_interval_s: float = 0.25, security: ChannelSecurity = ChannelSecurity()
+    ) -> None:
         # A name may stand for many token servers (a headless Service): route over
         # every address it resolves to, as they come and go.
-        self._endpoints = EndpointSet(addresses)
+        self._endpoints = EndpointSet(addresses, security)
         self._servers: list[_Server] = []
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
@@ -107,15 +115,18 @@ class Router:
         """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
         failures: list[tuple[str, grpc.StatusCode, str]] = []
         relayed = _Relayed(request)
-        for server in self.ranked():
+        for attempt_number, server in enumerate(self.ranked()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GatewayError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
                 )
             server.sent_since_poll += 1
-            attempt = relayed.replay() if relayed.replayable else request
-            call = server.stub.Generate(attempt, timeout=remaining, metadata=telemetry.inject_metadata())
+            attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
+            relayed.sending(time.monotonic())
+            # A retry's CLIENT span says so, and which servers refused before it.
+            with telemetry.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
+                call = server.stub.Generate(attempt, timeout=remaining)
             responded = False
             try:
                 responses = aiter(call)
@@ -162,9 +173,25 @@ class Router:
             log.info("token server %s is reachable again", server.address)
         server.reachable = True
         server.slots_total = status.slots_total
+        server.capacity_streams = status.capacity_streams
         server.slots_busy = status.slots_busy
         server.queue_depth = status.queue_depth
         server.sent_since_poll = 0
+
+
+def _retry_attributes(
+    attempt: int, failures: list[tuple[str, grpc.StatusCode, str]], replay: bool
+) -> dict[str, object]:
+    if not attempt:
+        return {}
+    attributes = {
+        "chorus.retry": True,
+        "chorus.attempt": attempt + 1,
+        "chorus.refused_by": [f"{address}: {code.name}" for address, code, _ in failures],
+    }
+    if replay:
+        attributes["chorus.failover"] = True  # mid-stream: a replay from the last relayed sample
+    return attributes
 
 
 def _relayed(address: str, err: grpc.aio.AioRpcError) -> GatewayError:
@@ -208,24 +235,41 @@ class _Relayed:
         self._seeded = request.HasField("sampling") and request.sampling.HasField("seed")
         self.samples = 0
         self.codes: token_server_pb2.CodeDigest | None = None
+        self._sent_at: float | None = None  # of the first attempt
+        self._first_audio_at: float | None = None
 
     @property
     def replayable(self) -> bool:
         """Audio was relayed, and a replay can regenerate it and be checked."""
         return self._seeded and self.samples > 0 and self.codes is not None
 
+    def sending(self, now: float) -> None:
+        if self._sent_at is None:
+            self._sent_at = now
+
     def note(self, response: token_server_pb2.GenerateResponse) -> None:
         if response.HasField("audio"):
+            if self._first_audio_at is None:
+                self._first_audio_at = time.monotonic()
             chunk = response.audio
             self.samples = max(self.samples, chunk.sample_offset + len(chunk.pcm) // 2)
             if response.HasField("codes"):
                 self.codes = response.codes
 
-    def replay(self) -> token_server_pb2.GenerateRequest:
+    def replay(self, now: float) -> token_server_pb2.GenerateRequest:
         request = token_server_pb2.GenerateRequest()
         request.CopyFrom(self._request)
         request.resume_from_sample = self.samples
         request.verify_frames = self.codes.frames
+        # The schedule moves to the resume sample: when the first attempt's schedule
+        # (or its clock, started at its first audio) needs it, stalls aside.
+        playback = self._request.playback
+        if playback.HasField("first_sample_due_in_s"):
+            zero_due = self._sent_at + playback.first_sample_due_in_s
+        else:
+            zero_due = self._first_audio_at + (playback.start_buffer_s or DEFAULT_START_BUFFER_S)
+        due_in = zero_due + self.samples / orpheus.SAMPLE_RATE - now
+        request.playback.first_sample_due_in_s = min(max(due_in, -MAX_DUE_IN_S), MAX_DUE_IN_S)
         return request
 
     def check_replay(self, first: token_server_pb2.GenerateResponse | None, address: str) -> None:

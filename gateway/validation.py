@@ -2,8 +2,8 @@
 naming the field, the bad value and what would be accepted.
 
 Checked here, before any generation starts, so that a bad request costs no backbone
-step and never fails halfway through a long text. The sampling ranges mirror the
-token server's (services/token_server/sampler.py), which checks them again.
+step and never fails halfway through a long text. The sampling ranges come from the
+shared table (chorus/sampling_limits.py), which the token server checks again.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def synthesize_options(
     request: gateway_pb2.SynthesizeRequest, config: GatewayConfig, time_remaining: float | None
 ) -> SynthesisOptions:
     check_text(request.text, config)
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=request.voice,
@@ -74,7 +74,7 @@ def streaming_options(
             f"the first StreamingSynthesize message must carry `config`, got `{first.WhichOneof('payload')}`"
         )
     cfg = first.config
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=cfg.voice,
@@ -84,7 +84,7 @@ def streaming_options(
     )
 
 
-def _options(
+def options(
     config: GatewayConfig,
     time_remaining: float | None,
     *,
@@ -92,7 +92,9 @@ def _options(
     audio: gateway_pb2.AudioConfig,
     sampling: common_pb2.SamplingParams | None,
     request_id: str,
+    tempo: float = 1.0,
 ) -> SynthesisOptions:
+    """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
     if voice not in config.voices:
         raise invalid(f"unknown voice {voice!r}; this gateway speaks {', '.join(config.voices)} (see ListVoices)")
@@ -121,6 +123,8 @@ def _options(
         format=fmt,
         sample_rate=rate,
         timeout_s=timeout,
+        start_buffer_s=config.start_buffer_s,
+        tempo=tempo,
     )
 
 
@@ -138,5 +142,7 @@ def _seeded(sampling: common_pb2.SamplingParams | None) -> common_pb2.SamplingPa
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:
     problems = sampling_problems(lambda name: getattr(sampling, name) if sampling.HasField(name) else None)
+    if sampling.ignore_end_of_speech and not sampling.max_tokens:
+        problems.append("ignore_end_of_speech needs max_tokens: it generates exactly that many tokens")
     if problems:
         raise invalid("; ".join(f"sampling.{p}" for p in problems))

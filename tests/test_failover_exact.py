@@ -44,7 +44,7 @@ def stack(demo_models, tmp_path_factory):
         token_servers=2,
         codec_workers=2,
         work_dir=tmp_path_factory.mktemp("failover-stack"),
-        extra_args={"token_server": ["--threads", "1"]},
+        llama_threads=1,
     ) as running:
         yield running
 
