@@ -437,6 +437,10 @@ def test_a_server_failing_mid_stream_is_replaced_sample_for_sample():
     assert replay.sampling.seed == first.sampling.seed == 77
     assert replay.text == first.text and replay.request_id == first.request_id
     assert (replay.resume_from_sample, replay.verify_frames) == (2 * SAMPLES_PER_FRAME, 2)
+    # Its schedule is the resume sample's: due no later than the first attempt's clock
+    # (started at its first audio, 0.15 s of buffer) says, which is in under 0.15 s + 2 frames.
+    assert replay.playback.HasField("first_sample_due_in_s")
+    assert replay.playback.first_sample_due_in_s < 0.15 + 2 * SAMPLES_PER_FRAME / 24000
     assert summary.seed == 77
 
 
