@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import threading
 
+RECOUNT_EVERY = 32
+
 
 class RealTimeCapacity:
     def __init__(
@@ -40,7 +42,8 @@ class RealTimeCapacity:
         self._lock = threading.Lock()
         # False: measure and report, but `streams` stays at `limit` (admission by slots only).
         self.enforce = enforce
-        self._streams = limit  # cached answer, recomputed on each record
+        self._streams = limit  # cached answer, recounted as steps are recorded
+        self._records = 0
 
     def record(self, streams: int, seconds: float, units: int = 1) -> None:
         """A step advanced `streams` streams by `units` units each in `seconds`."""
@@ -52,7 +55,11 @@ class RealTimeCapacity:
             self._step_seconds[streams] = (
                 per_unit if previous is None else previous + self._smoothing * (per_unit - previous)
             )
-            self._streams = self._compute()
+            # Recounting walks every size: on every new size, else every few steps (the
+            # engines record hundreds of steps a second; the answer moves slowly).
+            self._records += 1
+            if previous is None or self._records % RECOUNT_EVERY == 0:
+                self._streams = self._compute()
 
     def step_seconds(self, streams: int) -> float | None:
         """Seconds a step over `streams` streams takes per unit: measured, or estimated."""
