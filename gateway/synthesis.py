@@ -106,6 +106,7 @@ def _summary(
         queue_wait_ms=stats.queue_wait_ms,
         prompt_tokens=stats.prompt_tokens,
         finish_reason=stats.finish_reason,
+        seed=options.spec.sampling.seed if options.spec.sampling is not None else 0,
         underruns=listener.underruns,
         stall_seconds=listener.stall_seconds,
     )

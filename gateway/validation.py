@@ -8,6 +8,7 @@ shared table (chorus/sampling_limits.py), which the token server checks again.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
 import grpc
@@ -113,6 +114,7 @@ def options(
         )
     if sampling is not None:
         _check_sampling(sampling)
+    sampling = _seeded(sampling)
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
     timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
@@ -124,6 +126,18 @@ def options(
         start_buffer_s=config.start_buffer_s,
         tempo=tempo,
     )
+
+
+def _seeded(sampling: common_pb2.SamplingParams | None) -> common_pb2.SamplingParams:
+    """The client's sampling with a seed drawn when it set none: the request's audio
+    is then a function of the request (reported in the summary, so it can be
+    replayed), and a token server that fails mid-stream can be replaced exactly."""
+    seeded = common_pb2.SamplingParams()
+    if sampling is not None:
+        seeded.CopyFrom(sampling)
+    if not seeded.HasField("seed"):
+        seeded.seed = secrets.randbits(63)
+    return seeded
 
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:

@@ -253,6 +253,90 @@ def test_codec_worker_killed_mid_stream_loses_no_audio(gguf_path):
     assert summary.frames == 12
 
 
+async def read_messages(call) -> list[token_server_pb2.GenerateResponse]:
+    return [msg async for msg in call]
+
+
+def chained_digests(frames) -> list[int]:
+    """The CodeDigest chain as tts.v1.CodeDigest documents it, written out here."""
+    import hashlib
+
+    state, chain = 0, [0]
+    for frame in frames:
+        data = state.to_bytes(8, "little") + np.asarray(frame.codes, dtype="<i2").tobytes()
+        state = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        chain.append(state)
+    return chain
+
+
+def test_the_seed_reaches_the_codec_and_each_chunk_carries_the_code_digest(gguf_path):
+    async def scenario():
+        codec = FakeCodec()
+        async with fake_codec(codec) as worker:
+            async with token_server(gguf_path, [worker.address]) as (_, stub):
+                _, frames, _ = await read_all(stub.Generate(request(codes_only=True, frames=8, seed=42)))
+                messages = await read_messages(stub.Generate(request(frames=8, seed=42)))
+        return codec, frames, messages
+
+    codec, frames, messages = asyncio.run(scenario())
+    assert [s.seed for s in codec.starts] == [42]
+    chain = chained_digests(frames)
+    audio = [m for m in messages if m.WhichOneof("payload") == "audio"]
+    assert len(audio) == 8
+    for message in audio:
+        # The digest covers at least the frames this chunk's audio was decoded from.
+        end_frame = -(-(message.audio.sample_offset + len(message.audio.pcm) // 2) // orpheus.SAMPLES_PER_FRAME)
+        assert end_frame <= message.codes.frames <= 8
+        assert message.codes.digest == chain[message.codes.frames]
+    assert messages[-1].summary.seed == 42
+
+
+def test_a_replay_opens_with_the_digest_then_resumes_at_the_sample(gguf_path):
+    resume = 3 * orpheus.SAMPLES_PER_FRAME + 100
+
+    async def scenario():
+        codec = FakeCodec()
+        async with fake_codec(codec) as worker:
+            async with token_server(gguf_path, [worker.address]) as (_, stub):
+                _, frames, _ = await read_all(stub.Generate(request(codes_only=True, frames=8, seed=42)))
+                replay = request(frames=8, seed=42, resume_from_sample=resume, verify_frames=5)
+                messages = await read_messages(stub.Generate(replay))
+        return codec, frames, messages
+
+    codec, frames, messages = asyncio.run(scenario())
+    first, *rest = messages
+    assert first.WhichOneof("payload") is None
+    assert (first.codes.frames, first.codes.digest) == (5, chained_digests(frames)[5])
+    audio = [m.audio for m in rest if m.WhichOneof("payload") == "audio"]
+    assert audio[0].sample_offset == resume
+    pcm = np.concatenate([np.frombuffer(a.pcm, "<i2") for a in audio])
+    assert np.array_equal(pcm, np.repeat(np.arange(8), 2048)[resume:])
+    # The codec gets 3 frames of context before the resume point, and nothing earlier.
+    assert [(s.first_frame_index, s.resume_from_sample, s.seed) for s in codec.starts] == [(0, resume, 42)]
+    assert rest[-1].summary.frames == 8
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(resume_from_sample=9 * orpheus.SAMPLES_PER_FRAME), "resume_from_sample"),
+        (dict(resume_from_sample=-1), "resume_from_sample"),
+        (dict(verify_frames=9), "verify_frames"),
+        (dict(codes_only=True, verify_frames=2), "codes_only"),
+    ],
+)
+def test_bad_replay_fields_are_invalid_argument(gguf_path, fields, message):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.Generate(request(frames=8, **fields)))
+            return err.value
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
 def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
     """Each attempt on a codec worker is a CLIENT span of the request's trace; the one
     that resumes the stream says it is a failover, from where, and who failed."""

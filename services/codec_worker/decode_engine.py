@@ -43,7 +43,7 @@ from chorus import orpheus
 from chorus.capacity import RealTimeCapacity
 from chorus.engine_thread import EngineThread
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
 
 log = logging.getLogger(__name__)
 
@@ -264,15 +264,21 @@ class DecodeEngine:
         resume_from_sample: int = 0,
         deterministic: bool = False,
         clock: PlaybackClock | None = None,
+        seed: int = 0,
     ) -> EngineStream:
         """Must be called on the event loop that will await the stream's output.
-        Raises the bridge's EngineStopped/EngineDead when the engine takes no work."""
-        if first_frame_index < 0 or resume_from_sample < 0:
-            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
+        Raises ValueError when the decoder cannot start a stream there, the bridge's
+        EngineStopped/EngineDead when the engine takes no work."""
+        check_stream_start(first_frame_index, resume_from_sample, seed)
         stream = EngineStream(
             self,
             asyncio.get_running_loop(),
-            dict(first_frame_index=first_frame_index, resume_from_sample=resume_from_sample, deterministic=deterministic),
+            dict(
+                first_frame_index=first_frame_index,
+                resume_from_sample=resume_from_sample,
+                deterministic=deterministic,
+                seed=seed,
+            ),
             clock or PlaybackClock(orpheus.SAMPLE_RATE, DEFAULT_START_BUFFER_S),
         )
         self.bridge.post(_Open(stream))

@@ -28,7 +28,7 @@ from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
 from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.model import load_snac
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ class StreamCheck:
         return cls(first.start)
 
     def __init__(self, start: codec_pb2.DecodeStart) -> None:
-        if start.first_frame_index < 0:
-            raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
-        if start.resume_from_sample < 0:
-            raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
+        try:
+            check_stream_start(start.first_frame_index, start.resume_from_sample, start.seed)
+        except ValueError as err:
+            raise BadRequest(f"start: {err}") from err
         self.first_frame = self.next_frame = start.first_frame_index
         self.last_frames_at: float | None = None
 
@@ -144,7 +144,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             try:
                 stream = self._engine.open_stream(
-                    start.first_frame_index, start.resume_from_sample, start.deterministic, clock
+                    start.first_frame_index, start.resume_from_sample, start.deterministic, clock, seed=start.seed
                 )
             except (EngineStopped, EngineDead) as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))

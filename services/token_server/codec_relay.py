@@ -6,8 +6,10 @@ its pool, opens a bidirectional Decode stream, writes frames as the engine compl
 them and reads PCM as the worker produces it. If the worker fails mid-stream, the
 relay resumes on another worker from the last sample it relayed: it resends the frames
 from `DECODER_LOOKAHEAD_FRAMES` before that point (the decoder's reach is 2.32 frames,
-so that much context makes the resumed samples the same as if nothing had happened)
-and the new worker drops the samples already relayed. No admitted stream loses audio.
+so that much context makes the resumed samples the same as if nothing had happened,
+to the last bit: the decoder is bit-exact across a resume and its noise is keyed by
+the request's seed and sample position) and the new worker drops the samples already
+relayed. No admitted stream loses audio, and none hears a seam.
 
 Each Decode stream carries the listener's playback schedule (DecodeStart.playback) so
 that the worker can serve the least-ahead streams first.
@@ -191,16 +193,19 @@ class CodecRelay:
         clock: PlaybackClock,
         deterministic: bool = False,
         max_attempts: int = 3,
+        seed: int = 0,
+        resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
     ) -> None:
         self._pool = pool
         self._request_id = request_id
         self._clock = clock
         self._deterministic = deterministic
+        self._seed = seed
         self._max_attempts = max_attempts
         self._frames: list[tuple[int, ...]] = []
         self._finished = False
         self._changed = asyncio.Event()
-        self.relayed_samples = 0
+        self.relayed_samples = resume_from_sample
 
     def push(self, codes: tuple[int, ...]) -> None:
         self._frames.append(codes)
@@ -212,7 +217,10 @@ class CodecRelay:
 
     async def audio(self) -> AsyncIterator[common_pb2.PcmChunk]:
         """PCM chunks with absolute sample offsets, contiguous from 0, until the tail."""
-        while not self._frames:  # hold nothing downstream before there is audio to make
+        # Hold nothing downstream before there is audio to make: the first frame, or on
+        # a replay the first frame of the resumed decode's context.
+        first_needed = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
+        while len(self._frames) <= first_needed:
             if self._finished:
                 return
             self._changed.clear()
@@ -288,6 +296,7 @@ class CodecRelay:
             first_frame_index=first_frame,
             resume_from_sample=self.relayed_samples,
             deterministic=self._deterministic,
+            seed=self._seed,
             playback=self._playback(),
         )
         await call.write(codec_pb2.DecodeRequest(start=start))

@@ -18,6 +18,7 @@ import grpc
 from chorus import orpheus, telemetry
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
+from services.token_server.code_digest import CodeDigest
 from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
 from services.token_server.config import TokenServerConfig
 from chorus.engine_thread import EngineDead, EngineStopped
@@ -50,9 +51,10 @@ def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def playback_clock(playback: common_pb2.PlaybackClock, now: float) -> PlaybackClock:
+def playback_clock(playback: common_pb2.PlaybackClock, now: float, first_sample: int = 0) -> PlaybackClock:
     """The caller's schedule on this server's clock: running already (a later piece of
-    a long text), or starting at the first audio plus the start buffer."""
+    a long text, or a replay from `first_sample`), or starting at the first audio plus
+    the start buffer."""
     start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
     if not 0.0 <= start_buffer <= 60.0:
         raise ValueError(f"playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
@@ -60,7 +62,9 @@ def playback_clock(playback: common_pb2.PlaybackClock, now: float) -> PlaybackCl
         due_in = playback.first_sample_due_in_s
         if not -3600.0 <= due_in <= 3600.0:
             raise ValueError(f"playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
-        return PlaybackClock.scheduled(orpheus.SAMPLE_RATE, now + due_in, start_buffer_s=start_buffer)
+        return PlaybackClock.scheduled(
+            orpheus.SAMPLE_RATE, now + due_in, first_sample=first_sample, start_buffer_s=start_buffer
+        )
     return PlaybackClock(orpheus.SAMPLE_RATE, start_buffer)
 
 
@@ -102,6 +106,28 @@ def summary_of(
 
 def _ms(at: float | None, since: float) -> float:
     return (at - since) * 1000 if at is not None else 0.0
+
+
+async def _check_replay(request, max_tokens: int, context) -> None:
+    """resume_from_sample and verify_frames: within what the request can generate."""
+    if not (request.resume_from_sample or request.verify_frames):
+        return
+    if request.codes_only:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "resume_from_sample and verify_frames replay audio; codes_only has none"
+        )
+    frames = max_tokens // orpheus.CODES_PER_FRAME
+    if not 0 <= request.resume_from_sample <= frames * orpheus.SAMPLES_PER_FRAME:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"resume_from_sample {request.resume_from_sample} is outside 0..{frames * orpheus.SAMPLES_PER_FRAME}, "
+            f"the audio of this request's {frames} frames at most",
+        )
+    if not 0 <= request.verify_frames <= frames:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"verify_frames {request.verify_frames} is outside 0..{frames}, this request's frames at most",
+        )
 
 
 class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
@@ -146,7 +172,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             )
         try:
             sampling = resolve_sampling(request.sampling)
-            clock = playback_clock(request.playback, now)
+            clock = playback_clock(request.playback, now, max(0, request.resume_from_sample))
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
         requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
@@ -176,6 +202,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 f"sampling.max_tokens is {requested}; it must be 0 (a budget from the text) or at least "
                 f"{orpheus.CODES_PER_FRAME} (one frame of audio)",
             )
+        await _check_replay(request, budget, context)
         return GenerationRequest(
             request_id, prompt, sampling, budget,
             ignore_end_of_speech=fixed_length, playback=clock, needs_codec=not request.codes_only,
@@ -202,25 +229,45 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
 
     async def _stream_audio(self, handle, request, request_id, started, context):
-        relay = CodecRelay(self._pool, request_id, handle.clock, deterministic=request.deterministic_audio)
+        # The codec's noise takes the request's seed: same request, same audio.
+        relay = CodecRelay(
+            self._pool, request_id, handle.clock, deterministic=request.deterministic_audio,
+            seed=handle.request.sampling.seed, resume_from_sample=request.resume_from_sample,
+        )
         outcome: dict[str, object] = {}
+        digest = CodeDigest()
+        # A replay's check: the digest of its first verify_frames frames, sent before
+        # any audio (generation ending sooner settles it with what there is).
+        checkpoint = asyncio.get_running_loop().create_future() if request.verify_frames else None
+
+        def settle_checkpoint() -> None:
+            if checkpoint is not None and not checkpoint.done():
+                checkpoint.set_result(digest.message())
 
         async def feed() -> None:
             async for event in handle.events():
                 if isinstance(event, Frame):
+                    digest.update(event.codes)
+                    if digest.frames == request.verify_frames:
+                        settle_checkpoint()
                     relay.push(event.codes)
                 else:
                     outcome["event"] = event
+                    settle_checkpoint()
                     relay.finish()
 
         feeder = asyncio.create_task(feed())
+        feeder.add_done_callback(lambda _: settle_checkpoint())
         first_audio_at = None
         try:
             async for chunk in relay.audio():
+                if checkpoint is not None:
+                    yield token_server_pb2.GenerateResponse(codes=await checkpoint)
+                    checkpoint = None
                 now = time.monotonic()
                 first_audio_at = first_audio_at or now
                 handle.clock.deliver(len(chunk.pcm) // 2, now)
-                yield token_server_pb2.GenerateResponse(audio=chunk)
+                yield token_server_pb2.GenerateResponse(audio=chunk, codes=digest.message())
         except NoCodecWorkerError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except grpc.aio.AioRpcError as err:
@@ -233,6 +280,8 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         if isinstance(event, GenerationFailed):
             await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
         if isinstance(event, Finished):
+            if checkpoint is not None:
+                yield token_server_pb2.GenerateResponse(codes=await checkpoint)
             record_stages(event.stats)
             yield token_server_pb2.GenerateResponse(
                 summary=summary_of(request_id, event.stats, event.reason, started, first_audio_at,
