@@ -89,6 +89,7 @@ class StreamEncoder:
 
     def encode(self, pcm: np.ndarray) -> Encoded:
         """Encodes the next samples; returns whatever bytes the muxer released (may be empty)."""
+        self._check_open()
         samples = np.ascontiguousarray(pcm, dtype=np.int16).reshape(1, -1)
         if samples.shape[1] == 0:
             return Encoded(b"", 0)
@@ -100,11 +101,18 @@ class StreamEncoder:
 
     def finish(self) -> Encoded:
         """Flushes the resampler, the encoder and the muxer; the last bytes of the file."""
+        self._check_open()
         frames = [] if self._stretch is None else self._resample_all(self._stretch.push(None))
         out = self._push(frames + self._resampler.resample(None), flush=True)
         self._container.close()
         self._closed = True
         return Encoded(out.data + self._sink.take(), out.num_samples)
+
+    def _check_open(self) -> None:
+        # FFmpeg's freed state must never be touched again: a late call would crash
+        # the process, not just fail.
+        if self._closed:
+            raise ValueError("the encoder is closed")
 
     def close(self) -> None:
         if not self._closed:

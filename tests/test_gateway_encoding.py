@@ -92,11 +92,16 @@ def test_chunked_resampling_equals_resampling_the_whole_signal():
     assert b"".join(pieces) + tail == at_once
 
 
-def test_close_without_finish_is_safe():
+def test_close_without_finish_is_safe_and_final():
     encoder = StreamEncoder(FORMATS["opus"], 48000)
     encoder.encode(_signal(4096))
     encoder.close()
-    encoder.close()
+    encoder.close()  # twice is fine
+    # Once closed, FFmpeg's state is gone: further calls are refused, not a crash.
+    with pytest.raises(ValueError, match="closed"):
+        encoder.encode(_signal(4096))
+    with pytest.raises(ValueError, match="closed"):
+        encoder.finish()
 
 
 def test_extension_picks_the_format():
