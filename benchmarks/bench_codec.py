@@ -12,8 +12,15 @@
    each stream feeding its next frame as soon as the previous one came back as audio
    (1-frame steps, as behind a token server), with batching off (max_batch 1),
    batching without waiting, and batching with a 5 ms wait (the CPU default).
+   --noise runs these streams with (seeded) noise on, as served by default.
 
-    python benchmarks/bench_codec.py [--snac-dir models/demo/snac] [--json out.json]
+With --baseline REV, the streaming decoder of git revision REV is measured beside
+the current one in the same run, interleaved, to price a change to it; a third part
+then compares their CPU time per audio second directly, 1 thread, 1/4/8 streams a
+forward, noise off and on, as the median of interleaved pairs (wall-clock throughput
+on a shared machine varies too much for a few percent to show):
+
+    python benchmarks/bench_codec.py [--snac-dir models/demo/snac] [--json out.json] [--baseline REV] [--noise]
 
 Without --snac-dir it writes the demo SNAC (real 24 kHz architecture, random weights).
 """
@@ -22,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +74,34 @@ def orpheus_windows(model, decoder, frames) -> tuple[np.ndarray, int]:
     return np.concatenate(out), ORPHEUS_KEEP.start
 
 
+def load_baseline_decoder(rev: str, model):
+    """The StreamingSnacDecoder of git revision `rev`, built on `model`, taking (and
+    ignoring) a seed if it predates them."""
+    path = "services/codec_worker/streaming_decoder.py"
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    module_file = Path(tempfile.mkdtemp()) / "baseline_streaming_decoder.py"
+    module_file.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_streaming_decoder", module_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return _SeedTolerant(module.StreamingSnacDecoder(model))
+
+
+class _SeedTolerant:
+    def __init__(self, decoder) -> None:
+        self._decoder = decoder
+
+    def __getattr__(self, name):
+        return getattr(self._decoder, name)
+
+    def new_stream(self, *args, seed: int = 0, **kwargs):
+        try:
+            return self._decoder.new_stream(*args, seed=seed, **kwargs)
+        except TypeError:
+            return self._decoder.new_stream(*args, **kwargs)
+
+
 def streaming(model, decoder: StreamingSnacDecoder, frames) -> tuple[np.ndarray, int]:
     state = decoder.new_stream(deterministic=True)
     out = [decoder.decode([(state, frames[i : i + 1])])[0] for i in range(len(frames))]
@@ -79,15 +117,24 @@ METHODS = {
 }
 
 
-def bench_single_stream(model, decoder, n_frames: int, repeats: int) -> list[dict]:
+def bench_single_stream(model, decoders: dict, n_frames: int, repeats: int) -> list[dict]:
+    """decoders: label -> streaming decoder; the first is the current one."""
     frames = random_frames(n_frames, seed=0)
     audio_s = n_frames * SAMPLES_PER_FRAME / SAMPLE_RATE
-    cpu = {name: [] for name in METHODS}
-    wall = {name: [] for name in METHODS}
+    current = next(iter(decoders.values()))
+    runs = {}
+    for name, method in METHODS.items():
+        if method is streaming:
+            for label, decoder in decoders.items():
+                runs[name if decoder is current else f"{name} ({label})"] = (method, decoder)
+        else:
+            runs[name] = (method, current)
+    cpu = {name: [] for name in runs}
+    wall = {name: [] for name in runs}
     outputs = {}
     with torch.inference_mode(), mock.patch.object(NoiseBlock, "forward", lambda self, x: x):
         for _ in range(repeats):
-            for name, method in METHODS.items():
+            for name, (method, decoder) in runs.items():
                 c0, w0 = time.process_time(), time.perf_counter()
                 outputs[name] = method(model, decoder, frames)
                 cpu[name].append(time.process_time() - c0)
@@ -95,7 +142,7 @@ def bench_single_stream(model, decoder, n_frames: int, repeats: int) -> list[dic
     reference, _ = outputs["whole-sequence SNAC.decode"]
     base = min(cpu["whole-sequence SNAC.decode"])
     rows = []
-    for name in METHODS:
+    for name in runs:
         audio, start = outputs[name]
         ref = reference[start : start + len(audio)]
         err = (audio - ref).astype(np.float64)
@@ -113,9 +160,9 @@ def bench_single_stream(model, decoder, n_frames: int, repeats: int) -> list[dic
     return rows
 
 
-async def paced_stream(engine: DecodeEngine, frames: np.ndarray) -> int:
+async def paced_stream(engine: DecodeEngine, frames: np.ndarray, noise: bool, seed: int) -> int:
     """Feeds the next frame as soon as the last one came back as audio; returns samples."""
-    stream = engine.open_stream(deterministic=True)
+    stream = engine.open_stream(deterministic=not noise, seed=seed)
     # The third frame completes the first audio; from then on, one frame in flight.
     sent = 3
     stream.submit(frames[:sent])
@@ -133,12 +180,14 @@ async def paced_stream(engine: DecodeEngine, frames: np.ndarray) -> int:
                 stream.finish()
 
 
-def bench_engine(decoder, concurrency: int, n_frames: int, max_batch: int, wait_ms: float) -> dict:
+def bench_engine(decoder, concurrency: int, n_frames: int, max_batch: int, wait_ms: float, noise: bool) -> dict:
     engine = DecodeEngine(decoder, max_batch=max_batch, batch_wait_ms=wait_ms)
     engine.start()
 
     async def run() -> list[int]:
-        return await asyncio.gather(*(paced_stream(engine, random_frames(n_frames, seed=i)) for i in range(concurrency)))
+        return await asyncio.gather(
+            *(paced_stream(engine, random_frames(n_frames, seed=i), noise, seed=i) for i in range(concurrency))
+        )
 
     started = time.perf_counter()
     samples = asyncio.run(run())
@@ -154,6 +203,37 @@ def bench_engine(decoder, concurrency: int, n_frames: int, max_batch: int, wait_
         "per_stream_x_realtime": audio_s / wall / concurrency,
         "mean_batch": engine.stats.streams_stepped / max(engine.stats.forwards, 1),
     }
+
+
+def bench_paired(decoders: dict, pairs: int = 7, n_frames: int = 24) -> list[dict]:
+    """Median CPU s per audio s of each decoder, and of their per-pair ratio."""
+    (current_name, current), (baseline_name, baseline) = decoders.items()
+    frames = random_frames(n_frames, seed=0)
+
+    def cpu_per_audio_s(decoder, streams: int, noise: bool) -> float:
+        states = [decoder.new_stream(deterministic=not noise, seed=i) for i in range(streams)]
+        started = time.process_time()
+        for i in range(n_frames):
+            decoder.decode([(state, frames[i : i + 1]) for state in states])
+        for state in states:
+            decoder.flush(state)
+        return (time.process_time() - started) / (streams * n_frames * SAMPLES_PER_FRAME / SAMPLE_RATE)
+
+    rows = []
+    for streams in (1, 4, 8):
+        for noise in (False, True):
+            runs = [(cpu_per_audio_s(current, streams, noise), cpu_per_audio_s(baseline, streams, noise))
+                    for _ in range(pairs)]
+            rows.append({
+                "streams": streams,
+                "noise": noise,
+                current_name: float(np.median([a for a, _ in runs])),
+                baseline_name: float(np.median([b for _, b in runs])),
+                "ratio": float(np.median([a / b for a, b in runs])),
+                "ratio_min": min(a / b for a, b in runs),
+                "ratio_max": max(a / b for a, b in runs),
+            })
+    return rows
 
 
 ENGINE_SETTINGS = (
@@ -172,6 +252,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the single-stream part")
     p.add_argument("--engine-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="also measure the streaming decoder of this git revision, interleaved")
+    p.add_argument("--noise", action="store_true", help="engine streams with seeded noise on (the served default)")
     args = p.parse_args()
 
     snac_dir = args.snac_dir
@@ -181,11 +264,14 @@ def main() -> None:
         snac_dir = write_demo_snac(Path(tempfile.mkdtemp()) / "snac")
     torch.manual_seed(0)
     model = load_snac(snac_dir, device="cpu").model
-    decoder = StreamingSnacDecoder(model)
-    decoder.warm_up()
+    decoders = {"current": StreamingSnacDecoder(model)}
+    if args.baseline:
+        decoders[f"baseline {args.baseline}"] = load_baseline_decoder(args.baseline, model)
+    for decoder in decoders.values():
+        decoder.warm_up()
 
     torch.set_num_threads(args.threads)
-    single = bench_single_stream(model, decoder, args.frames, args.repeats)
+    single = bench_single_stream(model, decoders, args.frames, args.repeats)
     audio_s = args.frames * SAMPLES_PER_FRAME / SAMPLE_RATE
     print(f"## One stream, {args.frames} frames ({audio_s:.2f} s), noise off, {args.threads} torch thread(s), best of {args.repeats}\n")
     print("| method | CPU s / audio s | vs whole | wall s / audio s | lost start | lost end | max abs diff | SNR dB |")
@@ -199,21 +285,39 @@ def main() -> None:
 
     torch.set_num_threads(args.engine_threads)
     engine_rows = []
-    print(f"\n## Decode engine, {args.engine_frames} frames a stream, 1 frame in flight a stream, {args.engine_threads} torch thread(s)\n")
-    print("| setting | streams | audio s / wall s | per stream x real time | mean streams per forward |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\n## Decode engine, {args.engine_frames} frames a stream, 1 frame in flight a stream, "
+        f"{args.engine_threads} torch thread(s), noise {'on' if args.noise else 'off'}\n"
+    )
+    print("| setting | streams | decoder | audio s / wall s | per stream x real time | mean streams per forward |")
+    print("|---|---|---|---|---|---|")
     for label, max_batch, wait_ms in ENGINE_SETTINGS:
         for concurrency in (1, 2, 4, 8):
-            r = bench_engine(decoder, concurrency, args.engine_frames, max_batch, wait_ms)
-            r["setting"] = label
-            engine_rows.append(r)
+            for name, decoder in decoders.items():  # side by side, interleaved
+                r = bench_engine(decoder, concurrency, args.engine_frames, max_batch, wait_ms, args.noise)
+                r.update(setting=label, decoder=name)
+                engine_rows.append(r)
+                print(
+                    f"| {label} | {concurrency} | {name} | {r['audio_s_per_wall_s']:.2f} | "
+                    f"{r['per_stream_x_realtime']:.2f} | {r['mean_batch']:.2f} |",
+                    flush=True,
+                )
+    paired = []
+    if args.baseline:
+        torch.set_num_threads(1)
+        names = list(decoders)
+        print(f"\n## CPU s per audio s, {names[0]} vs {names[1]}, 1 torch thread, median of 7 interleaved pairs\n")
+        print(f"| streams a forward | noise | {names[0]} | {names[1]} | ratio (min-max) |")
+        print("|---|---|---|---|---|")
+        paired = bench_paired(decoders)
+        for r in paired:
             print(
-                f"| {label} | {concurrency} | {r['audio_s_per_wall_s']:.2f} | {r['per_stream_x_realtime']:.2f} | "
-                f"{r['mean_batch']:.2f} |",
+                f"| {r['streams']} | {'on' if r['noise'] else 'off'} | {r[names[0]]:.3f} | {r[names[1]]:.3f} | "
+                f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |",
                 flush=True,
             )
     if args.json:
-        args.json.write_text(json.dumps({"single_stream": single, "engine": engine_rows}, indent=2))
+        args.json.write_text(json.dumps({"single_stream": single, "engine": engine_rows, "paired": paired}, indent=2))
 
 
 if __name__ == "__main__":

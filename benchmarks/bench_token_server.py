@@ -43,7 +43,7 @@ def bench_engine(engine: Engine, concurrent: int, tokens: int) -> dict:
 
     async def one(i: int) -> float:
         started = time.perf_counter()
-        handle = engine.submit(GenerationRequest(f"b{i}", ids, SamplingParams(seed=i, max_tokens=tokens), tokens, ignore_end_of_speech=True))
+        handle = engine.submit(GenerationRequest(f"b{i}", ids, SamplingParams(seed=i), tokens, ignore_end_of_speech=True))
         async for event in handle.events():
             if isinstance(event, Finished):
                 assert event.stats.generated_tokens == tokens, "benchmark requests must run to their budget"

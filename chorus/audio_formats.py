@@ -28,6 +28,8 @@ class AudioFormat:
     muxer: str  # FFmpeg output format
     codec: str  # FFmpeg encoder
     extensions: tuple[str, ...]
+    # HTTP Content-Type of the stream (the OpenAI endpoint and the browser page).
+    content_type: str = "application/octet-stream"
     rates: tuple[int, ...] = SAMPLE_RATES
     # FFmpeg muxer options beyond the packet flushing that every format gets.
     muxer_options: dict[str, str] = field(default_factory=dict)
@@ -36,19 +38,29 @@ class AudioFormat:
 FORMATS: dict[str, AudioFormat] = {
     f.name: f
     for f in (
-        AudioFormat("pcm", gateway_pb2.AUDIO_ENCODING_PCM_S16LE, "s16le", "pcm_s16le", (".pcm", ".raw", ".s16")),
+        AudioFormat("pcm", gateway_pb2.AUDIO_ENCODING_PCM_S16LE, "s16le", "pcm_s16le", (".pcm", ".raw", ".s16"),
+                    "audio/pcm"),
         # FFmpeg's WAV muxer on a non-seekable sink writes the header first with the
         # RIFF and data sizes set to 0xFFFFFFFF ("unknown, read to the end"), which
-        # is what a streamed WAV needs; readers take the length from the bytes.
-        AudioFormat("wav", gateway_pb2.AUDIO_ENCODING_WAV, "wav", "pcm_s16le", (".wav",)),
+        # is what a streamed WAV needs; readers take the length from the bytes. A
+        # client writing to a file patches the sizes at the end (tools/client.py).
+        AudioFormat("wav", gateway_pb2.AUDIO_ENCODING_WAV, "wav", "pcm_s16le", (".wav",), "audio/wav"),
         # The Ogg muxer buffers a page per second by default; one page per 20 ms Opus
         # packet keeps the first audio from waiting a second.
         AudioFormat(
-            "opus", gateway_pb2.AUDIO_ENCODING_OGG_OPUS, "ogg", "libopus", (".ogg", ".opus"),
+            "opus", gateway_pb2.AUDIO_ENCODING_OGG_OPUS, "ogg", "libopus", (".ogg", ".opus"), "audio/ogg",
             rates=OPUS_RATES, muxer_options={"page_duration": "20000"},
         ),
-        AudioFormat("mp3", gateway_pb2.AUDIO_ENCODING_MP3, "mp3", "libmp3lame", (".mp3",)),
-        AudioFormat("mulaw", gateway_pb2.AUDIO_ENCODING_MULAW, "mulaw", "pcm_mulaw", (".ulaw", ".mulaw", ".mu")),
+        AudioFormat("mp3", gateway_pb2.AUDIO_ENCODING_MP3, "mp3", "libmp3lame", (".mp3",), "audio/mpeg"),
+        AudioFormat("mulaw", gateway_pb2.AUDIO_ENCODING_MULAW, "mulaw", "pcm_mulaw", (".ulaw", ".mulaw", ".mu"),
+                    "audio/basic"),
+        AudioFormat("alaw", gateway_pb2.AUDIO_ENCODING_ALAW, "alaw", "pcm_alaw", (".alaw", ".al"), "audio/x-alaw-basic"),
+        # Streamed FLAC: the STREAMINFO block cannot be patched afterwards, so it says
+        # "total samples unknown", which every decoder accepts.
+        AudioFormat("flac", gateway_pb2.AUDIO_ENCODING_FLAC, "flac", "flac", (".flac",), "audio/flac"),
+        # AAC in ADTS framing: each frame carries its own header, so it streams. An
+        # .m4a (MP4) file needs its index written after the audio: not a streaming format.
+        AudioFormat("aac", gateway_pb2.AUDIO_ENCODING_AAC, "adts", "aac", (".aac", ".adts"), "audio/aac"),
     )
 }
 
@@ -66,3 +78,8 @@ def for_extension(path: str) -> AudioFormat | None:
         if lowered.endswith(fmt.extensions):
             return fmt
     return None
+
+
+def known_extensions() -> str:
+    """Every format with its extensions, for error messages: "wav (.wav), aac (.aac, .adts), ..."."""
+    return ", ".join(f"{f.name} ({', '.join(f.extensions)})" for f in FORMATS.values())

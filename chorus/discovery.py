@@ -19,7 +19,8 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.serving import CHANNEL_OPTIONS
+from chorus.serving import new_channel
+from chorus.tls import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ def _endpoint(ip: str, port: int) -> str:
 class EndpointSet:
     """The current endpoints of a list of targets, each with its own channel."""
 
-    def __init__(self, targets: Sequence[str]) -> None:
+    def __init__(self, targets: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
         self.targets = tuple(targets)
+        self._security = security
         self._resolved: dict[str, tuple[str, ...]] = {
             t: (t,) for t in self.targets if _is_literal(_split(t)[0])
         }
@@ -71,7 +73,7 @@ class EndpointSet:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = self._channels[endpoint] = new_channel(endpoint, self._security)
         return channel
 
     async def wait_until_any_ready(self, timeout_s: float, endpoints: Sequence[str] | None = None) -> bool:

@@ -16,7 +16,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from chorus import telemetry
-from chorus.serving import StartupError, configure_logging, run_until_signalled, write_ready_file
+from chorus.serving import LOG_FORMATS, StartupError, configure_logging, run_until_signalled, write_ready_file
+from chorus.tls import TlsFiles
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -78,6 +79,33 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
                         help="on SIGTERM, time given to open streams to finish [CHORUS_DRAIN_SECONDS]")
     parser.add_argument("--log-level", type=log_level, default=from_env("CHORUS_LOG_LEVEL", "INFO"),
                         help=f"one of {', '.join(LOG_LEVELS)} [CHORUS_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=from_env("CHORUS_LOG_FORMAT", "text"),
+                        help="json: one object a line with trace_id and request_id [CHORUS_LOG_FORMAT]")
+    tls = parser.add_argument_group("TLS and access (all off unless set; docs/security.md)")
+    tls.add_argument("--tls-cert", default=env("CHORUS_TLS_CERT"),
+                     help="PEM certificate chain: this service's server certificate and, on its calls to "
+                          "the next tier, its client certificate [CHORUS_TLS_CERT]")
+    tls.add_argument("--tls-key", default=env("CHORUS_TLS_KEY"), help="PEM private key of --tls-cert [CHORUS_TLS_KEY]")
+    tls.add_argument("--tls-ca", default=env("CHORUS_TLS_CA"),
+                     help="PEM CA bundle that peers' certificates must chain to [CHORUS_TLS_CA]")
+    tls.add_argument("--allowed-clients", default=env("CHORUS_ALLOWED_CLIENTS"),
+                     help="comma-separated client certificate identities (a SAN, or the CN of a certificate "
+                          "without SANs) this port takes "
+                          "with TLS on; default: the tier in front (token server: chorus-gateway, codec "
+                          "worker: chorus-token-server; the gateway takes any client) [CHORUS_ALLOWED_CLIENTS]")
+
+
+def tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    """The --tls-* files, or None for plaintext (ValueError when only some are set)."""
+    return TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def allowed_clients(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """`allowed_clients=` for a service config when --allowed-clients is set, else
+    nothing (the config's default for its tier applies)."""
+    if args.allowed_clients is None:
+        return {}
+    return {"allowed_clients": tuple(c.strip() for c in args.allowed_clients.split(",") if c.strip())}
 
 
 def run(
@@ -95,7 +123,7 @@ def run(
     port that cannot be bound) end the process with their message and no traceback:
     they are the operator's to fix.
     """
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format, service)
     try:
         config = build_config(args)
         module, function = start_server.split(":")

@@ -2,7 +2,7 @@
 become SNAC codes.
 
 Every part of Chorus that touches token ids or code frames goes through here, so the
-facts live in one place (see DESIGN.md, "The Orpheus protocol").
+facts live in one place.
 """
 
 from __future__ import annotations
@@ -34,12 +34,6 @@ SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 2048
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE  # 85.33 ms
 TOKENS_PER_AUDIO_SECOND = CODES_PER_FRAME / FRAME_SECONDS  # ~82
-
-# The longest stream any service accepts: 2^32 frames is over eleven years of audio,
-# and its sample count (2^43) stays far inside int64 and exact in float64, so frame
-# and sample arithmetic cannot overflow whatever index a caller sends.
-MAX_STREAM_FRAMES = 2**32
-MAX_STREAM_SAMPLES = MAX_STREAM_FRAMES * SAMPLES_PER_FRAME
 
 # SNAC's decoder reaches 4,757 samples (2.32 frames) to each side, so its first
 # samples need 3 frames: the backbone's "first decodable frames".
@@ -124,7 +118,12 @@ def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndar
     return frames
 
 
-def default_max_tokens(text: str, headroom: float = 1.5, minimum: int = 7 * 24) -> int:
+# How much longer than the text's expected speech a generation may run before it is
+# stopped (see default_max_tokens).
+DEFAULT_BUDGET_HEADROOM = 1.5
+
+
+def default_max_tokens(text: str, headroom: float = DEFAULT_BUDGET_HEADROOM, minimum: int = 7 * 24) -> int:
     """A generation budget from the text length, a whole number of frames.
 
     Speech runs at roughly 14 characters a second and ~82 tokens a second, so about

@@ -4,6 +4,8 @@ Stubs are committed so that an install needs no code generation, and a test
 regenerates them into a temporary folder and fails when the committed ones are
 stale. protoc writes absolute imports (`from tts.v1 import common_pb2`), which
 would need protos/ on sys.path; they are rewritten to live under chorus.proto.
+Two packages are generated: Chorus's own `tts.v1`, and `riva/` (NVIDIA Riva's TTS
+API, third party, restated for the gateway's Riva front end).
 
     python -m chorus.protogen          # regenerate
     python -m chorus.protogen --check  # exit 1 when committed stubs differ
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "chorus" / "proto"
-_IMPORT = re.compile(r"^from tts\.v1 import ", re.MULTILINE)
+_IMPORT = re.compile(r"^from (tts\.v1|riva) import ", re.MULTILINE)
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -46,7 +48,7 @@ def generate(out_root: Path) -> list[Path]:
     written = []
     for path in sorted(out_root.rglob("*")):
         if path.suffix in {".py", ".pyi"}:
-            text = _IMPORT.sub("from chorus.proto.tts.v1 import ", path.read_text())
+            text = _IMPORT.sub(r"from chorus.proto.\1 import ", path.read_text())
             path.write_text(text)
             written.append(path)
     for package in {p.parent for p in written} | {out_root, out_root / "tts"}:

@@ -1,8 +1,9 @@
-"""What every Chorus gRPC server shares: health, reflection, SIGTERM drain.
+"""What every Chorus gRPC server shares: health, reflection (v1 and v1alpha),
+standard RPC tracing and request metrics, SIGTERM drain, logging.
 
-Each service's `start_server(config, port=0)` builds its servicers, then hands the
-`grpc.aio.Server` to `serve_with_health` so that the three services behave alike
-when probed, reflected or terminated.
+Each service's `start_server(config, port=0)` builds its servicers on `new_server`,
+then hands the `grpc.aio.Server` to `serve_with_health` so that the three services
+behave alike when probed, reflected, traced or terminated.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import grpc
+from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from chorus.call_guard import CallGuard
+from chorus import instrumentation, reflection, telemetry
+from chorus.request_gate import RequestGate
+from chorus.tls import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
-# Large enough for a few seconds of PCM in one message.
+# Channels: large enough for a few seconds of PCM in one message, which is what
+# flows back to every caller.
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
@@ -42,6 +46,11 @@ class StartupError(Exception):
     """A server cannot start for a reason its operator must fix (a port in use)."""
 
 
+# Servers: what comes in is small (text, code frames), so a server reads at most this
+# per message; gRPC refuses a bigger one with RESOURCE_EXHAUSTED before it is parsed.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
 @dataclass
 class RunningServer:
     """A started server: its port, its health servicer, and how to stop it."""
@@ -51,10 +60,16 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Other listeners of the same service (the gateway's HTTP port): told to drain,
+    # with the same grace, while the gRPC server drains.
+    on_drain: list[Callable[[float | None], Awaitable[None]]] = field(default_factory=list)
+    serving: bool = False
+    # Other listeners' addresses by name (the gateway's "http"), for the ready file.
+    endpoints: dict[str, str] = field(default_factory=dict)
     # The service's engine objects, for in-process tests and introspection.
     components: dict[str, object] = field(default_factory=dict)
     # Counts the calls in flight, for the drain (None for a server not made by new_server).
-    guard: CallGuard | None = None
+    guard: RequestGate | None = None
     _stopped: bool = False
     # What must hold for SERVING, by name: "ready" (warm-up done), and e.g. "upstream".
     _conditions: dict[str, bool] = field(default_factory=dict)
@@ -81,6 +96,7 @@ class RunningServer:
     async def _publish(self) -> None:
         serving = not self._stopped and self._conditions.get("ready", False) and all(self._conditions.values())
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -92,18 +108,21 @@ class RunningServer:
             return
         self._stopped = True
         await self._publish()
+        drains = [drain(grace) for drain in self.on_drain]
         if self.guard is not None and grace:
             self.guard.drain()
-            try:
-                await asyncio.wait_for(self.guard.wait_idle(), grace)
-            except TimeoutError:
-                log.warning("%d calls still in flight after the %.1fs drain; cancelling them",
-                            self.guard.in_flight, grace)
-            await self.server.stop(0)
+            await asyncio.gather(self._drain_calls(grace), *drains)
         else:
-            await self.server.stop(grace)
+            await asyncio.gather(self.server.stop(grace), *drains)
         for hook in reversed(self.on_stop):
             await hook()
+
+    async def _drain_calls(self, grace: float) -> None:
+        try:
+            await asyncio.wait_for(self.guard.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("%d calls still in flight after the %.1fs drain; cancelling them", self.guard.in_flight, grace)
+        await self.server.stop(0)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -114,18 +133,18 @@ async def serve_with_health(
     service_names: Iterable[str],
     port: int,
     host: str = "127.0.0.1",
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
-    """Adds health and reflection, binds, starts, and reports NOT_SERVING until the
-    caller marks the server ready (after warm-up)."""
+    """Adds health and reflection, binds (with TLS when `credentials` are given),
+    starts, and reports NOT_SERVING until the caller marks the server ready (after
+    warm-up)."""
     names = tuple(service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc says only "Failed to bind"
         bound = 0
     if bound == 0:
@@ -140,12 +159,29 @@ async def serve_with_health(
     return running
 
 
-def new_server() -> grpc.aio.Server:
-    """A grpc.aio server whose every call passes the CallGuard (request parsing, drain)."""
-    guard = CallGuard()
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[guard])
+def new_server(
+    metrics: telemetry.RpcMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> grpc.aio.Server:
+    """A server whose every call gets a standard SERVER span and, with the service's
+    `metrics`, is counted by method and status; `interceptors` (access checks) run
+    inside that span. Requests over `max_request_bytes` get RESOURCE_EXHAUSTED. Every
+    call passes the RequestGate last (request parsing, the drain's count)."""
+    options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_request_bytes))
+    guard = RequestGate()
+    server = grpc.aio.server(
+        options=options, interceptors=[*instrumentation.server_interceptors(metrics), *interceptors, guard]
+    )
     server.chorus_guard = guard  # serve_with_health hands it to the RunningServer
     return server
+
+
+def new_channel(target: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
+    """A channel whose every call gets a standard CLIENT span and carries the trace,
+    secured as `security` says (plaintext by default)."""
+    return (security or ChannelSecurity()).aio_channel(target, CHANNEL_OPTIONS, instrumentation.client_interceptors())
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:
@@ -159,10 +195,45 @@ async def run_until_signalled(running: RunningServer, grace: float) -> None:
     await running.stop(grace)
 
 
-def configure_logging(level: str = "INFO") -> None:
+LOG_FORMATS = ("text", "json")
+
+
+class _RequestFields(logging.Filter):
+    """Puts the trace id, span id and request id of the request being served (empty
+    outside one) on every record, for the JSON formatter to write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        span = trace.get_current_span().get_span_context()
+        record.trace_id = trace.format_trace_id(span.trace_id) if span.is_valid else ""
+        record.span_id = trace.format_span_id(span.span_id) if span.is_valid else ""
+        record.request_id = telemetry.REQUEST_ID.get()
+        return True
+
+
+def log_handler(fmt: str = "text", service: str = "", stream=None) -> logging.Handler:
+    """Text for people at a terminal; JSON (one object a line, with `trace_id`,
+    `span_id` and `request_id` on every line written for a request) for log
+    pipelines, so that a line leads to its trace in Jaeger and back."""
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s %(request_id)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            static_fields={"service": service} if service else None,
+        ))
+        handler.addFilter(_RequestFields())
+    elif fmt == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    return handler
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", service: str = "") -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, level.upper(), logging.INFO), handlers=[log_handler(fmt, service)], force=True
     )
 
 
@@ -178,5 +249,5 @@ def write_ready_file(path: str | None, running: RunningServer) -> None:
 
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"address": running.address, "port": running.port, "pid": os.getpid()}, f)
+        json.dump({"address": running.address, "port": running.port, "pid": os.getpid(), **running.endpoints}, f)
     os.replace(tmp, path)

@@ -2,9 +2,12 @@
 the codec workers.
 
 One request must read as one trace across three processes, so every service builds
-its tracer here and carries W3C `traceparent` in gRPC metadata the same way: the
-caller wraps its call in a CLIENT span and sends `inject_metadata()`, the callee opens
-`server_span(...)`, which continues the caller's trace. Without an OTLP endpoint the
+its tracer here. The RPC spans themselves (SERVER on every call a service answers,
+CLIENT on every call it makes, W3C `traceparent` in the metadata between them) come
+from the standard OpenTelemetry gRPC instrumentation, wired in `chorus.instrumentation`;
+Chorus adds the stages of a request (`record_stage`, `span`) under them, attributes
+for retries and failovers (`call_attributes`) and the request id (`tag_request`).
+Without an OTLP endpoint the
 SDK provider still mints real trace ids (responses report them to clients, who quote
 them in bug reports) but exports nothing, so tracing costs nothing to leave on.
 
@@ -22,24 +25,23 @@ names them and serves a registry.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _prometheus_http_server
-
-from chorus.serving import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,8 @@ INSTRUMENTATION_SCOPE = "chorus"
 __all__ = [
     "GATEWAY", "TOKEN_SERVER", "CODEC_WORKER", "SERVICES",
     "setup_tracing", "shutdown_tracing", "flush_tracing", "get_tracer",
-    "SpanKind", "span", "server_span", "inject_metadata", "extract_context", "current_trace_id",
-    "record_stage", "LATENCY_BUCKETS", "metric_name", "start_metrics_server",
+    "SpanKind", "span", "call_attributes", "pending_call_attributes", "tag_request", "REQUEST_ID",
+    "current_trace_id", "record_stage", "LATENCY_BUCKETS", "metric_name", "RpcMetrics", "start_metrics_server",
 ]
 
 
@@ -71,6 +73,12 @@ class _Tracing:
 _lock = threading.Lock()
 _tracing: _Tracing | None = None
 _global_set = False
+
+_CALL_ATTRIBUTES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
+    "chorus_call_attributes", default={}
+)
+# The request a line of log is written for (see `tag_request`); "" outside requests.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("chorus_request_id", default="")
 
 
 def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider:
@@ -121,13 +129,13 @@ def shutdown_tracing() -> None:
         previous.provider.shutdown()
 
 
-def get_tracer() -> trace.Tracer:
+def get_tracer(scope: str = INSTRUMENTATION_SCOPE) -> trace.Tracer:
     """The tracer of the provider `setup_tracing` installed; a no-op one before that and
     after `shutdown_tracing` (not the global, which still holds the first provider)."""
     current = _tracing
     if current is None:
         return trace.NoOpTracer()
-    return current.provider.get_tracer(INSTRUMENTATION_SCOPE)
+    return current.provider.get_tracer(scope)
 
 
 @contextmanager
@@ -138,9 +146,9 @@ def span(
     attributes: Mapping[str, object] | None = None,
     context: otel_context.Context | None = None,
 ) -> Iterator[trace.Span]:
-    """A span that is current for the block: a stage of a request (queue wait,
-    prefill, codec step) or, with kind=CLIENT, an outgoing call whose metadata comes
-    from `inject_metadata()` inside the block. Exceptions mark it as an error."""
+    """A span that is current for the block: a stage of a request, or the root of a
+    client's own trace (tools, tests). Exceptions mark it as an error. Not for a block
+    that spans a `yield`: see chorus.instrumentation on contexts across generators."""
     with get_tracer().start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
         yield current
 
@@ -161,46 +169,35 @@ def record_stage(name: str, start_monotonic: float | None, end_monotonic: float 
     stage.end(end_time=int(end_monotonic * 1e9) + _MONOTONIC_TO_EPOCH_NS)
 
 
-def inject_metadata(extra: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """gRPC call metadata carrying the current trace context (`traceparent`), after `extra`."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return [*(extra or ()), *carrier.items()]
-
-
-def extract_context(servicer_context) -> otel_context.Context:
-    """The caller's trace context from a (grpc or grpc.aio) servicer context's metadata.
-
-    An empty context when the caller sent none, so the server span starts a new trace.
-    """
-    if servicer_context is None:
-        return otel_context.Context()
-    metadata = servicer_context.invocation_metadata() or ()
-    # Binary (-bin) entries arrive as bytes and are never trace context.
-    carrier = {key: value for key, value in metadata if isinstance(value, str)}
-    # On an empty base, not the current context: in the in-process stack a handler's
-    # task can inherit its caller's context, which would hide a missing traceparent.
-    return propagate.extract(carrier, context=otel_context.Context())
-
-
 @contextmanager
-def server_span(
-    name: str,
-    servicer_context,
-    attributes: Mapping[str, object] | None = None,
-) -> Iterator[trace.Span]:
-    """The SERVER span of one RPC, continuing the caller's trace, current for the block.
+def call_attributes(**attributes: object) -> Iterator[None]:
+    """Attributes for the CLIENT spans of the calls started in the block, such as
+    `chorus.failover=True` on the call that resumes a stream on another codec worker.
 
-    Records the gRPC status the handler set or aborted with, so that a failed stream
-    shows as failed in the trace even though grpc.aio reports it outside the handler.
+    The standard gRPC client interceptor opens the span; it runs in a task that grpc.aio
+    creates when the call is made, which copies this context variable, so the block
+    only has to cover the line that makes the call.
     """
-    with span(name, kind=SpanKind.SERVER, attributes=attributes, context=extract_context(servicer_context)) as current:
-        try:
-            yield current
-        finally:
-            code = servicer_context.code() if servicer_context is not None else None
-            if code is not None:
-                current.set_attribute("rpc.grpc.status_code", code.value[0])
+    token = _CALL_ATTRIBUTES.set({**_CALL_ATTRIBUTES.get(), **attributes})
+    try:
+        yield
+    finally:
+        _CALL_ATTRIBUTES.reset(token)
+
+
+def pending_call_attributes() -> Mapping[str, object]:
+    return _CALL_ATTRIBUTES.get()
+
+
+def tag_request(request_id: str, **attributes: object) -> None:
+    """Names the request being served: the current (server) span gets `chorus.request_id`
+    and `attributes`, and every log line written for it from here on carries the id.
+
+    A context variable, so it stays with the RPC's task and the tasks it starts, and
+    never leaks to a neighbouring request.
+    """
+    REQUEST_ID.set(request_id)
+    trace.get_current_span().set_attributes({"chorus.request_id": request_id, **attributes})
 
 
 def current_trace_id() -> str:
@@ -218,6 +215,37 @@ def current_trace_id() -> str:
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 _metrics_servers: dict[tuple[str, int], object] = {}
+
+
+class RpcMetrics:
+    """The RPC metrics every service exports under its own names, recorded by the
+    server interceptor of `chorus.instrumentation` for every call but health checks
+    and reflection:
+
+    - `chorus_<service>_requests_total{method, code}`: finished calls by gRPC status
+      (`code="OK"`, `"INVALID_ARGUMENT"`, `"DEADLINE_EXCEEDED"`, `"CANCELLED"`...),
+      so the error rate is the non-OK share;
+    - `chorus_<service>_in_flight_requests{method}`: calls being served now;
+    - `chorus_<service>_request_duration_seconds{method}`: from arrival to the status,
+      a stream's whole length for streaming calls.
+
+    `method` is the RPC's short name (`Generate`, `Decode`, `Synthesize`...).
+    """
+
+    def __init__(self, service: str, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            metric_name(service, "requests"), "Finished RPCs by method and gRPC status code.",
+            ["method", "code"], registry=registry,
+        )
+        self.in_flight = Gauge(
+            metric_name(service, "in_flight_requests"), "RPCs being served now, by method.",
+            ["method"], registry=registry,
+        )
+        self.duration = Histogram(
+            metric_name(service, "request_duration_seconds"),
+            "RPC duration from arrival to status, by method (a stream's whole length).",
+            ["method"], buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0), registry=registry,
+        )
 
 
 def metric_name(service: str, metric: str) -> str:
@@ -242,6 +270,8 @@ def start_metrics_server(port: int | None, registry: CollectorRegistry, addr: st
             try:
                 server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
             except OSError as err:
+                from chorus.serving import StartupError  # here: chorus.serving imports this module
+
                 raise StartupError(
                     f"cannot serve metrics on {addr}:{port}: {err.strerror or err} "
                     "(the port is in use, or the address is not this host's; choose another --metrics-port)"

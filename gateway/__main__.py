@@ -6,10 +6,12 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, from_env, parse_flags, run
+from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from gateway import metrics
 from gateway.config import GatewayConfig
+
+DEFAULT_HTTP_PORT = 8080
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +27,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pieces generated ahead of the one being relayed")
     p.add_argument("--request-deadline", type=float, default=from_env("CHORUS_REQUEST_DEADLINE", 600),
                    help="seconds a call may take when the client sets no deadline")
+    p.add_argument("--start-buffer-ms", type=float, default=from_env("CHORUS_START_BUFFER_MS", 150),
+                   help="audio a listener buffers before playback starts; late audio after that counts as an "
+                        "underrun [CHORUS_START_BUFFER_MS]")
+    p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
+                   help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health; "
+                        f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
+    p.add_argument("--api-keys-file", default=env("CHORUS_API_KEYS_FILE"),
+                   help="file of `<key id>:<secret>` lines; every call but health and reflection then needs "
+                        "`authorization: Bearer <secret>`; re-read when it changes [CHORUS_API_KEYS_FILE]")
+    p.add_argument("--max-streams-per-client", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT", 64),
+                   help="most synthesis streams one client address may hold; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--max-streams-per-key", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_KEY", 64),
+                   help="most synthesis streams one API key may hold; 0 no limit [CHORUS_MAX_STREAMS_PER_KEY]")
     add_common_flags(p, default_port=50051)
     return parse_flags(p, argv)
 
@@ -40,7 +56,22 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         request_deadline_s=args.request_deadline,
         voices=voices,
         default_voice=voices[0],
+        start_buffer_s=args.start_buffer_ms / 1000.0,
+        http_port=_http_port(args.http_port),
+        tls=tls_files(args),
+        api_keys_file=args.api_keys_file or None,
+        max_streams_per_client=args.max_streams_per_client,
+        max_streams_per_key=args.max_streams_per_key,
+        **allowed_clients(args),
     )
+
+
+def _http_port(value: str) -> int | None:
+    if value.strip().lower() == "off":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"--http-port must be a port number or off, got {value!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from chorus import orpheus
+from chorus.playback import DEFAULT_START_BUFFER_S
+from chorus.serving import MAX_REQUEST_BYTES
+from chorus.telemetry import GATEWAY
+from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.voices import ORPHEUS_VOICES, description, voice_problems
 
 
@@ -30,6 +35,24 @@ class GatewayConfig:
     request_deadline_s: float = 600.0
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
+    # Audio a listener buffers before playback starts: the playback clock that
+    # underruns are counted against, passed on to the token servers and codec workers.
+    start_buffer_s: float = DEFAULT_START_BUFFER_S
+    # The HTTP port (OpenAI's speech endpoint, the browser page, /health), on `host`;
+    # 0 picks a free one, None serves no HTTP.
+    http_port: int | None = None
+    # PEM files for TLS on the client port and mTLS to token servers; off when None.
+    tls: TlsFiles | None = None
+    # Client certificate identities the client port requires; empty: no client
+    # certificates (clients authenticate with API keys).
+    allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[GATEWAY]
+    # `<key id>:<secret>` lines (chorus.api_keys); every call but health and
+    # reflection then needs a key. Off when None.
+    api_keys_file: Path | None = None
+    # Most synthesis streams one client address, and one API key, may hold at once
+    # (0: no limit). Behind a proxy that hides client addresses, raise the first.
+    max_streams_per_client: int = 64
+    max_streams_per_key: int = 64
 
     def __post_init__(self) -> None:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
@@ -55,10 +78,28 @@ class GatewayConfig:
             problems.append(f"lookahead_segments must be 0..8, got {self.lookahead_segments}")
         if self.request_deadline_s <= 0:
             problems.append(f"request_deadline_s must be positive, got {self.request_deadline_s}")
+        if not 0.0 <= self.start_buffer_s <= 60.0:
+            problems.append(f"start_buffer_s must be in [0, 60], got {self.start_buffer_s}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            problems.append(f"http_port must be 0..65535 (or off), got {self.http_port}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
+        object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+        if self.allowed_clients and self.tls is None:
+            problems.append("allowed_clients needs TLS (--tls-cert, --tls-key, --tls-ca)")
+        if self.api_keys_file is not None:
+            object.__setattr__(self, "api_keys_file", Path(self.api_keys_file))
+        for name in ("max_streams_per_client", "max_streams_per_key"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid gateway config: " + "; ".join(problems))
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request message the client port reads: the longest text in
+        UTF-8 (up to 4 bytes a character) and room for the rest, at least 1 MiB."""
+        return max(MAX_REQUEST_BYTES, 4 * self.max_text_chars + 64 * 1024)
 
     def listed_voices(self) -> list[tuple[str, str]]:
         """(name, description) of every voice, the default first (as ListVoices promises)."""

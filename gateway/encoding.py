@@ -9,12 +9,25 @@ and the concatenation of everything returned is a complete file.
 The resampler keeps its filter state across chunks, so a stream resampled chunk by
 chunk is the same as the whole signal resampled at once: no seams at chunk or
 segment boundaries, and the flush at the end returns the filter's tail so that the
-output length is the input length times the rate ratio.
+output length is the input length times the rate ratio. A tempo other than 1 (the
+OpenAI endpoint's `speed`) puts FFmpeg's atempo filter before the resampler: pitch
+kept, length divided by the tempo.
+
+FFmpeg's work grows with the number of streams, so it does not run on the gateway's
+event loop: `OffloadedEncoder` runs each call on a small shared thread pool. One
+stream awaits each call before making the next, so its bytes stay in order; a lock
+per encoder keeps a late `close` (a cancelled stream) from racing a call still
+running on a worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -52,9 +65,11 @@ class StreamEncoder:
     (a cancelled stream) and is safe to call twice.
     """
 
-    def __init__(self, fmt: AudioFormat, sample_rate: int = NATIVE_RATE) -> None:
+    def __init__(self, fmt: AudioFormat, sample_rate: int = NATIVE_RATE, tempo: float = 1.0) -> None:
         if sample_rate not in fmt.rates:
             raise ValueError(f"{fmt.name} does not support {sample_rate} Hz (supported: {fmt.rates})")
+        if not MIN_TEMPO <= tempo <= MAX_TEMPO:
+            raise ValueError(f"tempo must be in [{MIN_TEMPO}, {MAX_TEMPO}], got {tempo}")
         self.format = fmt
         self.sample_rate = sample_rate
         self.samples_out = 0
@@ -69,23 +84,35 @@ class StreamEncoder:
         )
         self._stream = self._container.add_stream(fmt.codec, rate=sample_rate, layout="mono")
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+        self._stretch = _TempoFilter(tempo) if tempo != 1.0 else None
         self._closed = False
 
     def encode(self, pcm: np.ndarray) -> Encoded:
         """Encodes the next samples; returns whatever bytes the muxer released (may be empty)."""
+        self._check_open()
         samples = np.ascontiguousarray(pcm, dtype=np.int16).reshape(1, -1)
         if samples.shape[1] == 0:
             return Encoded(b"", 0)
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = NATIVE_RATE
-        return self._push(self._resampler.resample(frame), flush=False)
+        if self._stretch is None:
+            return self._push(self._resampler.resample(frame), flush=False)
+        return self._push(self._resample_all(self._stretch.push(frame)), flush=False)
 
     def finish(self) -> Encoded:
         """Flushes the resampler, the encoder and the muxer; the last bytes of the file."""
-        out = self._push(self._resampler.resample(None), flush=True)
+        self._check_open()
+        frames = [] if self._stretch is None else self._resample_all(self._stretch.push(None))
+        out = self._push(frames + self._resampler.resample(None), flush=True)
         self._container.close()
         self._closed = True
         return Encoded(out.data + self._sink.take(), out.num_samples)
+
+    def _check_open(self) -> None:
+        # FFmpeg's freed state must never be touched again: a late call would crash
+        # the process, not just fail.
+        if self._closed:
+            raise ValueError("the encoder is closed")
 
     def close(self) -> None:
         if not self._closed:
@@ -94,6 +121,9 @@ class StreamEncoder:
                 self._container.close()
             except (av.error.FFmpegError, ValueError):
                 pass  # abandoned mid-stream: nothing left that anyone will read
+
+    def _resample_all(self, frames: list[av.AudioFrame]) -> list[av.AudioFrame]:
+        return [out for frame in frames for out in self._resampler.resample(frame)]
 
     def _push(self, frames: list[av.AudioFrame], flush: bool) -> Encoded:
         produced = 0
@@ -107,3 +137,99 @@ class StreamEncoder:
         self.samples_out += produced
         return Encoded(self._sink.take(), produced)
 
+
+
+# FFmpeg's atempo takes 0.5..100 per instance; slower tempos chain instances. The
+# OpenAI endpoint's `speed` range.
+MIN_TEMPO = 0.25
+MAX_TEMPO = 4.0
+
+
+class _TempoFilter:
+    """FFmpeg's atempo (WSOLA: duration changes, pitch does not) over a stream of frames."""
+
+    def __init__(self, tempo: float) -> None:
+        self._graph = av.filter.Graph()
+        source = self._graph.add_abuffer(
+            format="s16", sample_rate=NATIVE_RATE, layout="mono", time_base=Fraction(1, NATIVE_RATE)
+        )
+        stages = []
+        while tempo < 0.5:  # atempo's lower bound per instance
+            stages.append(0.5)
+            tempo /= 0.5
+        stages.append(tempo)
+        node = source
+        for stage in stages:
+            stretch = self._graph.add("atempo", f"{stage:.6f}")
+            node.link_to(stretch)
+            node = stretch
+        sink = self._graph.add("abuffersink")
+        node.link_to(sink)
+        self._graph.configure()
+        self._source, self._sink = source, sink
+        self._pts = 0
+
+    def push(self, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        """Feeds a frame (None: the end) and returns what the filter released."""
+        if frame is not None:
+            frame.pts = self._pts
+            frame.time_base = Fraction(1, NATIVE_RATE)
+            self._pts += frame.samples
+        self._source.push(frame)
+        out = []
+        while True:
+            try:
+                out.append(self._sink.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return out
+
+
+def _pool_size() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(2, min(4, cpus))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def encoder_pool() -> ThreadPoolExecutor:
+    """The gateway's encoder threads, made on first use: a few, shared by every stream."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=_pool_size(), thread_name_prefix="chorus-encoder")
+        return _POOL
+
+
+class OffloadedEncoder:
+    """A StreamEncoder whose calls run on the encoder pool, awaited in order."""
+
+    def __init__(self, encoder: StreamEncoder, executor: ThreadPoolExecutor | None = None) -> None:
+        self._encoder = encoder
+        self._executor = executor or encoder_pool()
+        self._lock = threading.Lock()
+
+    @property
+    def samples_out(self) -> int:
+        return self._encoder.samples_out
+
+    async def encode(self, pcm: np.ndarray) -> Encoded:
+        return await self._run(self._encoder.encode, pcm)
+
+    async def finish(self) -> Encoded:
+        return await self._run(self._encoder.finish)
+
+    def close(self) -> None:
+        """Releases FFmpeg's state once any call still running on a worker is done; returns at once."""
+        self._executor.submit(self._locked, self._encoder.close)
+
+    async def _run(self, method, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, method, *args)
+
+    def _locked(self, method, *args):
+        with self._lock:
+            return method(*args)

@@ -6,7 +6,11 @@ the call's status, so the status a client sees is decided where the problem is k
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
@@ -21,3 +25,10 @@ class GatewayError(Exception):
 
 def invalid(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
+    """Ends a gRPC call with `err`'s status (server faults are logged)."""
+    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
+        log.error("request failed: %s", err)
+    await context.abort(err.code, err.message)

@@ -1,8 +1,13 @@
 """Text arriving on one side, pieces taken on the other: the segmenter made awaitable.
 
-The reader of a StreamingSynthesize call pushes text as it comes; the pipeline
-awaits the next piece when it has room for another generation. For Synthesize the
-whole text is pushed and ended up front, so both calls share one pipeline.
+The reader of a streaming call pushes text as it comes; the pipeline awaits the next
+piece when it has room for another generation. For a whole text the text is pushed
+and ended up front, so every call shares one pipeline.
+
+Segmenting is CPU work that grows with the text (pysbd is pure Python), and a text
+may be 20,000 characters: it runs on a worker thread, never on the event loop, so
+one client's long text cannot stall every other call of the gateway. A lock keeps
+the segmenter to one thread at a time, and keeps a stream's pushes in order.
 """
 
 from __future__ import annotations
@@ -19,27 +24,25 @@ from gateway.segmenter import Segmenter
 class TextFeed:
     def __init__(self, segmenter: Segmenter) -> None:
         self._segmenter = segmenter
+        self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._error: BaseException | None = None
 
     @classmethod
-    def of_text(cls, text: str, segmenter: Segmenter) -> TextFeed:
+    async def of_text(cls, text: str, segmenter: Segmenter) -> TextFeed:
         feed = cls(segmenter)
-        feed.push(text)
-        feed.end()
+        await feed.push(text)
+        await feed.end()
         return feed
 
-    def push(self, text: str) -> None:
-        self._segmenter.push(text)
-        self._changed.set()
+    async def push(self, text: str) -> None:
+        await self._off_loop(self._segmenter.push, text)
 
-    def flush(self) -> None:
-        self._segmenter.flush()
-        self._changed.set()
+    async def flush(self) -> None:
+        await self._off_loop(self._segmenter.flush)
 
-    def end(self) -> None:
-        self._segmenter.end()
-        self._changed.set()
+    async def end(self) -> None:
+        await self._off_loop(self._segmenter.end)
 
     def fail(self, error: BaseException) -> None:
         """The input side broke (bad message, client gone): the pipeline raises `error`."""
@@ -58,14 +61,16 @@ class TextFeed:
         call forever: past `deadline` (time.monotonic()) the wait ends in DEADLINE_EXCEEDED.
         """
         while True:
+            self._changed.clear()
             if self._error is not None:
                 raise self._error
-            piece = self._segmenter.take(single_sentence=first)
+            async with self._lock:
+                piece = self._segmenter.take(single_sentence=first)
+                done = self._segmenter.done
             if piece is not None:
                 return piece
-            if self._segmenter.done:
+            if done:
                 return None
-            self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -74,3 +79,15 @@ class TextFeed:
                     "the request's deadline passed while waiting for more text: send `end` (or close the "
                     "stream) once the text is complete, and set a deadline that covers the whole text",
                 ) from None
+
+    async def _off_loop(self, method, *args) -> None:
+        async with self._lock:
+            work = asyncio.get_running_loop().run_in_executor(None, method, *args)
+            try:
+                await asyncio.shield(work)
+            finally:
+                if not work.done():
+                    # Cancelled mid-call: the lock stays held until the thread is
+                    # done with the segmenter.
+                    await asyncio.wait({work})
+        self._changed.set()

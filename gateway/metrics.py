@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, metric_name
+from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name
 
 REGISTRY = CollectorRegistry()
+
+# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+RPC = RpcMetrics(GATEWAY, REGISTRY)
 
 # Below 1 is faster than real time; the interesting region is 0.3..1.5.
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
@@ -35,4 +38,10 @@ IN_FLIGHT_STREAMS = Gauge(
     metric_name(GATEWAY, "in_flight_streams"),
     "Synthesis streams the gateway is serving now. The signal gateways autoscale on.",
     registry=REGISTRY,
+)
+REFUSED_CALLS = Counter(
+    metric_name(GATEWAY, "refused_calls"),
+    "Calls refused before any work, by reason: no_api_key, bad_api_key, not_allowed (client certificate "
+    "not allowed), client_limit and key_limit (the client or API key already holds its most streams).",
+    ["reason"], registry=REGISTRY,
 )

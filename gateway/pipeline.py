@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from chorus import orpheus
+from chorus.playback import PlaybackClock
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2
 from gateway.errors import GatewayError
 from gateway.feed import TextFeed
@@ -82,9 +83,12 @@ def _lead(summary: common_pb2.SynthesisSummary, at_ms: float) -> float:
     return max(0.0, summary.time_to_first_audio_ms - at_ms) / 1000
 
 
-def _piece_request(spec: GenerationSpec, index: int, text: str) -> token_server_pb2.GenerateRequest:
+def _piece_request(
+    spec: GenerationSpec, index: int, text: str, listener: PlaybackClock, relayed_samples: int
+) -> token_server_pb2.GenerateRequest:
     request = token_server_pb2.GenerateRequest(
-        request_id=f"{spec.request_id}.{index}", text=text, voice=spec.voice
+        request_id=f"{spec.request_id}.{index}", text=text, voice=spec.voice,
+        playback=_schedule(listener, relayed_samples),
     )
     if spec.sampling is not None:
         request.sampling.CopyFrom(spec.sampling)
@@ -92,6 +96,18 @@ def _piece_request(spec: GenerationSpec, index: int, text: str) -> token_server_
             # Same seed, same request, same audio; but each piece its own random stream.
             request.sampling.seed = (spec.sampling.seed + index) % 2**64
     return request
+
+
+def _schedule(listener: PlaybackClock, relayed_samples: int) -> common_pb2.PlaybackClock:
+    """When the piece's first sample is needed. A later piece starts after the audio
+    relayed so far, at the earliest (the piece before may still have more to come), so
+    the token server sees it no less urgent than it is; the first piece's clock starts
+    at its first audio."""
+    playback = common_pb2.PlaybackClock(start_buffer_s=listener.start_buffer_s)
+    due_in = listener.due_in(listener.delivered, time.monotonic())
+    if due_in is not None and relayed_samples:
+        playback.first_sample_due_in_s = due_in
+    return playback
 
 
 class _Piece:
@@ -161,17 +177,22 @@ class Pipeline:
         self._lookahead = lookahead
 
     async def run(
-        self, feed: TextFeed, spec: GenerationSpec, deadline: float, stats: PipelineStats
+        self, feed: TextFeed, spec: GenerationSpec, deadline: float, stats: PipelineStats,
+        listener: PlaybackClock | None = None,
     ) -> AsyncIterator[np.ndarray]:
         """Relays the audio of every piece the feed gives, in order, as 24 kHz int16.
 
         `deadline` is time.monotonic() based. `stats` is filled as pieces complete.
+        `listener` is the client's playback clock (advanced by the caller as audio
+        leaves); each piece's generation is told when its audio will be needed.
         Closing the generator early (client gone) cancels every generation in flight.
         """
+        listener = listener or PlaybackClock(orpheus.SAMPLE_RATE)
         ready: asyncio.Queue = asyncio.Queue()  # pieces in order, then _END or an error
         room = asyncio.Semaphore(self._lookahead + 1)
         launched: list[_Piece] = []
-        launcher = asyncio.create_task(self._launch(feed, spec, deadline, ready, room, launched))
+        relayed = [0]  # samples relayed so far, read by the launcher
+        launcher = asyncio.create_task(self._launch(feed, spec, deadline, ready, room, launched, listener, relayed))
         joins = JoinSmoother()
         try:
             while (piece := await ready.get()) is not _END:
@@ -181,9 +202,11 @@ class Pipeline:
                 async for pcm in piece.audio():
                     out = joins.feed(pcm)
                     if out.size:
+                        relayed[0] += out.size
                         yield out
                 tail = joins.end_piece()
                 if tail.size:
+                    relayed[0] += tail.size
                     yield tail
                 if piece.summary is None:
                     log.warning("token server ended piece %d of %s without a summary", piece.index, spec.request_id)
@@ -202,6 +225,8 @@ class Pipeline:
         ready: asyncio.Queue,
         room: asyncio.Semaphore,
         launched: list[_Piece],
+        listener: PlaybackClock,
+        relayed: list[int],
     ) -> None:
         previous: _Piece | None = None
         try:
@@ -214,7 +239,8 @@ class Pipeline:
                     ready.put_nowait(_END)
                     return
                 index = len(launched)
-                previous = _Piece(self._router, _piece_request(spec, index, text), index, deadline)
+                request = _piece_request(spec, index, text, listener, relayed[0])
+                previous = _Piece(self._router, request, index, deadline)
                 launched.append(previous)
                 ready.put_nowait(previous)
         except asyncio.CancelledError:

@@ -8,13 +8,14 @@ not pile onto the server that looked idle a moment ago.
 
 A call that fails with UNAVAILABLE (server down, no codec worker) or
 RESOURCE_EXHAUSTED (queue full) before any response came is retried on the next
-server: nothing reached the client, so nothing is duplicated. When every server
-refused it as unreachable, the call waits (briefly, within its deadline) for one to
-come back and tries again, so that a restarted server takes the next request.
-
-The poll also reads each server's health: one that is NOT_SERVING (draining, no
-codec worker) sorts last, and the gateway is SERVING only while one is. After the first
-response a failure is the client's to see. Each attempt carries the request's
+server: nothing reached the client, so nothing is duplicated. A seeded call that
+fails after some of its audio was relayed is replayed on the next server with the
+same seed: that server regenerates the codes (checked against the digest of those
+already relayed before any of its audio is taken) and sends audio from the first
+sample not yet relayed, so the listener hears at most a pause, never a cut or a
+repeat. A replay whose codes differ ends the call UNAVAILABLE. When every server
+refused a call as unreachable, it waits (briefly, within its deadline) for one to
+come back and tries again, so that a restarted server takes the next request. Each attempt carries the request's
 remaining time as its gRPC deadline, so the token server stops (and frees the slot)
 when the client's deadline passes.
 """
@@ -29,17 +30,22 @@ from dataclasses import dataclass
 
 import grpc
 
-from chorus import telemetry
+from chorus import orpheus, telemetry
+from chorus.playback import DEFAULT_START_BUFFER_S
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
+from chorus.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Mid-stream failures that a replay elsewhere may cure: the server died or lost its
+# codec workers. Anything else is the request's own.
+FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 STATUS_TIMEOUT_S = 1.0
-_DONE = object()
+MAX_DUE_IN_S = 3600.0  # the most a token server accepts in playback.first_sample_due_in_s
 TOKEN_SERVICE = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
 
@@ -49,23 +55,28 @@ class _Server:
     channel: grpc.aio.Channel
     stub: token_server_pb2_grpc.TokenServiceStub
     slots_total: int = 0
+    capacity_streams: int = 0
     slots_busy: int = 0
     queue_depth: int = 0
     reachable: bool = True  # and SERVING; optimistic until a poll or a call says otherwise
     sent_since_poll: int = 0
 
     def load(self) -> float:
-        """Work per slot; unreachable servers sort last but stay candidates (they may be back)."""
+        """Work per stream it can hold at real time (its capacity, or its slots before it
+        reports one); unreachable servers sort last but stay candidates (they may be back)."""
         work = self.slots_busy + self.queue_depth + self.sent_since_poll
-        per_slot = work / self.slots_total if self.slots_total else float(work)
-        return per_slot + (1e9 if not self.reachable else 0.0)
+        room = self.capacity_streams or self.slots_total
+        per_stream = work / room if room else float(work)
+        return per_stream + (1e9 if not self.reachable else 0.0)
 
 
 class Router:
-    def __init__(self, addresses: tuple[str, ...], status_interval_s: float = 0.25) -> None:
+    def __init__(
+        self, addresses: tuple[str, ...], status_interval_s: float = 0.25, security: ChannelSecurity = ChannelSecurity()
+    ) -> None:
         # A name may stand for many token servers (a headless Service): route over
         # every address it resolves to, as they come and go.
-        self._endpoints = EndpointSet(addresses)
+        self._endpoints = EndpointSet(addresses, security)
         self._servers: list[_Server] = []
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
@@ -113,48 +124,58 @@ class Router:
         self, request: token_server_pb2.GenerateRequest, deadline: float
     ) -> AsyncIterator[token_server_pb2.GenerateResponse]:
         """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
-        failures: list[tuple[str, grpc.aio.AioRpcError]] = []
-        async for response in self._attempt(request, deadline, failures):
-            if response is _DONE:
-                return
-            yield response
-        unreachable = all(err.code() == grpc.StatusCode.UNAVAILABLE for _, err in failures)
-        wait = min(deadline - time.monotonic(), PEER_RETURN_WAIT_S)
-        if unreachable and await self._endpoints.wait_until_any_ready(wait):
-            async for response in self._attempt(request, deadline, failures):
-                if response is _DONE:
+        failures: list[tuple[str, grpc.StatusCode, str]] = []
+        relayed = _Relayed(request)
+        for round_number in range(2):
+            if round_number and not await self._wait_for_return(failures, deadline):
+                break
+            for attempt_number, server in enumerate(self.ranked(), start=len(failures)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GatewayError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
+                    )
+                server.sent_since_poll += 1
+                attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
+                relayed.sending(time.monotonic())
+                # A retry's CLIENT span says so, and which servers refused before it.
+                with telemetry.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
+                    call = server.stub.Generate(attempt, timeout=remaining)
+                responded = False
+                try:
+                    responses = aiter(call)
+                    if attempt is not request:
+                        relayed.check_replay(await anext(responses, None), server.address)
+                    async for response in responses:
+                        responded = True
+                        relayed.note(response)
+                        yield response
                     return
-                yield response
-        raise _exhausted(failures)
+                except _Diverged as err:
+                    log.warning("%s", err)
+                    failures.append((server.address, grpc.StatusCode.UNAVAILABLE, str(err)))
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        server.reachable = False
+                    if relayed.replayable and err.code() in RETRYABLE | FAILOVER:
+                        log.warning("token server %s failed %s at sample %d (%s: %s); replaying on another",
+                                    server.address, request.request_id, relayed.samples, err.code().name, err.details())
+                    elif responded or err.code() not in RETRYABLE:
+                        raise _relayed(server.address, err) from None
+                    else:
+                        log.warning("token server %s refused %s (%s: %s); trying another",
+                                    server.address, request.request_id, err.code().name, err.details())
+                    failures.append((server.address, err.code(), err.details()))
+                finally:
+                    call.cancel()  # no-op once finished; frees the slot if our consumer went away
+        raise _exhausted(failures, relayed.samples)
 
-    async def _attempt(self, request, deadline: float, failures: list) -> AsyncIterator:
-        """One round over the servers, best first: the responses of the one that takes
-        the call, then _DONE; nothing when every one refused (each added to `failures`)."""
-        for server in self.ranked():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GatewayError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
-                )
-            server.sent_since_poll += 1
-            call = server.stub.Generate(request, timeout=remaining, metadata=telemetry.inject_metadata())
-            responded = False
-            try:
-                async for response in call:
-                    responded = True
-                    yield response
-                yield _DONE
-                return
-            except grpc.aio.AioRpcError as err:
-                if responded or err.code() not in RETRYABLE:
-                    raise _relayed(server.address, err) from None
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    server.reachable = False
-                log.warning("token server %s refused %s (%s: %s); trying another",
-                            server.address, request.request_id, err.code().name, err.details())
-                failures.append((server.address, err))
-            finally:
-                call.cancel()  # no-op once finished; frees the slot if our consumer went away
+    async def _wait_for_return(self, failures: list, deadline: float) -> bool:
+        """After every server refused the call as unreachable: whether one came back
+        within a brief wait (inside the deadline), so that the call tries again."""
+        if not failures or any(code != grpc.StatusCode.UNAVAILABLE for _, code, _ in failures):
+            return False
+        return await self._endpoints.wait_until_any_ready(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S))
 
     async def _poll_forever(self) -> None:
         while True:
@@ -176,9 +197,25 @@ class Router:
             log.info("token server %s is %s", server.address, "serving again" if serving else "not serving")
         server.reachable = serving
         server.slots_total = status.slots_total
+        server.capacity_streams = status.capacity_streams
         server.slots_busy = status.slots_busy
         server.queue_depth = status.queue_depth
         server.sent_since_poll = 0
+
+
+def _retry_attributes(
+    attempt: int, failures: list[tuple[str, grpc.StatusCode, str]], replay: bool
+) -> dict[str, object]:
+    if not attempt:
+        return {}
+    attributes = {
+        "chorus.retry": True,
+        "chorus.attempt": attempt + 1,
+        "chorus.refused_by": [f"{address}: {code.name}" for address, code, _ in failures],
+    }
+    if replay:
+        attributes["chorus.failover"] = True  # mid-stream: a replay from the last relayed sample
+    return attributes
 
 
 def _relayed(address: str, err: grpc.aio.AioRpcError) -> GatewayError:
@@ -190,10 +227,81 @@ def _relayed(address: str, err: grpc.aio.AioRpcError) -> GatewayError:
     return GatewayError(err.code(), f"token server {address}: {err.details()}")
 
 
-def _exhausted(failures: list[tuple[str, grpc.aio.AioRpcError]]) -> GatewayError:
-    seen = "; ".join(f"{address}: {err.code().name} ({err.details()})" for address, err in failures)
-    if all(err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for _, err in failures):
+def _exhausted(failures: list[tuple[str, grpc.StatusCode, str]], relayed_samples: int) -> GatewayError:
+    seen = "; ".join(f"{address}: {code.name} ({details})" for address, code, details in failures)
+    if relayed_samples:
+        return GatewayError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"generation failed after {relayed_samples} samples and no token server could continue it exactly "
+            f"(the audio ends there; nothing else was played): {seen}",
+        )
+    if all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for _, code, _ in failures):
         return GatewayError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"every token server is at capacity, retry with backoff: {seen}"
         )
     return GatewayError(grpc.StatusCode.UNAVAILABLE, f"no token server could take the request: {seen}")
+
+
+class _Diverged(Exception):
+    """A replay regenerated other codes than those whose audio was relayed."""
+
+
+class _Relayed:
+    """What one generation has relayed so far: where a replay resumes and which codes
+    it must regenerate. A seeded request regenerates the same codes on any server
+    with the same model file and bit-identical kernels, and the codec's output is a
+    function of codes and seed, so a replay continues the audio sample for sample;
+    the running code digest (tts.v1.CodeDigest) proves it before any audio of the
+    replay is taken."""
+
+    def __init__(self, request: token_server_pb2.GenerateRequest) -> None:
+        self._request = request
+        self._seeded = request.HasField("sampling") and request.sampling.HasField("seed")
+        self.samples = 0
+        self.codes: token_server_pb2.CodeDigest | None = None
+        self._sent_at: float | None = None  # of the first attempt
+        self._first_audio_at: float | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Audio was relayed, and a replay can regenerate it and be checked."""
+        return self._seeded and self.samples > 0 and self.codes is not None
+
+    def sending(self, now: float) -> None:
+        if self._sent_at is None:
+            self._sent_at = now
+
+    def note(self, response: token_server_pb2.GenerateResponse) -> None:
+        if response.HasField("audio"):
+            if self._first_audio_at is None:
+                self._first_audio_at = time.monotonic()
+            chunk = response.audio
+            self.samples = max(self.samples, chunk.sample_offset + len(chunk.pcm) // 2)
+            if response.HasField("codes"):
+                self.codes = response.codes
+
+    def replay(self, now: float) -> token_server_pb2.GenerateRequest:
+        request = token_server_pb2.GenerateRequest()
+        request.CopyFrom(self._request)
+        request.resume_from_sample = self.samples
+        request.verify_frames = self.codes.frames
+        # The schedule moves to the resume sample: when the first attempt's schedule
+        # (or its clock, started at its first audio) needs it, stalls aside.
+        playback = self._request.playback
+        if playback.HasField("first_sample_due_in_s"):
+            zero_due = self._sent_at + playback.first_sample_due_in_s
+        else:
+            zero_due = self._first_audio_at + (playback.start_buffer_s or DEFAULT_START_BUFFER_S)
+        due_in = zero_due + self.samples / orpheus.SAMPLE_RATE - now
+        request.playback.first_sample_due_in_s = min(max(due_in, -MAX_DUE_IN_S), MAX_DUE_IN_S)
+        return request
+
+    def check_replay(self, first: token_server_pb2.GenerateResponse | None, address: str) -> None:
+        if first is None or first.WhichOneof("payload") is not None or not first.HasField("codes"):
+            raise _Diverged(f"token server {address} did not open its replay with the codes' digest")
+        if first.codes != self.codes:
+            raise _Diverged(
+                f"token server {address} regenerated different codes for {self._request.request_id} "
+                f"({first.codes.frames} frames, digest {first.codes.digest:016x}; relayed {self.codes.frames} frames, "
+                f"digest {self.codes.digest:016x}): another model file, or kernels that round differently"
+            )

@@ -15,14 +15,22 @@ import time
 import grpc
 
 from chorus import telemetry
+from chorus.proto.riva import riva_tts_pb2_grpc
+from chorus.api_keys import ApiKeys
+from chorus.auth import CallGuard
+from chorus.telemetry import TOKEN_SERVER
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
-from gateway import validation
+from gateway import metrics, validation
 from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError, abort_with, invalid
 from gateway.feed import TextFeed
+from gateway.openai_http.app import HttpListener, SpeechEndpoint
+from gateway.riva.servicer import SERVICE_NAME as RIVA_SERVICE_NAME
+from gateway.riva.servicer import RivaSynthesisServicer
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.segmenter import Segmenter
@@ -40,21 +48,16 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
 
     async def Synthesize(self, request, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        with telemetry.server_span("gateway.synthesize", context, {"chorus.text_chars": len(request.text)}):
-            try:
-                options = validation.synthesize_options(request, self._config, context.time_remaining())
-                feed = TextFeed.of_text(request.text, self._segmenter())
-                async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
-                    yield item
-            except GatewayError as err:
-                await _abort(context, err)
+        try:
+            options = validation.synthesize_options(request, self._config, context.time_remaining())
+            _tag(options, text_chars=len(request.text))
+            feed = await TextFeed.of_text(request.text, self._segmenter())
+            async for item in self._run(feed, options, arrived, gateway_pb2.SynthesizeResponse):
+                yield item
+        except GatewayError as err:
+            await abort_with(context, err)
 
     async def StreamingSynthesize(self, request_iterator, context: grpc.aio.ServicerContext):
-        with telemetry.server_span("gateway.streaming_synthesize", context):
-            async for item in self._streaming(request_iterator, context):
-                yield item
-
-    async def _streaming(self, request_iterator, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         requests = request_iterator.__aiter__()
         reader = None
@@ -63,12 +66,13 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             if first is None:
                 raise invalid("the stream closed before its first message, which must carry `config`")
             options = validation.streaming_options(first, self._config, context.time_remaining())
+            _tag(options)
             feed = TextFeed(self._segmenter())
             reader = asyncio.create_task(self._read_text(requests, feed))
             async for item in self._run(feed, options, arrived, gateway_pb2.StreamingSynthesizeResponse):
                 yield item
         except GatewayError as err:
-            await _abort(context, err)
+            await abort_with(context, err)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -104,38 +108,51 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
                 kind = message.WhichOneof("payload")
                 if kind == "text":
                     validation.check_text_piece(message.text, self._config)
-                    feed.push(message.text)
+                    await feed.push(message.text)
                     validation.check_backlog(feed.waiting_chars, self._config)
                 elif kind == "flush":
-                    feed.flush()
+                    await feed.flush()
                 elif kind == "end":
                     break
                 elif kind == "config":
                     raise invalid("`config` may only be sent once, as the first message")
                 else:
                     raise invalid("empty StreamingSynthesize message: set one of text, flush or end")
-            feed.end()
+            await feed.end()
         except GatewayError as err:
             feed.fail(err)
         except Exception as err:  # the call broke on the client's side: end it, never leave it waiting
             feed.fail(GatewayError(grpc.StatusCode.CANCELLED, f"reading the request stream failed: {err}"))
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS):
-        log.error("request failed: %s", err)
-    await context.abort(err.code, err.message)
+def _tag(options: SynthesisOptions, **extra: object) -> None:
+    """The request's id, voice and output on its server span and log lines."""
+    telemetry.tag_request(options.spec.request_id, **{
+        "chorus.voice": options.spec.voice,
+        "chorus.encoding": options.format.name,
+        "chorus.sample_rate_hz": options.sample_rate,
+        **{f"chorus.{key}": value for key, value in extra.items()},
+    })
 
 
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
-    router = Router(config.token_servers, config.status_interval_s)
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients,
+        api_keys=ApiKeys(config.api_keys_file) if config.api_keys_file else None,
+        max_streams_per_client=config.max_streams_per_client,
+        max_streams_per_key=config.max_streams_per_key,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    router = Router(config.token_servers, config.status_interval_s, ChannelSecurity(config.tls, TOKEN_SERVER))
     await router.start()
-    server = new_server()
+    server = new_server(metrics.RPC, [guard] if guard.active else [], config.max_request_bytes)
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
+    riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)
+    credentials = config.tls.server_credentials(require_client_cert=bool(config.allowed_clients)) if config.tls else None
     try:
-        running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+        running = await serve_with_health(server, [SERVICE_NAME, RIVA_SERVICE_NAME], port, config.host, credentials)
     except BaseException:
         await router.close()
         raise
@@ -143,6 +160,22 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     router.on_availability = lambda available: running.set_condition("token_servers", available)
     await running.set_condition("token_servers", router.available())
     running.on_stop.append(router.close)
+    if config.http_port is not None:
+        try:
+            http = await HttpListener.start(
+                SpeechEndpoint(config, pipeline, lambda: running.serving).app(), config.host, config.http_port
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+        running.on_drain.append(http.drain)
+        running.endpoints["http"] = f"{_loopback_or(config.host)}:{http.port}"
+        log.info("gateway HTTP (OpenAI /v1/audio/speech, page at /) on %s:%d", config.host, http.port)
     await running.set_serving(True)
     log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))
     return running
+
+
+def _loopback_or(host: str) -> str:
+    """Where a local client reaches a listener bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -3,6 +3,11 @@
 Both client calls end here: the pipeline's PCM goes through the client's encoder,
 and the summary is measured at the gateway (arrival to first audio sent, wall time
 over audio delivered), because that is the latency the client lives with.
+
+Each call keeps its listener's playback clock (chorus.playback): playback starts the
+start buffer after the first audio sent, and every piece of audio sent after its
+time counts as an underrun, with the seconds the listener waited, in the metrics and
+the summary. The pipeline passes the same schedule to the token servers.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from chorus import telemetry
+from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
 from chorus.audio_formats import AudioFormat
-from gateway.encoding import Encoded, StreamEncoder
+from gateway.encoding import Encoded, OffloadedEncoder, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
 from gateway.pipeline import GenerationSpec, Pipeline, PipelineStats
@@ -29,6 +35,10 @@ class SynthesisOptions:
     sample_rate: int
     # Seconds the whole call may take (the client's deadline, or the gateway's default).
     timeout_s: float
+    # Audio the listener buffers before playback starts (the playback clock).
+    start_buffer_s: float = DEFAULT_START_BUFFER_S
+    # Playback speed by time-stretching (the OpenAI endpoint's `speed`); 1 keeps the audio as generated.
+    tempo: float = 1.0
 
 
 async def synthesize(
@@ -38,33 +48,44 @@ async def synthesize(
     when the call reached the gateway."""
     deadline = arrived + options.timeout_s
     stats = PipelineStats()
-    encoder = StreamEncoder(options.format, options.sample_rate)
+    encoder = OffloadedEncoder(StreamEncoder(options.format, options.sample_rate, options.tempo))
+    listener = PlaybackClock(options.sample_rate, options.start_buffer_s)
     first_audio_at = None
     pending_samples = 0  # encoded but not yet released by the muxer
+    metrics.IN_FLIGHT_STREAMS.inc()
     try:
-        async with contextlib.aclosing(pipeline.run(feed, options.spec, deadline, stats)) as pcm_stream:
+        async with contextlib.aclosing(pipeline.run(feed, options.spec, deadline, stats, listener)) as pcm_stream:
             async for pcm in pcm_stream:
-                piece = encoder.encode(pcm)
+                piece = await encoder.encode(pcm)
                 pending_samples += piece.num_samples
                 if piece.data:
-                    if first_audio_at is None:
-                        first_audio_at = time.monotonic()
-                    yield Encoded(piece.data, pending_samples)
+                    first_audio_at = first_audio_at or time.monotonic()
+                    yield _sent(listener, Encoded(piece.data, pending_samples))
                     pending_samples = 0
         if stats.pieces == 0:
             raise invalid("the input ended without any text to speak: send text before ending the stream")
-        last = encoder.finish()
+        last = await encoder.finish()
         if last.data:
-            if first_audio_at is None:
-                first_audio_at = time.monotonic()
-            yield Encoded(last.data, pending_samples + last.num_samples)
+            first_audio_at = first_audio_at or time.monotonic()
+            yield _sent(listener, Encoded(last.data, pending_samples + last.num_samples))
     finally:
         encoder.close()
-    yield _summary(options, stats, arrived, first_audio_at, encoder.samples_out)
+        metrics.IN_FLIGHT_STREAMS.dec()
+    yield _summary(options, stats, arrived, first_audio_at, encoder.samples_out, listener)
+
+
+def _sent(listener: PlaybackClock, piece: Encoded) -> Encoded:
+    """Counts the piece against the listener's clock as it leaves (an underrun if late)."""
+    stall = listener.deliver(piece.num_samples, time.monotonic())
+    if stall is not None:
+        metrics.UNDERRUNS.inc()
+        metrics.STALL_SECONDS.inc(stall.seconds)
+    return piece
 
 
 def _summary(
-    options: SynthesisOptions, stats: PipelineStats, arrived: float, first_audio_at: float | None, samples: int
+    options: SynthesisOptions, stats: PipelineStats, arrived: float, first_audio_at: float | None, samples: int,
+    listener: PlaybackClock,
 ) -> common_pb2.SynthesisSummary:
     audio_seconds = samples / options.sample_rate
     wall = time.monotonic() - arrived
@@ -85,6 +106,9 @@ def _summary(
         queue_wait_ms=stats.queue_wait_ms,
         prompt_tokens=stats.prompt_tokens,
         finish_reason=stats.finish_reason,
+        seed=options.spec.sampling.seed if options.spec.sampling is not None else 0,
+        underruns=listener.underruns,
+        stall_seconds=listener.stall_seconds,
     )
 
 

@@ -2,12 +2,13 @@
 naming the field, the bad value and what would be accepted.
 
 Checked here, before any generation starts, so that a bad request costs no backbone
-step and never fails halfway through a long text. The sampling ranges mirror the
-token server's (services/token_server/sampler.py), which checks them again.
+step and never fails halfway through a long text. The sampling ranges come from the
+shared table (chorus/sampling_limits.py), which the token server checks again.
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
 import grpc
@@ -56,7 +57,7 @@ def synthesize_options(
     request: gateway_pb2.SynthesizeRequest, config: GatewayConfig, time_remaining: float | None
 ) -> SynthesisOptions:
     check_text(request.text, config)
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=request.voice,
@@ -74,7 +75,7 @@ def streaming_options(
             f"the first StreamingSynthesize message must carry `config`, got `{first.WhichOneof('payload')}`"
         )
     cfg = first.config
-    return _options(
+    return options(
         config,
         time_remaining,
         voice=cfg.voice,
@@ -84,7 +85,7 @@ def streaming_options(
     )
 
 
-def _options(
+def options(
     config: GatewayConfig,
     time_remaining: float | None,
     *,
@@ -92,7 +93,9 @@ def _options(
     audio: gateway_pb2.AudioConfig,
     sampling: common_pb2.SamplingParams | None,
     request_id: str,
+    tempo: float = 1.0,
 ) -> SynthesisOptions:
+    """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
     if (problem := unknown_voice(voice, config.voices)) is not None:
         raise invalid(problem)
@@ -112,6 +115,7 @@ def _options(
         )
     if sampling is not None:
         _check_sampling(sampling)
+    sampling = _seeded(sampling)
     if (problem := request_id_problem(request_id)) is not None:
         raise invalid(problem)
     timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
@@ -120,10 +124,26 @@ def _options(
         format=fmt,
         sample_rate=rate,
         timeout_s=timeout,
+        start_buffer_s=config.start_buffer_s,
+        tempo=tempo,
     )
+
+
+def _seeded(sampling: common_pb2.SamplingParams | None) -> common_pb2.SamplingParams:
+    """The client's sampling with a seed drawn when it set none: the request's audio
+    is then a function of the request (reported in the summary, so it can be
+    replayed), and a token server that fails mid-stream can be replaced exactly."""
+    seeded = common_pb2.SamplingParams()
+    if sampling is not None:
+        seeded.CopyFrom(sampling)
+    if not seeded.HasField("seed"):
+        seeded.seed = secrets.randbits(63)
+    return seeded
 
 
 def _check_sampling(sampling: common_pb2.SamplingParams) -> None:
     problems = sampling_problems(lambda name: getattr(sampling, name) if sampling.HasField(name) else None)
+    if sampling.ignore_end_of_speech and not sampling.max_tokens:
+        problems.append("ignore_end_of_speech needs max_tokens: it generates exactly that many tokens")
     if problems:
         raise invalid("; ".join(f"sampling.{p}" for p in problems))

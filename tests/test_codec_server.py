@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 
 import grpc
 import numpy as np
@@ -19,7 +21,7 @@ from services.codec_worker.server import SERVICE_NAME, start_server
 
 @contextlib.asynccontextmanager
 async def codec_worker(snac_dir, **overrides):
-    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", **overrides)
+    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", **{"calibrate": False, **overrides})
     running = await start_server(config, port=0)
     channel = grpc.aio.insecure_channel(running.address)
     try:
@@ -205,7 +207,7 @@ def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
     assert asyncio.run(run())[2]
     telemetry.flush_tracing()
     spans = receiver.spans()
-    resource, decode_span = spans["codec_worker.decode"]
+    resource, decode_span = spans["/tts.v1.CodecService/Decode"]
     _, first_audio = spans["codec_worker.first_audio"]
     assert resource["service.name"] == telemetry.CODEC_WORKER
     assert first_audio.trace_id == decode_span.trace_id
@@ -215,6 +217,45 @@ def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
     assert attributes["chorus.samples"].int_value == 4 * SAMPLES_PER_FRAME
 
 
+def test_concurrent_streams_cancelled_mid_audio_detach_cleanly(snac_dir, receiver, caplog):
+    """Under concurrent load, streams whose client goes away while audio flows are
+    dropped by grpc.aio at a yield: each must end its span as CANCELLED and free its
+    decoder, without "Failed to detach context" (a trace context detached in
+    another task than the one that attached it)."""
+    telemetry.setup_tracing(telemetry.CODEC_WORKER, receiver.endpoint)
+    streams = 8
+
+    async def run():
+        async with codec_worker(snac_dir) as (running, stub, _):
+            async def held_open(seed):
+                yield start()
+                yield frames(0, random_codes(6, seed=seed))
+                await hold_open()
+
+            calls = [stub.Decode(held_open(i)) for i in range(streams)]
+            for call in calls:
+                await call.read()  # audio is flowing on every stream
+            for call in calls:
+                call.cancel()
+            engine = running.components["engine"]
+            for _ in range(200):
+                if engine.open_streams == 0 and (await stub.GetLoad(codec_pb2.GetLoadRequest())).open_streams == 0:
+                    break
+                await asyncio.sleep(0.02)
+            gc.collect()
+            await asyncio.sleep(0.2)
+            return engine.open_streams
+
+    with caplog.at_level(logging.ERROR):
+        assert asyncio.run(run()) == 0
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
+    assert telemetry.flush_tracing()
+    decodes = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+               if s.name == "/tts.v1.CodecService/Decode"]
+    assert len(decodes) == streams
+    assert {(s.status.code, s.status.message.split(":")[0]) for s in decodes} == {(2, "CANCELLED")}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -222,7 +263,7 @@ def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
         ({"device": "cpu", "half": True}, "half precision needs CUDA"),
         ({"max_streams": 0}, "max_streams must be"),
         ({"batch_wait_ms": -1.0}, "batch_wait_ms must be"),
-        ({"threads": 0}, "threads must be positive"),
+        ({"torch_threads": 0}, "torch_threads must be 1..1024"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, overrides, message):

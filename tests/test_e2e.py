@@ -51,14 +51,14 @@ def otlp():
 
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory, otlp):
-    # Two token servers (for the failover test) sharing two cores: one thread each.
+    # Two token servers (for the failover test) sharing two cores: one llama thread each.
     with Stack(
         models_dir=demo_models.root,
         slots=4,
         token_servers=2,
         codec_workers=1,
         work_dir=tmp_path_factory.mktemp("stack"),
-        extra_args={"token_server": ["--threads", "1"]},
+        llama_threads=1,
         # Export spans within 0.2 s instead of the SDK's 5 s batching delay.
         env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
     ) as running:
@@ -241,19 +241,27 @@ def test_node_client_synthesizes(stack):
     assert result["summary"]["frames"] > 0 and result["summary"]["audio_seconds"] > 0
 
 
-def test_chorus_serve_say_runs_the_demo(demo_models, tmp_path):
-    """The README's demo command: a whole stack of its own, one sentence, stopped."""
-    out = tmp_path / "demo.wav"
+def test_chorus_serve_say_serves_real_weights_untouched_in_the_format_of_the_extension(demo_models, tmp_path):
+    """`chorus serve --models DIR --say`: a whole stack of its own, one sentence, stopped. DIR
+    is laid out like real weights (not written by Chorus): served as they are, never
+    overwritten; `-o x.mp3` gets MP3 bytes."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(demo_models.gguf, weights / "orpheus-q8_0.gguf")
+    shutil.copytree(demo_models.snac_dir, weights / "snac_24khz")
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in weights.rglob("*")}
+    out = tmp_path / "demo.mp3"
     done = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
+        [sys.executable, "-m", "tools.cli", "serve", "--models", str(weights), "--gateway-port", "0",
          "--slots", "2", "--say", "Chorus is up.", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout
-    assert "time to first audio" in done.stderr
-    samples, rate = decode("wav", SAMPLE_RATE, out.read_bytes())
+    assert "time to first audio" in done.stderr and "orpheus-q8_0.gguf" in done.stderr
+    samples, rate = decode("mp3", SAMPLE_RATE, out.read_bytes())
     assert rate == SAMPLE_RATE and samples.size > 0
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in weights.rglob("*")} == before
 
 
 # Last: it stops a token server of the shared stack.
@@ -268,35 +276,122 @@ def test_one_token_server_stopped_the_other_serves(stack, gateway):
     assert all(p.alive for p in stack.token_server_processes[1:])
 
 
+SYNTHESIZE = "/tts.v1.SynthesisService/Synthesize"
+GENERATE = "/tts.v1.TokenService/Generate"
+DECODE = "/tts.v1.CodecService/Decode"
+OTLP_SERVER, OTLP_CLIENT, OTLP_ERROR = 2, 3, 2
+
+
+def exported_spans(otlp) -> list[tuple[str, object]]:
+    """(service name, span) of everything the three services exported so far."""
+    out = []
+    for export in list(otlp.requests):
+        for resource_spans in export.resource_spans:
+            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope in resource_spans.scope_spans:
+                out.extend((attrs["service.name"], span) for span in scope.spans)
+    return out
+
+
+def wait_for_spans(otlp, done, what: str):
+    """Spans reach the receiver in each service's next export batch (0.2 s here); a
+    server span ends when its stream does, so it may come a batch after its stages."""
+    for _ in range(150):
+        spans = exported_spans(otlp)
+        if done(spans):
+            return spans
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not exported; have {sorted({(svc, s.name, s.trace_id.hex()) for svc, s in spans})}")
+
+
+def attribute(span, key: str):
+    for a in span.attributes:
+        if a.key == key:
+            return getattr(a.value, a.value.WhichOneof("value"))
+    return None
+
+
 def test_one_trace_spans_all_three_services(gateway, otlp):
-    request = gateway_pb2.SynthesizeRequest(text="Trace me through every stage.", sampling=budget(6))
+    request = gateway_pb2.SynthesizeRequest(text="Trace me through every stage.", sampling=budget(6), voice="leo")
     _, summary = collect(gateway.Synthesize(request, timeout=120))
     assert len(summary.trace_id) == 32
     expected = {
-        "chorus-gateway": {"gateway.synthesize"},
-        "chorus-token-server": {"token_server.generate", "token_server.queue_wait", "token_server.prefill",
+        "chorus-gateway": {SYNTHESIZE, GENERATE},
+        "chorus-token-server": {GENERATE, DECODE, "token_server.queue_wait", "token_server.prefill",
                                 "token_server.first_frame"},
-        "chorus-codec-worker": {"codec_worker.decode", "codec_worker.first_audio"},
+        "chorus-codec-worker": {DECODE, "codec_worker.first_audio"},
     }
 
-    def seen() -> dict[str, set[str]]:
+    def seen(spans) -> dict[str, set[str]]:
         services: dict[str, set[str]] = {}
-        for export in list(otlp.requests):
-            for resource_spans in export.resource_spans:
-                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    for span in scope.spans:
-                        if span.trace_id.hex() == summary.trace_id:
-                            services.setdefault(attrs["service.name"], set()).add(span.name)
+        for service, span in spans:
+            if span.trace_id.hex() == summary.trace_id:
+                services.setdefault(service, set()).add(span.name)
         return services
 
-    # Spans reach the receiver in each service's next export batch (0.2 s here); a
-    # server span ends when its stream does, so it may come a batch after its stages.
-    for _ in range(150):
-        services = seen()
-        if all(names <= services.get(service, set()) for service, names in expected.items()):
-            break
-        time.sleep(0.1)
+    spans = wait_for_spans(otlp, lambda spans: all(
+        names <= seen(spans).get(service, set()) for service, names in expected.items()), "the request's trace")
+    services = seen(spans)
     assert set(services) == set(expected), services
     for service, names in expected.items():
         assert names <= services[service], (service, services[service])
+
+    # Each hop is a CLIENT span in the caller and a SERVER span in the callee, its child.
+    mine = {(service, span.name, span.kind): span for service, span in spans if span.trace_id.hex() == summary.trace_id}
+    root = mine[("chorus-gateway", SYNTHESIZE, OTLP_SERVER)]
+    assert root.parent_span_id == b""
+    assert attribute(root, "chorus.request_id") == summary.request_id
+    assert (attribute(root, "chorus.voice"), attribute(root, "chorus.encoding")) == ("leo", "pcm")
+    for caller, callee, method in (("chorus-gateway", "chorus-token-server", GENERATE),
+                                   ("chorus-token-server", "chorus-codec-worker", DECODE)):
+        client, server = mine[(caller, method, OTLP_CLIENT)], mine[(callee, method, OTLP_SERVER)]
+        assert server.parent_span_id == client.span_id, method
+        assert attribute(client, "rpc.grpc.status_code") == attribute(server, "rpc.grpc.status_code") == 0
+        assert attribute(client, "chorus.retry") is attribute(client, "chorus.failover") is None
+    assert mine[("chorus-gateway", GENERATE, OTLP_CLIENT)].parent_span_id == root.span_id
+    # Chorus's stages sit under the standard server span.
+    generate = mine[("chorus-token-server", GENERATE, OTLP_SERVER)]
+    assert mine[("chorus-token-server", "token_server.prefill", 1)].parent_span_id == generate.span_id
+
+
+def _server_spans_of(otlp, request_id: str, wanted: set[str]):
+    """The server spans of the trace whose gateway span carries `request_id`, once
+    the services in `wanted` have exported theirs."""
+    def find(spans):
+        roots = [s for svc, s in spans if s.name == SYNTHESIZE and attribute(s, "chorus.request_id") == request_id]
+        if not roots:
+            return None
+        trace_id = roots[0].trace_id
+        found = {svc: s for svc, s in spans if s.trace_id == trace_id and s.kind == OTLP_SERVER}
+        return found if wanted <= set(found) else None
+
+    wait_for_spans(otlp, find, f"server spans of {request_id}")
+    return find(exported_spans(otlp))
+
+
+def test_deadline_exceeded_and_cancelled_requests_are_errors_in_every_service(gateway, otlp):
+    expired = gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES, sampling=budget(400), request_id="trace-deadline")
+    with pytest.raises(grpc.RpcError) as err:
+        collect(gateway.Synthesize(expired, timeout=1.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    cancelled = gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES, sampling=budget(400), request_id="trace-cancel")
+    call = gateway.Synthesize(cancelled, timeout=120)
+    next(call)  # audio is flowing through all three services
+    call.cancel()
+
+    services = {"chorus-gateway", "chorus-token-server", "chorus-codec-worker"}
+    deadline = _server_spans_of(otlp, "trace-deadline", {"chorus-gateway", "chorus-token-server"})
+    gateway_span = deadline["chorus-gateway"]
+    assert gateway_span.status.code == OTLP_ERROR
+    assert gateway_span.status.message.startswith("DEADLINE_EXCEEDED: ")
+    assert attribute(gateway_span, "rpc.grpc.status_code") == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    # Downstream the same deadline expires, or the caller gave up first: an error either way.
+    for service, span in deadline.items():
+        assert span.status.code == OTLP_ERROR, service
+        assert span.status.message.split(":")[0] in ("DEADLINE_EXCEEDED", "CANCELLED"), service
+
+    gone = _server_spans_of(otlp, "trace-cancel", services)
+    for service in services:
+        assert gone[service].status.code == OTLP_ERROR, service
+        assert gone[service].status.message.startswith("CANCELLED: "), (service, gone[service].status.message)

@@ -92,11 +92,16 @@ def test_chunked_resampling_equals_resampling_the_whole_signal():
     assert b"".join(pieces) + tail == at_once
 
 
-def test_close_without_finish_is_safe():
+def test_close_without_finish_is_safe_and_final():
     encoder = StreamEncoder(FORMATS["opus"], 48000)
     encoder.encode(_signal(4096))
     encoder.close()
-    encoder.close()
+    encoder.close()  # twice is fine
+    # Once closed, FFmpeg's state is gone: further calls are refused, not a crash.
+    with pytest.raises(ValueError, match="closed"):
+        encoder.encode(_signal(4096))
+    with pytest.raises(ValueError, match="closed"):
+        encoder.finish()
 
 
 def test_extension_picks_the_format():
@@ -105,3 +110,22 @@ def test_extension_picks_the_format():
     assert for_extension("x.ogg").name == "opus"
     assert for_extension("x.ulaw").name == "mulaw"
     assert for_extension("x.txt") is None
+
+
+@pytest.mark.parametrize("tempo", [0.25, 0.5, 1.5, 2.0, 4.0])
+def test_tempo_time_stretches_to_the_expected_length(tempo):
+    pcm = _signal()
+    encoder = StreamEncoder(FORMATS["pcm"], 16000, tempo=tempo)
+    data = b"".join(encoder.encode(pcm[i : i + 1000]).data for i in range(0, pcm.size, 1000))
+    data += encoder.finish().data
+    decoded, _ = decode("pcm", 16000, data)
+    expected = pcm.size * 16000 / NATIVE_RATE / tempo
+    assert abs(decoded.size - expected) <= expected * 0.02 + 160
+    assert encoder.samples_out == decoded.size
+    # Stretched, not silenced: the tone is still there.
+    assert np.abs(decoded).max() > 4000
+
+
+def test_tempo_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="tempo"):
+        StreamEncoder(FORMATS["pcm"], 24000, tempo=5.0)

@@ -36,8 +36,14 @@ def piece_value(index: int) -> int:
 class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
     """Emits `2 + len(text) // 20` frames of constant PCM per request, then a summary."""
 
-    def __init__(self, fail_with=None, fail_after_frames=None, frame_delay_s=0.0, reported_busy=0, endless=False):
+    def __init__(
+        self, fail_with=None, fail_after_frames=None, frame_delay_s=0.0, reported_busy=0, endless=False, codes=None
+    ):
+        """`codes`: a model stand-in (an int): then each frame's PCM is piece value + frame,
+        each audio chunk carries a code digest that depends on `codes`, and replays
+        (resume_from_sample, verify_frames) are served as a token server does."""
         self.fail_with = fail_with
+        self.codes = codes
         self.fail_after_frames = fail_after_frames
         self.frame_delay_s = frame_delay_s
         self.reported_busy = reported_busy
@@ -65,15 +71,21 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
         self.max_active = max(self.max_active, self.active)
         try:
             frame = 0
+            if request.verify_frames:
+                yield token_server_pb2.GenerateResponse(codes=self.digest(request, request.verify_frames))
+            if request.resume_from_sample:
+                frame = request.resume_from_sample // SAMPLES_PER_FRAME
             while self.endless or frame < frames:
                 await asyncio.sleep(self.frame_delay_s)
-                pcm = np.full(SAMPLES_PER_FRAME, piece_value(index), dtype="<i2")
+                value = piece_value(index) + (frame if self.codes is not None else 0)
+                pcm = np.full(SAMPLES_PER_FRAME, value, dtype="<i2")
                 if frame == 0:
                     self.events.append(("audio", index))
                 yield token_server_pb2.GenerateResponse(
                     audio=common_pb2.PcmChunk(
                         sample_offset=frame * SAMPLES_PER_FRAME, pcm=pcm.tobytes(), sample_rate_hz=24000
-                    )
+                    ),
+                    codes=self.digest(request, frame + 1) if self.codes is not None else None,
                 )
                 frame += 1
                 if frame == self.fail_after_frames:
@@ -95,6 +107,9 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
             raise
         finally:
             self.active -= 1
+
+    def digest(self, request, frames: int) -> token_server_pb2.CodeDigest:
+        return token_server_pb2.CodeDigest(frames=frames, digest=hash((self.codes, request.sampling.seed, frames)) % 2**64)
 
     async def GetStatus(self, request, context):
         return token_server_pb2.GetStatusResponse(
@@ -301,6 +316,28 @@ def test_seed_is_passed_down_distinct_per_piece():
     run(scenario())
 
 
+def test_a_request_without_a_seed_gets_one_and_the_summary_reports_it():
+    async def scenario():
+        fake = FakeTokenService()
+        async with token_server(fake) as address, gateway([address], segment_target_chars=60) as stub:
+            _, unseeded, _ = await collect(stub.Synthesize(gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES[:200])))
+            first = sorted(r.sampling.seed for r in fake.requests)
+            fake.requests.clear()
+            sampling = common_pb2.SamplingParams(temperature=0.5)  # sampling set, seed not
+            _, other, _ = await collect(
+                stub.Synthesize(gateway_pb2.SynthesizeRequest(text=TWENTY_SENTENCES[:200], sampling=sampling))
+            )
+            second = sorted(r.sampling.seed for r in fake.requests)
+        return unseeded, first, other, second
+
+    unseeded, first, other, second = run(scenario())
+    assert all(r for r in (first, second)) and len(first) > 1
+    # Each piece derives its own seed from the request's, which the summary reports.
+    assert first == list(range(unseeded.seed, unseeded.seed + len(first)))
+    assert second == list(range(other.seed, other.seed + len(second)))
+    assert unseeded.seed != other.seed  # drawn per request
+
+
 def test_encoded_output_is_resampled_and_decodes():
     async def scenario():
         fake = FakeTokenService()
@@ -349,7 +386,7 @@ def test_least_loaded_token_server_is_picked():
     run(scenario())
 
 
-def test_a_failure_after_audio_was_sent_is_not_retried():
+def test_a_failure_after_audio_without_code_digests_is_not_replayed():
     async def scenario():
         failing = FakeTokenService(fail_after_frames=1)
         spare = FakeTokenService(reported_busy=3)
@@ -362,6 +399,76 @@ def test_a_failure_after_audio_was_sent_is_not_retried():
         assert spare.requests == []
 
     run(scenario())
+
+
+REPLAYED_TEXT = "Hello there, all of you, how are we all doing on this fine day?"  # one piece, 5 frames
+
+
+async def audio_until_error(call) -> tuple[bytes, grpc.aio.AioRpcError | None, common_pb2.SynthesisSummary | None]:
+    audio, summary = [], None
+    try:
+        async for response in call:
+            if response.WhichOneof("payload") == "audio":
+                audio.append(response.audio.data)
+            else:
+                summary = response.summary
+    except grpc.aio.AioRpcError as err:
+        return b"".join(audio), err, summary
+    return b"".join(audio), None, summary
+
+
+def test_a_server_failing_mid_stream_is_replaced_sample_for_sample():
+    request = gateway_pb2.SynthesizeRequest(
+        text=REPLAYED_TEXT, audio=PCM, sampling=common_pb2.SamplingParams(seed=77)
+    )
+
+    async def scenario():
+        async with token_server(FakeTokenService(codes=1)) as alone, gateway([alone]) as stub:
+            fault_free, _, _ = await collect(stub.Synthesize(request))
+        failing = FakeTokenService(codes=1, fail_after_frames=2)
+        spare = FakeTokenService(codes=1, reported_busy=3)  # ranked second
+        async with token_server(failing) as a, token_server(spare) as b, gateway([a, b]) as stub:
+            audio, summary, _ = await collect(stub.Synthesize(request))
+        return fault_free, audio, summary, failing, spare
+
+    fault_free, audio, summary, failing, spare = run(scenario())
+    assert FakeTokenService.frames_for(REPLAYED_TEXT) == 5
+    assert audio == fault_free
+    assert len(audio) // 2 == 5 * SAMPLES_PER_FRAME
+    # The replay: same request and seed, resumed after the 2 frames relayed, checked
+    # against their digest before any of its audio was taken.
+    [first], [replay] = failing.requests, spare.requests
+    assert replay.sampling.seed == first.sampling.seed == 77
+    assert replay.text == first.text and replay.request_id == first.request_id
+    assert (replay.resume_from_sample, replay.verify_frames) == (2 * SAMPLES_PER_FRAME, 2)
+    # Its schedule is the resume sample's: due no later than the first attempt's clock
+    # (started at its first audio, 0.15 s of buffer) says, which is in under 0.15 s + 2 frames.
+    assert replay.playback.HasField("first_sample_due_in_s")
+    assert replay.playback.first_sample_due_in_s < 0.15 + 2 * SAMPLES_PER_FRAME / 24000
+    assert summary.seed == 77
+
+
+def test_a_replay_with_other_codes_is_unavailable_and_plays_nothing_of_it():
+    request = gateway_pb2.SynthesizeRequest(
+        text=REPLAYED_TEXT, audio=PCM, sampling=common_pb2.SamplingParams(seed=77)
+    )
+
+    async def scenario():
+        failing = FakeTokenService(codes=1, fail_after_frames=2)
+        other_model = FakeTokenService(codes=2, reported_busy=3)
+        async with token_server(failing) as a, token_server(other_model) as b, gateway([a, b]) as stub:
+            audio, err, summary = await audio_until_error(stub.Synthesize(request))
+        return audio, err, summary, other_model
+
+    audio, err, summary, other_model = run(scenario())
+    assert summary is None and err is not None
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "different codes" in err.details()
+    assert len(other_model.requests) == 1
+    # Only the failed server's audio, and none of the replay's (piece value + frame 2+).
+    pcm = np.frombuffer(audio, dtype="<i2")
+    assert pcm.size <= 2 * SAMPLES_PER_FRAME
+    assert set(np.unique(pcm[FADE_SAMPLES:])) <= {piece_value(0), piece_value(0) + 1}
 
 
 def test_all_token_servers_full_is_resource_exhausted():
@@ -597,7 +704,7 @@ def test_voices_and_limits():
         assert [v.name for v in voices.voices] == ["tara", "leo", "mia"]
         assert all(v.description for v in voices.voices)
         assert limits.max_text_chars == 500
-        assert set(limits.encodings) == {1, 2, 3, 4, 5}
+        assert set(limits.encodings) == {1, 2, 3, 4, 5, 6, 7, 8}
         assert 24000 in limits.sample_rates_hz and 8000 in limits.sample_rates_hz
         assert limits.native_sample_rate_hz == 24000
 
@@ -611,3 +718,32 @@ def test_config_rejects_nonsense():
         GatewayConfig(token_servers=("localhost",))
     with pytest.raises(ValueError, match="default voice"):
         GatewayConfig(token_servers=("a:1",), voices=("leo",), default_voice="tara")
+
+
+def test_a_starved_listener_counts_underruns_and_stall_seconds():
+    """Audio that arrives after the listener's playback clock needs it is an underrun:
+    the token server sends one frame (85 ms), then stalls for a second."""
+    from gateway import metrics
+
+    stalls_before = metrics.UNDERRUNS._value.get()
+    stall_seconds_before = metrics.STALL_SECONDS._value.get()
+
+    class Stalling(FakeTokenService):
+        async def Generate(self, request, context):
+            count = 0
+            async for response in super().Generate(request, context):
+                if response.HasField("audio") and count == 1:
+                    await asyncio.sleep(1.0)  # far longer than the 150 ms buffer and 85 ms of audio
+                count += 1
+                yield response
+
+    async def scenario():
+        async with token_server(Stalling()) as address, gateway([address], start_buffer_s=0.15) as stub:
+            return await collect(stub.Synthesize(gateway_pb2.SynthesizeRequest(text="Hello there.", audio=PCM)))
+
+    _, summary, _ = asyncio.run(scenario())
+    assert summary.underruns >= 1
+    assert summary.stall_seconds > 0.5  # at least the second, less what was buffered
+    assert metrics.UNDERRUNS._value.get() >= stalls_before + 1
+    assert metrics.STALL_SECONDS._value.get() > stall_seconds_before + 0.5
+

@@ -91,7 +91,7 @@ def test_a_row_samples_the_same_whatever_shares_the_batch():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=3.0), dict(top_p=0.0), dict(top_k=-1), dict(min_p=1.0),
-                                 dict(repetition_penalty=0.1), dict(max_tokens=-7)])
+                                 dict(repetition_penalty=0.1), dict(top_k=4097)])
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -7,9 +7,12 @@ import asyncio
 import pytest
 
 from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
+from chorus.playback import PlaybackClock
 from services.token_server.engine import (
+    TOKEN_SECONDS,
     Engine,
-    Failed,
+    GenerationFailed,
     Finished,
     Frame,
     GenerationRequest,
@@ -33,7 +36,9 @@ def backbone(gguf_path):
 @pytest.fixture
 def engine(backbone):
     # A small n_batch forces chunked prefill to share steps with generation.
-    eng = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT)
+    # Admission by slots only: these tests are about batching, not about this machine's speed.
+    eng = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                 capacity=RealTimeCapacity(TOKEN_SECONDS, SLOTS, enforce=False))
     eng.start()
     yield eng
     eng.stop()
@@ -41,7 +46,7 @@ def engine(backbone):
 
 def make_request(backbone, rid: str, text: str, sampling: SamplingParams, frames: int) -> GenerationRequest:
     prompt = orpheus.wrap_prompt(backbone.tokenize(orpheus.prompt_text(text, "tara")))
-    return GenerationRequest(rid, prompt, sampling, max_tokens=frames * orpheus.CODES_PER_FRAME)
+    return GenerationRequest(rid, prompt, sampling, token_budget=frames * orpheus.CODES_PER_FRAME)
 
 
 async def run_one(engine, req):
@@ -93,12 +98,17 @@ def test_batched_output_matches_each_request_alone(backbone, engine, sampling):
             # Arrivals at different steps: later requests join a running batch.
             await asyncio.sleep(0.02 * i)
         results = await asyncio.gather(*tasks)
+        batched_stats[:] = [last for _, last in results]
         return [[f.codes for f in frames] for frames, _ in results]
 
+    batched_stats = []
     alone = asyncio.run(run_alone())
     batched = asyncio.run(run_batched())
     assert all(len(frames) == 6 for frames in alone)
     assert batched == alone
+    # The batched run really shared steps: some requests were in slots at once.
+    spans = sorted((last.stats.admitted_at, last.stats.finished_at) for last in batched_stats)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
     # The requests really differ from each other (the comparison is not vacuous).
     assert len({tuple(map(tuple, f)) for f in alone}) == len(alone)
 
@@ -129,12 +139,12 @@ def test_cancelled_request_frees_slot_and_kv_while_others_finish(backbone, engin
             seen += 1
             if seen == 2:
                 break
-        seq = engine.run_in_engine(lambda e: next(i for i, a in enumerate(e._slots) if a and a.handle is doomed))
+        seq = engine.run_in_engine(lambda e: next(i for i, a in enumerate(e.scheduler.slots) if a and a.owner is doomed))
         seq = await asyncio.wrap_future(seq)
         assert backbone_len(seq) > 0
         doomed.cancel()
         # The next engine-thread call runs after the cancel was handled, before any further step.
-        state = await asyncio.wrap_future(engine.run_in_engine(lambda e: (e._slots[seq], e.backbone.sequence_length(seq))))
+        state = await asyncio.wrap_future(engine.run_in_engine(lambda e: (e.scheduler.slots[seq], e.backbone.sequence_length(seq))))
         results = await asyncio.gather(*tasks)
         return seq, state, results
 
@@ -158,7 +168,7 @@ def test_full_queue_rejects_and_admitted_requests_complete(backbone, engine):
 
     async def scenario():
         handles = [engine.submit(r) for r in reqs]
-        with pytest.raises(QueueFullError, match="slots are busy"):
+        with pytest.raises(QueueFullError, match="all are taken"):
             engine.submit(make_request(backbone, "over", "One too many.", SamplingParams(), 4))
         return await asyncio.gather(*(collect(h) for h in handles))
 
@@ -181,6 +191,44 @@ def test_end_of_speech_only_at_frame_boundary(backbone, engine):
     for seed in range(3):
         req = make_request(backbone, f"eos{seed}", "Stop?", SamplingParams(seed=seed, temperature=2.0, top_p=1.0), 30)
         frames, last = asyncio.run(run_one(engine, req))
-        assert isinstance(last, Finished) and not isinstance(last, Failed)
+        assert isinstance(last, Finished) and not isinstance(last, GenerationFailed)
         assert last.stats.generated_tokens == len(frames) * orpheus.CODES_PER_FRAME
         assert len(frames) >= 1
+
+
+def test_paced_and_batched_tokens_are_those_of_each_request_alone(backbone):
+    """A stream far ahead of its listener sits steps out while another needs them; its
+    tokens, and the other's, are still exactly those of each request run alone."""
+    now = [1000.0]
+    engine = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                    capacity=RealTimeCapacity(TOKEN_SECONDS, SLOTS, enforce=False), pace_lead_s=0.2,
+                    clock=lambda: now[0])
+    engine.start()
+    try:
+        def request(rid: str, text: str, due_in_s: float) -> GenerationRequest:
+            req = make_request(backbone, rid, text, SamplingParams(seed=hash(rid) % 1000), 12)
+            # Playing from `due_in_s` from the (frozen) engine clock: "ahead" is 0.2 s of
+            # lead after 2 frames and then paced; "behind" was due long ago and never is.
+            req.playback = PlaybackClock.scheduled(orpheus.SAMPLE_RATE, now[0] + due_in_s)
+            return req
+
+        def pair():
+            return [request("ahead", "I am far ahead of my listener.", 0.0),
+                    request("behind", "My listener is waiting for me.", -100.0)]
+
+        alone = [asyncio.run(run_one(engine, req)) for req in pair()]
+
+        async def together():
+            return await asyncio.gather(*(collect(engine.submit(req)) for req in pair()))
+
+        paced = asyncio.run(together())
+    finally:
+        engine.stop()
+    (ahead_alone, _), (behind_alone, _) = alone
+    (ahead_frames, ahead_last), (behind_frames, behind_last) = paced
+    assert [f.codes for f in ahead_frames] == [f.codes for f in ahead_alone]
+    assert [f.codes for f in behind_frames] == [f.codes for f in behind_alone]
+    assert len(ahead_frames) == len(behind_frames) == 12
+    assert ahead_last.stats.paced_steps > 0  # it really sat steps out...
+    assert behind_last.stats.paced_steps == 0
+    assert alone[0][1].stats.paced_steps == 0  # ...and alone, nobody needed its steps

@@ -29,6 +29,9 @@ class FakeCodec(codec_pb2_grpc.CodecServiceServicer):
         self.starts: list[codec_pb2.DecodeStart] = []
         self.frames_seen = 0
 
+    async def GetLoad(self, request, context):
+        return codec_pb2.GetLoadResponse(max_streams=64, capacity_streams=64, device="fake")
+
     async def Decode(self, request_iterator, context):
         start = None
         async for req in request_iterator:
@@ -66,9 +69,12 @@ async def fake_codec(servicer):
 
 @contextlib.asynccontextmanager
 async def token_server(gguf_path, codec_workers=(), **overrides):
+    # Admission by slots: these tests are about the RPC layer, not this machine's speed
+    # (tests/test_token_scheduler.py covers admission by real-time capacity).
+    settings = dict(realtime_admission=False, calibrate=False)
     config = TokenServerConfig(
         model_path=gguf_path, codec_workers=tuple(codec_workers), slots=2, ctx_per_slot=2048,
-        n_batch=128, threads=2, queue_size=1, **overrides,
+        n_batch=128, llama_threads=2, queue_size=1, **{**settings, **overrides},
     )
     running = await start_server(config, port=0)
     channel = grpc.aio.insecure_channel(running.address)
@@ -122,6 +128,20 @@ def test_same_seed_same_codes_over_rpc(gguf_path):
     assert a == b and a != c
 
 
+def test_gpu_layers_on_a_cpu_build_change_nothing(gguf_path):
+    """--gpu-layers reaches llama.cpp's model parameters; a CPU build keeps every layer
+    on the CPU, so the same seed gives the same codes with any setting."""
+    async def codes(gpu_layers: int):
+        async with token_server(gguf_path, gpu_layers=gpu_layers) as (running, stub):
+            assert running.components["backbone"].gpu_layers == gpu_layers
+            _, frames, _ = await read_all(stub.Generate(request(codes_only=True, seed=7)))
+            return [tuple(f.codes) for f in frames]
+
+    assert asyncio.run(codes(-1)) == asyncio.run(codes(0))
+    with pytest.raises(ValueError, match="gpu_layers must be"):
+        TokenServerConfig(model_path=gguf_path, gpu_layers=-2)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -166,7 +186,7 @@ def test_full_queue_gets_resource_exhausted_and_admitted_complete(gguf_path):
 
     err, results = asyncio.run(scenario())
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "retry later" in err.details()
+    assert "retry" in err.details()
     assert all(len(frames) == 20 and summary.frames == 20 for _, frames, summary in results)
     assert max(summary.queue_wait_ms for _, _, summary in results) > 0
 
@@ -241,6 +261,130 @@ def test_codec_worker_killed_mid_stream_loses_no_audio(gguf_path):
     assert summary.frames == 12
 
 
+async def read_messages(call) -> list[token_server_pb2.GenerateResponse]:
+    return [msg async for msg in call]
+
+
+def chained_digests(frames) -> list[int]:
+    """The CodeDigest chain as tts.v1.CodeDigest documents it, written out here."""
+    import hashlib
+
+    state, chain = 0, [0]
+    for frame in frames:
+        data = state.to_bytes(8, "little") + np.asarray(frame.codes, dtype="<i2").tobytes()
+        state = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        chain.append(state)
+    return chain
+
+
+def test_the_seed_reaches_the_codec_and_each_chunk_carries_the_code_digest(gguf_path):
+    async def scenario():
+        codec = FakeCodec()
+        async with fake_codec(codec) as worker:
+            async with token_server(gguf_path, [worker.address]) as (_, stub):
+                _, frames, _ = await read_all(stub.Generate(request(codes_only=True, frames=8, seed=42)))
+                messages = await read_messages(stub.Generate(request(frames=8, seed=42)))
+        return codec, frames, messages
+
+    codec, frames, messages = asyncio.run(scenario())
+    assert [s.seed for s in codec.starts] == [42]
+    chain = chained_digests(frames)
+    audio = [m for m in messages if m.WhichOneof("payload") == "audio"]
+    assert len(audio) == 8
+    for message in audio:
+        # The digest covers at least the frames this chunk's audio was decoded from.
+        end_frame = -(-(message.audio.sample_offset + len(message.audio.pcm) // 2) // orpheus.SAMPLES_PER_FRAME)
+        assert end_frame <= message.codes.frames <= 8
+        assert message.codes.digest == chain[message.codes.frames]
+    assert messages[-1].summary.seed == 42
+
+
+def test_a_replay_opens_with_the_digest_then_resumes_at_the_sample(gguf_path):
+    resume = 3 * orpheus.SAMPLES_PER_FRAME + 100
+
+    async def scenario():
+        codec = FakeCodec()
+        async with fake_codec(codec) as worker:
+            async with token_server(gguf_path, [worker.address]) as (_, stub):
+                _, frames, _ = await read_all(stub.Generate(request(codes_only=True, frames=8, seed=42)))
+                replay = request(frames=8, seed=42, resume_from_sample=resume, verify_frames=5)
+                messages = await read_messages(stub.Generate(replay))
+        return codec, frames, messages
+
+    codec, frames, messages = asyncio.run(scenario())
+    first, *rest = messages
+    assert first.WhichOneof("payload") is None
+    assert (first.codes.frames, first.codes.digest) == (5, chained_digests(frames)[5])
+    audio = [m.audio for m in rest if m.WhichOneof("payload") == "audio"]
+    assert audio[0].sample_offset == resume
+    pcm = np.concatenate([np.frombuffer(a.pcm, "<i2") for a in audio])
+    assert np.array_equal(pcm, np.repeat(np.arange(8), 2048)[resume:])
+    # The codec gets 3 frames of context before the resume point, and nothing earlier.
+    assert [(s.first_frame_index, s.resume_from_sample, s.seed) for s in codec.starts] == [(0, resume, 42)]
+    assert rest[-1].summary.frames == 8
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(resume_from_sample=9 * orpheus.SAMPLES_PER_FRAME), "resume_from_sample"),
+        (dict(resume_from_sample=-1), "resume_from_sample"),
+        (dict(verify_frames=9), "verify_frames"),
+        (dict(codes_only=True, verify_frames=2), "codes_only"),
+    ],
+)
+def test_bad_replay_fields_are_invalid_argument(gguf_path, fields, message):
+    async def scenario():
+        async with token_server(gguf_path) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.Generate(request(frames=8, **fields)))
+            return err.value
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
+def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
+    """Each attempt on a codec worker is a CLIENT span of the request's trace; the one
+    that resumes the stream says it is a failover, from where, and who failed."""
+    from chorus import telemetry
+
+    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+
+    async def scenario():
+        dying, healthy = FakeCodec(die_after_frames=5), FakeCodec()
+        async with fake_codec(dying) as w1, fake_codec(healthy) as w2:
+            async with token_server(gguf_path, [w1.address, w2.address]) as (_, stub):
+                _, _, summary = await read_all(stub.Generate(request(frames=12)))
+        return w1.address, w2.address, summary
+
+    try:
+        failed, resumed, summary = asyncio.run(scenario())
+        assert telemetry.flush_tracing()
+    finally:
+        telemetry.shutdown_tracing()
+    spans = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+             if s.trace_id.hex() == summary.trace_id]
+    (generate,) = [s for s in spans if s.name == "/tts.v1.TokenService/Generate" and s.kind == 2]
+    clients = sorted((s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 3),
+                     key=lambda s: s.start_time_unix_nano)
+    assert len(clients) == 2
+    assert all(c.parent_span_id == generate.span_id for c in clients)
+    first, failover = ({a.key: a.value for a in c.attributes} for c in clients)
+    assert "chorus.failover" not in first
+    assert first["rpc.grpc.status_code"].int_value == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert clients[0].status.code == 2 and "fake codec worker died" in clients[0].status.message
+    assert failover["chorus.failover"].bool_value is True
+    assert failover["chorus.resume_from_sample"].int_value == 5 * 2048
+    assert [v.string_value for v in failover["chorus.failed_workers"].array_value.values] == [failed]
+    assert failover["rpc.grpc.status_code"].int_value == 0
+    # The fake workers run in this process: each attempt's SERVER span is the child of its CLIENT span.
+    servers = [s for s in spans if s.name == "/tts.v1.CodecService/Decode" and s.kind == 2]
+    assert {s.parent_span_id for s in servers} == {c.span_id for c in clients}
+    assert resumed != failed
+
+
 def test_no_codec_worker_is_unavailable(gguf_path):
     async def scenario():
         async with token_server(gguf_path) as (_, stub):
@@ -294,12 +438,12 @@ def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
         telemetry.shutdown_tracing()
     spans = receiver.spans()
     assert len(summary.trace_id) == 32
-    for name in ("token_server.generate", "token_server.queue_wait", "token_server.prefill",
+    for name in ("/tts.v1.TokenService/Generate", "token_server.queue_wait", "token_server.prefill",
                  "token_server.first_frame", "token_server.decode"):
         resource, span = spans[name]
         assert span.trace_id.hex() == summary.trace_id, name
         assert resource["service.name"] == telemetry.TOKEN_SERVER
-    root = spans["token_server.generate"][1]
+    root = spans["/tts.v1.TokenService/Generate"][1]
     prefill = spans["token_server.prefill"][1]
     assert prefill.parent_span_id == root.span_id
     assert root.start_time_unix_nano <= prefill.start_time_unix_nano <= prefill.end_time_unix_nano
@@ -318,7 +462,7 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.token_server", "--model", str(gguf_path), "--port", "0",
-         "--ready-file", str(ready), "--slots", "2", "--threads", "2", "--drain-seconds", "60"],
+         "--ready-file", str(ready), "--slots", "2", "--llama-threads", "2", "--drain-seconds", "60"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -373,3 +517,35 @@ def test_denormal_temperature_fails_nothing_and_the_engine_keeps_serving(gguf_pa
     (_, frames, summary), (_, after_frames, after_summary) = asyncio.run(scenario())
     assert len(frames) == 3 and summary.frames == 3
     assert len(after_frames) == 3 and after_summary.frames == 3
+
+
+def test_a_dead_engine_fails_new_requests_at_once_and_health_says_not_serving(gguf_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            engine = running.components["engine"]
+
+            def broken(now):
+                raise RuntimeError("injected scheduler bug")
+
+            engine.scheduler.schedule = broken  # the next step kills the engine thread
+            with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+                await read_all(stub.Generate(request(codes_only=True), timeout=60))
+            health = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(running.address))
+            for _ in range(500):
+                status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.01)
+            # A long deadline: a request that hung (queued for a dead engine) would end
+            # DEADLINE_EXCEEDED a minute later instead of UNAVAILABLE now.
+            with pytest.raises(grpc.aio.AioRpcError) as after:
+                await read_all(stub.Generate(request(codes_only=True), timeout=60))
+            return in_flight.value, status, after.value, engine.load()
+
+    in_flight, status, after, load = asyncio.run(scenario())
+    assert in_flight.code() == grpc.StatusCode.UNAVAILABLE and "injected scheduler bug" in in_flight.details()
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after.code() == grpc.StatusCode.UNAVAILABLE and "died" in after.details()
+    assert load == (0, 0)  # nothing queued for an engine that will never run it

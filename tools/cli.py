@@ -14,9 +14,10 @@ import sys
 # subcommand -> ("module:register function", one-line help)
 SUBCOMMANDS = {
     "models": ("tools.demo_models.cli:register", "build demo models"),
-    "serve": ("tools.serve:register", "start the whole stack locally on the demo models"),
+    "serve": ("tools.serve:register", "start the whole stack locally"),
     "say": ("tools.client:register_say", "synthesize text through a gateway"),
     "voices": ("tools.client:register_voices", "list the gateway's voices"),
+    "bench": ("tools.bench.command:register", "load sweep through a gateway: real-time streams, TTFA, stalls"),
 }
 
 

@@ -4,12 +4,18 @@
 starts playing at once) and reports the time to first audio twice: as the client
 saw it and as the gateway measured it, since the difference is the transport.
 It reads the format table, not the encoders, so it loads no FFmpeg.
+
+A file's extension picks its format, and a name that says one format never gets
+another's bytes. A stream cannot know its length up front, so WAV and FLAC come with
+"length unknown" headers; when the output is a regular file, the header is patched
+with the real length at the end, so every reader sees the right duration.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +27,7 @@ import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from chorus.serving import GRPC_OPTIONS
-from chorus.audio_formats import FORMATS, NATIVE_RATE, for_extension
+from chorus.audio_formats import FORMATS, NATIVE_RATE, AudioFormat, for_extension, known_extensions
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
@@ -35,8 +41,114 @@ class SpeechResult:
     samples: int
 
 
+class OutputError(ValueError):
+    """An output name and format that do not go together."""
+
+
+def output_format(output: str, encoding: str | None) -> AudioFormat:
+    """The format to ask for, given the output ("-" is stdout) and an explicit --encoding."""
+    if output == "-" or not Path(output).suffix:
+        return FORMATS[encoding or "wav"]
+    by_name = for_extension(output)
+    if by_name is None:
+        raise OutputError(
+            f"{output}: {Path(output).suffix!r} is not an audio format the gateway streams; "
+            f"use one of: {known_extensions()}"
+        )
+    if encoding is not None and encoding != by_name.name:
+        raise OutputError(
+            f"{output} names {by_name.name} but --encoding is {encoding}: the extension must match the bytes "
+            f"(use {FORMATS[encoding].extensions[0]}, or drop --encoding)"
+        )
+    return by_name
+
+
+def patch_stream_header(path: str | Path, fmt: AudioFormat, samples: int) -> bool:
+    """Writes the real length into a streamed WAV or FLAC file's header; True if it did."""
+    if fmt.name not in ("wav", "flac") or not Path(path).is_file():
+        return False
+    with open(path, "r+b") as f:
+        return _patch_wav(f) if fmt.name == "wav" else _patch_flac(f, samples)
+
+
+def _patch_wav(f: BinaryIO) -> bool:
+    """RIFF size and data size, which the streaming header leaves at 0xFFFFFFFF."""
+    size = f.seek(0, os.SEEK_END)
+    if size - 8 > 0xFFFFFFFF:
+        return False  # over 4 GiB: a WAV cannot say it; readers read to the end
+    f.seek(0)
+    if f.read(12)[8:12] != b"WAVE":
+        return False
+    position = 12
+    while position + 8 <= size:
+        f.seek(position)
+        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+        if chunk_id == b"data":
+            f.seek(position + 4)
+            f.write(struct.pack("<I", size - position - 8))
+            f.seek(4)
+            f.write(struct.pack("<I", size - 8))
+            return True
+        position += 8 + chunk_size + (chunk_size & 1)
+    return False
+
+
+def _patch_flac(f: BinaryIO, samples: int) -> bool:
+    """STREAMINFO's 36-bit total sample count, which a streaming encoder leaves at 0 (unknown)."""
+    f.seek(0)
+    head = f.read(26)
+    if len(head) < 26 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or samples >= 1 << 36:
+        return False
+    # STREAMINFO starts at byte 8; its bytes 10..17 hold rate (20 bits), channels (3),
+    # bits per sample (5) and total samples (36), big-endian.
+    packed = int.from_bytes(head[18:26], "big")
+    packed = (packed & ~((1 << 36) - 1)) | samples
+    f.seek(18)
+    f.write(packed.to_bytes(8, "big"))
+    return True
+
+
 def gateway_address(explicit: str | None = None) -> str:
     return explicit or os.environ.get("CHORUS_GATEWAY") or DEFAULT_GATEWAY
+
+
+@dataclass(frozen=True)
+class GatewayAccess:
+    """How to reach a secured gateway: TLS against `tls_ca` (checking the certificate
+    for `tls_server_name` instead of the address, e.g. through a port-forward) and an
+    API key. The defaults reach the local demo's plaintext gateway."""
+
+    tls_ca: str | None = None
+    api_key: str | None = None
+    tls_server_name: str | None = None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if not self.tls_ca:
+            return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        options = list(GRPC_OPTIONS)
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca).read_bytes())
+        return grpc.secure_channel(address, credentials, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+def add_access_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--tls-ca", default=env("CHORUS_TLS_CA"),
+                        help="PEM CA bundle: talk TLS to the gateway and verify it against this [CHORUS_TLS_CA]")
+    parser.add_argument("--tls-server-name", default=env("CHORUS_TLS_SERVER_NAME"),
+                        help="name the gateway's certificate must carry, when it is not the address "
+                             "[CHORUS_TLS_SERVER_NAME]")
+    parser.add_argument("--api-key", default=env("CHORUS_API_KEY"),
+                        help="API key for a gateway that needs one; prefer the environment variable, which "
+                             "other users cannot see in the process list [CHORUS_API_KEY]")
+
+
+def access_from(args: argparse.Namespace) -> GatewayAccess:
+    return GatewayAccess(tls_ca=args.tls_ca, api_key=args.api_key, tls_server_name=args.tls_server_name)
 
 
 def say(
@@ -51,6 +163,7 @@ def say(
     sampling: common_pb2.SamplingParams | None = None,
     request_id: str = "",
     on_progress: Callable[[int, float], None] | None = None,
+    access: GatewayAccess = GatewayAccess(),
 ) -> SpeechResult:
     """Synthesizes `text` through the gateway at `address`, writing audio to `out` as it comes.
 
@@ -66,9 +179,9 @@ def say(
         request.sampling.CopyFrom(sampling)
     started = time.perf_counter()
     first_audio_s, written, samples, summary = None, 0, 0, None
-    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    with access.channel(address) as channel, ConnectionWatch(channel):
         stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
-        for response in stub.Synthesize(request, timeout=timeout):
+        for response in stub.Synthesize(request, timeout=timeout, metadata=access.metadata()):
             if response.WhichOneof("payload") == "summary":
                 summary = response.summary
                 continue
@@ -83,6 +196,43 @@ def say(
     if summary is None:
         raise RuntimeError("the gateway ended the stream without a summary")
     return SpeechResult(summary, first_audio_s, written, samples)
+
+
+class ConnectionWatch:
+    """Whether a channel ever connected, so an error can say if the gateway was reached.
+
+    An UNAVAILABLE status means "no gateway there" only when the connection itself
+    failed; a gateway that answered UNAVAILABLE (no token server) is running. An
+    RpcError raised inside the block carries `connected` as an attribute.
+
+    State changes arrive on gRPC's own thread and may lag the error, so an
+    UNAVAILABLE with no READY seen yet gets one short connection probe."""
+
+    PROBE_S = 2.0
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self.connected = False
+
+    def _seen(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self.connected = True
+
+    def __enter__(self) -> ConnectionWatch:
+        self._channel.subscribe(self._seen, try_to_connect=False)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._channel.unsubscribe(self._seen)
+        if not isinstance(exc, grpc.RpcError):
+            return
+        if not self.connected and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=self.PROBE_S)
+                self.connected = True
+            except grpc.FutureTimeoutError:
+                pass
+        exc.connected = self.connected
 
 
 def open_output(path: str | Path) -> BinaryIO:
@@ -109,28 +259,37 @@ def describe(result: SpeechResult) -> str:
 def register_say(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description="Synthesize text through a Chorus gateway.")
     p.add_argument("text", help='text to speak; "-" reads it from stdin')
-    p.add_argument("-o", "--output", required=True, help='output file; "-" writes to stdout')
+    p.add_argument("-o", "--output", default=None,
+                   help='output file, its extension picks the format; "-" writes to stdout (default: out.wav, '
+                        "or out.<ext> of --encoding)")
     p.add_argument("--gateway", default=None, help=f"gateway host:port [CHORUS_GATEWAY, default {DEFAULT_GATEWAY}]")
     p.add_argument("--voice", default="", help="voice name (see `chorus voices`); default: the gateway's")
     p.add_argument("--encoding", choices=sorted(FORMATS), default=None,
-                   help="audio format; default: from the output file's extension, else wav")
+                   help="audio format; default: from the output file's extension, else wav. It must match the extension")
     p.add_argument("--sample-rate", type=int, default=0, help="output rate in Hz; 0 keeps the model's 24000")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable audio")
+    add_access_flags(p)
     p.set_defaults(func=run_say)
 
 
 def run_say(args: argparse.Namespace) -> int:
+    if args.output is None:
+        args.output = "out" + FORMATS[args.encoding or "wav"].extensions[0]
+    try:
+        fmt = output_format(args.output, args.encoding).name
+    except OutputError as err:
+        print(f"chorus say: {err}", file=sys.stderr)
+        return 2
     text = sys.stdin.read() if args.text == "-" else args.text
     to_stdout = args.output == "-"
-    fmt = args.encoding or (None if to_stdout else getattr(for_extension(args.output), "name", None)) or "wav"
     sampling = common_pb2.SamplingParams(seed=args.seed) if args.seed is not None else None
     address = gateway_address(args.gateway)
     progress = _progress_printer(args.sample_rate or NATIVE_RATE)
     out = sys.stdout.buffer if to_stdout else open_output(args.output)
     try:
         result = say(address, text, out, voice=args.voice, encoding=fmt, sample_rate=args.sample_rate,
-                     timeout=args.timeout, sampling=sampling, on_progress=progress)
+                     timeout=args.timeout, sampling=sampling, on_progress=progress, access=access_from(args))
     except grpc.RpcError as err:
         _fail_cleanup(out, None if to_stdout else args.output)
         print(f"\nchorus say: {_explain(err, address)}", file=sys.stderr)
@@ -140,6 +299,7 @@ def run_say(args: argparse.Namespace) -> int:
         raise
     if not to_stdout:
         out.close()
+        patch_stream_header(args.output, FORMATS[fmt], result.samples)
     print(file=sys.stderr)
     if not to_stdout:
         print(f"wrote {args.output} ({fmt}, {result.bytes_written} bytes)", file=sys.stderr)
@@ -151,15 +311,17 @@ def register_voices(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description="List the voices a Chorus gateway speaks.")
     p.add_argument("--gateway", default=None, help=f"gateway host:port [CHORUS_GATEWAY, default {DEFAULT_GATEWAY}]")
     p.add_argument("--timeout", type=float, default=10.0)
+    add_access_flags(p)
     p.set_defaults(func=run_voices)
 
 
 def run_voices(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
     try:
-        with grpc.insecure_channel(address) as channel:
+        access = access_from(args)
+        with access.channel(address) as channel, ConnectionWatch(channel):
             reply = gateway_pb2_grpc.SynthesisServiceStub(channel).ListVoices(
-                gateway_pb2.ListVoicesRequest(), timeout=args.timeout
+                gateway_pb2.ListVoicesRequest(), timeout=args.timeout, metadata=access.metadata()
             )
     except grpc.RpcError as err:
         print(f"chorus voices: {_explain(err, address)}", file=sys.stderr)
@@ -197,6 +359,9 @@ def _explain(err: grpc.RpcError, address: str) -> str:
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     message = f"{code.name if code else 'error'}: {details}"
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and not getattr(err, "connected", False):
         message += f"\n  is a gateway running at {address}? `chorus serve` starts one on the demo models"
+        message += "\n  (a gateway with TLS needs --tls-ca; one without refuses it)"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        message += "\n  set the gateway's API key with CHORUS_API_KEY (or --api-key)"
     return message

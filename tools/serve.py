@@ -8,11 +8,13 @@ gateway with the `chorus say` client.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+from chorus.cpu_budget import cpu_budget, split_for_stack
 from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError
 
 DEFAULT_GATEWAY_PORT = 50051
@@ -21,16 +23,38 @@ DEFAULT_GATEWAY_PORT = 50051
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(
         name, help=help_text,
-        description="Start codec worker, token server and gateway as local processes on the demo models.",
+        description="Start codec worker, token server and gateway as local processes.",
     )
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
-                   help=f"demo models folder, built if missing (default {DEFAULT_MODELS_DIR})")
-    p.add_argument("--slots", type=int, default=4, help="token server slots (parallel streams)")
+                   help="weights folder: one backbone .gguf and one SNAC folder (config.json, pytorch_model.bin) "
+                        "are served as they are; a missing or empty folder gets demo models "
+                        f"(default {DEFAULT_MODELS_DIR}). Files Chorus did not create are never overwritten")
+    p.add_argument("--demo-models", action="store_true",
+                   help="build demo models (random weights) into --models; refused if it holds other files")
+    p.add_argument("--slots", type=int, default=None,
+                   help="token server slots (most parallel streams; real-time capacity admits fewer when the "
+                        "machine cannot hold them); default: the token server's")
     p.add_argument("--token-servers", type=int, default=1, help="token server processes")
     p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
-    p.add_argument("--gateway-port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port; 0 picks one")
+    share = split_for_stack(cpu_budget())
+    p.add_argument("--llama-threads", type=int, default=None,
+                   help=f"llama.cpp threads per token server; default: this machine's CPUs divided between the "
+                        f"processes (here {share.llama})")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help=f"torch threads per codec worker; default: the rest of the division (here {share.torch})")
+    for service in ("token-server", "codec-worker", "gateway"):
+        p.add_argument(f"--{service}-arg", action="append", default=[], metavar="FLAG",
+                       help=f"pass FLAG to every {service.replace('-', ' ')} (repeat; e.g. "
+                            f"--{service}-arg=--log-level=DEBUG)")
+    p.add_argument("--gateway-port", type=int, default=None,
+                   help=f"gateway port; 0 picks one (default: the port of CHORUS_GATEWAY if set, else "
+                        f"{DEFAULT_GATEWAY_PORT}, where `chorus say` looks)")
+    p.add_argument("--http-port", default=None,
+                   help="gateway HTTP port (OpenAI endpoint, browser page at /); 0 picks one, off disables "
+                        "(default: CHORUS_HTTP_PORT, else 8080; with --say: off)")
     p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
-    p.add_argument("-o", "--output", default="out.wav", help="WAV file for --say (default out.wav)")
+    p.add_argument("-o", "--output", default="out.wav",
+                   help="audio file for --say; its extension picks the format (default out.wav)")
     p.add_argument("--log-level", default="INFO", help="services' log level (logs in a temporary folder)")
     p.set_defaults(func=run_serve)
 
@@ -39,9 +63,21 @@ def run_serve(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.say is not None:
+        from tools.client import OutputError, output_format
+
+        try:
+            output_format(args.output, None)
+        except OutputError as err:  # before minutes of startup, not after
+            print(f"chorus serve: {err}", file=sys.stderr)
+            return 2
     stack = Stack(
-        models_dir=args.models, slots=args.slots, token_servers=args.token_servers, codec_workers=args.codec_workers,
-        gateway_port=args.gateway_port, log_level=args.log_level, on_progress=progress,
+        models_dir=args.models, demo_models=args.demo_models, slots=args.slots, token_servers=args.token_servers,
+        codec_workers=args.codec_workers, llama_threads=args.llama_threads, torch_threads=args.torch_threads,
+        gateway_port=_gateway_port(args.gateway_port), gateway_http_port=_http_port(args), log_level=args.log_level,
+        on_progress=progress,
+        extra_args={"token_server": args.token_server_arg, "codec_worker": args.codec_worker_arg,
+                    "gateway": args.gateway_arg},
     )
     try:
         stack.start()
@@ -50,6 +86,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         print(f"gateway: {stack.gateway_address}", flush=True)
+        if stack.gateway_http_address:
+            print(f"HTTP: http://{stack.gateway_http_address}/ (browser page; OpenAI API at /v1/audio/speech)",
+                  flush=True)
         if args.say is not None:
             return _say_once(stack, args.say, args.output)
         progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
@@ -59,17 +98,34 @@ def run_serve(args: argparse.Namespace) -> int:
         stack.stop()
 
 
+def _http_port(args: argparse.Namespace) -> int | None:
+    value = args.http_port or os.environ.get("CHORUS_HTTP_PORT") or ("off" if args.say is not None else "8080")
+    return None if value == "off" else int(value)
+
+
+def _gateway_port(flag: int | None) -> int:
+    """--gateway-port, else the port of CHORUS_GATEWAY (so `chorus say` finds it), else the default."""
+    if flag is not None:
+        return flag
+    address = os.environ.get("CHORUS_GATEWAY", "")
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else DEFAULT_GATEWAY_PORT
+
+
 def _say_once(stack: Stack, text: str, output: str) -> int:
     import grpc
 
-    from tools.client import describe, open_output, say
+    from tools.client import describe, open_output, output_format, patch_stream_header, say
 
+    fmt = output_format(output, None)
     try:
         with open_output(output) as out:
-            result = say(stack.gateway_address, text, out, encoding="wav")
+            result = say(stack.gateway_address, text, out, encoding=fmt.name)
     except grpc.RpcError as err:
+        Path(output).unlink(missing_ok=True)
         print(f"chorus serve --say: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    patch_stream_header(output, fmt, result.samples)
     print(output)
     print(describe(result), file=sys.stderr)
     return 0

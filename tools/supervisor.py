@@ -26,11 +26,54 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chorus.cpu_budget import cpu_budget, split_for_stack
+
 DEFAULT_MODELS_DIR = Path("models/demo")
 
 
 class StackError(RuntimeError):
-    """A service failed to start or died; the message carries the end of its log."""
+    """A service failed to start or died, or there are no models to serve; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    gguf: Path
+    snac_dir: Path
+    demo: bool  # random demo weights built by Chorus
+
+
+def locate_models(models_dir: Path, demo: bool = False) -> ModelFiles:
+    """The weights to serve from `models_dir`, never writing over a file Chorus did not create.
+
+    A folder holding a GGUF and a SNAC folder (config.json + pytorch_model.bin) is
+    served as it is: real weights. Demo models are built (or rebuilt when stale) only
+    into a folder that is missing, empty, or was written by the demo builder (its
+    manifest says so), and only there even when `demo` asks for them.
+    """
+    from tools.demo_models.build import MANIFEST, build_demo_models
+
+    root = Path(models_dir)
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    if root.exists() and not root.is_dir():
+        raise StackError(f"--models {root} is a file; it must be a folder")
+    if not entries or (root / MANIFEST).is_file():
+        built = build_demo_models(root)
+        return ModelFiles(built.gguf, built.snac_dir, demo=True)
+    if demo:
+        raise StackError(
+            f"refusing to build demo models into {root}: it holds files Chorus did not create "
+            f"({', '.join(e.name for e in entries[:5])}{', ...' if len(entries) > 5 else ''}); "
+            "name a new or empty folder"
+        )
+    ggufs = [e for e in entries if e.suffix == ".gguf" and e.is_file()]
+    snacs = [e for e in entries if e.is_dir() and (e / "config.json").is_file() and (e / "pytorch_model.bin").is_file()]
+    if len(ggufs) == 1 and len(snacs) == 1:
+        return ModelFiles(ggufs[0], snacs[0], demo=False)
+    raise StackError(
+        f"{root} does not hold one model set: it needs exactly one backbone .gguf (found {len(ggufs)}) and "
+        f"one SNAC folder with config.json and pytorch_model.bin (found {len(snacs)}). Point --models at such "
+        "a folder, or at a new or empty one for the demo models (--demo-models)"
+    )
 
 
 def _libc_prctl():
@@ -63,6 +106,8 @@ class ServiceProcess:
     log_path: Path
     ready_file: Path
     address: str | None = None
+    # Everything the ready file said: the gRPC address, and other listeners ("http").
+    ready: dict = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -83,7 +128,8 @@ class ServiceProcess:
                     f"{self.log_tail()}"
                 )
             time.sleep(0.05)
-        self.address = json.loads(self.ready_file.read_text())["address"]
+        self.ready = json.loads(self.ready_file.read_text())
+        self.address = self.ready["address"]
         return self.address
 
     def stop(self, grace_s: float = 10.0) -> int | None:
@@ -109,14 +155,23 @@ class Stack:
     """Codec workers, token servers and a gateway on loopback; use as a context manager."""
 
     models_dir: Path = DEFAULT_MODELS_DIR
-    slots: int = 4
+    # Ask for demo models: refused where the folder holds files Chorus did not create.
+    demo_models: bool = False
+    # None: the token server's default (enough that real-time capacity decides).
+    slots: int | None = None
     token_servers: int = 1
     codec_workers: int = 1
+    # Compute threads per token server / codec worker; None: this machine's CPU budget
+    # divided between them (chorus.cpu_budget.split_for_stack), never each taking all.
+    llama_threads: int | None = None
+    torch_threads: int | None = None
     gateway_port: int = 0
+    # The gateway's HTTP port (OpenAI endpoint, browser page); 0 picks one, None: off.
+    gateway_http_port: int | None = 0
     start_timeout_s: float = 180.0
     stop_grace_s: float = 10.0
     log_level: str = "INFO"
-    # Extra flags per service, e.g. {"token_server": ["--threads", "1"]}.
+    # Extra flags per service, e.g. {"token_server": ["--pace-lead", "1"]}.
     extra_args: Mapping[str, list[str]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
@@ -129,6 +184,9 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.models_dir = Path(self.models_dir)
+        share = split_for_stack(cpu_budget(), self.token_servers, self.codec_workers)
+        self.llama_threads = self.llama_threads or share.llama
+        self.torch_threads = self.torch_threads or share.torch
         self.codec_worker_processes: list[ServiceProcess] = []
         self.token_server_processes: list[ServiceProcess] = []
         self.gateway_process: ServiceProcess | None = None
@@ -142,6 +200,12 @@ class Stack:
             raise StackError("the stack is not started")
         return self.gateway_process.address
 
+    @property
+    def gateway_http_address(self) -> str | None:
+        """host:port of the gateway's HTTP port, None when it has none."""
+        self.gateway_address  # raises when not started
+        return self.gateway_process.ready.get("http")
+
     def start(self) -> Stack:
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix="chorus-stack-"))
@@ -150,17 +214,20 @@ class Stack:
             models = self._models()
             self.codec_worker_processes = self._launch_all(
                 "codec worker", self.CODEC_WORKER, self.codec_workers,
-                ["--model-dir", str(models.snac_dir)], "codec_worker",
+                ["--model-dir", str(models.snac_dir), "--torch-threads", str(self.torch_threads)], "codec_worker",
             )
             codec_addresses = ",".join(p.address for p in self.codec_worker_processes)
             self.token_server_processes = self._launch_all(
                 "token server", self.TOKEN_SERVER, self.token_servers,
-                ["--model", str(models.gguf), "--codec-workers", codec_addresses, "--slots", str(self.slots)],
+                ["--model", str(models.gguf), "--codec-workers", codec_addresses,
+                 "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else [])],
                 "token_server",
             )
             token_addresses = ",".join(p.address for p in self.token_server_processes)
+            http = "off" if self.gateway_http_port is None else str(self.gateway_http_port)
             [self.gateway_process] = self._launch_all(
-                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses], "gateway", port=self.gateway_port
+                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses, "--http-port", http], "gateway",
+                port=self.gateway_port,
             )
         except BaseException as err:
             self._keep_logs = isinstance(err, StackError)
@@ -193,11 +260,11 @@ class Stack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _models(self):
-        from tools.demo_models.build import build_demo_models
-
-        self.on_progress(f"demo models in {self.models_dir} (built if missing or stale)")
-        return build_demo_models(self.models_dir)
+    def _models(self) -> ModelFiles:
+        models = locate_models(self.models_dir, self.demo_models)
+        kind = "demo models (random weights)" if models.demo else "weights"
+        self.on_progress(f"{kind}: {models.gguf} and {models.snac_dir}")
+        return models
 
     def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):
         """Starts `count` instances at once (they load models in parallel), then waits for each."""

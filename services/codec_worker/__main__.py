@@ -6,7 +6,8 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, from_env, parse_flags, run
+from chorus.cpu_budget import cpu_budget
+from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
@@ -34,8 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=_optional(float), default=from_env("CHORUS_BATCH_WAIT_MS"),
                    help="longest wait for more streams to share a forward; default by device "
                         "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
-    p.add_argument("--threads", type=_optional(int), default=_optional(int)(env("CHORUS_THREADS")),
-                   help="most torch threads a decode step uses; default torch's [CHORUS_THREADS]")
+    p.add_argument("--torch-threads", type=int, default=int(env("CHORUS_TORCH_THREADS", cpu_budget().threads)),
+                   help="most torch threads a decode step uses; default: the CPUs this process may use "
+                        "(affinity and cgroup quota) [CHORUS_TORCH_THREADS]")
+    p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", 0.15),
+                   help="spare speed each stream keeps when capacity is counted [CHORUS_CAPACITY_MARGIN]")
+    p.add_argument("--max-streams-per-client", type=_optional(int), default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT"),
+                   help="most streams one client (a token server) may hold, so no one client takes the whole "
+                        "cap; default half of --max-streams, 0 no limit [CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--start-timeout", type=float, default=env("CHORUS_START_TIMEOUT", "10"),
+                   help="seconds a new stream may take to send DecodeStart [CHORUS_START_TIMEOUT]")
+    p.add_argument("--idle-timeout", type=float, default=env("CHORUS_IDLE_TIMEOUT", "30"),
+                   help="seconds an unfinished stream may neither send frames nor read audio before it is "
+                        "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)
     if not args.model_dir:
@@ -52,7 +64,13 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         host=args.host,
-        threads=args.threads,
+        torch_threads=args.torch_threads,
+        capacity_margin=args.capacity_margin,
+        max_streams_per_client=args.max_streams_per_client,
+        start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout,
+        tls=tls_files(args),
+        **allowed_clients(args),
     )
 
 

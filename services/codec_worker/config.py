@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from chorus.cpu_budget import cpu_budget
+from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.telemetry import CODEC_WORKER
 
 DEVICES = ("auto", "cpu", "cuda")
 # A short wait for more streams to share a forward: on 2 CPU cores 5 ms raised
-# throughput ~10% at 4-8 streams (batcher.py), for at most 5 ms on a ~30 ms step. A
+# throughput ~10% at 4-8 streams (decode_engine.py), for at most 5 ms on a ~30 ms step. A
 # GPU step is a few ms, so its wait is shorter (the usual practice; no GPU was at
 # hand to measure it).
 GPU_BATCH_WAIT_MS = 2.0
@@ -27,8 +31,25 @@ class CodecWorkerConfig:
     # Longest a step waits for more streams to have frames ready; None picks by device.
     batch_wait_ms: float | None = None
     host: str = "127.0.0.1"
-    # torch intra-op threads for the decode thread; None leaves torch's default.
-    threads: int | None = None
+    # torch intra-op threads of the decode thread; default: the CPUs this process may
+    # use (affinity and cgroup quota). `chorus serve` passes a share instead.
+    torch_threads: int = field(default_factory=lambda: cpu_budget().threads)
+    # Real-time capacity keeps this fraction of spare speed per stream.
+    capacity_margin: float = 0.15
+    # Measure step times at start, so that capacity is known before the first stream.
+    calibrate: bool = True
+    # Most streams one client (a token server: certificate identity at its address,
+    # or its address) may hold, so that no one client can take the whole cap; None
+    # is half of max_streams, 0 no limit.
+    max_streams_per_client: int | None = None
+    # A stream that sends no DecodeStart this long after opening, or later neither
+    # sends nor reads this long before it finishes, is ended (DEADLINE_EXCEEDED).
+    start_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    # PEM files for TLS; with them the worker requires a client certificate naming
+    # one of allowed_clients.
+    tls: TlsFiles | None = None
+    allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[CODEC_WORKER]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -45,8 +66,21 @@ class CodecWorkerConfig:
             problems.append(f"batch_wait_ms must be 0..1000, got {self.batch_wait_ms}")
         if not self.host:
             problems.append("host must not be empty")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"threads must be positive, got {self.threads}")
+        if not 1 <= self.torch_threads <= 1024:
+            problems.append(f"torch_threads must be 1..1024, got {self.torch_threads}")
+        if not 0.0 <= self.capacity_margin <= 10.0:
+            problems.append(f"capacity_margin must be in [0, 10], got {self.capacity_margin}")
+        if self.max_streams_per_client is None:
+            object.__setattr__(self, "max_streams_per_client", max(1, self.max_streams // 2))
+        elif not 0 <= self.max_streams_per_client <= self.max_streams:
+            problems.append(f"max_streams_per_client must be 0..max_streams ({self.max_streams}), "
+                            f"got {self.max_streams_per_client}")
+        for name in ("start_timeout_s", "idle_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                problems.append(f"{name} must be in (0, 3600] seconds, got {getattr(self, name)}")
+        object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+        if self.tls is not None and not self.allowed_clients:
+            problems.append("with TLS, allowed_clients must name who may call (e.g. chorus-token-server)")
         if problems:
             raise ValueError("invalid codec worker config: " + "; ".join(problems))
 

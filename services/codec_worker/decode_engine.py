@@ -1,25 +1,37 @@
-"""The decode engine: all torch work of a worker in one dedicated thread.
+"""The decode engine: all torch work of a worker in one dedicated thread, most urgent first.
 
 Decoding on the asyncio loop would stall every other stream's network I/O for the
 length of a step, and torch gains nothing from several Python threads sharing its
-intra-op pool. So the gRPC handlers only hand frames over (under a lock) and await
-PCM on an asyncio queue; this thread takes whatever frames are pending across all
-streams and decodes them in one step, streams of the same shape in one forward.
+intra-op pool. So the gRPC handlers only post frames to this engine's thread (through
+`chorus.engine_thread`, the bridge the token engine uses too) and await PCM on an
+asyncio queue; each step takes what is pending across all streams and decodes it,
+streams of the same shape in one forward.
+
+Which streams a step serves is a real-time decision. Every stream carries its
+listener's playback clock (DecodeStart.playback), so the engine knows each one's lead
+(audio delivered beyond what its listener has played). A step serves the most urgent
+streams first: those still waiting for their first audio, then those with the least
+lead. It decodes them in two passes, urgent ones (no audio yet, or under
+`URGENT_LEAD_S` of lead) first and their audio handed over at once, then the rest, so
+one stream's backlog never delays another's first audio. At most `max_batch` streams
+and `max_frames_per_step` frames a stream go into a step, which bounds how long a
+newly arrived urgent stream can wait for the step in progress.
 
 Cross-stream batching may wait a little (`batch_wait_ms`) for more streams to have
-frames ready, but never longer than that, and not at all when every open stream is
-already in the step. It pays even on CPU, measured on 2 cores (docs/benchmarks.md):
-a step of one frame is bound by reading the weights, not by arithmetic, so sharing
-forwards more than doubles throughput at 8 streams (1.8-2.5 -> 4-6 s of audio per
-second across runs), and a 5 ms wait for company adds another ~10% at 4-8 streams
-(median of paired runs; single runs vary by +-15% on this shared machine).
+frames ready, but only when nobody in the step is urgent, and not at all when every
+open stream is already in it. It pays even on CPU: a step of one frame is bound by
+reading the weights, not by arithmetic, so sharing forwards more than doubled
+throughput at 8 streams on 2 cores (docs/benchmarks.md).
+
+Step times feed a real-time capacity model (chorus.capacity: how many streams this
+worker can decode at real time), which token servers read through GetLoad to admit
+requests, together with the worker's busy ratio and its lag behind real time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -27,13 +39,21 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState
+from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
+from chorus.engine_thread import EngineThread
+from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
 
 log = logging.getLogger(__name__)
 
-# A failover resend or a burst can leave many frames pending; bounding a step keeps
-# its latency and memory predictable and lets streams with backlogs batch together.
-MAX_FRAMES_PER_STEP = 16
+# A failover resend or a burst can leave many frames pending; bounding a stream's
+# share of a step bounds the step, and so the wait of an urgent stream behind it.
+MAX_FRAMES_PER_STEP = 4
+# A stream with less audio than this ahead of its listener is decoded in the urgent pass.
+URGENT_LEAD_S = 0.3
+# Busy ratio and decode rate are averaged over about this much recent time.
+LOAD_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,7 @@ class End:
 
 
 @dataclass(frozen=True)
-class Failed:
+class DecodeFailed:
     """The stream ended in error; nothing follows. `rejected` when the caller sent
     something the stream cannot take, else the engine failed."""
 
@@ -62,75 +82,107 @@ class Failed:
     rejected: bool = False
 
 
-Output = Union[Audio, End, Failed]
+Output = Union[Audio, End, DecodeFailed]
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
     return np.clip(np.rint(samples * 32767.0), -32768, 32767).astype("<i2").tobytes()
 
 
-class EngineStream:
-    """One stream's handle. Its methods are called from the event loop."""
+def is_urgent(lead: float | None) -> bool:
+    return lead is None or lead < URGENT_LEAD_S
 
-    def __init__(self, engine: DecodeEngine, loop: asyncio.AbstractEventLoop, state_args: dict) -> None:
+
+def plan_step(ready: list, now: float, max_batch: int) -> tuple[list, list]:
+    """The streams one step decodes, as (urgent pass, the rest): at most `max_batch` of
+    those with frames ready, most urgent first (no audio yet, then least lead)."""
+    leads = {stream: stream.lead(now) for stream in ready}
+    chosen = sorted(ready, key=lambda s: urgency(leads[s]))[:max_batch]
+    urgent = [s for s in chosen if is_urgent(leads[s])]
+    return urgent, [s for s in chosen if not is_urgent(leads[s])]
+
+
+class EngineStream:
+    """One stream's handle. Its methods are called from the event loop; its state
+    beyond the output queue belongs to the engine thread."""
+
+    def __init__(self, engine: DecodeEngine, loop: asyncio.AbstractEventLoop, state_args: dict,
+                 clock: PlaybackClock) -> None:
         self._engine = engine
-        self._loop = loop
-        self._state_args = state_args
+        self.loop = loop
         self._outputs: asyncio.Queue[Output] = asyncio.Queue()
-        # Guarded by the engine's lock:
-        self._pending: list[np.ndarray] = []
-        self._finishing = False
-        self._cancelled = False
+        self._closed = False  # no more frames from the caller (finished, cancelled or rejected)
         # Engine thread only:
+        self.state_args = state_args
+        self.clock = clock
         self.state: StreamState | None = None
+        self.pending: list[np.ndarray] = []
+        self.finishing = False
 
     def submit(self, frames: np.ndarray) -> None:
         """Queues validated (n, 7) frames, consecutive with those before."""
-        with self._engine._cond:
-            if self._finishing or self._cancelled:
-                raise RuntimeError("stream already finished")
-            self._pending.append(frames)
-            self._engine._cond.notify()
+        if self._closed:
+            raise RuntimeError("stream already finished")
+        self._engine.bridge.post(_Frames(self, frames))
 
     def finish(self) -> None:
         """The caller half-closed: decode what is pending, then flush the tail."""
-        with self._engine._cond:
-            self._finishing = True
-            self._engine._cond.notify()
+        if not self._closed:
+            self._closed = True
+            self._engine.bridge.post_if_alive(_Finish(self))
 
     def cancel(self) -> None:
         """Drops the stream and its decoder state; no more output."""
-        with self._engine._cond:
-            self._cancelled = True
-            self._pending.clear()
-            self._engine._cond.notify()
+        self._closed = True
+        self._engine.bridge.post_if_alive(_Cancel(self))
 
     def reject(self, message: str) -> None:
         """Ends the stream for a caller error, after the audio already queued."""
         self.cancel()
-        self._outputs.put_nowait(Failed(message, rejected=True))
+        self._outputs.put_nowait(DecodeFailed(message, rejected=True))
 
     async def get(self) -> Output:
         return await self._outputs.get()
 
+    def _put(self, item: Output) -> None:
+        self._outputs.put_nowait(item)
+
     # Engine thread side.
 
-    def _ready(self) -> bool:
-        return bool(self._pending) or self._finishing or self._cancelled
+    def lead(self, now: float) -> float | None:
+        return self.clock.lead(now)
 
-    def _take(self, limit: int) -> np.ndarray | None:
-        if not self._pending:
+    def take(self, limit: int) -> np.ndarray | None:
+        if not self.pending:
             return None
-        frames = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        frames = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
         taken, rest = frames[:limit], frames[limit:]
-        self._pending = [rest] if len(rest) else []
+        self.pending = [rest] if len(rest) else []
         return taken
 
-    def _deliver(self, item: Output) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._outputs.put_nowait, item)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is listening any more
+
+@dataclass(frozen=True)
+class _Open:
+    stream: EngineStream
+
+
+@dataclass(frozen=True)
+class _Frames:
+    stream: EngineStream
+    frames: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Finish:
+    stream: EngineStream
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    stream: EngineStream
+
+
+Command = _Open | _Frames | _Finish | _Cancel
 
 
 @dataclass
@@ -139,6 +191,31 @@ class EngineStats:
     forwards: int = 0
     frames: int = 0
     streams_stepped: int = 0
+
+
+class _LoadMeter:
+    """Busy ratio and audio decoded per busy second over a sliding window."""
+
+    def __init__(self, window_s: float = LOAD_WINDOW_S) -> None:
+        self._window = window_s
+        self._since = time.monotonic()
+        self._busy = 0.0
+        self._audio = 0.0
+        self.busy_ratio = 0.0
+        self.decode_rate = 0.0
+
+    def add(self, busy_s: float, audio_s: float, now: float) -> None:
+        self._busy += busy_s
+        self._audio += audio_s
+        self.roll(now)
+
+    def roll(self, now: float) -> None:
+        elapsed = now - self._since
+        if elapsed < self._window:
+            return
+        self.busy_ratio = min(1.0, self._busy / elapsed)
+        self.decode_rate = self._audio / self._busy if self._busy else 0.0
+        self._since, self._busy, self._audio = now, 0.0, 0.0
 
 
 class DecodeEngine:
@@ -150,6 +227,8 @@ class DecodeEngine:
         threads: int | None = None,  # most torch threads a step may use; None: torch's default
         max_frames_per_step: int = MAX_FRAMES_PER_STEP,
         on_forward: Callable[[int], None] = lambda streams: None,  # streams in each forward, for metrics
+        capacity: RealTimeCapacity | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decoder = decoder
         self.max_batch = max_batch
@@ -157,140 +236,223 @@ class DecodeEngine:
         self.threads = threads or torch.get_num_threads()
         self.max_frames_per_step = max_frames_per_step
         self.on_forward = on_forward
+        self.capacity = capacity or RealTimeCapacity(orpheus.FRAME_SECONDS, max_batch)
         self.stats = EngineStats()
-        self._cond = threading.Condition()
-        self._streams: set[EngineStream] = set()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.load = _LoadMeter()
+        self._clock = clock
+        self._streams: list[EngineStream] = []  # engine thread only
+        self._open_count = 0  # streams holding decoder state, readable from any thread
+        self.lag_seconds = 0.0
+        self.bridge: EngineThread[Command] = EngineThread("codec-decode", self)
+
+    # -- the event loop's side ---------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._run, name="codec-decode", daemon=True)
-        self._thread.start()
+        torch.set_num_threads(self.threads)
+        self.bridge.start()
 
     def stop(self) -> None:
-        """Ends the thread; streams still open get Failed."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+        """Ends the thread; streams still open get DecodeFailed. Blocks: call off the loop."""
+        self.bridge.stop()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.stop)
 
-    def open_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False) -> EngineStream:
-        """Must be called on the event loop that will await the stream's output."""
-        if first_frame_index < 0 or resume_from_sample < 0:
-            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
+    def open_stream(
+        self,
+        first_frame_index: int = 0,
+        resume_from_sample: int = 0,
+        deterministic: bool = False,
+        clock: PlaybackClock | None = None,
+        seed: int = 0,
+    ) -> EngineStream:
+        """Must be called on the event loop that will await the stream's output.
+        Raises ValueError when the decoder cannot start a stream there, the bridge's
+        EngineStopped/EngineDead when the engine takes no work."""
+        check_stream_start(first_frame_index, resume_from_sample, seed)
         stream = EngineStream(
             self,
             asyncio.get_running_loop(),
-            dict(first_frame_index=first_frame_index, resume_from_sample=resume_from_sample, deterministic=deterministic),
+            dict(
+                first_frame_index=first_frame_index,
+                resume_from_sample=resume_from_sample,
+                deterministic=deterministic,
+                seed=seed,
+            ),
+            clock or PlaybackClock(orpheus.SAMPLE_RATE, DEFAULT_START_BUFFER_S),
         )
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("decode engine is stopped")
-            self._streams.add(stream)
+        self.bridge.post(_Open(stream))
         return stream
 
     @property
     def open_streams(self) -> int:
         """Streams holding decoder state (cancelled ones leave at the next step)."""
-        with self._cond:
-            return len(self._streams)
+        return self._open_count
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not any(s._ready() for s in self._streams):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                self._wait_for_company()
-                work = self._take_work()
-            self._step(*work)
-        torch.set_num_threads(self.threads)  # the pool is process-wide: not left at a step's count
-        with self._cond:
-            left, self._streams = list(self._streams), set()
-        for stream in left:
-            stream._deliver(Failed("codec worker is shutting down"))
+    # -- the engine thread (called by the bridge) ---------------------------------
 
-    def _wait_for_company(self) -> None:
-        """Bounded wait for more streams to have frames, so they share a forward."""
-        if self.batch_wait_s <= 0:
+    def has_work(self) -> bool:
+        return any(s.pending or s.finishing for s in self._streams)
+
+    def has_pending(self) -> bool:
+        return False
+
+    def fail_all(self, message: str, commands: list[Command]) -> None:
+        failed = {id(s) for s in self._streams}
+        for stream in self._streams:
+            stream.state = None
+            self._emit(stream, DecodeFailed(message))
+        self._streams = []
+        self._open_count = 0
+        for command in commands:
+            if isinstance(command, _Open) and id(command.stream) not in failed:
+                self._emit(command.stream, DecodeFailed(message))
+
+    def step(self, commands: list[Command]) -> None:
+        for command in commands:
+            self._apply(command)
+        now = self._clock()
+        ready = [s for s in self._streams if s.pending]
+        if ready and self.batch_wait_s > 0:
+            ready = self._wait_for_company(ready, now)
+            now = self._clock()
+        flush = [s for s in self._streams if s.finishing and not s.pending]
+        self._update_lag(now)
+        if not ready and not flush:
             return
-        deadline = time.monotonic() + self.batch_wait_s
-        while not self._stopping:
-            live = [s for s in self._streams if not s._cancelled]
-            ready = sum(1 for s in live if s._ready())
-            remaining = deadline - time.monotonic()
-            if ready >= min(self.max_batch, len(live)) or remaining <= 0:
-                return
-            self._cond.wait(remaining)
-
-    def _take_work(self) -> tuple[list[tuple[EngineStream, np.ndarray]], list[EngineStream]]:
-        decode: list[tuple[EngineStream, np.ndarray]] = []
-        flush: list[EngineStream] = []
-        for stream in list(self._streams):
-            if stream._cancelled:
-                self._streams.discard(stream)
-                stream.state = None  # its caches go now, not when the handler lets go
-                continue
-            frames = stream._take(self.max_frames_per_step)
-            if frames is not None:
-                decode.append((stream, frames))
-            if stream._finishing and not stream._pending:
-                flush.append(stream)
-                self._streams.discard(stream)
-        return decode, flush
-
-    def _step(self, decode: list[tuple[EngineStream, np.ndarray]], flush: list[EngineStream]) -> None:
         self.stats.steps += 1
+        failed: set[EngineStream] = set()
+        for tier in plan_step(ready, now, self.max_batch):
+            if tier:
+                failed |= self._decode(tier)
+        for stream in flush:
+            if stream not in failed:
+                self._flush(stream)
+
+    # -- commands ----------------------------------------------------------------
+
+    def _apply(self, command: Command) -> None:
+        stream = command.stream
+        if isinstance(command, _Open):
+            self._streams.append(stream)
+            self._open_count = len(self._streams)
+        elif isinstance(command, _Frames):
+            if stream in self._streams:
+                stream.pending.append(command.frames)
+        elif isinstance(command, _Finish):
+            stream.finishing = True
+        elif isinstance(command, _Cancel):
+            self._drop(stream)
+
+    def _drop(self, stream: EngineStream) -> None:
+        if stream in self._streams:
+            self._streams.remove(stream)
+            self._open_count = len(self._streams)
+        stream.pending = []
+        stream.finishing = False
+        stream.state = None  # its caches go now, not when the handler lets go
+
+    def _wait_for_company(self, ready: list[EngineStream], now: float) -> list[EngineStream]:
+        """Bounded wait for more streams to have frames, so they share a forward; never
+        while a ready stream is urgent."""
+        deadline = now + self.batch_wait_s
+        while len(ready) < min(self.max_batch, len(self._streams)):
+            if any(is_urgent(s.lead(now)) for s in ready):
+                break
+            remaining = deadline - now
+            if remaining <= 0:
+                break
+            for command in self.bridge.wait_for_commands(remaining):
+                self._apply(command)
+            now = self._clock()
+            ready = [s for s in self._streams if s.pending]
+        return ready
+
+    # -- decoding ------------------------------------------------------------------
+
+    def _decode(self, tier: list[EngineStream]) -> set[EngineStream]:
+        """Decodes one pass and hands its audio over at once; returns streams that failed."""
+        work = [(s, s.take(self.max_frames_per_step)) for s in tier]
         if self.decoder.device.type == "cpu":
             # A frame of one stream is too little work to split: its ops are small
             # and a second thread only adds sync (1 stream ran at 2.2x real time on
             # 2 threads, 3.2x on 1). Bigger steps do gain, so threads follow the work.
-            work = sum(len(f) for _, f in decode) or 1
-            torch.set_num_threads(min(self.threads, work))
-        failed: set[EngineStream] = set()
-        if decode:
-            for stream, _ in decode:
-                if stream.state is None:
-                    stream.state = self.decoder.new_stream(**stream._state_args)
-            try:
-                chunks = self.decoder.decode([(s.state, f) for s, f in decode], self.max_batch)
-            except Exception as err:  # one bad step must not take the worker down
-                log.exception("decode step failed for %d streams", len(decode))
-                chunks = [None] * len(decode)
-                failed = {s for s, _ in decode}
-                self._fail(failed, f"decode failed: {err}")
-            for streams in self.decoder.last_batch_sizes:
-                self.on_forward(streams)
-            self.stats.forwards += len(self.decoder.last_batch_sizes)
-            self.stats.streams_stepped += len(decode)
-            self.stats.frames += sum(len(f) for _, f in decode)
-            for (stream, _), chunk in zip(decode, chunks):
-                if chunk is not None:
-                    stream._deliver(Audio(chunk.sample_offset, to_pcm16(chunk.samples)))
-        for stream in flush:
-            if stream in failed:
-                continue
-            try:
-                chunk = self.decoder.flush(stream.state) if stream.state is not None else None
-            except Exception as err:
-                log.exception("flush failed")
-                self._fail({stream}, f"flush failed: {err}")
-                continue
+            torch.set_num_threads(min(self.threads, sum(len(f) for _, f in work)))
+        for stream, _ in work:
+            if stream.state is None:
+                stream.state = self.decoder.new_stream(**stream.state_args)
+        started = time.perf_counter()
+        try:
+            chunks = self.decoder.decode([(s.state, f) for s, f in work], self.max_batch)
+        except Exception as err:  # one bad step must not take the worker down
+            log.exception("decode step failed for %d streams", len(work))
+            failed = {s for s, _ in work}
+            for stream in failed:
+                self._end(stream, DecodeFailed(f"decode failed: {err}"))
+            return failed
+        elapsed = time.perf_counter() - started
+        frames = sum(len(f) for _, f in work)
+        for streams in self.decoder.last_batch_sizes:
+            self.on_forward(streams)
+        self.stats.forwards += len(self.decoder.last_batch_sizes)
+        self.stats.streams_stepped += len(work)
+        self.stats.frames += frames
+        self.capacity.record(len(work), elapsed, units=max(1, round(frames / len(work))))
+        now = self._clock()
+        self.load.add(elapsed, frames * orpheus.FRAME_SECONDS, now)
+        for (stream, _), chunk in zip(work, chunks):
             if chunk is not None:
-                stream._deliver(Audio(chunk.sample_offset, to_pcm16(chunk.samples)))
-            stream._deliver(End())
-            stream.state = None
+                self._deliver(stream, chunk, now)
+        self.bridge.flush_events()
+        return set()
 
-    def _fail(self, streams: set[EngineStream], message: str) -> None:
-        with self._cond:
-            self._streams.difference_update(streams)
-        for stream in streams:
-            stream.state = None
-            stream._deliver(Failed(message))
+    def _flush(self, stream: EngineStream) -> None:
+        try:
+            chunk = self.decoder.flush(stream.state) if stream.state is not None else None
+        except Exception as err:
+            log.exception("flush failed")
+            self._end(stream, DecodeFailed(f"flush failed: {err}"))
+            return
+        if chunk is not None:
+            self._deliver(stream, chunk, self._clock())
+        self._end(stream, End())
+
+    def _deliver(self, stream: EngineStream, chunk, now: float) -> None:
+        pcm = to_pcm16(chunk.samples)
+        stream.clock.deliver(len(pcm) // 2, now)
+        self._emit(stream, Audio(chunk.sample_offset, pcm))
+
+    def _end(self, stream: EngineStream, event: Output) -> None:
+        self._drop(stream)
+        self._emit(stream, event)
+
+    def _emit(self, stream: EngineStream, event: Output) -> None:
+        self.bridge.events.add(stream.loop, stream._put, event)
+
+    def _update_lag(self, now: float) -> None:
+        leads = [lead for s in self._streams if (lead := s.lead(now)) is not None]
+        self.lag_seconds = max(0.0, -min(leads)) if leads else 0.0
+        self.load.roll(now)
+
+    # -- calibration -----------------------------------------------------------------
+
+    def calibrate(self, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16), steps: int = 3) -> dict[int, float]:
+        """Measures one-frame steps at several batch sizes (before serving, on the
+        thread that will decode), so that capacity is known before the first stream."""
+        rng = np.random.default_rng(0)
+        measured = {}
+        torch.set_num_threads(self.threads)
+        for size in sizes:
+            if size > self.max_batch:
+                break
+            states = [self.decoder.new_stream() for _ in range(size)]
+            elapsed = []
+            for step in range(steps + 1):
+                frames = rng.integers(0, orpheus.CODEBOOK_SIZE, (size, 1, orpheus.CODES_PER_FRAME))
+                started = time.perf_counter()
+                self.decoder.decode([(state, frames[i]) for i, state in enumerate(states)], self.max_batch)
+                if step:  # the first step of a stream primes its caches
+                    elapsed.append(time.perf_counter() - started)
+            measured[size] = float(np.median(elapsed))
+            self.capacity.record(size, measured[size])
+        return measured

@@ -18,13 +18,11 @@ import torch
 from snac import SNAC
 from torch.nn.utils import parametrize
 
-from chorus.orpheus import CODEBOOK_SIZE
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "pytorch_model.bin"
-WARM_UP_FRAMES = 4
 
 
 class ModelLoadError(RuntimeError):
@@ -87,22 +85,9 @@ def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -
         model = model.half()
     model.eval()
     loaded = LoadedSnac(model, target)
-    warm_up(loaded)
     log.info(
         "loaded SNAC from %s on %s (%s, %.1f M parameters)",
         model_dir, target, "float16" if half else "float32",
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return loaded
-
-
-@torch.inference_mode()
-def warm_up(loaded: LoadedSnac, frames: int = WARM_UP_FRAMES) -> None:
-    """One small decode, so that kernels and allocators are ready before SERVING."""
-    codes = [
-        torch.randint(0, CODEBOOK_SIZE, (1, frames * per_frame), device=loaded.device)
-        for per_frame in (1, 2, 4)
-    ]
-    loaded.model.decode(codes)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)

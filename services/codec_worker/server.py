@@ -14,16 +14,22 @@ import time
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from chorus import orpheus, telemetry
-from services.codec_worker import metrics
+from chorus.auth import CallGuard
+from chorus.capacity import RealTimeCapacity
+from chorus.engine_thread import EngineDead, EngineStopped
+from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
-from services.codec_worker.decode_engine import Audio, DecodeEngine, End, EngineStream, Failed
+from services.codec_worker import metrics
 from services.codec_worker.config import CodecWorkerConfig
+from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
+from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.memory import HeapTrimmer
 from services.codec_worker.model import load_snac
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +55,10 @@ class StreamCheck:
         return cls(first.start)
 
     def __init__(self, start: codec_pb2.DecodeStart) -> None:
-        if start.first_frame_index < 0:
-            raise BadRequest(f"start: first_frame_index {start.first_frame_index} is negative")
-        if start.resume_from_sample < 0:
-            raise BadRequest(f"start: resume_from_sample {start.resume_from_sample} is negative")
-        if start.first_frame_index >= orpheus.MAX_STREAM_FRAMES:
-            raise BadRequest(
-                f"start: first_frame_index {start.first_frame_index} is past the longest stream "
-                f"({orpheus.MAX_STREAM_FRAMES} frames)"
-            )
-        if start.resume_from_sample >= orpheus.MAX_STREAM_SAMPLES:
-            raise BadRequest(
-                f"start: resume_from_sample {start.resume_from_sample} is past the longest stream "
-                f"({orpheus.MAX_STREAM_SAMPLES} samples)"
-            )
+        try:
+            check_stream_start(start.first_frame_index, start.resume_from_sample, start.seed)
+        except ValueError as err:
+            raise BadRequest(f"start: {err}") from err
         self.first_frame = self.next_frame = start.first_frame_index
         self.last_frames_at: float | None = None
 
@@ -83,8 +79,6 @@ class StreamCheck:
             frames = orpheus.validate_frames(request.frames.codes, first)
         except ValueError as err:
             raise BadRequest(str(err)) from err
-        if first + len(frames) > orpheus.MAX_STREAM_FRAMES:
-            raise BadRequest(f"frame {first}: past the longest stream ({orpheus.MAX_STREAM_FRAMES} frames)")
         self.next_frame += len(frames)
         self.last_frames_at = time.monotonic()
         return frames
@@ -92,11 +86,19 @@ class StreamCheck:
 
 class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
     """Registered before the server starts (gRPC wants its methods then); answers
-    UNAVAILABLE until `attach` hands it the warmed-up engine."""
+    UNAVAILABLE until `attach` hands it the warmed-up engine.
 
-    def __init__(self, max_streams: int, trimmer: HeapTrimmer | None = None) -> None:
+    The stream cap is shared by every client, so it is guarded twice: streams that go
+    idle end (IdleWatch), and no one client holds more than its share (the server's
+    CallGuard, before a handler runs)."""
+
+    def __init__(
+        self, max_streams: int, start_timeout_s: float, idle_timeout_s: float, trimmer: HeapTrimmer | None = None
+    ) -> None:
         self._max_streams = max_streams
         self._trimmer = trimmer
+        self._start_timeout_s = start_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._open = 0
@@ -105,9 +107,13 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._engine, self._device = engine, device
 
     async def GetLoad(self, request, context):
-        return codec_pb2.GetLoadResponse(
-            open_streams=self._open, max_streams=self._max_streams, device=self._device
-        )
+        reply = codec_pb2.GetLoadResponse(open_streams=self._open, max_streams=self._max_streams, device=self._device)
+        if self._engine is not None:
+            reply.decode_rate = self._engine.load.decode_rate
+            reply.busy_ratio = self._engine.load.busy_ratio
+            reply.lag_seconds = self._engine.lag_seconds
+            reply.capacity_streams = self._engine.capacity.streams()
+        return reply
 
     async def Decode(
         self, request_iterator: AsyncIterator[codec_pb2.DecodeRequest], context: grpc.aio.ServicerContext
@@ -123,51 +129,67 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._count_open(+1)
         stream: EngineStream | None = None
         reader: asyncio.Task | None = None
-        with telemetry.server_span("codec_worker.decode", context) as span:
+        watch = IdleWatch(self._start_timeout_s, self._idle_timeout_s)
+        try:
+            first = await anext(aiter(request_iterator), None)
             try:
-                first = await anext(aiter(request_iterator), None)
-                try:
-                    check = StreamCheck.opened_by(first)
-                except BadRequest as err:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                start = first.start
-                span.set_attributes({
-                    "chorus.request_id": start.request_id,
-                    "chorus.first_frame_index": start.first_frame_index,
-                    "chorus.resume_from_sample": start.resume_from_sample,
-                })
+                check = StreamCheck.opened_by(first)
+            except BadRequest as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            watch.started()
+            start = first.start
+            telemetry.tag_request(start.request_id, **{
+                "chorus.first_frame_index": start.first_frame_index,
+                "chorus.resume_from_sample": start.resume_from_sample,
+            })
+            try:
+                clock = playback_clock(start)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            try:
                 stream = self._engine.open_stream(
-                    start.first_frame_index, start.resume_from_sample, start.deterministic
+                    start.first_frame_index, start.resume_from_sample, start.deterministic, clock, seed=start.seed
                 )
-                reader = asyncio.create_task(_read(request_iterator, check, stream))
-                samples = 0
-                while True:
-                    item = await stream.get()
-                    if isinstance(item, Audio):
-                        if not samples:
-                            _record_first_audio(opened_at, check)
-                        samples += item.samples
-                        yield codec_pb2.DecodeResponse(
-                            audio=common_pb2.PcmChunk(
-                                sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
-                            )
+            except (EngineStopped, EngineDead) as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            reader = asyncio.create_task(_read(request_iterator, check, stream, watch))
+            samples = 0
+            while True:
+                item = await stream.get()
+                if isinstance(item, Audio):
+                    if not samples:
+                        _record_first_audio(opened_at, check)
+                    samples += item.samples
+                    yield codec_pb2.DecodeResponse(
+                        audio=common_pb2.PcmChunk(
+                            sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
                         )
-                    elif isinstance(item, End):
-                        span.set_attributes({"chorus.frames": check.frames_received, "chorus.samples": samples})
-                        yield codec_pb2.DecodeResponse(final=True)
-                        return
-                    elif isinstance(item, Failed):
-                        code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
-                        await context.abort(code, item.message)
-            finally:
-                # Also on cancellation by the client: the decoder state goes at once.
-                self._count_open(-1)
-                if reader is not None:
-                    reader.cancel()
-                if stream is not None:
-                    stream.cancel()
-                    if self._trimmer is not None:
-                        self._trimmer.stream_ended(self._open)
+                    )
+                    watch.touch()  # the client read enough for this write to go out
+                elif isinstance(item, End):
+                    trace.get_current_span().set_attributes(
+                        {"chorus.frames": check.frames_received, "chorus.samples": samples}
+                    )
+                    yield codec_pb2.DecodeResponse(final=True)
+                    return
+                elif isinstance(item, DecodeFailed):
+                    code = grpc.StatusCode.INVALID_ARGUMENT if item.rejected else grpc.StatusCode.INTERNAL
+                    await context.abort(code, item.message)
+        except asyncio.CancelledError:
+            if watch.expired is None:
+                raise  # the client cancelled, or the server is stopping
+            asyncio.current_task().uncancel()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, watch.expired)
+        finally:
+            # Also on cancellation by the client: the decoder state goes at once.
+            watch.close()
+            self._count_open(-1)
+            if reader is not None:
+                reader.cancel()
+            if stream is not None:
+                stream.cancel()
+                if self._trimmer is not None:
+                    self._trimmer.stream_ended(self._open)
 
     def _count_open(self, delta: int) -> None:
         self._open += delta
@@ -185,45 +207,98 @@ def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
     telemetry.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
-async def _read(requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream) -> None:
+def playback_clock(start: codec_pb2.DecodeStart) -> PlaybackClock:
+    """The listener's schedule for this stream, on this worker's clock."""
+    playback = start.playback
+    start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
+    if not 0.0 <= start_buffer <= 60.0:
+        raise ValueError(f"start: playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
+    if not playback.HasField("first_sample_due_in_s"):
+        return PlaybackClock(orpheus.SAMPLE_RATE, start_buffer)
+    due_in = playback.first_sample_due_in_s
+    if not -3600.0 <= due_in <= 3600.0:
+        raise ValueError(f"start: playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
+    return PlaybackClock.scheduled(
+        orpheus.SAMPLE_RATE, time.monotonic() + due_in, start.resume_from_sample, start_buffer
+    )
+
+
+async def _read(
+    requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream, watch: IdleWatch
+) -> None:
     try:
         async for request in requests:
+            watch.touch()
             stream.submit(check.frames(request))
+        watch.touch()
         stream.finish()
     except BadRequest as err:
+        stream.reject(str(err))
+    except (EngineStopped, EngineDead) as err:
         stream.reject(str(err))
     except Exception as err:  # the request stream broke: end the call, never leave it waiting
         stream.reject(f"reading the request stream failed: {err}")
 
 
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
-    """Binds and answers health (NOT_SERVING) at once, then loads and warms the model
-    and goes SERVING."""
-    server = new_server()
+    """Binds and answers health (NOT_SERVING) at once, then loads, warms and measures
+    the model and goes SERVING."""
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server(metrics.RPC, [guard])
     trimmer = HeapTrimmer()
-    servicer = CodecServicer(config.max_streams, trimmer)
+    servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s, trimmer)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
         loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
         decoder = StreamingSnacDecoder(loaded.model)
+        engine = DecodeEngine(
+            decoder,
+            max_batch=config.max_batch,
+            batch_wait_ms=config.batch_wait_for(loaded.device_name),
+            threads=config.torch_threads,
+            on_forward=metrics.BATCH_STREAMS.observe,
+            capacity=RealTimeCapacity(orpheus.FRAME_SECONDS, config.max_streams, config.capacity_margin),
+        )
         await asyncio.to_thread(decoder.warm_up)
+        if config.calibrate:
+            measured = await asyncio.to_thread(engine.calibrate)
+            log.info("step seconds by batch size: %s; real-time capacity %d streams",
+                     ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in measured.items()), engine.capacity.streams())
     except BaseException:
         await running.stop(grace=None)
         raise
-    engine = DecodeEngine(
-        decoder,
-        max_batch=config.max_batch,
-        batch_wait_ms=config.batch_wait_for(loaded.device_name),
-        threads=config.threads,
-        on_forward=metrics.BATCH_STREAMS.observe,
-    )
     engine.start()
     trimmer.start()
     running.on_stop.append(engine.aclose)
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     servicer.attach(engine, loaded.device_name)
+
+    def engine_died(error: BaseException) -> None:
+        log.error("the decode engine died (%s): NOT_SERVING", error)
+        asyncio.ensure_future(running.set_serving(False))
+
+    engine.bridge.on_death(engine_died)
+    gauges = asyncio.create_task(_publish_load(engine))
+
+    async def stop_gauges() -> None:
+        gauges.cancel()
+
+    running.on_stop.append(stop_gauges)
     await running.set_serving(True)
     log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)
     return running
+
+
+async def _publish_load(engine: DecodeEngine, interval_s: float = 0.5) -> None:
+    """Utilization and lag gauges, sampled: the engine thread never touches them."""
+    while True:
+        metrics.BUSY_RATIO.set(engine.load.busy_ratio)
+        metrics.LAG_SECONDS.set(engine.lag_seconds)
+        await asyncio.sleep(interval_s)

@@ -13,7 +13,8 @@ samples, each layer keeping only the input it still needs:
   multiplied into the kernel once, and s positions stay open until the next input
   arrives. The first s/2 positions of the stream are the padding crop;
 - a residual unit delays its skip path by whatever its branch still holds back;
-- pointwise layers (Snake, 1x1 convs, noise, tanh) just apply.
+- pointwise layers (Snake, 1x1 convs, noise, tanh) just apply; noise takes each
+  position's value once, from its absolute position.
 
 Flushing pushes the right-hand zero padding through, so that N frames give exactly
 N * 2048 samples equal to `SNAC.decode` of the whole sequence (noise off). The first
@@ -26,6 +27,30 @@ latent steps a frame.
 State lives outside the layers, as one flat list of tensors per stream, so that
 streams whose caches have the same shapes can be stacked along the batch dimension
 and decoded in one forward. This module knows nothing of gRPC or threads.
+
+Bit-exact however it is driven. A stream's audio is the same to the last bit (so
+its int16 PCM is the same sample for sample) however its frames are split into
+steps, whichever streams share its forwards, however many torch threads run them,
+and after a resume from zero state with at least 3 frames of context (the
+failover); on CPU (torch 2.13, MKL) this is measured, not assumed
+(tests/test_codec_determinism.py). It holds because every output element is
+computed by arithmetic that does not depend on the shape around it:
+
+- channel mixes (1x1 convs, the transposed convs' products, the quantizer's
+  projections, dense convs as one mix per tap summed in a fixed order) are GEMMs
+  with their shapes padded so that MKL keeps one kernel per element
+  (channel_mix.py); torch's conv1d for 1x1 and dense convs is not bit-exact
+  across shapes at all;
+- depthwise convs stay on conv1d, which holds for every batch, length, memory
+  layout and thread count measured;
+- everything else is elementwise (sin through MKL VML, which holds at any offset)
+  or IEEE add/mul, exact by definition; nothing reduces across positions;
+- noise is keyed by (seed, noise layer, absolute position), see keyed_noise.py.
+
+The engine may therefore chunk and batch freely: there is no constraint on frames
+per step, batch partners or thread counts. A resume needs its context frames to
+cover the decoder's reach (2.32 frames; the token server resends 3), nothing else. On CUDA the same code runs, but cuBLAS
+and cuDNN choose kernels by shape, so bit-exactness there is not claimed.
 """
 
 from __future__ import annotations
@@ -40,6 +65,8 @@ from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, Snake1d
 from torch import nn
 
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
+from services.codec_worker import keyed_noise
+from services.codec_worker.channel_mix import ChannelMix, mix_rows
 
 # Tensors of one stream (batch 1) or of a stacked group (batch B), one per slot.
 State = list[torch.Tensor]
@@ -49,17 +76,11 @@ State = list[torch.Tensor]
 class _StepContext:
     # (B, 1, 1) with 1 where a stream wants noise, or None when no stream does.
     noise_mask: torch.Tensor | None
-
-
-# A step feeds the first layers only 4 latent steps a frame. For so few steps, a
-# channel mix run as x^T W^T (F.linear) streams the weights 2-6x faster on CPU than
-# conv1d or W @ x, whose GEMM shapes suit long inputs; for long inputs all are alike.
-_FEW_STEPS = 16
-
-
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """weight (out, in) applied to every step of x (B, in, T); returns (B, T, out)."""
-    return F.linear(x.transpose(1, 2), weight, bias)
+    # (B,) uint64: each stream's noise seed.
+    seeds: np.ndarray
+    # (B, noise layers) int64: each noise layer's absolute position of its next
+    # output, per stream; the noise layers advance it.
+    noise_positions: np.ndarray
 
 
 class _Layer:
@@ -109,32 +130,53 @@ class _Tanh(_Layer):
 
 
 class _Noise(_Layer):
-    """x + randn(B, 1, T) * linear(x): pointwise in time, so each new sample draws
-    its noise once, as in a whole-sequence decode."""
+    """x + noise(B, 1, T) * linear(x), the noise keyed by position (keyed_noise.py):
+    pointwise in time, so each new sample gets its noise once, as in a
+    whole-sequence decode, and the same noise however the stream is stepped."""
 
-    def __init__(self, module: NoiseBlock) -> None:
-        self.weight = module.linear.weight.detach()
+    def __init__(self, module: NoiseBlock, index: int, steps_per_frame: int) -> None:
+        self.linear = ChannelMix(module.linear.weight[..., 0], None, steps_per_frame)
+        self.index = index
+        # This layer's time steps per frame, which place a stream's first output.
+        self.steps_per_frame = steps_per_frame
 
     def step(self, x, st, ctx):
+        steps = x.shape[-1]
+        positions = ctx.noise_positions[:, self.index].copy()
+        ctx.noise_positions[:, self.index] += steps
         if ctx.noise_mask is None:
             return x
-        noise = torch.randn((x.shape[0], 1, x.shape[-1]), device=x.device, dtype=x.dtype)
-        return x + (noise * ctx.noise_mask) * F.conv1d(x, self.weight)
+        keys = keyed_noise.layer_keys(ctx.seeds, self.index)
+        noise = torch.from_numpy(keyed_noise.gaussian(keys, positions, steps)).to(x.device, x.dtype)
+        return x + (noise.unsqueeze(1) * ctx.noise_mask) * self.linear(x)
 
 
 class _Conv(_StatefulLayer):
-    """A 'same' conv (odd kernel, symmetric padding p). Stateless when p is 0."""
+    """A 'same' conv (odd kernel, symmetric padding p). Stateless when p is 0.
 
-    def __init__(self, module: nn.Conv1d) -> None:
+    Depthwise convs run as conv1d (bit-exact at any shape, measured); others as one
+    channel mix producing every tap's contribution, summed over the taps in a fixed
+    order (conv1d's own 1x1 and dense paths are not bit-exact across shapes)."""
+
+    def __init__(self, module: nn.Conv1d, steps_per_frame: int) -> None:
         (kernel,), (dilation,), (padding,), (stride,) = (
             module.kernel_size, module.dilation, module.padding, module.stride,
         )
         if stride != 1 or padding != (kernel - 1) * dilation // 2 or not kernel % 2:
             raise ValueError(f"not a 'same' convolution: {module}")
-        self.weight = module.weight.detach()
+        self.depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if module.groups != 1 and not self.depthwise:
+            raise ValueError(f"grouped convolution cannot be streamed bit-exactly: {module}")
+        weight = module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
-        self.dilation, self.groups, self.pad = dilation, module.groups, padding
-        self.in_channels = module.in_channels
+        if self.depthwise:
+            self.weight = weight
+        else:
+            # Rows ordered (tap, out channel): the product views as (B, tap, out, T).
+            taps = weight.permute(2, 0, 1).reshape(-1, weight.shape[1])
+            self.mix = ChannelMix(taps, self.bias if kernel == 1 else None, steps_per_frame)
+        self.kernel, self.dilation, self.groups, self.pad = kernel, dilation, module.groups, padding
+        self.in_channels, self.out_channels = module.in_channels, module.out_channels
 
     def bind(self, first_slot):
         return super().bind(first_slot) if self.pad else first_slot
@@ -145,9 +187,18 @@ class _Conv(_StatefulLayer):
         return [torch.zeros((1, self.in_channels, self.pad), device=device, dtype=dtype)]
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.shape[-1] == 1 and self.groups == 1 and x.shape[-1] < _FEW_STEPS:
-            return _pointwise(x, self.weight[..., 0], self.bias).transpose(1, 2)
-        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+        if self.depthwise:
+            return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+        if self.kernel == 1:
+            return self.mix(x)
+        batch, _, length = x.shape
+        steps = length - 2 * self.pad
+        taps = self.mix(x).view(batch, self.kernel, self.out_channels, length)
+        y = taps[:, 0, :, :steps]
+        for tap in range(1, self.kernel):
+            shift = tap * self.dilation
+            y = y + taps[:, tap, :, shift : shift + steps]
+        return y if self.bias is None else y + self.bias.view(-1, 1)
 
     def _run(self, buf: torch.Tensor, st: State) -> torch.Tensor | None:
         keep = 2 * self.pad
@@ -179,15 +230,15 @@ class _TransposedConv(_StatefulLayer):
     The carry (bias excluded) is empty until the first input: that marks the stream
     start, where the padding crops s/2 positions."""
 
-    def __init__(self, module: nn.ConvTranspose1d) -> None:
+    def __init__(self, module: nn.ConvTranspose1d, steps_per_frame: int) -> None:
         (kernel,), (stride,), (padding,), (out_pad,) = (
             module.kernel_size, module.stride, module.padding, module.output_padding,
         )
         if stride % 2 or kernel != 2 * stride or padding != stride // 2 or out_pad or module.groups != 1:
             raise ValueError(f"transposed conv shape not supported for streaming: {module}")
         weight = module.weight.detach()  # (in, out, 2s)
-        # Rows ordered (out channel, tap), so that the product views as (B, out, n, 2s).
-        self.weight = weight.permute(1, 2, 0).reshape(-1, weight.shape[0]).contiguous()
+        # Rows ordered (out channel, tap), so that the product views as (B, out, 2s, n).
+        self.mix = ChannelMix(weight.permute(1, 2, 0).reshape(-1, weight.shape[0]), None, steps_per_frame)
         self.bias = module.bias.detach().view(1, -1, 1, 1)
         self.stride, self.crop = stride, padding
         self.out_channels = module.out_channels
@@ -197,7 +248,7 @@ class _TransposedConv(_StatefulLayer):
 
     def step(self, x, st, ctx):
         s, (batch, _, n) = self.stride, x.shape
-        taps = _pointwise(x, self.weight).view(batch, n, self.out_channels, 2 * s).transpose(1, 2)
+        taps = self.mix(x).view(batch, self.out_channels, 2 * s, n).transpose(2, 3)
         own, spill = taps[..., :s], taps[..., s:]  # (B, out, n, s): into blocks m and m + 1
         carry = st[self.slot]
         started = carry.shape[-1] > 0
@@ -281,29 +332,63 @@ class _Residual(_StatefulLayer):
         return None if y is None else st[self.slot] + y
 
 
-def _build(modules: nn.Sequential) -> _Chain:
-    layers: list[_Layer] = []
-    for module in modules:
-        if isinstance(module, Snake1d):
-            layers.append(_Snake(module))
-        elif isinstance(module, nn.Conv1d):
-            layers.append(_Conv(module))
-        elif isinstance(module, nn.ConvTranspose1d):
-            layers.append(_TransposedConv(module))
-        elif isinstance(module, NoiseBlock):
-            layers.append(_Noise(module))
-        elif isinstance(module, DecoderBlock):
-            layers.append(_build(module.block))
-        elif isinstance(module, ResidualUnit):
-            channels = module.block[0].alpha.shape[1]
-            layers.append(_Residual(_build(module.block), channels))
-        elif isinstance(module, nn.Tanh):
-            layers.append(_Tanh())
-        else:
-            # LocalMHA (attn_window_size set) looks both ways over a window; the
-            # 24 kHz model has none.
-            raise ValueError(f"SNAC decoder layer {type(module).__name__} cannot be streamed")
-    return _Chain(layers)
+class _Builder:
+    """Turns SNAC's decoder modules into streaming layers, numbering the noise layers
+    and tracking each one's time steps per frame as the transposed convs upsample."""
+
+    def __init__(self, steps_per_frame: int) -> None:
+        self.steps_per_frame = steps_per_frame
+        self.noise_layers: list[_Noise] = []
+
+    def build(self, modules: nn.Sequential) -> _Chain:
+        layers: list[_Layer] = []
+        for module in modules:
+            if isinstance(module, Snake1d):
+                layers.append(_Snake(module))
+            elif isinstance(module, nn.Conv1d):
+                layers.append(_Conv(module, self.steps_per_frame))
+            elif isinstance(module, nn.ConvTranspose1d):
+                layers.append(_TransposedConv(module, self.steps_per_frame))
+                self.steps_per_frame *= module.stride[0]
+            elif isinstance(module, NoiseBlock):
+                noise = _Noise(module, len(self.noise_layers), self.steps_per_frame)
+                self.noise_layers.append(noise)
+                layers.append(noise)
+            elif isinstance(module, DecoderBlock):
+                layers.append(self.build(module.block))
+            elif isinstance(module, ResidualUnit):
+                channels = module.block[0].alpha.shape[1]
+                layers.append(_Residual(self.build(module.block), channels))
+            elif isinstance(module, nn.Tanh):
+                layers.append(_Tanh())
+            else:
+                # LocalMHA (attn_window_size set) looks both ways over a window; the
+                # 24 kHz model has none.
+                raise ValueError(f"SNAC decoder layer {type(module).__name__} cannot be streamed")
+        return _Chain(layers)
+
+
+class _Quantizer:
+    """SNAC's `from_codes` (embedding, 1x1 projection, repeat by stride, sum) with
+    the projections as channel mixes, so that latents too are bit-exact however
+    frames are batched."""
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        self.layers = [
+            (q.codebook.weight.detach(), ChannelMix(q.out_proj.weight[..., 0], q.out_proj.bias, 1), q.stride)
+            for q in quantizer.quantizers
+        ]
+
+    def latents(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """codes[i] (B, n_i) -> latents (B, dim, T)."""
+        total = None
+        for layer_codes, (codebook, projection, stride) in zip(codes, self.layers):
+            batch, n = layer_codes.shape
+            rows = F.embedding(layer_codes.reshape(-1), codebook)
+            z = mix_rows(rows, projection.weight, projection.bias)[:, : projection.out_channels]
+            z = z.view(batch, n, -1).repeat_interleave(stride, dim=1)
+            total = z if total is None else total + z
+        return total.transpose(1, 2)
 
 
 @dataclass
@@ -313,13 +398,32 @@ class StreamState:
     first_frame_index: int = 0
     resume_from_sample: int = 0
     deterministic: bool = False
+    seed: int = 0
     tensors: State = field(default_factory=list, repr=False)
+    # Each noise layer's absolute position of its next output.
+    noise_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     samples_out: int = 0
     flushed: bool = False
 
     def shape_key(self) -> tuple[int, ...]:
         """Streams with equal keys have caches of equal shapes and can share a forward."""
         return tuple(t.shape[-1] for t in self.tensors)
+
+
+# Sample offsets (and noise positions, two counter words each) stay far inside int64.
+MAX_FIRST_FRAME_INDEX = 2**61 // SAMPLES_PER_FRAME
+
+
+def check_stream_start(first_frame_index: int, resume_from_sample: int, seed: int) -> None:
+    """ValueError, saying which, unless a stream can start here."""
+    if not 0 <= first_frame_index <= MAX_FIRST_FRAME_INDEX:
+        raise ValueError(f"first_frame_index {first_frame_index} is outside 0..{MAX_FIRST_FRAME_INDEX}")
+    if not 0 <= resume_from_sample <= MAX_FIRST_FRAME_INDEX * SAMPLES_PER_FRAME:
+        raise ValueError(
+            f"resume_from_sample {resume_from_sample} is outside 0..{MAX_FIRST_FRAME_INDEX * SAMPLES_PER_FRAME}"
+        )
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is outside 0..2^64-1")
 
 
 @dataclass(frozen=True)
@@ -337,24 +441,33 @@ class StreamingSnacDecoder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.quantizer = model.quantizer
+        self._quantizer = _Quantizer(model.quantizer)
         param = next(model.decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._net = _build(model.decoder.model)
+        latent_steps, rest = divmod(SAMPLES_PER_FRAME, int(model.hop_length))
+        if rest:
+            raise ValueError(f"SNAC hop length {model.hop_length} does not divide a frame of {SAMPLES_PER_FRAME}")
+        builder = _Builder(latent_steps)
+        self._net = builder.build(model.decoder.model)
+        self._noise_steps_per_frame = np.array([n.steps_per_frame for n in builder.noise_layers], dtype=np.int64)
         self._n_slots = self._net.bind(0)
         # Streams in each forward of the last `decode` call, for stats and metrics.
         self.last_batch_sizes: list[int] = []
 
     @torch.inference_mode()
-    def new_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False) -> StreamState:
+    def new_stream(
+        self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False, seed: int = 0
+    ) -> StreamState:
         """A stream whose first frame is `first_frame_index`, decoded with zero left
         context (failover: the caller resends a few frames of context before the
-        point it had relayed, and samples before `resume_from_sample` are dropped)."""
-        if first_frame_index < 0 or resume_from_sample < 0:
-            raise ValueError("first_frame_index and resume_from_sample must be >= 0")
+        point it had relayed, and samples before `resume_from_sample` are dropped).
+        Its noise is keyed by `seed` (0..2^64-1) and absolute position, so a resumed
+        stream continues the noise of the one it replaces."""
+        check_stream_start(first_frame_index, resume_from_sample, seed)
         tensors = self._net.initial_state(self.device, self.dtype)
         assert len(tensors) == self._n_slots
-        return StreamState(first_frame_index, resume_from_sample, deterministic, tensors)
+        positions = first_frame_index * self._noise_steps_per_frame
+        return StreamState(first_frame_index, resume_from_sample, deterministic, seed, tensors, positions)
 
     @torch.inference_mode()
     def decode(
@@ -390,6 +503,7 @@ class StreamingSnacDecoder:
         ctx = self._context([state])
         y = self._net.flush(state.tensors, ctx)
         state.tensors = []
+        state.noise_positions = ctx.noise_positions[0]
         return self._emit(state, y[0, 0]) if y is not None else None
 
     def warm_up(self, frames: int = 4) -> None:
@@ -402,24 +516,28 @@ class StreamingSnacDecoder:
         self.flush(state)
 
     def _context(self, states: Sequence[StreamState]) -> _StepContext:
+        seeds = np.array([s.seed for s in states], dtype=np.uint64)
+        positions = np.stack([s.noise_positions for s in states])
         wants = [not s.deterministic for s in states]
         if not any(wants):
-            return _StepContext(None)
+            return _StepContext(None, seeds, positions)
         mask = torch.tensor(wants, device=self.device, dtype=self.dtype).view(-1, 1, 1)
-        return _StepContext(mask)
+        return _StepContext(mask, seeds, positions)
 
     def _decode_group(self, states: Sequence[StreamState], frames: Sequence[np.ndarray]) -> list[Chunk | None]:
         layers = frames_to_layers(np.stack(frames))
         codes = [
             torch.from_numpy(layer.reshape(len(states), -1)).to(self.device) for layer in layers
         ]
-        latent = self.quantizer.from_codes(codes).to(self.dtype)
+        latent = self._quantizer.latents(codes).to(self.dtype)
+        ctx = self._context(states)
         if len(states) == 1:
             st = states[0].tensors
         else:
             st = [torch.cat(parts, dim=0) for parts in zip(*(s.tensors for s in states))]
-        y = self._net.step(latent, st, self._context(states))
+        y = self._net.step(latent, st, ctx)
         for b, state in enumerate(states):
+            state.noise_positions = ctx.noise_positions[b]
             if len(states) > 1:
                 state.tensors = [t[b : b + 1] for t in st]
         if y is None:

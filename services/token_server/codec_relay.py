@@ -1,12 +1,18 @@
 """Relays one request's code frames to a codec worker and its PCM back.
 
-The token server picks the least-loaded worker of its pool, opens a bidirectional
-Decode stream, writes frames as the engine completes them and reads PCM as the
-worker produces it. If the worker fails mid-stream, the relay resumes on another
-worker from the last sample it relayed: it resends the frames from a few frames
-before that point (the decoder's reach is 2.32 frames, so 3 frames of context make
-the resumed samples the same as if nothing had happened, noise aside) and the new
-worker drops the samples already relayed. No admitted stream loses audio.
+A stream opens its codec worker only when its first frame exists: a request waiting
+for a slot holds nothing downstream. The token server picks the least-loaded worker of
+its pool, opens a bidirectional Decode stream, writes frames as the engine completes
+them and reads PCM as the worker produces it. If the worker fails mid-stream, the
+relay resumes on another worker from the last sample it relayed: it resends the frames
+from `DECODER_LOOKAHEAD_FRAMES` before that point (the decoder's reach is 2.32 frames,
+so that much context makes the resumed samples the same as if nothing had happened,
+to the last bit: the decoder is bit-exact across a resume and its noise is keyed by
+the request's seed and sample position) and the new worker drops the samples already
+relayed. No admitted stream loses audio, and none hears a seam.
+
+Each Decode stream carries the listener's playback schedule (DecodeStart.playback) so
+that the worker can serve the least-ahead streams first.
 """
 
 from __future__ import annotations
@@ -15,17 +21,19 @@ import asyncio
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
-from chorus import orpheus
+from chorus import orpheus, telemetry
 from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
+from chorus.playback import PlaybackClock
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
-RESUME_CONTEXT_FRAMES = 3
 # Failures that a different worker can cure; anything else is the request's fault.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -36,60 +44,116 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
 }
 FAILED_WORKER_COOLDOWN_S = 5.0
-HEALTH_INTERVAL_S = 1.0
-HEALTH_TIMEOUT_S = 1.0
-CODEC_SERVICE = codec_pb2.DESCRIPTOR.services_by_name["CodecService"].full_name
+LOAD_POLL_INTERVAL_S = 0.5
+LOAD_POLL_TIMEOUT_S = 1.0
 
 
 class NoCodecWorkerError(Exception):
     """No codec worker is configured or reachable."""
 
 
+@dataclass
+class WorkerLoad:
+    """What a worker last said about itself, and this server's streams on it then."""
+
+    reachable: bool = False
+    max_streams: int = 0
+    capacity_streams: int = 0
+    open_streams: int = 0
+    ours_when_polled: int = 0
+    lag_seconds: float = 0.0
+
+    def room_for_us(self) -> int:
+        """Streams this server may hold on the worker: its real-time capacity (never
+        above its stream cap) minus what other token servers hold there."""
+        if not self.reachable:
+            return 0
+        cap = min(self.max_streams, self.capacity_streams or self.max_streams)
+        others = max(0, self.open_streams - self.ours_when_polled)
+        return max(0, cap - others)
+
+
 class CodecPool:
-    """The codec workers this token server may use, with their in-flight streams.
+    """The codec workers this token server may use, with their load.
 
     Workers are the endpoints behind the configured addresses (a headless Service
-    resolves to every pod). Least in-flight streams wins; a worker that just failed
-    sits out a cooldown so that new streams avoid it while Kubernetes replaces it.
-    Each worker's health is read every second: new streams prefer SERVING workers,
-    and `on_availability` hears whether any is (the token server's own health).
+    resolves to every pod). Each is asked for its load (GetLoad) in the background;
+    together with the streams this server opened since, that gives the codec streams
+    admission may count on (`streams_limit`). Least in-flight streams wins a new
+    stream; a worker that just failed sits out a cooldown so that new streams avoid it
+    while Kubernetes replaces it.
+    `on_availability` hears after each poll whether any worker answers (the token
+    server's own health).
     """
 
-    def __init__(self, addresses: Sequence[str]) -> None:
-        self.endpoints = EndpointSet(addresses)
+    def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
+        self.endpoints = EndpointSet(addresses, security)
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._failed_at: dict[str, float] = {}
-        self._serving: set[str] = set()
-        self._watcher: asyncio.Task | None = None
+        self._loads: dict[str, WorkerLoad] = {}
+        self._limit = 0
+        self._poller: asyncio.Task | None = None
         self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         await self.endpoints.start()
-        await self.check_health()
-        self._watcher = asyncio.create_task(self._watch_health(), name="codec-worker-health")
+        await self.poll()
+        self._poller = asyncio.create_task(self._poll_forever(), name="codec-load")
 
-    def available(self) -> bool:
-        """A codec worker was SERVING at the last check, or none is configured (a
-        token server without codec workers serves codes only)."""
-        return bool(self._serving) or not self.endpoints.targets
+    def streams_limit(self) -> int:
+        """Codec streams this server may hold now (read from the engine thread)."""
+        return self._limit
 
-    async def check_health(self) -> None:
+    def unavailable_reason(self) -> str | None:
+        """Why no stream can be decoded now, or None when some worker answers."""
         workers = self.endpoints.endpoints()
-        serving = await asyncio.gather(
-            *(self.endpoints.serving(w, CODEC_SERVICE, HEALTH_TIMEOUT_S) for w in workers)
-        )
-        self._serving = {w for w, ok in zip(workers, serving) if ok}
+        if not workers:
+            return "this token server has no codec workers (--codec-workers is empty or does not resolve)"
+        if not any(self._loads.get(w, WorkerLoad()).reachable for w in workers):
+            return f"this token server reaches none of its codec workers ({', '.join(workers)}); try another"
+        return None
+
+    async def poll(self) -> None:
+        workers = self.endpoints.endpoints()
+        await asyncio.gather(*(self._poll_one(w) for w in workers))
+        self._limit = sum(self._loads[w].room_for_us() for w in workers if w in self._loads)
         if self.on_availability is not None:
             await self.on_availability(self.available())
 
-    async def _watch_health(self) -> None:
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            await self.check_health()
+    def available(self) -> bool:
+        """A codec worker answered the last poll, or none is configured (a token server
+        without codec workers serves codes only)."""
+        return not self.endpoints.targets or self.unavailable_reason() is None
 
     async def wait_for_a_worker(self, timeout_s: float) -> bool:
         """Waits up to `timeout_s` for a worker's channel to be ready (one coming back)."""
         return await self.endpoints.wait_until_any_ready(min(timeout_s, PEER_RETURN_WAIT_S))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_POLL_INTERVAL_S)
+            try:
+                await self.poll()
+            except Exception:  # a bad reply must not stop admission from learning
+                log.exception("polling codec worker load failed")
+
+    async def _poll_one(self, address: str) -> None:
+        load = self._loads.setdefault(address, WorkerLoad())
+        stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
+        ours = self._in_flight[address]
+        try:
+            reply = await stub.GetLoad(codec_pb2.GetLoadRequest(), timeout=LOAD_POLL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            if load.reachable:
+                log.warning("codec worker %s is unreachable: %s", address, err.code().name)
+            load.reachable = False
+            return
+        load.reachable = True
+        load.max_streams = reply.max_streams
+        load.capacity_streams = reply.capacity_streams
+        load.open_streams = reply.open_streams
+        load.ours_when_polled = ours
+        load.lag_seconds = reply.lag_seconds
 
     def pick(self, exclude: set[str] = frozenset()) -> str:
         workers = self.endpoints.endpoints()
@@ -100,16 +164,16 @@ class CodecPool:
         now = time.monotonic()
         candidates = [w for w in workers if w not in exclude]
         healthy = [w for w in candidates if now - self._failed_at.get(w, -1e9) > FAILED_WORKER_COOLDOWN_S]
-        serving = [w for w in healthy if w in self._serving]
+        serving = [w for w in healthy if self._loads.get(w, WorkerLoad()).reachable]
         pool = serving or healthy or candidates
         if not pool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return min(pool, key=lambda w: (self._in_flight[w], workers.index(w)))
 
-    def open(self, address: str, metadata: Sequence[tuple[str, str]] = ()) -> grpc.aio.StreamStreamCall:
+    def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
         stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
-        return stub.Decode(metadata=tuple(metadata))
+        return stub.Decode()
 
     def release(self, address: str) -> None:
         self._in_flight[address] -= 1
@@ -118,10 +182,20 @@ class CodecPool:
         self._failed_at[address] = time.monotonic()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self.endpoints.close()
+
+
+def _failover_attributes(failed: set[str], resume_from_sample: int) -> dict[str, object]:
+    if not failed:
+        return {}
+    return {
+        "chorus.failover": True,
+        "chorus.failed_workers": sorted(failed),
+        "chorus.resume_from_sample": resume_from_sample,
+    }
 
 
 class CodecRelay:
@@ -131,22 +205,24 @@ class CodecRelay:
         self,
         pool: CodecPool,
         request_id: str,
+        clock: PlaybackClock,
         deterministic: bool = False,
-        metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 3,
+        seed: int = 0,
+        resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
         deadline: float | None = None,  # time.monotonic() of the request's deadline
     ) -> None:
         self._pool = pool
         self._deadline = deadline
         self._request_id = request_id
+        self._clock = clock
         self._deterministic = deterministic
-        self._metadata = metadata
+        self._seed = seed
         self._max_attempts = max_attempts
         self._frames: list[tuple[int, ...]] = []
         self._finished = False
         self._changed = asyncio.Event()
-        self.relayed_samples = 0
-        self.workers: list[str] = []
+        self.relayed_samples = resume_from_sample
 
     def push(self, codes: tuple[int, ...]) -> None:
         self._frames.append(codes)
@@ -158,6 +234,14 @@ class CodecRelay:
 
     async def audio(self) -> AsyncIterator[common_pb2.PcmChunk]:
         """PCM chunks with absolute sample offsets, contiguous from 0, until the tail."""
+        # Hold nothing downstream before there is audio to make: the first frame, or on
+        # a replay the first frame of the resumed decode's context.
+        first_needed = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
+        while len(self._frames) <= first_needed:
+            if self._finished:
+                return
+            self._changed.clear()
+            await self._changed.wait()
         failed: set[str] = set()
         attempts = 0
         while True:
@@ -173,20 +257,26 @@ class CodecRelay:
                 failed.clear()
                 address = self._pool.pick(failed)
             attempts += 1
-            self.workers.append(address)
-            first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - RESUME_CONTEXT_FRAMES)
-            call = self._pool.open(address, self._metadata)
+            first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
+            # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
+            with telemetry.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
+                call = self._pool.open(address)
             writer = asyncio.create_task(self._write(call, first_frame))
             # A failed write surfaces through the read side; don't log it twice.
             writer.add_done_callback(lambda t: t.cancelled() or t.exception())
             try:
+                tail = False
+                # To the end of the stream, not just to its tail: a call read to its
+                # end has its status, and its CLIENT span ends then, not when the
+                # garbage collector gets to it.
                 async for response in call:
                     chunk = self._unseen_part(response.audio)
                     if chunk is not None:
                         self.relayed_samples += len(chunk.pcm) // 2
                         yield chunk
-                    if response.final:
-                        return
+                    tail = tail or response.final
+                if tail:
+                    return
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, None, None, f"codec worker {address} ended the stream without its tail"
                 )
@@ -224,12 +314,22 @@ class CodecRelay:
             sample_offset=self.relayed_samples, pcm=chunk.pcm[2 * skip :], sample_rate_hz=chunk.sample_rate_hz
         )
 
+    def _playback(self) -> common_pb2.PlaybackClock:
+        """The schedule from the sample the worker will resume at."""
+        playback = common_pb2.PlaybackClock(start_buffer_s=self._clock.start_buffer_s)
+        due_in = self._clock.due_in(self.relayed_samples, time.monotonic())
+        if due_in is not None:
+            playback.first_sample_due_in_s = due_in
+        return playback
+
     async def _write(self, call: grpc.aio.StreamStreamCall, first_frame: int) -> None:
         start = codec_pb2.DecodeStart(
             request_id=self._request_id,
             first_frame_index=first_frame,
             resume_from_sample=self.relayed_samples,
             deterministic=self._deterministic,
+            seed=self._seed,
+            playback=self._playback(),
         )
         await call.write(codec_pb2.DecodeRequest(start=start))
         sent = first_frame

@@ -1,35 +1,51 @@
-"""Continuous batching over llama.cpp sequence slots.
+"""The token engine: executes the scheduler's plan on llama.cpp, one step at a time.
 
-One thread owns the llama context and runs the step loop, the way llama-server's
-slots and SGLang's scheduler do: every step carries one token for each generating
-slot, then fills the rest of the `n_batch` budget with chunked prefill of admitted
-prompts. Requests join at the next step and leave (their KV cleared) the moment
-they finish or are cancelled. Nothing here knows about gRPC: the RPC layer submits
-requests and awaits their events on the asyncio loop.
+One thread owns the llama context (through `chorus.engine_thread`, the bridge the
+codec worker's decode engine uses too). Each step it takes the commands the event loop
+posted (submit, cancel), asks the scheduler (scheduler.py) for a plan, and runs it:
+one `llama_decode` with a token for every generating slot, sampling, then each prefill
+chunk in its own `llama_decode`. It delivers complete frames to the requests' handles,
+all of a step's events in one hand-over to the loop. Nothing here knows about gRPC: the
+RPC layer submits requests and awaits their events.
+
+A request's own bad luck fails that request alone: a sampling error is retried row by
+row and only the rows that fail end (Failed), and a llama_decode that fails ends the
+sequences in that call. Anything else is an engine bug: the bridge marks the engine
+dead, fails every request it holds and refuses new ones, and the server reports
+NOT_SERVING.
+
+Step times feed the real-time capacity model (chorus.capacity) that admission reads;
+`calibrate` measures every batch size once at start so that admission knows the
+machine before the first request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
+from chorus.engine_thread import EngineThread
+from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.sampler import EOS_COLUMN, SamplingParams, SequenceSampler, gather_legal_logits, sample
+from services.token_server.scheduler import Scheduler, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
+TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND
+
 
 class QueueFullError(Exception):
-    """The engine holds as many requests as its slots and queue allow."""
+    """The engine holds as many requests as its capacity and queue allow."""
 
 
 class PromptTooLongError(ValueError):
@@ -58,6 +74,7 @@ class RequestStats:
     finished_at: float | None = None
     generated_tokens: int = 0
     frames: int = 0
+    paced_steps: int = 0  # steps this request sat out, ahead of its listener
 
     @property
     def queue_wait_s(self) -> float:
@@ -73,13 +90,13 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Failed:
+class GenerationFailed:
     """Last event of a request the engine could not finish."""
 
     message: str
 
 
-EngineEvent = Frame | Finished | Failed
+EngineEvent = Frame | Finished | GenerationFailed
 
 
 @dataclass
@@ -87,34 +104,36 @@ class GenerationRequest:
     request_id: str
     prompt: list[int]
     sampling: SamplingParams
-    max_tokens: int
-    # Generate exactly max_tokens (benchmarks: a fixed batch size for the whole run).
+    # The budget the engine obeys: generation stops after this many tokens (whole frames).
+    token_budget: int
+    # Generate exactly token_budget (benchmarks: a fixed batch size for the whole run).
     ignore_end_of_speech: bool = False
+    # The listener's schedule; the RPC layer advances it as audio is relayed.
+    playback: PlaybackClock | None = None
+    # Holds a codec stream while it runs (audio mode); codes-only requests do not.
+    needs_codec: bool = True
 
 
 class RequestHandle:
-    """The asyncio side of a request: its event stream, and a way to cancel it."""
+    """The asyncio side of a request: its event stream, its clock, and a way to cancel it."""
 
-    def __init__(self, engine: "Engine", request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.request = request
-        self.stats = RequestStats(submitted_at=time.monotonic(), prompt_tokens=len(request.prompt))
+        self.stats = RequestStats(submitted_at=now, prompt_tokens=len(request.prompt))
+        self.clock = request.playback or PlaybackClock(orpheus.SAMPLE_RATE, DEFAULT_START_BUFFER_S)
+        self.loop = loop
         self._engine = engine
-        self._loop = loop
         self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._done = False
 
-    def _deliver(self, event: EngineEvent) -> None:
-        """Called from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:
-            pass  # the loop is gone; nobody is listening
+    def _put(self, event: EngineEvent) -> None:
+        self._events.put_nowait(event)
 
     async def events(self):
-        """Frames in order, then one Finished or Failed."""
+        """Frames in order, then one Finished or GenerationFailed."""
         while not self._done:
             event = await self._events.get()
-            if isinstance(event, (Finished, Failed)):
+            if isinstance(event, (Finished, GenerationFailed)):
                 self._done = True
             yield event
 
@@ -122,30 +141,30 @@ class RequestHandle:
         """Frees the slot and KV before the engine's next step. Idempotent."""
         if not self._done:
             self._done = True
-            self._engine._post(("cancel", self))
+            self._engine._bridge.post_if_alive(_Cancel(self))
 
 
-@dataclass
-class _Active:
+@dataclass(frozen=True)
+class _Submit:
     handle: RequestHandle
-    sampler: SequenceSampler
-    prompt: np.ndarray
-    max_tokens: int
-    seq: int = -1
-    prefilled: int = 0
-    next_pos: int = 0
-    last_token: int = -1
-    generated: int = 0
-    frame: list[int] = field(default_factory=list)
-    frame_index: int = 0
 
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt)
+
+@dataclass(frozen=True)
+class _Cancel:
+    handle: RequestHandle
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], object]
+    future: concurrent.futures.Future
+
+
+Command = _Submit | _Cancel | _Call
 
 
 class Engine:
-    """N slots over one llama context; a dedicated thread runs the step loop."""
+    """N slots over one llama context, stepped on a dedicated thread."""
 
     def __init__(
         self,
@@ -155,259 +174,327 @@ class Engine:
         queue_size: int,
         ctx_per_slot: int,
         on_decode: Callable[[int], None] | None = None,
+        capacity: RealTimeCapacity | None = None,
+        pace_lead_s: float | None = 2.0,
+        codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backbone = backbone
         self.n_slots = slots
         self.n_batch = n_batch
         self.queue_size = queue_size
         self.ctx_per_slot = ctx_per_slot
-        self._slots: list[_Active | None] = [None] * slots
-        self._waiting: collections.deque[_Active] = collections.deque()
-        self._inbox: collections.deque = collections.deque()
-        self._wake = threading.Condition()
-        self._in_system = 0  # admitted + waiting, guarded by _wake
+        self.capacity = capacity or RealTimeCapacity(TOKEN_SECONDS, slots)
+        self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit)
+        self._clock = clock
         self._batch = TokenBatch(n_batch, slots)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=0.02)
+        self._count_lock = threading.Lock()
+        self._in_system = 0  # admitted + waiting, counted on submit and on the end
+        self._by_handle: dict[RequestHandle, Sequence] = {}
+        self._failed_handles: set[RequestHandle] = set()  # ended by fail_all
         self.steps = 0
         # Wall time inside llama_decode vs. the whole loop: the Python around it is the rest.
         self.decode_seconds = 0.0
         self.busy_seconds = 0.0
+        self.paced_steps = 0
         # Called on the engine thread with each llama_decode's token count (metrics).
         self._on_decode = on_decode
 
-    # -- asyncio side -------------------------------------------------------
+    # -- the event loop's side ---------------------------------------------------
+
+    @property
+    def bridge(self) -> EngineThread[Command]:
+        return self._bridge
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Queues a request; raises QueueFullError or PromptTooLongError at once."""
-        needed = len(request.prompt) + request.max_tokens + 1
+        """Queues a request; raises QueueFullError, PromptTooLongError, or the bridge's
+        EngineStopped/EngineDead at once."""
+        needed = len(request.prompt) + request.token_budget + 1
         if needed > self.ctx_per_slot:
             raise PromptTooLongError(
-                f"prompt of {len(request.prompt)} tokens plus a budget of {request.max_tokens} tokens "
+                f"prompt of {len(request.prompt)} tokens plus a budget of {request.token_budget} tokens "
                 f"needs {needed} positions, more than a slot's context of {self.ctx_per_slot}; "
                 "send shorter text (the gateway splits long text into sentences)"
             )
-        handle = RequestHandle(self, request, loop or asyncio.get_running_loop())
-        with self._wake:
-            if self._in_system >= self.n_slots + self.queue_size:
+        handle = RequestHandle(self, request, loop or asyncio.get_running_loop(), self._clock())
+        with self._count_lock:
+            held = self.scheduler.admission_limit()
+            if self._in_system >= held + self.queue_size:
                 raise QueueFullError(
-                    f"all {self.n_slots} slots are busy and {self.queue_size} requests are already waiting; "
-                    "retry later or on another token server"
+                    f"this token server holds {held} streams at real time and {self.queue_size} more may wait; "
+                    "all are taken: retry with backoff or on another token server"
                 )
             self._in_system += 1
-            self._inbox.append(("submit", handle))
-            self._wake.notify()
+        try:
+            self._bridge.post(_Submit(handle))
+        except Exception:
+            self._leave()
+            raise
         return handle
 
-    def run_in_engine(self, fn: Callable[["Engine"], object]) -> concurrent.futures.Future:
-        """Runs fn(engine) on the engine thread between two steps (for inspection)."""
+    def run_in_engine(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Runs fn(engine) on the engine thread between two steps (calibration, inspection)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(("call", fn, future))
+        self._bridge.post(_Call(fn, future))
         return future
 
     def load(self) -> tuple[int, int]:
         """(busy slots, waiting requests); read without stopping the loop."""
-        busy = sum(1 for s in self._slots if s is not None)
-        with self._wake:
+        busy = sum(1 for s in self.scheduler.slots if s is not None)
+        with self._count_lock:
             in_system = self._in_system
         return busy, max(0, in_system - busy)
 
-    # -- lifecycle ----------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._bridge.alive
+
+    # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="token-engine", daemon=True)
-        self._thread.start()
+        self._bridge.start()
 
     def stop(self) -> None:
-        """Ends the loop; requests still inside get Failed."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+        """Ends the loop; requests still inside get GenerationFailed. Blocks: call off the loop."""
+        self._bridge.stop()
         self._batch.free()
 
-    def _post(self, item: tuple) -> None:
-        with self._wake:
-            self._inbox.append(item)
-            self._wake.notify()
+    # -- the engine thread (called by the bridge) ---------------------------------
 
-    # -- engine thread ------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._wake:
-                    while not self._inbox and not self._stopping and not self._has_work():
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    inbox = list(self._inbox)
-                    self._inbox.clear()
-                for item in inbox:
-                    self._handle(item)
-                self._admit()
-                if self._has_work():
-                    started = time.perf_counter()
-                    self._step()
-                    self.busy_seconds += time.perf_counter() - started
-        except Exception as exc:  # a llama.cpp failure: fail everything, loudly
-            log.exception("engine loop failed")
-            self._fail_all(f"token engine failed: {exc}")
-            raise
-        self._fail_all("token server is shutting down")
+    def has_pending(self) -> bool:
+        return self.scheduler.has_waiting()
 
-    def _has_work(self) -> bool:
-        return any(s is not None for s in self._slots) or bool(self._waiting)
+    def step(self, commands: list[Command]) -> None:
+        for command in commands:
+            self._apply(command)
+        started = time.perf_counter()
+        plan = self.scheduler.schedule(self._clock())
+        for seq in plan.admitted:
+            seq.owner.stats.admitted_at = seq.admitted_at
+            self.backbone.clear_sequence(seq.slot)
+        if plan.empty:
+            return
+        for seq in plan.paced:
+            seq.owner.stats.paced_steps += 1
+        self.paced_steps += len(plan.paced)
+        self._run(plan)
+        self.steps += 1
+        self.busy_seconds += time.perf_counter() - started
 
-    def _handle(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "submit":
-            handle: RequestHandle = item[1]
-            req = handle.request
-            self._waiting.append(
-                _Active(handle, SequenceSampler(req.sampling), np.asarray(req.prompt, dtype=np.int32), req.max_tokens)
-            )
-        elif kind == "cancel":
-            self._cancel(item[1])
-        elif kind == "call":
-            _, fn, future = item
+    def fail_all(self, message: str, commands: list[Command]) -> None:
+        self._failed_handles = set()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._failed_handles.add(seq.owner)
             try:
-                future.set_result(fn(self))
-            except Exception as exc:
-                future.set_exception(exc)
-
-    def _cancel(self, handle: RequestHandle) -> None:
-        for act in self._waiting:
-            if act.handle is handle:
-                self._waiting.remove(act)
+                self._end(seq, GenerationFailed(message))
+            except Exception:  # the backbone may be what broke: the request still ends
+                self._emit(seq.owner, GenerationFailed(message))
+        for command in commands:
+            if isinstance(command, _Submit) and command.handle not in self._failed_handles:
                 self._leave()
-                return
-        for seq, act in enumerate(self._slots):
-            if act is not None and act.handle is handle:
-                self._release(seq)
-                return
-        # Already finished: nothing holds resources.
+                self._emit(command.handle, GenerationFailed(message))
+            elif isinstance(command, _Call) and not command.future.done():
+                command.future.set_exception(RuntimeError(message))
 
-    def _leave(self) -> None:
-        with self._wake:
-            self._in_system -= 1
+    # -- commands ----------------------------------------------------------------
 
-    def _release(self, seq: int) -> None:
-        self.backbone.clear_sequence(seq)
-        self._slots[seq] = None
-        self._leave()
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, _Submit):
+            handle = command.handle
+            req = handle.request
+            seq = Sequence(
+                request_id=req.request_id,
+                prompt=np.asarray(req.prompt, dtype=np.int32),
+                sampler=SequenceSampler(req.sampling),
+                token_budget=req.token_budget,
+                ignore_end_of_speech=req.ignore_end_of_speech,
+                clock=handle.clock,
+                submitted_at=handle.stats.submitted_at,
+                needs_codec=req.needs_codec,
+                owner=handle,
+            )
+            self._by_handle[handle] = seq
+            self.scheduler.add(seq)
+        elif isinstance(command, _Cancel):
+            seq = self._by_handle.pop(command.handle, None)
+            if seq is not None:  # else it already ended: nothing holds resources
+                self._free(seq)
+        elif isinstance(command, _Call):
+            try:
+                command.future.set_result(command.fn(self))
+            except Exception as exc:
+                command.future.set_exception(exc)
 
-    def _admit(self) -> None:
-        now = time.monotonic()
-        for seq in range(self.n_slots):
-            if not self._waiting:
-                return
-            if self._slots[seq] is None:
-                act = self._waiting.popleft()
-                act.seq = seq
-                act.handle.stats.admitted_at = now
-                self.backbone.clear_sequence(seq)
-                self._slots[seq] = act
+    # -- running a plan ----------------------------------------------------------
 
-    def _step(self) -> None:
-        """One engine step: a token for every generating slot, then chunked prefill of
-        admitted prompts in what is left of the n_batch budget.
+    def _run(self, plan: StepPlan) -> None:
+        """A token for every generating slot in the plan (one llama_decode), then each
+        prefill chunk in its own llama_decode.
 
-        The generating tokens go in one llama_decode and each prefill chunk in its own.
         With a KV stream per sequence llama.cpp splits a mixed batch into ubatches of
         equal tokens per sequence anyway (so the passes over the weights are the same),
-        and separate calls keep a prompt's chunking independent of what else runs: a
-        1-token piece of a prompt takes another kernel than a longer one, so chunks are
-        never shorter than 2 tokens.
-        """
+        and separate calls keep a prompt's chunking independent of what else runs."""
         batch = self._batch
-        batch.clear()
-        generating: list[tuple[_Active, int]] = []
-        active = [a for a in self._slots if a is not None]
-        for act in active:
-            if not act.prefilling:
-                generating.append((act, batch.add([act.last_token], act.next_pos, act.seq, True)))
-                act.next_pos += 1
-        budget = self.n_batch - batch.n_tokens
-        if generating:
-            self._decode(batch)
-            self._sample(generating)
-        for act in sorted((a for a in active if a.prefilling), key=lambda a: a.handle.stats.admitted_at):
-            remaining = len(act.prompt) - act.prefilled
-            take = min(budget, remaining)
-            if remaining - take == 1:
-                take -= 1  # never leave a 1-token tail
-            if take < 2:
-                break
-            done = take == remaining
+        if plan.decode:
+            started = time.perf_counter()
             batch.clear()
-            index = batch.add(act.prompt[act.prefilled : act.prefilled + take], act.prefilled, act.seq, done)
-            act.prefilled += take
-            budget -= take
-            self._decode(batch)
+            rows = []
+            for seq in plan.decode:
+                rows.append((seq, batch.add([seq.last_token], seq.next_pos, seq.slot, True)))
+                seq.next_pos += 1
+            if self._decode(batch, plan.decode):
+                self._sample(rows)
+            # Only steps of generating tokens measure real-time capacity; prefill is
+            # paid once per request and covered by the margin.
+            self.capacity.record(len(plan.decode), time.perf_counter() - started)
+        for seq, take in plan.prefill:
+            if seq.slot < 0:  # ended earlier in this step
+                continue
+            done = seq.prefilled + take == len(seq.prompt)
+            batch.clear()
+            index = batch.add(seq.prompt[seq.prefilled : seq.prefilled + take], seq.prefilled, seq.slot, done)
+            seq.prefilled += take
+            if not self._decode(batch, [seq]):
+                continue
             if done:
-                act.next_pos = len(act.prompt)
-                self._sample([(act, index)])
-        self.steps += 1
+                seq.next_pos = len(seq.prompt)
+                self._sample([(seq, index)])
 
-    def _decode(self, batch: TokenBatch) -> None:
+    def _decode(self, batch: TokenBatch, members: list[Sequence]) -> bool:
+        """One llama_decode; on failure the sequences in it end, the engine goes on."""
         started = time.perf_counter()
-        self.backbone.decode(batch)
-        self.decode_seconds += time.perf_counter() - started
+        try:
+            self.backbone.decode(batch)
+        except RuntimeError as err:
+            log.error("llama_decode failed for %s: %s", ", ".join(s.request_id for s in members), err)
+            for seq in members:
+                self._finish_failed(seq, f"the backbone failed on this request: {err}")
+            return False
+        finally:
+            self.decode_seconds += time.perf_counter() - started
         if self._on_decode is not None:
             self._on_decode(batch.n_tokens)
+        return True
 
-    def _sample(self, sampling: list[tuple[_Active, int]]) -> None:
-        acts = [a for a, _ in sampling]
-        generated = np.array([a.generated for a in acts])
+    def _sample(self, rows: list[tuple[Sequence, int]]) -> None:
+        seqs = [s for s, _ in rows]
+        generated = np.array([s.generated for s in seqs])
         positions = generated % orpheus.CODES_PER_FRAME
         eos_allowed = (positions == 0) & (generated > 0)
-        eos_allowed &= np.array([not a.handle.request.ignore_end_of_speech for a in acts])
-        legal = gather_legal_logits([self.backbone.logits_at(i) for _, i in sampling], positions)
-        choices = sample(legal, [a.sampler for a in acts], positions, eos_allowed)
-        now = time.monotonic()
-        for act, position, choice in zip(acts, positions.tolist(), choices.tolist()):
-            stats = act.handle.stats
-            if stats.first_token_at is None:
-                stats.first_token_at = now
-            if choice == EOS_COLUMN:
-                self._finish(act, "end_of_speech", now)
-                continue
-            act.sampler.record(position, choice)
-            act.last_token = orpheus.AUDIO_TOKEN_BASE + position * orpheus.CODEBOOK_SIZE + choice
-            act.generated += 1
-            stats.generated_tokens = act.generated
-            act.frame.append(choice)
-            if len(act.frame) == orpheus.CODES_PER_FRAME:
-                if stats.first_frame_at is None:
-                    stats.first_frame_at = now
-                act.handle._deliver(Frame(act.frame_index, tuple(act.frame)))
-                act.frame_index += 1
-                stats.frames = act.frame_index
-                if act.frame_index == orpheus.DECODER_LOOKAHEAD_FRAMES:
-                    stats.decodable_at = now
-                act.frame = []
-                if act.generated >= act.max_tokens:
-                    self._finish(act, "max_tokens", now)
+        eos_allowed &= np.array([not s.ignore_end_of_speech for s in seqs])
+        logits = [self.backbone.logits_at(i) for _, i in rows]
+        try:
+            choices = sample(gather_legal_logits(logits, positions), [s.sampler for s in seqs], positions, eos_allowed)
+            picked = list(zip(seqs, positions.tolist(), choices.tolist()))
+        except Exception:
+            # One request's numbers broke the batch: sample row by row and fail only
+            # the rows that fail. Each row uses its own generator, so the others get
+            # the tokens they would have had.
+            picked = []
+            for k, seq in enumerate(seqs):
+                try:
+                    choice = sample(gather_legal_logits([logits[k]], positions[k : k + 1]), [seq.sampler],
+                                    positions[k : k + 1], eos_allowed[k : k + 1])
+                    picked.append((seq, int(positions[k]), int(choice[0])))
+                except Exception as err:
+                    log.exception("sampling failed for %s", seq.request_id)
+                    self._finish_failed(seq, f"sampling failed for this request: {err}")
+        now = self._clock()
+        for seq, position, choice in picked:
+            self._advance(seq, position, choice, now)
 
-    def _finish(self, act: _Active, reason: str, now: float) -> None:
-        act.handle.stats.finished_at = now
-        if act.handle.stats.decodable_at is None:  # shorter than the lookahead: the end flushes it
-            act.handle.stats.decodable_at = now
-        self._release(act.seq)
-        act.handle._deliver(Finished(reason, act.handle.stats))
+    def _advance(self, seq: Sequence, position: int, choice: int, now: float) -> None:
+        stats = seq.owner.stats
+        if stats.first_token_at is None:
+            stats.first_token_at = now
+        if choice == EOS_COLUMN:
+            self._finish(seq, "end_of_speech", now)
+            return
+        seq.sampler.record(position, choice)
+        seq.last_token = orpheus.AUDIO_TOKEN_BASE + position * orpheus.CODEBOOK_SIZE + choice
+        seq.generated += 1
+        stats.generated_tokens = seq.generated
+        seq.frame.append(choice)
+        if len(seq.frame) < orpheus.CODES_PER_FRAME:
+            return
+        if stats.first_frame_at is None:
+            stats.first_frame_at = now
+        self._emit(seq.owner, Frame(seq.frames, tuple(seq.frame)))
+        seq.frames += 1
+        stats.frames = seq.frames
+        if seq.frames == orpheus.DECODER_LOOKAHEAD_FRAMES:
+            stats.decodable_at = now
+        seq.frame = []
+        if seq.generated >= seq.token_budget:
+            self._finish(seq, "max_tokens", now)
 
-    def _fail_all(self, message: str) -> None:
-        for seq, act in enumerate(self._slots):
-            if act is not None:
-                self._slots[seq] = None
-                act.handle._deliver(Failed(message))
-        while self._waiting:
-            self._waiting.popleft().handle._deliver(Failed(message))
-        for item in self._inbox:
-            if item[0] == "submit":
-                item[1]._deliver(Failed(message))
-            elif item[0] == "call":
-                item[2].set_exception(RuntimeError(message))
-        self._inbox.clear()
+    # -- endings -----------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        stats = seq.owner.stats
+        stats.finished_at = now
+        if stats.decodable_at is None:  # shorter than the lookahead: the end flushes it
+            stats.decodable_at = now
+        self._end(seq, Finished(reason, stats))
+
+    def _finish_failed(self, seq: Sequence, message: str) -> None:
+        self._end(seq, GenerationFailed(message))
+
+    def _end(self, seq: Sequence, event: EngineEvent) -> None:
+        self._by_handle.pop(seq.owner, None)
+        self._free(seq)
+        self._emit(seq.owner, event)
+
+    def _free(self, seq: Sequence) -> None:
+        """Takes the sequence out of the scheduler and clears its KV before the next step."""
+        slot = seq.slot
+        if self.scheduler.remove(seq):
+            self.backbone.clear_sequence(slot)
+        self._leave()
+
+    def _leave(self) -> None:
+        with self._count_lock:
+            self._in_system -= 1
+
+    def _emit(self, handle: RequestHandle, event: EngineEvent) -> None:
+        self._bridge.events.add(handle.loop, handle._put, event)
+
+    # -- calibration ---------------------------------------------------------------
+
+    def calibrate(self, steps: int = 6) -> dict[int, float]:
+        """Measures a generating step at every batch size (engine thread only, before
+        serving): prompts prefilled into every slot, then `steps` decode-and-sample
+        steps per size. Returns seconds per step by batch size."""
+        if self.scheduler.has_work() or self.scheduler.has_waiting():
+            raise RuntimeError("calibrate only an idle engine")
+        prompt = np.asarray(orpheus.wrap_prompt([orpheus.BOS] + [1] * 8), dtype=np.int32)
+        measured = {}
+        sampler_params = SamplingParams(seed=0)
+        for size in range(1, self.n_slots + 1):
+            samplers = [SequenceSampler(sampler_params) for _ in range(size)]
+            for slot in range(size):
+                self.backbone.clear_sequence(slot)
+                self._batch.clear()
+                self._batch.add(prompt, 0, slot, True)
+                self.backbone.decode(self._batch)
+            elapsed = []
+            for step in range(steps + 1):
+                started = time.perf_counter()
+                self._batch.clear()
+                indices = [self._batch.add([orpheus.AUDIO_TOKEN_BASE + (step % 7) * orpheus.CODEBOOK_SIZE],
+                                           len(prompt) + step, slot, True) for slot in range(size)]
+                self.backbone.decode(self._batch)
+                positions = np.full(size, step % orpheus.CODES_PER_FRAME)
+                legal = gather_legal_logits([self.backbone.logits_at(i) for i in indices], positions)
+                sample(legal, samplers, positions, np.zeros(size, dtype=bool))
+                if step:  # the first step of a size warms caches
+                    elapsed.append(time.perf_counter() - started)
+            measured[size] = float(np.median(elapsed))
+            self.capacity.record(size, measured[size])
+            for slot in range(size):
+                self.backbone.clear_sequence(slot)
+        return measured

@@ -104,9 +104,14 @@ class LlamaBackbone:
     logits depended (by ~1e-2) on where chunked prefill cut it.
     """
 
-    def __init__(self, model_path: Path, n_ctx: int, n_batch: int, n_seq_max: int, threads: int) -> None:
+    def __init__(
+        self, model_path: Path, n_ctx: int, n_batch: int, n_seq_max: int, threads: int, gpu_layers: int = 0
+    ) -> None:
         init_backend()
         model_params = llama.llama_model_default_params()
+        # Layers kept in VRAM; llama.cpp reads a negative count as all of them.
+        model_params.n_gpu_layers = gpu_layers
+        self.gpu_layers = gpu_layers
         self.model = llama.llama_model_load_from_file(str(model_path).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}: is it a GGUF of a llama-architecture model?")

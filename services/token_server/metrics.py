@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from chorus.telemetry import LATENCY_BUCKETS, TOKEN_SERVER, metric_name
+from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name
 
 REGISTRY = CollectorRegistry()
+
+# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+RPC = RpcMetrics(TOKEN_SERVER, REGISTRY)
 
 # llama_decode batch sizes: one token per generating slot plus chunked prefill.
 _BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -47,4 +50,10 @@ CAPACITY_HEADROOM = Gauge(
     "Capacity minus active and queued streams; negative when requests wait for capacity. "
     "The signal token servers autoscale on.",
     registry=REGISTRY,
+)
+REFUSED_CALLS = Counter(
+    metric_name(TOKEN_SERVER, "refused_calls"),
+    "Calls refused before any work, by reason: not_allowed (client certificate of another tier), "
+    "client_limit (the client already holds its most streams).",
+    ["reason"], registry=REGISTRY,
 )

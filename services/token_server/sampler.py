@@ -32,18 +32,18 @@ _SMALLEST_TEMPERATURE = np.finfo(np.float32).tiny
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Resolved sampling parameters of one request."""
+    """Resolved sampling parameters of one request: what the sampler reads. How many
+    tokens to generate is the engine's (GenerationRequest.token_budget), not here."""
 
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.1
-    max_tokens: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = sampling_problems(lambda name: getattr(self, name))
+        problems = sampling_problems(lambda name: getattr(self, name, None))
         if problems:
             raise ValueError("; ".join(problems))
 

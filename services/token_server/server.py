@@ -6,15 +6,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from services.token_server import metrics
+from chorus.capacity import RealTimeCapacity
+from chorus.auth import CallGuard
+from chorus.telemetry import CODEC_WORKER
+from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.serving import RunningServer, new_server, serve_with_health
+from services.token_server import metrics
 from services.token_server.codec_relay import CodecPool
 from services.token_server.config import TokenServerConfig
-from services.token_server.engine import Engine
+from services.token_server.engine import TOKEN_SECONDS, Engine
 from services.token_server.llama_backend import LlamaBackbone
-from services.token_server.servicer import TokenServicer
+from services.token_server.servicer import TokenServicer, capacity_streams
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
@@ -27,25 +34,45 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         n_ctx=config.slots * config.ctx_per_slot,
         n_batch=config.n_batch,
         n_seq_max=config.slots,
-        threads=config.threads,
+        threads=config.llama_threads,
+        gpu_layers=config.gpu_layers,
     )
+    pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER))
+    await pool.start()
     engine = Engine(
         backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
         on_decode=metrics.BATCH_TOKENS.observe,
+        capacity=RealTimeCapacity(TOKEN_SECONDS, config.slots, config.capacity_margin,
+                                  enforce=config.realtime_admission),
+        pace_lead_s=config.pace_lead_s,
+        codec_streams_limit=pool.streams_limit,
     )
     engine.start()
-    pool = CodecPool(config.codec_workers)
-    await pool.start()
+    if config.calibrate:
+        measured = await asyncio.wrap_future(engine.run_in_engine(lambda e: e.calibrate()))
+        log.info("step seconds by batch size: %s; real-time capacity %d streams",
+                 ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
 
-    server = new_server()
+    guard = CallGuard(
+        allowed_clients=config.allowed_clients if config.tls else (),
+        max_streams_per_client=config.max_streams_per_client,
+        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+    )
+    server = new_server(metrics.RPC, [guard] if guard.active else [])
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
-    running = await serve_with_health(server, [SERVICE_NAME], port, config.host)
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
+    running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
     # SERVING only while a codec worker is (or none is configured: codes only).
     pool.on_availability = lambda available: running.set_condition("codec_workers", available)
     await running.set_condition("codec_workers", pool.available())
 
-    gauges = asyncio.create_task(_publish_load(engine))
+    def engine_died(error: BaseException) -> None:
+        log.error("the token engine died (%s): NOT_SERVING", error)
+        asyncio.ensure_future(running.set_serving(False))
+
+    engine.bridge.on_death(engine_died)
+    gauges = asyncio.create_task(_publish_load(engine, pool))
 
     async def release() -> None:
         gauges.cancel()
@@ -58,10 +85,14 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     return running
 
 
-async def _publish_load(engine: Engine, interval_s: float = 0.5) -> None:
-    """Slot and queue gauges, sampled: the engine thread never touches them."""
+async def _publish_load(engine: Engine, pool: CodecPool, interval_s: float = 0.5) -> None:
+    """Slot, queue and capacity gauges, sampled: the engine thread never touches them."""
     while True:
         busy, waiting = engine.load()
+        capacity = capacity_streams(engine, pool)
         metrics.SLOTS_BUSY.set(busy)
         metrics.QUEUE_DEPTH.set(waiting)
+        metrics.ACTIVE_STREAMS.set(busy)
+        metrics.CAPACITY_STREAMS.set(capacity)
+        metrics.CAPACITY_HEADROOM.set(capacity - busy - waiting)
         await asyncio.sleep(interval_s)

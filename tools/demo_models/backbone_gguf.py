@@ -4,8 +4,9 @@ What is exact: the Orpheus vocabulary (156,940 tokens; the Llama-3 specials and 
 `<custom_token_N>` at 128256 + N as CONTROL tokens), the special ids, the Llama-3
 byte-level BPE tokenizer type (so any UTF-8 text tokenizes, byte by byte), rope
 theta 500000 with llama3 frequency scaling, and tied embeddings. What is small: the
-transformer, sized so that one stream generates faster than real time on 2 CPU cores
-(DESIGN.md). Random weights speak noise, but cost what a model of this size costs.
+transformer (hidden 256, 4 layers, FFN 768, 4 heads, 2 KV heads), sized so that one
+stream generates several times faster than real time on 2 CPU cores. Random weights
+speak noise, but cost what a model of this size costs.
 Matrices are Q8_0, as deployed Orpheus GGUFs are quantized: llama.cpp's quantized
 CPU matmul gives a sequence the same logits whatever else is in the batch.
 """

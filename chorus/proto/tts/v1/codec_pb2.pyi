@@ -43,17 +43,19 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds")
+    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds", "capacity_streams")
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DECODE_RATE_FIELD_NUMBER: _ClassVar[int]
     BUSY_RATIO_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_STREAMS_FIELD_NUMBER: _ClassVar[int]
     open_streams: int
     max_streams: int
     device: str
     decode_rate: float
     busy_ratio: float
     lag_seconds: float
-    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
+    capacity_streams: int
+    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., capacity_streams: _Optional[int] = ...) -> None: ...

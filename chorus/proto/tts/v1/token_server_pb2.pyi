@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "voice", "sampling", "codes_only", "deterministic_audio", "playback")
+    __slots__ = ("request_id", "text", "voice", "sampling", "codes_only", "deterministic_audio", "playback", "resume_from_sample", "verify_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VOICE_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,8 @@ class GenerateRequest(_message.Message):
     CODES_ONLY_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_AUDIO_FIELD_NUMBER: _ClassVar[int]
     PLAYBACK_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     voice: str
@@ -22,17 +24,29 @@ class GenerateRequest(_message.Message):
     codes_only: bool
     deterministic_audio: bool
     playback: _common_pb2.PlaybackClock
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., voice: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., codes_only: _Optional[bool] = ..., deterministic_audio: _Optional[bool] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ...) -> None: ...
+    resume_from_sample: int
+    verify_frames: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., voice: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., codes_only: _Optional[bool] = ..., deterministic_audio: _Optional[bool] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ..., resume_from_sample: _Optional[int] = ..., verify_frames: _Optional[int] = ...) -> None: ...
+
+class CodeDigest(_message.Message):
+    __slots__ = ("frames", "digest")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    frames: int
+    digest: int
+    def __init__(self, frames: _Optional[int] = ..., digest: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("audio", "frames", "summary")
+    __slots__ = ("audio", "frames", "summary", "codes")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
     audio: _common_pb2.PcmChunk
     frames: _common_pb2.CodeFrames
     summary: _common_pb2.SynthesisSummary
-    def __init__(self, audio: _Optional[_Union[_common_pb2.PcmChunk, _Mapping]] = ..., frames: _Optional[_Union[_common_pb2.CodeFrames, _Mapping]] = ..., summary: _Optional[_Union[_common_pb2.SynthesisSummary, _Mapping]] = ...) -> None: ...
+    codes: CodeDigest
+    def __init__(self, audio: _Optional[_Union[_common_pb2.PcmChunk, _Mapping]] = ..., frames: _Optional[_Union[_common_pb2.CodeFrames, _Mapping]] = ..., summary: _Optional[_Union[_common_pb2.SynthesisSummary, _Mapping]] = ..., codes: _Optional[_Union[CodeDigest, _Mapping]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

@@ -40,8 +40,33 @@ app.kubernetes.io/part-of: chorus
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 {{- end -}}
 
+{{/* An image of .Values.images ("cpu", "cuda", "gateway"): dict root, kind. */}}
 {{- define "chorus.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $image := index .root.Values.images .kind -}}
+{{ $image.repository }}:{{ $image.tag | default .root.Chart.AppVersion }}
+{{- end -}}
+
+{{- define "chorus.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{ .Values.serviceAccount.name | default (include "chorus.fullname" .) }}
+{{- else -}}
+{{ .Values.serviceAccount.name | default "default" }}
+{{- end -}}
+{{- end -}}
+
+{{/* Where traces go: the chosen endpoint, else the bundled Jaeger, else nowhere. */}}
+{{- define "chorus.otlpEndpoint" -}}
+{{- if .Values.otlpEndpoint -}}
+{{ .Values.otlpEndpoint }}
+{{- else if .Values.jaeger.enabled -}}
+{{ include "chorus.name" (dict "root" . "component" "jaeger") }}:4317
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding a tier's certificate (cert-manager's or the user's). */}}
+{{- define "chorus.tlsSecret" -}}
+{{- $given := index .root.Values.tls (printf "%sSecretName" .key) -}}
+{{ $given | default (printf "%s-tls" (include "chorus.name" .)) }}
 {{- end -}}
 
 {{/* host:port of a component's Service, as the other components dial it. */}}

@@ -1,14 +1,16 @@
 {{/*
-The three services are deployed alike (one image, gRPC health, SIGTERM drain,
-metrics), so one Deployment, Service and PodDisruptionBudget template serves all.
-They take the component dict of _helpers.tpl plus:
+The three services are deployed alike (gRPC health, SIGTERM drain, metrics, one
+ServiceAccount), so one Deployment, Service, PodDisruptionBudget and
+HorizontalPodAutoscaler template serves all. They take the component dict of
+_helpers.tpl plus:
+  key         the component's key in .Values.tls (gateway, tokenServer, codecWorker)
   values      the component's values (port, replicas, drainGraceSeconds, resources...)
-  module      what `python -m` runs
-  autoscaled  leave replicas to an HPA
+  command     the console script the image runs (chorus-gateway...)
+  image       images.<kind> to run when the tier has no GPU
   env         extra environment, name -> value
   models      mount the models volume (the gateway has no weights)
-  gpu         nvidia.com/gpu per pod, 0 for none (codec worker only)
   headless    Service without a cluster IP
+  metrics     the HPA's Pods metrics: list of dict name, target
 */}}
 
 {{- define "chorus.deployment" -}}
@@ -17,10 +19,13 @@ They take the component dict of _helpers.tpl plus:
 {{- $grace := include "chorus.terminationGrace" . | int -}}
 {{- $resources := deepCopy $v.resources -}}
 {{- $tolerations := $v.tolerations -}}
-{{- if .gpu -}}
-{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" .gpu) (default (dict) $resources.limits)) -}}
+{{- $gpu := and (hasKey $v "gpu") $v.gpu.enabled -}}
+{{- $image := ternary "cuda" .image $gpu -}}
+{{- if $gpu -}}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" $v.gpu.count) (default (dict) $resources.limits)) -}}
 {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") -}}
 {{- end -}}
+{{- $tls := $root.Values.tls.enabled -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -28,7 +33,7 @@ metadata:
   labels:
     {{- include "chorus.labels" . | nindent 4 }}
 spec:
-  {{- if not .autoscaled }}
+  {{- if not $v.autoscaling.enabled }}
   replicas: {{ $v.replicas }}
   {{- end }}
   selector:
@@ -48,10 +53,18 @@ spec:
       annotations:
         # Roll the pods when the shared environment changes.
         checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+        {{- if $root.Values.monitoring.podAnnotations }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $root.Values.metricsPort | quote }}
         prometheus.io/path: /metrics
+        {{- end }}
+        {{- with $v.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
     spec:
+      serviceAccountName: {{ include "chorus.serviceAccountName" $root }}
+      # The services call no Kubernetes API: no token in the pod.
+      automountServiceAccountToken: false
       # preStop sleep + the service's drain + slack; the service stops on its
       # own before the kubelet's SIGKILL.
       terminationGracePeriodSeconds: {{ $grace }}
@@ -61,29 +74,41 @@ spec:
       {{- end }}
       securityContext:
         {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
-      {{- if and .models (eq $root.Values.models.source "demo") }}
+      {{- if .models }}
       initContainers:
+        {{- if eq $root.Values.models.source "demo" }}
         # Same seed, same bytes: every pod builds identical demo weights.
         - name: demo-models
-          image: {{ include "chorus.image" $root }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: [python, -m, tools.cli, models, demo, --dir, {{ $root.Values.models.mountPath }}]
+          image: {{ include "chorus.image" (dict "root" $root "kind" "cpu") }}
+          imagePullPolicy: {{ $root.Values.images.pullPolicy }}
+          command: [chorus, models, demo, --dir, {{ $root.Values.models.mountPath }}]
+        {{- else }}
+        # The weights may still be on their way (models.fetch): start once they are there.
+        - name: wait-for-models
+          image: {{ include "chorus.image" (dict "root" $root "kind" $image) }}
+          imagePullPolicy: {{ $root.Values.images.pullPolicy }}
+          command: [python, -m, tools.fetch_models, --wait, --dir, {{ $root.Values.models.mountPath }},
+                    --backbone-name, {{ $root.Values.models.backbone }}, --snac-name, {{ $root.Values.models.snacDir }}]
+        {{- end }}
           env:
             - name: HOME
               value: /tmp
+          resources:
+            {{- toYaml $v.resources | nindent 12 }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
             - name: models
               mountPath: {{ $root.Values.models.mountPath }}
+              readOnly: {{ ne $root.Values.models.source "demo" }}
             - name: tmp
               mountPath: /tmp
       {{- end }}
       containers:
         - name: {{ .component }}
-          image: {{ include "chorus.image" $root }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: [python, -m, {{ .module }}]
+          image: {{ include "chorus.image" (dict "root" $root "kind" $image) }}
+          imagePullPolicy: {{ $root.Values.images.pullPolicy }}
+          command: [{{ .command }}]
           envFrom:
             - configMapRef:
                 name: {{ include "chorus.name" (dict "root" $root "component" "config") }}
@@ -99,6 +124,21 @@ spec:
             {{- range $name, $value := .env }}
             - name: {{ $name }}
               value: {{ $value | quote }}
+            {{- end }}
+            {{- if $tls }}
+            - name: CHORUS_TLS_CERT
+              value: /etc/chorus/tls/tls.crt
+            - name: CHORUS_TLS_KEY
+              value: /etc/chorus/tls/tls.key
+            - name: CHORUS_TLS_CA
+              value: /etc/chorus/tls/ca.crt
+            {{- end }}
+            {{- if and (eq .component "gateway") $v.apiKeysSecret }}
+            - name: CHORUS_API_KEYS_FILE
+              value: /etc/chorus/api-keys/keys
+            {{- end }}
+            {{- with $v.extraEnv }}
+            {{- toYaml . | nindent 12 }}
             {{- end }}
           ports:
             - name: grpc
@@ -118,7 +158,7 @@ spec:
             grpc:
               port: {{ $v.port }}
             periodSeconds: 5
-            # A busy 2-core pod can be slow to answer; slow is not unready.
+            # A busy pod can be slow to answer; slow is not unready.
             timeoutSeconds: 3
             failureThreshold: 2
           livenessProbe:
@@ -135,18 +175,26 @@ spec:
               # (NOT_SERVING, drain) follows.
               exec:
                 command: [sleep, {{ $root.Values.preStopSleepSeconds | quote }}]
+          # The CPU limit is also the services' thread count: they read their
+          # cgroup quota.
           resources:
             {{- toYaml $resources | nindent 12 }}
-          {{- if and (hasKey . "gpu") (not .gpu) }}
-          # GPU pool: set codec.gpu.enabled=true in the Helm chart, or add
-          # `nvidia.com/gpu: 1` under limits and the nvidia.com/gpu toleration.
-          {{- end }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
             {{- if .models }}
             - name: models
               mountPath: {{ $root.Values.models.mountPath }}
+              readOnly: true
+            {{- end }}
+            {{- if $tls }}
+            - name: tls
+              mountPath: /etc/chorus/tls
+              readOnly: true
+            {{- end }}
+            {{- if and (eq .component "gateway") $v.apiKeysSecret }}
+            - name: api-keys
+              mountPath: /etc/chorus/api-keys
               readOnly: true
             {{- end }}
             - name: tmp
@@ -161,6 +209,18 @@ spec:
             claimName: {{ include "chorus.modelsClaim" $root }}
             readOnly: true
           {{- end }}
+        {{- end }}
+        {{- if $tls }}
+        - name: tls
+          secret:
+            secretName: {{ include "chorus.tlsSecret" . }}
+        {{- end }}
+        {{- if and (eq .component "gateway") $v.apiKeysSecret }}
+        # Mounted as a directory, not a subPath: Kubernetes then updates the file
+        # in place when the Secret changes, and the gateway re-reads it.
+        - name: api-keys
+          secret:
+            secretName: {{ $v.apiKeysSecret }}
         {{- end }}
         - name: tmp
           emptyDir: {}
@@ -193,6 +253,10 @@ metadata:
   name: {{ include "chorus.name" . }}
   labels:
     {{- include "chorus.labels" . | nindent 4 }}
+  {{- with (and (not .headless) .values.service.annotations) }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 spec:
   {{- if .headless }}
   # Headless: DNS answers with every ready pod, so the caller spreads its
@@ -230,11 +294,66 @@ spec:
       {{- include "chorus.selectorLabels" . | nindent 6 }}
 {{- end -}}
 
-{{/* Deployment, Service and PodDisruptionBudget of one component. */}}
+{{/*
+Pods metrics come from prometheus-adapter with the rules in
+deploy/prometheus-adapter/values.yaml; each names a metric a service exports
+(or, for a ratio, the metrics it is computed from).
+*/}}
+{{- define "chorus.hpa" -}}
+{{- $a := .values.autoscaling -}}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "%s: autoscaling.minReplicas must not exceed maxReplicas" .component) }}
+{{- end }}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "chorus.name" . }}
+  labels:
+    {{- include "chorus.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "chorus.name" . }}
+  minReplicas: {{ $a.minReplicas }}
+  maxReplicas: {{ $a.maxReplicas }}
+  # The largest count any metric asks for wins.
+  metrics:
+    {{- range .metrics }}
+    - type: Pods
+      pods:
+        metric:
+          name: {{ .name }}
+        target:
+          type: AverageValue
+          averageValue: {{ .target | quote }}
+    {{- end }}
+  behavior:
+    # Up at once: a stream that waits for capacity underruns.
+    scaleUp:
+      stabilizationWindowSeconds: 0
+      policies:
+        - type: Percent
+          value: 100
+          periodSeconds: 30
+    # Down slowly, a pod at a time: each removal drains its streams.
+    scaleDown:
+      stabilizationWindowSeconds: 300
+      policies:
+        - type: Pods
+          value: 1
+          periodSeconds: 60
+{{- end -}}
+
+{{/* Deployment, Service, PodDisruptionBudget and (when on) HPA of one component. */}}
 {{- define "chorus.component" -}}
 {{ include "chorus.deployment" . }}
 ---
 {{ include "chorus.service" . }}
 ---
 {{ include "chorus.pdb" . }}
+{{- if .values.autoscaling.enabled }}
+---
+{{ include "chorus.hpa" . }}
+{{- end }}
 {{- end -}}

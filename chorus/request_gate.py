@@ -62,7 +62,7 @@ async def _responses(outcome) -> AsyncIterator[Any]:
         await _result(outcome)
 
 
-class CallGuard(grpc.aio.ServerInterceptor):
+class RequestGate(grpc.aio.ServerInterceptor):
     """One per server (`chorus.serving.new_server`); see the module's docstring."""
 
     def __init__(self) -> None:

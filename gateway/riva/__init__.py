@@ -1,0 +1,1 @@
+"""NVIDIA Riva's TTS service on the gateway's gRPC port (protos/riva)."""

@@ -1,0 +1,194 @@
+"""Decides each step of the token engine: who joins, who generates, who prefills.
+
+The split follows vLLM v1 (a scheduler plans a step, the engine core executes it): the
+scheduler owns the waiting queue and the slots and returns a `StepPlan`; the engine
+(engine.py) runs the plan on llama.cpp and reports back what finished. Nothing here
+touches llama.cpp, so every decision is testable with a fake clock.
+
+Three decisions, each for real time rather than for throughput alone:
+
+- Admission by capacity. A waiting request gets a slot only while the streams in
+  slots are fewer than the real-time capacity (`RealTimeCapacity`, learned from this
+  engine's step times) and the codec pool has room for one more stream. Past that it
+  waits: admitting it would slow every running stream below real time, so that all of
+  them stall instead of none.
+- Pacing. A generating stream whose lead (audio generated beyond what its listener has
+  played) exceeds `pace_lead_s` sits the step out, its KV kept, whenever another stream
+  needs the step: one that is behind, one still waiting for its first audio, a prompt to
+  prefill, or a request to admit. Steps then run smaller and faster for those who need
+  them. With nobody in need everybody generates, so a lone stream runs as fast as the
+  machine allows. Sitting out never changes a stream's tokens: its KV, position and
+  random generator are untouched, and llama.cpp's per-sequence KV streams make its
+  logits independent of which other sequences share a step.
+- Chunked prefill. Prompts of admitted requests fill what the generating tokens leave
+  of the `n_batch` budget, oldest admission first, in chunks of at least 2 tokens (a
+  1-token chunk takes another kernel and would change the prompt's logits).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
+from chorus.playback import PlaybackClock
+from services.token_server.sampler import SequenceSampler
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine: what the scheduler decides on and what the engine
+    advances. `owner` is the engine's handle for delivering events."""
+
+    request_id: str
+    prompt: np.ndarray
+    sampler: SequenceSampler
+    token_budget: int  # generation stops after this many tokens (whole frames)
+    ignore_end_of_speech: bool
+    clock: PlaybackClock
+    submitted_at: float
+    needs_codec: bool = True
+    owner: object = None
+    slot: int = -1
+    admitted_at: float | None = None
+    prefilled: int = 0
+    next_pos: int = 0
+    last_token: int = -1
+    generated: int = 0
+    frame: list[int] = field(default_factory=list)
+    frames: int = 0  # complete frames delivered
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+    def lead(self, now: float) -> float | None:
+        """Seconds of audio generated beyond what the listener has played; None before
+        its first audio (the clock starts there)."""
+        return self.clock.lead(now, delivered=self.frames * orpheus.SAMPLES_PER_FRAME)
+
+
+@dataclass
+class StepPlan:
+    admitted: list[Sequence] = field(default_factory=list)  # took a slot this step (KV to clear)
+    decode: list[Sequence] = field(default_factory=list)  # one token each
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to take)
+    paced: list[Sequence] = field(default_factory=list)  # generating, sitting this step out
+
+    @property
+    def empty(self) -> bool:
+        return not (self.decode or self.prefill)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        slots: int,
+        n_batch: int,
+        capacity: RealTimeCapacity,
+        pace_lead_s: float | None = 2.0,
+        codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
+    ) -> None:
+        self.n_slots = slots
+        self.n_batch = n_batch
+        self.capacity = capacity
+        self.pace_lead_s = pace_lead_s
+        # Codec streams this server may hold now (its share of the pool's room).
+        self.codec_streams_limit = codec_streams_limit
+        self.slots: list[Sequence | None] = [None] * slots
+        self.waiting: collections.deque[Sequence] = collections.deque()
+
+    # -- membership ------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> bool:
+        """Drops a sequence wherever it is; True if it held a slot (its KV must go)."""
+        if seq.slot >= 0 and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+            seq.slot = -1
+            return True
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            pass
+        return False
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    def has_waiting(self) -> bool:
+        return bool(self.waiting)
+
+    def admission_limit(self) -> int:
+        """Streams that may hold slots now: slots, real-time capacity, codec room."""
+        return min(self.n_slots, self.capacity.streams())
+
+    # -- the plan --------------------------------------------------------------
+
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan(admitted=self._admit(now))
+        running = self.running
+        generating = [s for s in running if not s.prefilling]
+        prefilling = sorted((s for s in running if s.prefilling), key=lambda s: s.admitted_at or 0.0)
+        plan.decode, plan.paced = self._pace(generating, bool(prefilling), now)
+        budget = self.n_batch - len(plan.decode)
+        for seq in prefilling:
+            remaining = len(seq.prompt) - seq.prefilled
+            take = min(budget, remaining)
+            if remaining - take == 1:
+                take -= 1  # never leave a 1-token tail
+            if take < 2:
+                break
+            plan.prefill.append((seq, take))
+            budget -= take
+        return plan
+
+    def _admit(self, now: float) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        if not self.waiting:
+            return admitted
+        running = self.running
+        limit = self.admission_limit()
+        codec_limit = self.codec_streams_limit()
+        with_codec = sum(1 for s in running if s.needs_codec)
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        while self.waiting and free and len(running) + len(admitted) < limit:
+            seq = self.waiting[0]
+            if seq.needs_codec and with_codec >= codec_limit:
+                break  # first come, first served: no overtaking by codes-only requests
+            self.waiting.popleft()
+            seq.slot = free.pop(0)
+            seq.admitted_at = now
+            self.slots[seq.slot] = seq
+            admitted.append(seq)
+            with_codec += seq.needs_codec
+        return admitted
+
+    def _pace(self, generating: list[Sequence], prefilling: bool, now: float) -> tuple[list[Sequence], list[Sequence]]:
+        if self.pace_lead_s is None or not generating:
+            return generating, []
+        ahead = []
+        for seq in generating:
+            lead = seq.lead(now)
+            if lead is not None and lead > self.pace_lead_s:
+                ahead.append(seq)
+        if not ahead:
+            return generating, []
+        someone_needs_the_step = len(ahead) < len(generating) or prefilling or self._can_admit()
+        if not someone_needs_the_step:
+            return generating, []
+        behind = [s for s in generating if s not in ahead]
+        return behind, ahead
+
+    def _can_admit(self) -> bool:
+        return bool(self.waiting) and any(s is None for s in self.slots) and len(self.running) < self.admission_limit()

@@ -1,0 +1,156 @@
+"""The token engine's scheduler with fake clocks and fake step times: admission by
+real-time capacity, pacing, chunked prefill. No llama.cpp here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
+from chorus.playback import PlaybackClock
+from services.token_server.engine import TOKEN_SECONDS
+from services.token_server.sampler import SamplingParams, SequenceSampler
+from services.token_server.scheduler import Scheduler, Sequence
+
+NOW = 1000.0
+
+
+def capacity_of(streams_held: int, slots: int = 8) -> RealTimeCapacity:
+    """A capacity model that measured steps fast enough for exactly `streams_held` streams."""
+    capacity = RealTimeCapacity(TOKEN_SECONDS, slots, margin=0.0, smoothing=1.0)
+    for size in range(1, slots + 1):
+        # Under the budget up to streams_held, over it beyond.
+        capacity.record(size, TOKEN_SECONDS * (0.5 if size <= streams_held else 1.5))
+    assert capacity.streams() == streams_held
+    return capacity
+
+
+def sequence(name: str, prompt_tokens: int = 10, clock: PlaybackClock | None = None, generating: bool = False,
+             frames: int = 0, needs_codec: bool = True) -> Sequence:
+    seq = Sequence(
+        request_id=name,
+        prompt=np.arange(prompt_tokens, dtype=np.int32),
+        sampler=SequenceSampler(SamplingParams(seed=0)),
+        token_budget=700,
+        ignore_end_of_speech=False,
+        clock=clock or PlaybackClock(orpheus.SAMPLE_RATE),
+        submitted_at=NOW,
+        needs_codec=needs_codec,
+    )
+    if generating:
+        seq.prefilled = prompt_tokens
+        seq.frames = frames
+    return seq
+
+
+def ahead_by(seconds: float) -> PlaybackClock:
+    """A clock whose first sample is due in `seconds` (its listener is that far from needing audio)."""
+    return PlaybackClock.scheduled(orpheus.SAMPLE_RATE, NOW + seconds)
+
+
+def place(scheduler: Scheduler, *seqs: Sequence) -> None:
+    for seq in seqs:
+        seq.slot = scheduler.slots.index(None)
+        seq.admitted_at = NOW
+        scheduler.slots[seq.slot] = seq
+
+
+def test_admission_stops_at_real_time_capacity_and_resumes_when_a_stream_ends():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(2))
+    seqs = [sequence(f"r{i}") for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    plan = scheduler.schedule(NOW)
+    assert plan.admitted == seqs[:2]
+    assert list(scheduler.waiting) == seqs[2:]
+    assert scheduler.schedule(NOW + 1).admitted == []  # still full: nobody overtakes, nobody joins
+    assert scheduler.remove(seqs[0])  # a stream ends, its slot frees
+    assert scheduler.schedule(NOW + 2).admitted == [seqs[2]]
+    assert list(scheduler.waiting) == [seqs[3]]
+
+
+def test_a_full_codec_pool_holds_audio_requests_back_and_codes_only_ones_wait_their_turn():
+    limit = [1]
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), codec_streams_limit=lambda: limit[0])
+    audio = [sequence("a0"), sequence("a1")]
+    codes = sequence("c0", needs_codec=False)
+    for seq in (*audio, codes):
+        scheduler.add(seq)
+    assert scheduler.schedule(NOW).admitted == [audio[0]]
+    assert list(scheduler.waiting) == [audio[1], codes]  # first come, first served
+    limit[0] = 2  # a codec worker reported room
+    assert scheduler.schedule(NOW).admitted == [audio[1], codes]
+
+
+def test_streams_far_ahead_sit_out_while_others_need_the_step():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
+    far = sequence("far", clock=ahead_by(5.0), generating=True)
+    close = sequence("close", clock=ahead_by(0.5), generating=True)
+    new = sequence("new", generating=True)  # no audio yet: its clock has not started
+    place(scheduler, far, close, new)
+    plan = scheduler.schedule(NOW)
+    assert plan.paced == [far]
+    assert plan.decode == [close, new]
+
+
+def test_a_stream_alone_is_never_paced():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
+    far = sequence("far", clock=ahead_by(5.0), generating=True)
+    other = sequence("other", clock=ahead_by(9.0), generating=True)
+    place(scheduler, far, other)
+    plan = scheduler.schedule(NOW)  # everyone is ahead: nobody needs the step more
+    assert plan.paced == [] and plan.decode == [far, other]
+
+
+def test_a_prompt_to_prefill_or_a_request_to_admit_makes_the_ahead_stream_wait():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
+    far = sequence("far", clock=ahead_by(5.0), generating=True)
+    place(scheduler, far)
+    scheduler.add(sequence("arriving", prompt_tokens=30))
+    plan = scheduler.schedule(NOW)
+    assert [s.request_id for s in plan.admitted] == ["arriving"]
+    assert plan.paced == [far] and plan.decode == []
+    assert [(s.request_id, n) for s, n in plan.prefill] == [("arriving", 30)]
+
+
+def test_lead_counts_frames_generated_not_only_audio_delivered():
+    # Due in 1 s, but 30 frames (2.56 s) already generated: 3.56 s ahead.
+    ahead = sequence("ahead", clock=ahead_by(1.0), generating=True, frames=30)
+    assert ahead.lead(NOW) == pytest.approx(1.0 + 30 * orpheus.FRAME_SECONDS)
+    behind = sequence("behind", clock=ahead_by(1.0), generating=True)
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
+    place(scheduler, ahead, behind)
+    assert scheduler.schedule(NOW).paced == [ahead]
+
+
+def test_no_pacing_when_switched_off():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=None)
+    far = sequence("far", clock=ahead_by(50.0), generating=True)
+    new = sequence("new", generating=True)
+    place(scheduler, far, new)
+    assert scheduler.schedule(NOW).paced == []
+
+
+def test_prefill_fills_what_generation_leaves_of_the_batch_in_chunks_of_two_or_more():
+    scheduler = Scheduler(slots=8, n_batch=16, capacity=capacity_of(8), pace_lead_s=None)
+    generating = [sequence(f"g{i}", generating=True) for i in range(3)]
+    first = sequence("first", prompt_tokens=12)
+    second = sequence("second", prompt_tokens=6)
+    place(scheduler, *generating, first, second)
+    plan = scheduler.schedule(NOW)
+    assert len(plan.decode) == 3
+    # 13 tokens left: all 12 of the first prompt, then nothing (a 1-token chunk is never taken).
+    assert [(s.request_id, n) for s, n in plan.prefill] == [("first", 12)]
+    first.prefilled = 12
+    plan = scheduler.schedule(NOW)
+    # The first prompt is done: 16 - 4 generating leaves room for all of the second.
+    assert [(s.request_id, n) for s, n in plan.prefill] == [("second", 6)]
+
+
+def test_prefill_never_leaves_a_one_token_tail():
+    scheduler = Scheduler(slots=8, n_batch=10, capacity=capacity_of(8), pace_lead_s=None)
+    prompt = sequence("p", prompt_tokens=11)
+    place(scheduler, prompt)
+    plan = scheduler.schedule(NOW)
+    assert [(s.request_id, n) for s, n in plan.prefill] == [("p", 9)]  # 10 would leave 1

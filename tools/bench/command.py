@@ -1,0 +1,148 @@
+"""`chorus bench`: a load sweep through the gateway, bounded in time and count, on loopback.
+
+By default it starts the stack `chorus serve` would (tools.supervisor, the same thread
+split and defaults), runs each concurrency level, and stops it; `--gateway` points it at
+a stack already running on this machine instead. With `--ceiling` it first measures the
+machine's ceiling (tools/bench/ceiling.py) at the same concurrency levels, before the
+services start, so that the table puts Chorus beside its denominator from one run.
+
+It writes `bench.json` (every figure, every request's chunk arrivals) and PNG plots
+(a chunk-arrival timeline per level, TTFA and audio s/s against concurrency) into
+`--out`, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from chorus.playback import DEFAULT_START_BUFFER_S
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
+    p.add_argument("--gateway", default=None,
+                   help="a running gateway on this machine (loopback only); default: start a stack")
+    p.add_argument("--models", type=Path, default=Path("models/demo"),
+                   help="models folder for the stack it starts (default models/demo, demo models built if empty)")
+    p.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per level (default: 4 per stream of the level, at least 8)")
+    p.add_argument("--frames", type=int, default=60, help="frames per request, fixed (default 60 = 5.12 s)")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="per level: no new request starts after this (default 120)")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of each request in seconds")
+    p.add_argument("--start-buffer-ms", type=float, default=DEFAULT_START_BUFFER_S * 1000,
+                   help="listener's start buffer for the held-real-time figures (default 150)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="measure the machine's ceiling at the same levels first, in the same run")
+    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="measured seconds per ceiling combination")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and the plots")
+    p.add_argument("--stack-arg", action="append", default=[], metavar="FLAG=VALUE",
+                   help="passed to `chorus serve`'s stack as a Stack field, e.g. --stack-arg llama_threads=2")
+    p.set_defaults(func=run_bench)
+
+
+def _levels(text: str) -> list[int]:
+    levels = sorted({int(x) for x in text.split(",") if x.strip()})
+    if not levels or levels[0] < 1 or levels[-1] > 256:
+        raise SystemExit("chorus bench: --levels must be concurrency levels from 1 to 256, e.g. 1,2,4,8")
+    return levels
+
+
+def _stack_fields(pairs: list[str]) -> dict:
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"chorus bench: --stack-arg {pair!r} must be FIELD=VALUE")
+        fields[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+    return fields
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tools.bench import plots, report
+    from tools.bench.load import run_level
+
+    levels = _levels(args.levels)
+    if args.gateway and not is_loopback(args.gateway):
+        print(f"chorus bench: {args.gateway} is not on this machine; the load sweep runs on loopback only",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start_buffer_s = args.start_buffer_ms / 1000.0
+    ceiling = None
+    ceiling_splits = []
+    stack = None
+    if args.ceiling:
+        from tools.bench import ceiling as ceiling_bench
+        from tools.supervisor import locate_models
+
+        models = locate_models(args.models)
+        print("measuring the ceiling (bare llama_decode beside the streaming decoder, over thread splits)...",
+              file=sys.stderr)
+        ceiling_splits = ceiling_bench.measure(models.gguf, models.snac_dir, levels, args.ceiling_seconds)
+        ceiling = {b: s.ceiling for b, s in ceiling_bench.best_by_batch(ceiling_splits).items()}
+    try:
+        address = args.gateway
+        if not address:
+            from tools.supervisor import Stack
+
+            stack = Stack(models_dir=args.models, gateway_http_port=None, **_stack_fields(args.stack_arg),
+                          on_progress=lambda message: print(message, file=sys.stderr))
+            stack.start()
+            address = stack.gateway_address
+        per_level = {c: args.requests or max(8, 4 * c) for c in levels}
+        runs, figures = [], []
+        with tqdm(total=sum(per_level.values()), unit="req", desc="chorus bench", file=sys.stderr) as bar:
+            first = 0
+            for concurrency in levels:
+                bar.set_postfix(concurrent=concurrency)
+
+                def done(record, bar=bar):
+                    bar.update(1)
+
+                run = asyncio.run(run_level(address, concurrency, per_level[concurrency], args.frames,
+                                            args.max_seconds, args.timeout, first, done))
+                first += per_level[concurrency]
+                runs.append(run)
+                figures.append(report.figures(run, start_buffer_s))
+    finally:
+        if stack is not None:
+            stack.stop()
+    for run in runs:
+        plots.chunk_timeline(run, start_buffer_s, args.out / f"timeline-{run.concurrency}.png")
+    plots.sweep_summary(figures, ceiling, args.out / "sweep.png")
+    result = {
+        "frames_per_request": args.frames,
+        "start_buffer_s": start_buffer_s,
+        "levels": [f.as_dict() for f in figures],
+        "ceiling": {"best": ceiling, "splits": [{**asdict(s), "ceiling": s.ceiling} for s in ceiling_splits]}
+        if ceiling else None,
+        "requests": {str(run.concurrency): [asdict(r) for r in run.records] for run in runs},
+    }
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(report.table(figures, ceiling))
+    print(f"\nwrote {args.out / 'bench.json'}, {args.out / 'sweep.png'} and timeline-<level>.png", file=sys.stderr)
+    return 0
