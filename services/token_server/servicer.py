@@ -238,6 +238,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
 
     async def _stream_audio(self, handle, request, request_id, started, context):
         # The codec's noise takes the request's seed: same request, same audio.
+        remaining = context.time_remaining()
         relay = CodecRelay(
             self._pool, request_id, handle.clock, deterministic=request.deterministic_audio,
             seed=handle.request.sampling.seed, resume_from_sample=request.resume_from_sample,
