@@ -180,6 +180,10 @@ class Stack:
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
     work_dir: Path | None = None
     on_progress: Callable[[str], None] = lambda message: None
+    # Children get SIGTERM when this process dies. That takes a fork with Python code
+    # before exec, which can crash in a child forked while gRPC threads of this
+    # process are busy (the soak restarts services under load): such callers turn it off.
+    die_with_parent: bool = True
 
     CODEC_WORKER = "services.codec_worker"
     TOKEN_SERVER = "services.token_server"
@@ -290,7 +294,7 @@ class Stack:
         with open(log_path, "ab") as log:  # a restart appends to the log of the killed process
             popen = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         return ServiceProcess(name, popen, log_path, ready_file, module=module, args=list(args))
 
