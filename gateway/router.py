@@ -127,7 +127,7 @@ class Router:
         failures: list[tuple[str, grpc.StatusCode, str]] = []
         relayed = _Relayed(request)
         for round_number in range(2):
-            if round_number and not await self._wait_for_return(failures, deadline):
+            if round_number and (relayed.samples or not await self._wait_for_return(failures, deadline)):
                 break
             for attempt_number, server in enumerate(self.ranked(), start=len(failures)):
                 remaining = deadline - time.monotonic()
@@ -171,8 +171,9 @@ class Router:
         raise _exhausted(failures, relayed.samples)
 
     async def _wait_for_return(self, failures: list, deadline: float) -> bool:
-        """After every server refused the call as unreachable: whether one came back
-        within a brief wait (inside the deadline), so that the call tries again."""
+        """After every server refused the call as unreachable, before any of its audio
+        was relayed: whether one came back within a brief wait (inside the deadline),
+        so that the call tries again."""
         if not failures or any(code != grpc.StatusCode.UNAVAILABLE for _, code, _ in failures):
             return False
         return await self._endpoints.wait_until_any_ready(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S))

@@ -45,6 +45,9 @@ RETRYABLE = {
 }
 FAILED_WORKER_COOLDOWN_S = 5.0
 LOAD_POLL_INTERVAL_S = 0.5
+# Admission waits this long for a codec worker to come back before it refuses a
+# request as UNAVAILABLE (which sends it to another token server).
+WORKER_RETURN_WAIT_S = 1.5
 LOAD_POLL_TIMEOUT_S = 1.0
 
 
@@ -124,6 +127,15 @@ class CodecPool:
         """A codec worker answered the last poll, or none is configured (a token server
         without codec workers serves codes only)."""
         return not self.endpoints.targets or self.unavailable_reason() is None
+
+    async def wait_for_return(self, timeout_s: float) -> bool:
+        """When no worker answered the last poll: whether one answers after a brief wait
+        for a channel to be ready (a restarted worker is found at its channel's next
+        reconnect, within a second), polling again then."""
+        if not await self.wait_for_a_worker(min(timeout_s, WORKER_RETURN_WAIT_S)):
+            return False
+        await self.poll()
+        return self.unavailable_reason() is None
 
     async def wait_for_a_worker(self, timeout_s: float) -> bool:
         """Waits up to `timeout_s` for a worker's channel to be ready (one coming back)."""

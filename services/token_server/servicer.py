@@ -147,7 +147,9 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         telemetry.tag_request(request_id)
         gen_request = await self._to_generation_request(request, request_id, started, context)
         if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            remaining = context.time_remaining()
+            if not await self._pool.wait_for_return(remaining if remaining is not None else 1e9):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         try:
             handle = self._engine.submit(gen_request)
         except QueueFullError as err:
