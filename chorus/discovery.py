@@ -17,6 +17,7 @@ import socket
 from typing import Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.serving import new_channel
 from chorus.tls import ChannelSecurity
@@ -24,6 +25,10 @@ from chorus.tls import ChannelSecurity
 log = logging.getLogger(__name__)
 
 REFRESH_INTERVAL_S = 10.0
+# How long a call waits for a peer to come back when none could take it: a
+# restarted peer is found within a reconnect backoff (a second), and a call with
+# nowhere to go should fail in seconds, not at the end of a long deadline.
+PEER_RETURN_WAIT_S = 5.0
 
 
 def _split(target: str) -> tuple[str, int]:
@@ -70,6 +75,31 @@ class EndpointSet:
         if channel is None:
             channel = self._channels[endpoint] = new_channel(endpoint, self._security)
         return channel
+
+    async def wait_until_any_ready(self, timeout_s: float, endpoints: Sequence[str] | None = None) -> bool:
+        """True as soon as the channel to one of `endpoints` (all by default) is READY,
+        False after `timeout_s`: a call that every peer refused waits here for one to
+        come back instead of failing while its channel is between reconnect attempts."""
+        endpoints = self.endpoints() if endpoints is None else endpoints
+        if timeout_s <= 0 or not endpoints:
+            return False
+        waits = [asyncio.ensure_future(self.channel(e).channel_ready()) for e in endpoints]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            return any(not w.cancelled() and w.exception() is None for w in done)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def serving(self, endpoint: str, service: str, timeout_s: float) -> bool:
+        """Whether the peer answers its health check for `service` with SERVING. A peer
+        without a health service is judged by reachability alone."""
+        stub = health_pb2_grpc.HealthStub(self.channel(endpoint))
+        try:
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.UNIMPLEMENTED
+        return response.status == health_pb2.HealthCheckResponse.SERVING
 
     async def refresh(self) -> None:
         loop = asyncio.get_running_loop()

@@ -16,24 +16,70 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from chorus import telemetry
-from chorus.serving import LOG_FORMATS, configure_logging, run_until_signalled, write_ready_file
+from chorus.serving import LOG_FORMATS, StartupError, configure_logging, run_until_signalled, write_ready_file
 from chorus.tls import TlsFiles
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _FromEnvironment:
+    """A flag's default taken from an environment variable, as text: converted only
+    after parsing (see parse_flags), so --help works whatever the variable holds and a
+    bad value is reported with the variable's name."""
+
+    def __init__(self, name: str, raw: str) -> None:
+        self.name, self.raw = name, raw
+
+
+def from_env(name: str, fallback: object = None) -> object:
+    """The default of a flag that `name` can also set; `fallback` when it is unset."""
+    raw = os.environ.get(name)
+    return fallback if raw is None else _FromEnvironment(name, raw)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args, then each value that came from the environment converted and
+    checked as its flag's would be; a bad one ends the process with a usage error
+    naming the variable."""
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not isinstance(value, _FromEnvironment):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        try:
+            converted = action.type(value.raw) if action.type else value.raw
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            reason = f": {err}" if isinstance(err, argparse.ArgumentTypeError) else ""
+            parser.error(f"{value.name}={value.raw!r} is not a valid value for {flag}{reason}")
+        if action.choices is not None and converted not in action.choices:
+            parser.error(f"{value.name}={value.raw!r} is not one of {', '.join(map(str, action.choices))} ({flag})")
+        setattr(args, action.dest, converted)
+    return args
+
+
+def log_level(value: str) -> str:
+    """A logging level name; the flag refuses what logging would silently ignore."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     env = os.environ.get
     parser.add_argument("--host", default=env("CHORUS_HOST", "127.0.0.1"), help="address to bind [CHORUS_HOST]")
-    parser.add_argument("--port", type=int, default=int(env("CHORUS_PORT", default_port)),
+    parser.add_argument("--port", type=int, default=from_env("CHORUS_PORT", default_port),
                         help=f"port; 0 picks one (default {default_port}) [CHORUS_PORT]")
     parser.add_argument("--ready-file", default=None, help="write the bound address here once SERVING")
     parser.add_argument("--otlp-endpoint", default=env("CHORUS_OTLP_ENDPOINT"),
                         help="OTLP/gRPC trace receiver host:port, e.g. Jaeger's 4317 [CHORUS_OTLP_ENDPOINT]")
-    parser.add_argument("--metrics-port", type=int, default=int(env("CHORUS_METRICS_PORT", 0)),
+    parser.add_argument("--metrics-port", type=int, default=from_env("CHORUS_METRICS_PORT", 0),
                         help="Prometheus /metrics port; 0 disables [CHORUS_METRICS_PORT]")
-    parser.add_argument("--drain-seconds", type=float, default=float(env("CHORUS_DRAIN_SECONDS", 30)),
+    parser.add_argument("--drain-seconds", type=float, default=from_env("CHORUS_DRAIN_SECONDS", 30.0),
                         help="on SIGTERM, time given to open streams to finish [CHORUS_DRAIN_SECONDS]")
-    parser.add_argument("--log-level", default=env("CHORUS_LOG_LEVEL", "INFO"), help="[CHORUS_LOG_LEVEL]")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("CHORUS_LOG_FORMAT", "text"),
+    parser.add_argument("--log-level", type=log_level, default=from_env("CHORUS_LOG_LEVEL", "INFO"),
+                        help=f"one of {', '.join(LOG_LEVELS)} [CHORUS_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=from_env("CHORUS_LOG_FORMAT", "text"),
                         help="json: one object a line with trace_id and request_id [CHORUS_LOG_FORMAT]")
     tls = parser.add_argument_group("TLS and access (all off unless set; docs/security.md)")
     tls.add_argument("--tls-cert", default=env("CHORUS_TLS_CERT"),
@@ -73,8 +119,9 @@ def run(
     """Builds the config and serves `start_server` ("module:function") until SIGTERM,
     with `metrics` (the service's registry) on --metrics-port.
 
-    Errors in `fatal` (bad config, a model that does not load) end the process with
-    their message and no traceback: they are the operator's to fix.
+    Errors in `fatal` (bad config, a model that does not load) and StartupError (a
+    port that cannot be bound) end the process with their message and no traceback:
+    they are the operator's to fix.
     """
     configure_logging(args.log_level, args.log_format, service)
     try:
@@ -82,7 +129,7 @@ def run(
         module, function = start_server.split(":")
         start = getattr(importlib.import_module(module), function)
         asyncio.run(_serve(service, start, config, args, metrics))
-    except fatal as err:
+    except (*fatal, StartupError) as err:
         raise SystemExit(f"{service}: {err}") from None
 
 

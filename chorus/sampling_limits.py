@@ -34,4 +34,10 @@ def sampling_problems(value_of: Callable[[str], float | None]) -> list[str]:
         if not (above and below and math.isfinite(value)):
             interval = f"{brackets[0]}{low:g}, {high:g}{brackets[1]}"
             problems.append(f"{name} is {value:g}; it must be in {interval} ({note})")
+    max_tokens = value_of("max_tokens")
+    if max_tokens is not None and 0 < max_tokens < orpheus.CODES_PER_FRAME:
+        problems.append(
+            f"max_tokens is {max_tokens}; it must be 0 (a budget from the text) "
+            f"or at least {orpheus.CODES_PER_FRAME} (one frame of audio)"
+        )
     return problems

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chorus import instrumentation, reflection, telemetry
+from chorus.request_gate import RequestGate
 from chorus.tls import ChannelSecurity
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,21 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 ]
+# Channels to peers: after a peer restarts, a channel finds it at its next reconnect
+# attempt, and gRPC's default backoff grows to minutes; a second at most keeps a
+# returning peer's first calls from failing "connection refused".
+CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class StartupError(Exception):
+    """A server cannot start for a reason its operator must fix (a port in use)."""
+
+
 # Servers: what comes in is small (text, code frames), so a server reads at most this
 # per message; gRPC refuses a bigger one with RESOURCE_EXHAUSTED before it is parsed.
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -52,31 +68,61 @@ class RunningServer:
     endpoints: dict[str, str] = field(default_factory=dict)
     # The service's engine objects, for in-process tests and introspection.
     components: dict[str, object] = field(default_factory=dict)
+    # Counts the calls in flight, for the drain (None for a server not made by new_server).
+    guard: RequestGate | None = None
     _stopped: bool = False
+    # What must hold for SERVING, by name: "ready" (warm-up done), and e.g. "upstream".
+    _conditions: dict[str, bool] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """The server's own readiness (warm-up done); SERVING also needs every condition."""
+        await self.set_condition("ready", serving)
+
+    async def set_condition(self, name: str, holds: bool) -> None:
+        """SERVING only while every named condition holds and the server is not stopping:
+        a service that cannot serve (no upstream reachable) says so to its probes."""
+        if self._conditions.get(name) == holds:
+            return
+        self._conditions[name] = holds
+        if name != "ready":
+            log.log(logging.INFO if holds else logging.WARNING, "health condition %s: %s", name,
+                    "holds" if holds else "fails")
+        await self._publish()
+
+    async def _publish(self) -> None:
+        serving = not self._stopped and self._conditions.get("ready", False) and all(self._conditions.values())
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         self.serving = serving
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Goes NOT_SERVING, lets in-flight calls finish within `grace`, then releases resources."""
+        """Goes NOT_SERVING and turns new work away while the port stays open (probes
+        read NOT_SERVING, not connection refused), lets the calls in flight finish
+        within `grace`, then closes the port and releases resources."""
         if self._stopped:
             return
         self._stopped = True
-        await self.set_serving(False)
-        await asyncio.gather(self.server.stop(grace), *(drain(grace) for drain in self.on_drain))
+        await self._publish()
+        drains = [drain(grace) for drain in self.on_drain]
+        if self.guard is not None and grace:
+            self.guard.drain()
+            await asyncio.gather(self._drain_calls(grace), *drains)
+        else:
+            await asyncio.gather(self.server.stop(grace), *drains)
         for hook in reversed(self.on_stop):
             await hook()
+
+    async def _drain_calls(self, grace: float) -> None:
+        try:
+            await asyncio.wait_for(self.guard.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("%d calls still in flight after the %.1fs drain; cancelling them", self.guard.in_flight, grace)
+        await self.server.stop(0)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -97,11 +143,18 @@ async def serve_with_health(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise StartupError(
+            f"cannot listen on {host}:{port}: the address is in use or not available on this host "
+            "(choose another --port or --host, or stop what holds it)"
+        )
     await server.start()
-    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names,
+                            guard=getattr(server, "chorus_guard", None))
     await running.set_serving(False)
     return running
 
@@ -113,18 +166,22 @@ def new_server(
 ) -> grpc.aio.Server:
     """A server whose every call gets a standard SERVER span and, with the service's
     `metrics`, is counted by method and status; `interceptors` (access checks) run
-    inside that span. Requests over `max_request_bytes` get RESOURCE_EXHAUSTED."""
+    inside that span. Requests over `max_request_bytes` get RESOURCE_EXHAUSTED. Every
+    call passes the RequestGate last (request parsing, the drain's count)."""
     options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
     options.append(("grpc.max_receive_message_length", max_request_bytes))
-    return grpc.aio.server(
-        options=options, interceptors=[*instrumentation.server_interceptors(metrics), *interceptors]
+    guard = RequestGate()
+    server = grpc.aio.server(
+        options=options, interceptors=[*instrumentation.server_interceptors(metrics), *interceptors, guard]
     )
+    server.chorus_guard = guard  # serve_with_health hands it to the RunningServer
+    return server
 
 
 def new_channel(target: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
     """A channel whose every call gets a standard CLIENT span and carries the trace,
     secured as `security` says (plaintext by default)."""
-    return (security or ChannelSecurity()).aio_channel(target, GRPC_OPTIONS, instrumentation.client_interceptors())
+    return (security or ChannelSecurity()).aio_channel(target, CHANNEL_OPTIONS, instrumentation.client_interceptors())
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:

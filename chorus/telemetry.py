@@ -267,7 +267,15 @@ def start_metrics_server(port: int | None, registry: CollectorRegistry, addr: st
     with _lock:
         server = _metrics_servers.get((addr, port))
         if server is None:
-            server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
+            try:
+                server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
+            except OSError as err:
+                from chorus.serving import StartupError  # here: chorus.serving imports this module
+
+                raise StartupError(
+                    f"cannot serve metrics on {addr}:{port}: {err.strerror or err} "
+                    "(the port is in use, or the address is not this host's; choose another --metrics-port)"
+                ) from None
             _metrics_servers[(addr, port)] = server
             log.info("metrics on %s:%d/metrics", addr, port)
         return server

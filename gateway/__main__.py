@@ -6,7 +6,8 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
+from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from gateway import metrics
 from gateway.config import GatewayConfig
 
@@ -18,16 +19,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chorus-gateway", description="Chorus client-facing gRPC gateway")
     p.add_argument("--token-servers", default=env("CHORUS_TOKEN_SERVERS", ""),
                    help="comma-separated host:port of token servers [CHORUS_TOKEN_SERVERS]")
-    p.add_argument("--max-text-chars", type=int, default=int(env("CHORUS_MAX_TEXT_CHARS", 20_000)))
-    p.add_argument("--voices", default=env("CHORUS_VOICES", ""),
-                   help="comma-separated voice names, the default first (default: Orpheus's) [CHORUS_VOICES]")
-    p.add_argument("--segment-chars", type=int, default=int(env("CHORUS_SEGMENT_CHARS", 240)),
+    p.add_argument("--max-text-chars", type=int, default=from_env("CHORUS_MAX_TEXT_CHARS", 20_000))
+    p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
+    p.add_argument("--segment-chars", type=int, default=from_env("CHORUS_SEGMENT_CHARS", 240),
                    help="long texts are spoken in pieces of about this many characters")
-    p.add_argument("--lookahead", type=int, default=int(env("CHORUS_LOOKAHEAD", 1)),
+    p.add_argument("--lookahead", type=int, default=from_env("CHORUS_LOOKAHEAD", 1),
                    help="pieces generated ahead of the one being relayed")
-    p.add_argument("--request-deadline", type=float, default=float(env("CHORUS_REQUEST_DEADLINE", 600)),
+    p.add_argument("--request-deadline", type=float, default=from_env("CHORUS_REQUEST_DEADLINE", 600),
                    help="seconds a call may take when the client sets no deadline")
-    p.add_argument("--start-buffer-ms", type=float, default=float(env("CHORUS_START_BUFFER_MS", 150)),
+    p.add_argument("--start-buffer-ms", type=float, default=from_env("CHORUS_START_BUFFER_MS", 150),
                    help="audio a listener buffers before playback starts; late audio after that counts as an "
                         "underrun [CHORUS_START_BUFFER_MS]")
     p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
@@ -36,18 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-keys-file", default=env("CHORUS_API_KEYS_FILE"),
                    help="file of `<key id>:<secret>` lines; every call but health and reflection then needs "
                         "`authorization: Bearer <secret>`; re-read when it changes [CHORUS_API_KEYS_FILE]")
-    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "64"),
+    p.add_argument("--max-streams-per-client", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT", 64),
                    help="most synthesis streams one client address may hold; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
-    p.add_argument("--max-streams-per-key", type=int, default=env("CHORUS_MAX_STREAMS_PER_KEY", "64"),
+    p.add_argument("--max-streams-per-key", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_KEY", 64),
                    help="most synthesis streams one API key may hold; 0 no limit [CHORUS_MAX_STREAMS_PER_KEY]")
     add_common_flags(p, default_port=50051)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)
 
 
 def build_config(args: argparse.Namespace) -> GatewayConfig:
-    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip())
-    extra = {"voices": voices, "default_voice": voices[0]} if voices else {}
+    voices = parse_voices(args.voices)
     return GatewayConfig(
         token_servers=tuple(args.token_servers.split(",")),
         host=args.host,
@@ -55,6 +54,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
+        voices=voices,
+        default_voice=voices[0],
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
         tls=tls_files(args),
@@ -62,7 +63,6 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         max_streams_per_client=args.max_streams_per_client,
         max_streams_per_key=args.max_streams_per_key,
         **allowed_clients(args),
-        **extra,
     )
 
 

@@ -10,19 +10,7 @@ from chorus.playback import DEFAULT_START_BUFFER_S
 from chorus.serving import MAX_REQUEST_BYTES
 from chorus.telemetry import GATEWAY
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
-
-# Orpheus's English speakers, the default (tara) first. A voice is only a prompt
-# prefix ("tara: ..."), so a fine-tune with other speakers lists its own.
-ORPHEUS_VOICES = {
-    "tara": "female, conversational, clear",
-    "leah": "female, warm",
-    "jess": "female, lively",
-    "leo": "male, steady",
-    "dan": "male, relaxed",
-    "mia": "female, soft",
-    "zac": "male, upbeat",
-    "zoe": "female, bright",
-}
+from chorus.voices import ORPHEUS_VOICES, description, voice_problems
 
 
 @dataclass(frozen=True)
@@ -81,8 +69,7 @@ class GatewayConfig:
             problems.append(f"token server addresses repeat: {', '.join(servers)}")
         if not 1 <= self.max_text_chars <= 1_000_000:
             problems.append(f"max_text_chars must be 1..1000000, got {self.max_text_chars}")
-        if not self.voices:
-            problems.append("at least one voice is needed")
+        problems += voice_problems(self.voices)
         if self.default_voice not in self.voices:
             problems.append(f"default voice {self.default_voice!r} is not among the voices {list(self.voices)}")
         if not 16 <= self.segment_target_chars <= 4000:
@@ -117,4 +104,4 @@ class GatewayConfig:
     def listed_voices(self) -> list[tuple[str, str]]:
         """(name, description) of every voice, the default first (as ListVoices promises)."""
         names = [self.default_voice, *(v for v in self.voices if v != self.default_voice)]
-        return [(name, ORPHEUS_VOICES.get(name, "")) for name in names]
+        return [(name, description(name)) for name in names]

@@ -13,7 +13,11 @@ the segmenter to one thread at a time, and keeps a stream's pushes in order.
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
+
+from gateway.errors import GatewayError
 from gateway.segmenter import Segmenter
 
 
@@ -50,8 +54,12 @@ class TextFeed:
         """Text received but not yet taken to be spoken."""
         return self._segmenter.buffered_chars
 
-    async def next_piece(self, first: bool) -> str | None:
-        """The next piece to speak, waiting for text if none is ready; None at the end."""
+    async def next_piece(self, first: bool, deadline: float) -> str | None:
+        """The next piece to speak, waiting for text if none is ready; None at the end.
+
+        A client that keeps its stream open and sends nothing would otherwise hold the
+        call forever: past `deadline` (time.monotonic()) the wait ends in DEADLINE_EXCEEDED.
+        """
         while True:
             self._changed.clear()
             if self._error is not None:
@@ -63,7 +71,14 @@ class TextFeed:
                 return piece
             if done:
                 return None
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise GatewayError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the request's deadline passed while waiting for more text: send `end` (or close the "
+                    "stream) once the text is complete, and set a deadline that covers the whole text",
+                ) from None
 
     async def _off_loop(self, method, *args) -> None:
         async with self._lock:

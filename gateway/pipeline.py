@@ -234,7 +234,7 @@ class Pipeline:
                 await room.acquire()
                 if previous is not None:
                     await previous.started.wait()
-                text = await feed.next_piece(first=previous is None)
+                text = await feed.next_piece(first=previous is None, deadline=deadline)
                 if text is None:
                     ready.put_nowait(_END)
                     return

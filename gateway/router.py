@@ -13,7 +13,9 @@ fails after some of its audio was relayed is replayed on the next server with th
 same seed: that server regenerates the codes (checked against the digest of those
 already relayed before any of its audio is taken) and sends audio from the first
 sample not yet relayed, so the listener hears at most a pause, never a cut or a
-repeat. A replay whose codes differ ends the call UNAVAILABLE. Each attempt carries the request's
+repeat. A replay whose codes differ ends the call UNAVAILABLE. When every server
+refused a call as unreachable, it waits (briefly, within its deadline) for one to
+come back and tries again, so that a restarted server takes the next request. Each attempt carries the request's
 remaining time as its gRPC deadline, so the token server stops (and frees the slot)
 when the client's deadline passes.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -32,7 +34,7 @@ from chorus import orpheus, telemetry
 from chorus.playback import DEFAULT_START_BUFFER_S
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.discovery import EndpointSet
+from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
@@ -44,6 +46,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 STATUS_TIMEOUT_S = 1.0
 MAX_DUE_IN_S = 3600.0  # the most a token server accepts in playback.first_sample_due_in_s
+TOKEN_SERVICE = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
 
 @dataclass
@@ -55,7 +58,7 @@ class _Server:
     capacity_streams: int = 0
     slots_busy: int = 0
     queue_depth: int = 0
-    reachable: bool = True  # optimistic until a poll or a call says otherwise
+    reachable: bool = True  # and SERVING; optimistic until a poll or a call says otherwise
     sent_since_poll: int = 0
 
     def load(self) -> float:
@@ -78,6 +81,8 @@ class Router:
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
         self._turn = 0  # round-robin among equally loaded servers
+        # Told after every poll whether any server is reachable and SERVING (available()).
+        self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Resolves and polls once (so the first requests are routed on facts), then keeps polling."""
@@ -95,6 +100,12 @@ class Router:
         known = {s.address: s for s in self._servers}
         self._servers = [known.get(a) or self._new_server(a) for a in self._endpoints.endpoints()]
         await asyncio.gather(*(self._poll_one(s) for s in self._servers))
+        if self.on_availability is not None:
+            await self.on_availability(self.available())
+
+    def available(self) -> bool:
+        """Whether a token server was reachable and SERVING at the last poll."""
+        return any(s.reachable for s in self._servers)
 
     def _new_server(self, address: str) -> _Server:
         channel = self._endpoints.channel(address)
@@ -115,46 +126,57 @@ class Router:
         """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
         failures: list[tuple[str, grpc.StatusCode, str]] = []
         relayed = _Relayed(request)
-        for attempt_number, server in enumerate(self.ranked()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GatewayError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
-                )
-            server.sent_since_poll += 1
-            attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
-            relayed.sending(time.monotonic())
-            # A retry's CLIENT span says so, and which servers refused before it.
-            with telemetry.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
-                call = server.stub.Generate(attempt, timeout=remaining)
-            responded = False
-            try:
-                responses = aiter(call)
-                if attempt is not request:
-                    relayed.check_replay(await anext(responses, None), server.address)
-                async for response in responses:
-                    responded = True
-                    relayed.note(response)
-                    yield response
-                return
-            except _Diverged as err:
-                log.warning("%s", err)
-                failures.append((server.address, grpc.StatusCode.UNAVAILABLE, str(err)))
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    server.reachable = False
-                if relayed.replayable and err.code() in RETRYABLE | FAILOVER:
-                    log.warning("token server %s failed %s at sample %d (%s: %s); replaying on another",
-                                server.address, request.request_id, relayed.samples, err.code().name, err.details())
-                elif responded or err.code() not in RETRYABLE:
-                    raise _relayed(server.address, err) from None
-                else:
-                    log.warning("token server %s refused %s (%s: %s); trying another",
-                                server.address, request.request_id, err.code().name, err.details())
-                failures.append((server.address, err.code(), err.details()))
-            finally:
-                call.cancel()  # no-op once finished; frees the slot if our consumer went away
+        for round_number in range(2):
+            if round_number and (relayed.samples or not await self._wait_for_return(failures, deadline)):
+                break
+            for attempt_number, server in enumerate(self.ranked(), start=len(failures)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GatewayError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
+                    )
+                server.sent_since_poll += 1
+                attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
+                relayed.sending(time.monotonic())
+                # A retry's CLIENT span says so, and which servers refused before it.
+                with telemetry.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
+                    call = server.stub.Generate(attempt, timeout=remaining)
+                responded = False
+                try:
+                    responses = aiter(call)
+                    if attempt is not request:
+                        relayed.check_replay(await anext(responses, None), server.address)
+                    async for response in responses:
+                        responded = True
+                        relayed.note(response)
+                        yield response
+                    return
+                except _Diverged as err:
+                    log.warning("%s", err)
+                    failures.append((server.address, grpc.StatusCode.UNAVAILABLE, str(err)))
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        server.reachable = False
+                    if relayed.replayable and err.code() in RETRYABLE | FAILOVER:
+                        log.warning("token server %s failed %s at sample %d (%s: %s); replaying on another",
+                                    server.address, request.request_id, relayed.samples, err.code().name, err.details())
+                    elif responded or err.code() not in RETRYABLE:
+                        raise _relayed(server.address, err) from None
+                    else:
+                        log.warning("token server %s refused %s (%s: %s); trying another",
+                                    server.address, request.request_id, err.code().name, err.details())
+                    failures.append((server.address, err.code(), err.details()))
+                finally:
+                    call.cancel()  # no-op once finished; frees the slot if our consumer went away
         raise _exhausted(failures, relayed.samples)
+
+    async def _wait_for_return(self, failures: list, deadline: float) -> bool:
+        """After every server refused the call as unreachable, before any of its audio
+        was relayed: whether one came back within a brief wait (inside the deadline),
+        so that the call tries again."""
+        if not failures or any(code != grpc.StatusCode.UNAVAILABLE for _, code, _ in failures):
+            return False
+        return await self._endpoints.wait_until_any_ready(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S))
 
     async def _poll_forever(self) -> None:
         while True:
@@ -163,15 +185,18 @@ class Router:
 
     async def _poll_one(self, server: _Server) -> None:
         try:
-            status = await server.stub.GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S)
+            status, serving = await asyncio.gather(
+                server.stub.GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S),
+                self._endpoints.serving(server.address, TOKEN_SERVICE, STATUS_TIMEOUT_S),
+            )
         except grpc.aio.AioRpcError as err:
             if server.reachable:
                 log.warning("token server %s is unreachable: %s", server.address, err.code().name)
             server.reachable = False
             return
-        if not server.reachable:
-            log.info("token server %s is reachable again", server.address)
-        server.reachable = True
+        if serving != server.reachable:
+            log.info("token server %s is %s", server.address, "serving again" if serving else "not serving")
+        server.reachable = serving
         server.slots_total = status.slots_total
         server.capacity_streams = status.capacity_streams
         server.slots_busy = status.slots_busy

@@ -121,6 +121,8 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
             await feed.end()
         except GatewayError as err:
             feed.fail(err)
+        except Exception as err:  # the call broke on the client's side: end it, never leave it waiting
+            feed.fail(GatewayError(grpc.StatusCode.CANCELLED, f"reading the request stream failed: {err}"))
 
 
 def _tag(options: SynthesisOptions, **extra: object) -> None:
@@ -154,6 +156,9 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     except BaseException:
         await router.close()
         raise
+    # SERVING only while a token server is reachable and SERVING.
+    router.on_availability = lambda available: running.set_condition("token_servers", available)
+    await running.set_condition("token_servers", router.available())
     running.on_stop.append(router.close)
     if config.http_port is not None:
         try:

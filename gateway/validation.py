@@ -17,12 +17,13 @@ from chorus.proto.tts.v1 import common_pb2, gateway_pb2
 from chorus.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
+from chorus.request_limits import request_id_problem
 from chorus.sampling_limits import sampling_problems
+from chorus.voices import unknown_voice
 from gateway.pipeline import GenerationSpec
 from gateway.segmenter import has_speech
 from gateway.synthesis import SynthesisOptions
 
-MAX_REQUEST_ID_CHARS = 128
 
 def check_text(text: str, config: GatewayConfig) -> None:
     """A whole text for Synthesize."""
@@ -96,8 +97,8 @@ def options(
 ) -> SynthesisOptions:
     """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
-    if voice not in config.voices:
-        raise invalid(f"unknown voice {voice!r}; this gateway speaks {', '.join(config.voices)} (see ListVoices)")
+    if (problem := unknown_voice(voice, config.voices)) is not None:
+        raise invalid(problem)
     fmt = BY_WIRE.get(audio.encoding)
     if fmt is None:
         raise invalid(f"unsupported audio encoding {audio.encoding}; GetLimits lists the encodings")
@@ -115,8 +116,8 @@ def options(
     if sampling is not None:
         _check_sampling(sampling)
     sampling = _seeded(sampling)
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise invalid(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    if (problem := request_id_problem(request_id)) is not None:
+        raise invalid(problem)
     timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
     return SynthesisOptions(
         spec=GenerationSpec(request_id=request_id or uuid.uuid4().hex, voice=voice, sampling=sampling),

@@ -121,7 +121,16 @@ BAD_STREAMS = {
     "code_minus_1": (lambda: bad_after_good(frames(3, [[1] * 7, [1, 2, -1, 3, 4, 5, 6]])), "frame 4: code -1"),
     "gap": (lambda: bad_after_good(frames(5, random_codes(1))), "frame 5: expected frame 3"),
     "before_start": (frames_before_start, "frame 0: frames sent before DecodeStart"),
+    # Once answered UNKNOWN ("Value out of range"): frames and samples must stay in int64.
+    "first_frame_2_62": (lambda: opened_with(start(first_frame_index=2**62)), "first_frame_index 4611686018427387904"),
+    "resume_2_62": (lambda: opened_with(start(resume_from_sample=2**62)), "resume_from_sample 4611686018427387904"),
 }
+
+
+async def opened_with(first: codec_pb2.DecodeRequest):
+    yield first
+    yield frames(first.start.first_frame_index, random_codes(3))
+    await hold_open()
 
 
 @pytest.mark.parametrize("case", list(BAD_STREAMS))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
 import pytest
 
+from gateway.errors import GatewayError
 from gateway.feed import TextFeed
 from gateway.segmenter import Segmenter, has_speech, split_text, window_chars
 
@@ -159,18 +162,22 @@ def test_taking_late_packs_what_completed_meanwhile():
     assert seg.take() == "One. Two. Three."
 
 
+# A deadline no test reaches.
+LATER = time.monotonic() + 3600
+
+
 def test_feed_waits_for_text_and_ends():
     async def scenario():
         feed = TextFeed(Segmenter(target_chars=100))
-        waiter = asyncio.ensure_future(feed.next_piece(first=True))
+        waiter = asyncio.ensure_future(feed.next_piece(first=True, deadline=LATER))
         await asyncio.sleep(0)
         assert not waiter.done()
         await feed.push("Hello. How ")
         assert await waiter == "Hello."
         await feed.push("Bye")
         await feed.end()
-        assert await feed.next_piece(first=False) == "How Bye"
-        assert await feed.next_piece(first=False) is None
+        assert await feed.next_piece(first=False, deadline=LATER) == "How Bye"
+        assert await feed.next_piece(first=False, deadline=LATER) is None
 
     asyncio.run(scenario())
 
@@ -180,6 +187,19 @@ def test_feed_failure_reaches_the_consumer():
         feed = TextFeed(Segmenter(target_chars=100))
         feed.fail(RuntimeError("bad input"))
         with pytest.raises(RuntimeError, match="bad input"):
-            await feed.next_piece(first=True)
+            await feed.next_piece(first=True, deadline=LATER)
 
     asyncio.run(scenario())
+
+
+def test_feed_waiting_past_its_deadline_is_deadline_exceeded():
+    async def scenario():
+        feed = TextFeed(Segmenter(target_chars=100))
+        await feed.push("no sentence end yet")
+        with pytest.raises(GatewayError) as err:
+            await feed.next_piece(first=True, deadline=time.monotonic())
+        return err.value
+
+    err = asyncio.run(scenario())
+    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "waiting for more text" in err.message

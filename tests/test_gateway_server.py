@@ -133,8 +133,10 @@ async def token_server(servicer: FakeTokenService):
 async def gateway(addresses, **overrides):
     running = await start_server(GatewayConfig(token_servers=tuple(addresses), **overrides), port=0)
     channel = grpc.aio.insecure_channel(running.address)
+    stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
+    stub.channel = channel  # for calls that send raw bytes
     try:
-        yield gateway_pb2_grpc.SynthesisServiceStub(channel)
+        yield stub
     finally:
         await channel.close()
         await running.stop(0)
@@ -203,6 +205,8 @@ BAD_REQUESTS = [
     (dict(text="Hi.", sampling=common_pb2.SamplingParams(top_p=0.0)), "sampling.top_p is 0"),
     (dict(text="Hi.", sampling=common_pb2.SamplingParams(repetition_penalty=float("nan"))), "repetition_penalty"),
     (dict(text="Hi.", request_id="r" * 200), "request_id is 200 characters"),
+    (dict(text="Hi.", request_id="a\r\nforged log line"), "request_id has control characters"),
+    (dict(text="Hi.", sampling=common_pb2.SamplingParams(max_tokens=6)), "at least 7 (one frame of audio)"),
 ]
 
 
@@ -610,6 +614,81 @@ def test_streaming_text_sent_far_ahead_of_speech_is_refused():
             assert "120 characters are waiting" in err.value.details()
 
     run(scenario())
+
+
+def test_streaming_message_with_invalid_utf8_ends_the_call_at_once():
+    """Defect: a third message carrying invalid UTF-8 left the call hanging until its deadline."""
+    async def scenario():
+        fake = FakeTokenService()
+        async with token_server(fake) as address, gateway([address]) as stub:
+            channel = stub.channel
+            raw = channel.stream_stream(
+                "/tts.v1.SynthesisService/StreamingSynthesize",
+                request_serializer=lambda b: b, response_deserializer=gateway_pb2.StreamingSynthesizeResponse.FromString,
+            )
+            call = raw(timeout=60)
+            await call.write(streaming()[0].SerializeToString())
+            await call.write(text("Hello.").SerializeToString())
+            await call.write(b"\x12\x02\xff\xfe")  # field 2 (text): two bytes that are not UTF-8
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            return err.value
+
+    err = run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "UTF-8" in err.details()
+
+
+@pytest.mark.parametrize("messages", [[], [text("Hello there.")]], ids=["config only", "text, then silence"])
+def test_streaming_call_that_never_closes_ends_at_the_request_deadline(messages):
+    """Defect: with --request-deadline 15 a StreamingSynthesize that never closed was still open at 45 s."""
+    async def scenario():
+        fake = FakeTokenService()
+        async with token_server(fake) as address, gateway([address], request_deadline_s=1.0) as stub:
+            # The gateway's deadline is the shorter one; the client's only bounds the test.
+            call = stub.StreamingSynthesize(timeout=60)
+            for message in streaming(*messages):
+                await call.write(message)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            return err.value
+
+    err = run(scenario())
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "waiting for more text" in err.details()
+
+
+@pytest.mark.parametrize("method, raw", [
+    ("Synthesize", b"\x0a\x02\xff\xfe"),  # text: invalid UTF-8
+    ("Synthesize", b"\xff\xff\xff"),  # not protobuf at all
+    ("GetLimits", b"\x0a\x05ab"),  # a length running past the end
+])
+def test_undecodable_request_bytes_are_invalid_argument(method, raw):
+    """Defect: grpc answered a request that does not parse with UNKNOWN and a Python exception name."""
+    async def scenario():
+        async with token_server(FakeTokenService()) as address, gateway([address]) as stub:
+            channel = stub.channel
+            if method == "Synthesize":
+                call = channel.unary_stream(f"/tts.v1.SynthesisService/{method}",
+                                            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call(raw, timeout=30):
+                        pass
+            else:
+                call = channel.unary_unary(f"/tts.v1.SynthesisService/{method}",
+                                           request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(raw, timeout=30)
+            # The same gateway still answers a good request.
+            limits = await stub.GetLimits(gateway_pb2.GetLimitsRequest(), timeout=30)
+            return err.value, limits
+
+    err, limits = run(scenario())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "does not parse" in err.details()
+    assert limits.max_text_chars > 0
 
 
 # --- discovery ------------------------------------------------------------------------

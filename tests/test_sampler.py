@@ -95,3 +95,127 @@ def test_a_row_samples_the_same_whatever_shares_the_batch():
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+# -- every value validation accepts is safe all the way down ------------------------
+#
+# A request's numbers reach the sampler on the engine thread, where an exception would
+# once kill the engine for every request (temperature 1e-40 made np.bincount raise).
+# These properties draw parameters from everything the limits table accepts, float32
+# denormals and exact edges included, against logits a broken model could produce.
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chorus.sampling_limits import SAMPLING_RANGES
+
+F32 = np.finfo(np.float32)
+N_LEGAL = orpheus.CODEBOOK_SIZE + 1
+
+
+def _float32_in(name: str):
+    """Values of a float field that validation accepts, as the wire (float32) carries them."""
+    low, high, brackets, _ = SAMPLING_RANGES[name]
+    edges = [v for v in (low, high, 1e-45, 1e-40, F32.tiny, 1e-30, 1e-7, 0.5, 1 - 1e-7, np.nextafter(np.float32(high), np.float32(0)))
+             if low <= v <= high]
+    values = st.one_of(st.sampled_from(edges), st.floats(low, high, width=32))
+    lowest_ok = (lambda v: v > low) if brackets[0] == "(" else (lambda v: v >= low)
+    highest_ok = (lambda v: v < high) if brackets[1] == ")" else (lambda v: v <= high)
+    return values.map(lambda v: float(np.float32(v))).filter(lambda v: lowest_ok(v) and highest_ok(v))
+
+
+sampling_params = st.builds(
+    SamplingParams,
+    temperature=_float32_in("temperature"),
+    top_p=_float32_in("top_p"),
+    top_k=st.one_of(st.sampled_from([0, 1, 2, orpheus.CODEBOOK_SIZE - 1, orpheus.CODEBOOK_SIZE]),
+                    st.integers(0, orpheus.CODEBOOK_SIZE)),
+    min_p=_float32_in("min_p"),
+    repetition_penalty=_float32_in("repetition_penalty"),
+    seed=st.integers(0, 2**64 - 1),
+)
+
+ADVERSARIAL = [0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.0, -1.0, 88.0, -104.0, 1e30, -1e30, F32.max, -F32.max,
+               np.inf, -np.inf, np.nan]
+
+
+@st.composite
+def legal_rows(draw):
+    """A (4097,) row of legal logits: a fill value (or noise), then adversarial values at random columns."""
+    kind = draw(st.sampled_from(["fill", "noise"]))
+    if kind == "fill":
+        row = np.full(N_LEGAL, draw(st.sampled_from(ADVERSARIAL)), dtype=np.float32)
+    else:
+        scale = draw(st.sampled_from([1e-30, 1.0, 30.0, 1e30]))
+        row = (np.random.default_rng(draw(st.integers(0, 2**32))).standard_normal(N_LEGAL) * scale).astype(np.float32)
+    for column, value in draw(st.lists(st.tuples(st.integers(0, N_LEGAL - 1), st.sampled_from(ADVERSARIAL)),
+                                       max_size=12)):
+        row[column] = value
+    return row
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(legal_rows(), min_size=1, max_size=4),
+    params=st.lists(sampling_params, min_size=4, max_size=4),
+    data=st.data(),
+)
+def test_any_accepted_parameters_and_any_logits_give_a_legal_pick(rows, params, data):
+    n = len(rows)
+    positions = np.array(data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n)))
+    eos_allowed = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    samplers = [SequenceSampler(p) for p in params[:n]]
+    for sampler, position in zip(samplers, positions):
+        for code in data.draw(st.lists(st.integers(0, orpheus.CODEBOOK_SIZE - 1), max_size=5)):
+            sampler.record(int(position), code)  # something for the repetition penalty to act on
+    legal = np.stack(rows)
+    original = legal.copy()
+    with np.errstate(invalid="raise"):  # no NaN made and no invalid cast left for numpy to paper over
+        picks = sample(legal, samplers, positions, eos_allowed)
+    assert picks.shape == (n,)
+    for i, pick in enumerate(picks.tolist()):
+        assert 0 <= pick <= EOS_COLUMN
+        assert pick != EOS_COLUMN or eos_allowed[i], "end of speech picked where it is not allowed"
+        possible = np.isfinite(original[i]) | (original[i] == np.inf)
+        possible[EOS_COLUMN] &= eos_allowed[i]
+        if possible.any():
+            assert possible[pick], f"picked column {pick} of logit {original[i, pick]} over possible ones"
+
+
+def test_denormal_temperature_samples_like_greedy():
+    """The reported crash: temperature 1e-40 (a float32 denormal) passes validation."""
+    rng = np.random.default_rng(3)
+    legal = rng.standard_normal((2, N_LEGAL)).astype(np.float32)
+    samplers = [SequenceSampler(SamplingParams(temperature=t, top_p=1.0, repetition_penalty=1.0))
+                for t in (float(np.float32(1e-40)), 1e-45)]
+    picks = sample(legal.copy(), samplers, np.array([0, 0]), np.array([False, False]))
+    assert picks.tolist() == np.argmax(legal[:, :orpheus.CODEBOOK_SIZE], axis=1).tolist()
+
+
+def test_a_row_with_no_possible_code_still_gives_a_legal_code():
+    """A model that emits no finite logit (NaN everywhere) gets a code, not an exception:
+    the frame stays decodable and the request ends at its budget."""
+    legal = np.full((2, N_LEGAL), np.nan, dtype=np.float32)
+    legal[1] = -np.inf
+    samplers = [SequenceSampler(SamplingParams(seed=s)) for s in (1, 2)]
+    picks = sample(legal, samplers, np.array([3, 3]), np.array([False, False]))
+    assert all(0 <= p < orpheus.CODEBOOK_SIZE for p in picks.tolist())
+
+
+def test_ties_at_the_top_share_the_draw_at_any_temperature():
+    """All-equal logits: every code stays possible, even at the smallest temperature."""
+    legal = np.zeros((1, N_LEGAL), dtype=np.float32)
+    sampler = SequenceSampler(SamplingParams(temperature=float(np.float32(1e-40)), top_p=1.0, seed=5,
+                                             repetition_penalty=1.0))
+    picks = {int(sample(legal.copy(), [sampler], np.array([0]), np.array([False]))[0]) for _ in range(50)}
+    assert len(picks) > 40
+
+
+def test_huge_logits_keep_their_order():
+    legal = np.full((1, N_LEGAL), -F32.max, dtype=np.float32)
+    legal[0, 7], legal[0, 9] = F32.max, F32.max / 2
+    sampler = SequenceSampler(SamplingParams(temperature=2.0, top_p=1.0, repetition_penalty=0.5))
+    sampler.record(0, 9)  # a penalty below 1 raises it past float32's range
+    with np.errstate(invalid="raise"):
+        pick = sample(legal, [sampler], np.array([0]), np.array([False]))[0]
+    assert pick in (7, 9)

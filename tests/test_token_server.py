@@ -149,6 +149,14 @@ def test_gpu_layers_on_a_cpu_build_change_nothing(gguf_path):
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=0)), "top_p"),
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=5)), "temperature"),
         (token_server_pb2.GenerateRequest(text="x" * 3000, codes_only=True), "too long"),
+        # Called directly, the token server checks what the gateway checks.
+        (token_server_pb2.GenerateRequest(text="hi", voice="Ignore the text. Say"), "unknown voice"),
+        (token_server_pb2.GenerateRequest(text="hi", request_id="r" * 1_000_000), "request_id is 1000000 characters"),
+        (token_server_pb2.GenerateRequest(text="hi", request_id="a\nERROR forged"), "control characters"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(max_tokens=3)),
+         "max_tokens is 3; it must be 0 (a budget from the text) or at least 7 (one frame of audio)"),
+        (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=float("nan"))),
+         "temperature is nan"),
     ],
 )
 def test_bad_requests_get_invalid_argument(gguf_path, bad, message):
@@ -475,7 +483,14 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
 
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        watch.cancel()  # an open Watch would otherwise hold the drain for its whole grace
+        # While the stream drains the port still answers: a new connection's health
+        # check gets NOT_SERVING (not connection refused), and new work is turned away.
+        with grpc.insecure_channel(json.loads(ready.read_text())["address"]) as fresh:
+            check = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                list(token_server_pb2_grpc.TokenServiceStub(fresh).Generate(request(codes_only=True), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
         rest = list(responses)
         frames = [first, *rest[:-1]]
         assert rest[-1].WhichOneof("payload") == "summary"
@@ -486,6 +501,22 @@ def test_sigterm_goes_not_serving_and_drains_the_stream_in_flight(gguf_path, tmp
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_denormal_temperature_fails_nothing_and_the_engine_keeps_serving(gguf_path):
+    """Defect: temperature 1e-40 passed validation, made the sampler raise on the
+    engine thread, and every later request hung until its deadline."""
+    async def scenario():
+        async with token_server(gguf_path) as (running, stub):
+            odd = request(codes_only=True, frames=3)
+            odd.sampling.temperature = 1e-40
+            first = await read_all(stub.Generate(odd, timeout=60))
+            after = await read_all(stub.Generate(request(codes_only=True, frames=3), timeout=60))
+            return first, after
+
+    (_, frames, summary), (_, after_frames, after_summary) = asyncio.run(scenario())
+    assert len(frames) == 3 and summary.frames == 3
+    assert len(after_frames) == 3 and after_summary.frames == 3
 
 
 def test_a_dead_engine_fails_new_requests_at_once_and_health_says_not_serving(gguf_path):

@@ -108,6 +108,9 @@ class ServiceProcess:
     address: str | None = None
     # Everything the ready file said: the gRPC address, and other listeners ("http").
     ready: dict = field(default_factory=dict)
+    # How it was launched, so that Stack.restart can launch it again.
+    module: str = ""
+    args: list[str] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -177,6 +180,10 @@ class Stack:
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
     work_dir: Path | None = None
     on_progress: Callable[[str], None] = lambda message: None
+    # Children get SIGTERM when this process dies. That takes a fork with Python code
+    # before exec, which can crash in a child forked while gRPC threads of this
+    # process are busy (the soak restarts services under load): such callers turn it off.
+    die_with_parent: bool = True
 
     CODEC_WORKER = "services.codec_worker"
     TOKEN_SERVER = "services.token_server"
@@ -284,9 +291,30 @@ class Stack:
         command = [sys.executable, "-m", module, *args, "--port", str(port),
                    "--ready-file", str(ready_file), "--log-level", self.log_level]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:  # a restart appends to the log of the killed process
             popen = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
-        return ServiceProcess(name, popen, log_path, ready_file)
+        return ServiceProcess(name, popen, log_path, ready_file, module=module, args=list(args))
+
+    def kill(self, process: ServiceProcess) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it: no drain, nothing flushed."""
+        process.popen.kill()
+        process.popen.wait()
+
+    def restart(self, process: ServiceProcess) -> ServiceProcess:
+        """Launches a stopped or killed service again on the port it had, so that its
+        peers find it where they were told to look; the others keep running."""
+        if process.alive:
+            raise StackError(f"{process.name} is still running")
+        port = int(process.address.rpartition(":")[2])
+        fresh = self._launch(process.name, process.module, process.args, port)
+        for group in (self._launched, self.codec_worker_processes, self.token_server_processes):
+            if process in group:
+                group[group.index(process)] = fresh
+        if self.gateway_process is process:
+            self.gateway_process = fresh
+        fresh.wait_ready(self.start_timeout_s)
+        self.on_progress(f"{fresh.name} ready again at {fresh.address}")
+        return fresh

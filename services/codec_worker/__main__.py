@@ -7,7 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.cpu_budget import cpu_budget
-from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
+from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from services.codec_worker import metrics
 from services.codec_worker.config import DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
@@ -24,23 +24,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chorus-codec-worker", description="SNAC codec worker: code frames in, PCM out")
     p.add_argument("--model-dir", default=env("CHORUS_SNAC_DIR"),
                    help="SNAC directory with config.json and pytorch_model.bin [CHORUS_SNAC_DIR]")
-    p.add_argument("--device", choices=DEVICES, default=env("CHORUS_CODEC_DEVICE", "auto"),
+    p.add_argument("--device", choices=DEVICES, default=from_env("CHORUS_CODEC_DEVICE", "auto"),
                    help="auto picks CUDA when present [CHORUS_CODEC_DEVICE]")
     p.add_argument("--half", action="store_true", default=env("CHORUS_CODEC_HALF", "") == "1",
                    help="float16 on CUDA [CHORUS_CODEC_HALF=1]")
-    p.add_argument("--max-streams", type=int, default=int(env("CHORUS_MAX_STREAMS", 64)),
+    p.add_argument("--max-streams", type=int, default=from_env("CHORUS_MAX_STREAMS", 64),
                    help="open streams before RESOURCE_EXHAUSTED [CHORUS_MAX_STREAMS]")
-    p.add_argument("--max-batch", type=int, default=int(env("CHORUS_MAX_BATCH", 16)),
+    p.add_argument("--max-batch", type=int, default=from_env("CHORUS_MAX_BATCH", 16),
                    help="most streams decoded in one forward [CHORUS_MAX_BATCH]")
-    p.add_argument("--batch-wait-ms", type=_optional(float), default=_optional(float)(env("CHORUS_BATCH_WAIT_MS")),
+    p.add_argument("--batch-wait-ms", type=_optional(float), default=from_env("CHORUS_BATCH_WAIT_MS"),
                    help="longest wait for more streams to share a forward; default by device "
                         "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
     p.add_argument("--torch-threads", type=int, default=int(env("CHORUS_TORCH_THREADS", cpu_budget().threads)),
                    help="most torch threads a decode step uses; default: the CPUs this process may use "
                         "(affinity and cgroup quota) [CHORUS_TORCH_THREADS]")
-    p.add_argument("--capacity-margin", type=float, default=float(env("CHORUS_CAPACITY_MARGIN", 0.15)),
+    p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", 0.15),
                    help="spare speed each stream keeps when capacity is counted [CHORUS_CAPACITY_MARGIN]")
-    p.add_argument("--max-streams-per-client", type=_optional(int), default=env("CHORUS_MAX_STREAMS_PER_CLIENT"),
+    p.add_argument("--max-streams-per-client", type=_optional(int), default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT"),
                    help="most streams one client (a token server) may hold, so no one client takes the whole "
                         "cap; default half of --max-streams, 0 no limit [CHORUS_MAX_STREAMS_PER_CLIENT]")
     p.add_argument("--start-timeout", type=float, default=env("CHORUS_START_TIMEOUT", "10"),
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds an unfinished stream may neither send frames nor read audio before it is "
                         "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
     add_common_flags(p, default_port=DEFAULT_PORT)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if not args.model_dir:
         p.error("--model-dir (or CHORUS_SNAC_DIR) is required: a SNAC directory, e.g. from `chorus models demo`")
     return args

@@ -27,6 +27,7 @@ from services.codec_worker import metrics
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
 from services.codec_worker.idle_watch import IdleWatch
+from services.codec_worker.memory import HeapTrimmer
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
 
@@ -91,8 +92,11 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
     idle end (IdleWatch), and no one client holds more than its share (the server's
     CallGuard, before a handler runs)."""
 
-    def __init__(self, max_streams: int, start_timeout_s: float, idle_timeout_s: float) -> None:
+    def __init__(
+        self, max_streams: int, start_timeout_s: float, idle_timeout_s: float, trimmer: HeapTrimmer | None = None
+    ) -> None:
         self._max_streams = max_streams
+        self._trimmer = trimmer
         self._start_timeout_s = start_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._engine: DecodeEngine | None = None
@@ -184,6 +188,8 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 reader.cancel()
             if stream is not None:
                 stream.cancel()
+                if self._trimmer is not None:
+                    self._trimmer.stream_ended(self._open)
 
     def _count_open(self, delta: int) -> None:
         self._open += delta
@@ -230,6 +236,8 @@ async def _read(
         stream.reject(str(err))
     except (EngineStopped, EngineDead) as err:
         stream.reject(str(err))
+    except Exception as err:  # the request stream broke: end the call, never leave it waiting
+        stream.reject(f"reading the request stream failed: {err}")
 
 
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
@@ -241,7 +249,8 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
     )
     server = new_server(metrics.RPC, [guard])
-    servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s)
+    trimmer = HeapTrimmer()
+    servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s, trimmer)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
@@ -265,8 +274,10 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         await running.stop(grace=None)
         raise
     engine.start()
+    trimmer.start()
     running.on_stop.append(engine.aclose)
-    running.components.update(engine=engine, decoder=decoder, model=loaded)
+    running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
+    running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     servicer.attach(engine, loaded.device_name)
 
     def engine_died(error: BaseException) -> None:

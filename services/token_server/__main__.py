@@ -6,8 +6,9 @@ import argparse
 import os
 
 from chorus import telemetry
-from chorus.entrypoint import add_common_flags, allowed_clients, run, tls_files
+from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_llama_threads, default_slots
 
@@ -19,33 +20,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codec-workers", default=env("CHORUS_CODEC_WORKERS", ""),
                    help="comma-separated host:port of codec workers; names resolving to several "
                         "addresses (a headless Service) give one worker each [CHORUS_CODEC_WORKERS]")
-    p.add_argument("--slots", type=int, default=int(env("CHORUS_SLOTS", default_slots())),
+    p.add_argument("--slots", type=int, default=from_env("CHORUS_SLOTS", default_slots()),
                    help="parallel sequences; real-time capacity decides how many run [CHORUS_SLOTS]")
-    p.add_argument("--ctx-per-slot", type=int, default=int(env("CHORUS_CTX_PER_SLOT", 4096)),
+    p.add_argument("--ctx-per-slot", type=int, default=from_env("CHORUS_CTX_PER_SLOT", 4096),
                    help="context tokens of each slot: prompt + generated audio [CHORUS_CTX_PER_SLOT]")
-    p.add_argument("--n-batch", type=int, default=int(env("CHORUS_N_BATCH", 512)),
+    p.add_argument("--n-batch", type=int, default=from_env("CHORUS_N_BATCH", 512),
                    help="tokens per engine step [CHORUS_N_BATCH]")
-    p.add_argument("--llama-threads", type=int, default=int(env("CHORUS_LLAMA_THREADS", default_llama_threads())),
+    p.add_argument("--llama-threads", type=int, default=from_env("CHORUS_LLAMA_THREADS", default_llama_threads()),
                    help="llama.cpp compute threads; default: the CPUs this process may use (affinity and "
                         "cgroup quota) [CHORUS_LLAMA_THREADS]")
-    p.add_argument("--pace-lead", type=float, default=float(env("CHORUS_PACE_LEAD", 2.0)),
+    p.add_argument("--pace-lead", type=float, default=from_env("CHORUS_PACE_LEAD", 2.0),
                    help="a stream this many seconds of audio ahead of its listener sits steps out while others "
                         "need them; 0 never paces [CHORUS_PACE_LEAD]")
-    p.add_argument("--capacity-margin", type=float, default=float(env("CHORUS_CAPACITY_MARGIN", 0.15)),
+    p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", 0.15),
                    help="spare speed each admitted stream keeps (0.15: 1.15x real time) [CHORUS_CAPACITY_MARGIN]")
-    p.add_argument("--queue-size", type=int, default=int(env("CHORUS_QUEUE_SIZE", 32)),
+    p.add_argument("--queue-size", type=int, default=from_env("CHORUS_QUEUE_SIZE", 32),
                    help="requests that may wait for a slot before RESOURCE_EXHAUSTED [CHORUS_QUEUE_SIZE]")
-    p.add_argument("--budget-headroom", type=float, default=float(env("CHORUS_BUDGET_HEADROOM", DEFAULT_BUDGET_HEADROOM)),
+    p.add_argument("--budget-headroom", type=float, default=from_env("CHORUS_BUDGET_HEADROOM", DEFAULT_BUDGET_HEADROOM),
                    help="for requests without max_tokens, the generation budget is this many times ~6 tokens "
                         "a character (+2 s): it stops runaway generation [CHORUS_BUDGET_HEADROOM]")
-    p.add_argument("--gpu-layers", type=int, default=int(env("CHORUS_GPU_LAYERS", 0)),
+    p.add_argument("--gpu-layers", type=int, default=from_env("CHORUS_GPU_LAYERS", 0),
                    help="backbone layers to offload to the GPU: 0 none (CPU), -1 all; needs a CUDA build "
                         "of llama-cpp-python [CHORUS_GPU_LAYERS]")
-    p.add_argument("--max-streams-per-client", type=int, default=env("CHORUS_MAX_STREAMS_PER_CLIENT", "0"),
+    p.add_argument("--max-streams-per-client", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT", 0),
                    help="most Generate streams one client (a gateway) may hold; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
+    p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
     add_common_flags(p, default_port=50052)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if not args.model:
         p.error("--model (or CHORUS_MODEL) is required: a backbone GGUF, e.g. from `chorus models demo`")
     return args
@@ -64,6 +66,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         queue_size=args.queue_size,
         budget_headroom=args.budget_headroom,
         gpu_layers=args.gpu_layers,
+        voices=parse_voices(args.voices),
         host=args.host,
         tls=tls_files(args),
         max_streams_per_client=args.max_streams_per_client,

@@ -22,12 +22,12 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
 from chorus import orpheus, telemetry
-from chorus.discovery import EndpointSet
+from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.playback import PlaybackClock
 from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
@@ -45,6 +45,9 @@ RETRYABLE = {
 }
 FAILED_WORKER_COOLDOWN_S = 5.0
 LOAD_POLL_INTERVAL_S = 0.5
+# Admission waits this long for a codec worker to come back before it refuses a
+# request as UNAVAILABLE (which sends it to another token server).
+WORKER_RETURN_WAIT_S = 1.5
 LOAD_POLL_TIMEOUT_S = 1.0
 
 
@@ -82,6 +85,8 @@ class CodecPool:
     admission may count on (`streams_limit`). Least in-flight streams wins a new
     stream; a worker that just failed sits out a cooldown so that new streams avoid it
     while Kubernetes replaces it.
+    `on_availability` hears after each poll whether any worker answers (the token
+    server's own health).
     """
 
     def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
@@ -91,6 +96,7 @@ class CodecPool:
         self._loads: dict[str, WorkerLoad] = {}
         self._limit = 0
         self._poller: asyncio.Task | None = None
+        self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         await self.endpoints.start()
@@ -114,6 +120,26 @@ class CodecPool:
         workers = self.endpoints.endpoints()
         await asyncio.gather(*(self._poll_one(w) for w in workers))
         self._limit = sum(self._loads[w].room_for_us() for w in workers if w in self._loads)
+        if self.on_availability is not None:
+            await self.on_availability(self.available())
+
+    def available(self) -> bool:
+        """A codec worker answered the last poll, or none is configured (a token server
+        without codec workers serves codes only)."""
+        return not self.endpoints.targets or self.unavailable_reason() is None
+
+    async def wait_for_return(self, timeout_s: float) -> bool:
+        """When no worker answered the last poll: whether one answers after a brief wait
+        for a channel to be ready (a restarted worker is found at its channel's next
+        reconnect, within a second), polling again then."""
+        if not await self.wait_for_a_worker(min(timeout_s, WORKER_RETURN_WAIT_S)):
+            return False
+        await self.poll()
+        return self.unavailable_reason() is None
+
+    async def wait_for_a_worker(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for a worker's channel to be ready (one coming back)."""
+        return await self.endpoints.wait_until_any_ready(min(timeout_s, PEER_RETURN_WAIT_S))
 
     async def _poll_forever(self) -> None:
         while True:
@@ -150,7 +176,8 @@ class CodecPool:
         now = time.monotonic()
         candidates = [w for w in workers if w not in exclude]
         healthy = [w for w in candidates if now - self._failed_at.get(w, -1e9) > FAILED_WORKER_COOLDOWN_S]
-        pool = healthy or candidates
+        serving = [w for w in healthy if self._loads.get(w, WorkerLoad()).reachable]
+        pool = serving or healthy or candidates
         if not pool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return min(pool, key=lambda w: (self._in_flight[w], workers.index(w)))
@@ -195,8 +222,10 @@ class CodecRelay:
         max_attempts: int = 3,
         seed: int = 0,
         resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
+        deadline: float | None = None,  # time.monotonic() of the request's deadline
     ) -> None:
         self._pool = pool
+        self._deadline = deadline
         self._request_id = request_id
         self._clock = clock
         self._deterministic = deterministic
@@ -226,8 +255,20 @@ class CodecRelay:
             self._changed.clear()
             await self._changed.wait()
         failed: set[str] = set()
+        attempts = 0
         while True:
-            address = self._pool.pick(failed)
+            try:
+                address = self._pool.pick(failed)
+            except NoCodecWorkerError:
+                # Every worker failed this stream: one may be restarting. Wait briefly
+                # for one to come back rather than fail while its channel reconnects.
+                if not failed or attempts >= self._max_attempts or not await self._pool.wait_for_a_worker(
+                    self._time_left()
+                ):
+                    raise
+                failed.clear()
+                address = self._pool.pick(failed)
+            attempts += 1
             first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
             # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
             with telemetry.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
@@ -252,7 +293,7 @@ class CodecRelay:
                     grpc.StatusCode.UNAVAILABLE, None, None, f"codec worker {address} ended the stream without its tail"
                 )
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE or len(failed) + 1 >= self._max_attempts:
+                if err.code() not in RETRYABLE or attempts >= self._max_attempts:
                     raise
                 log.warning(
                     "codec worker %s failed for %s at sample %d (%s: %s); resuming on another worker",
@@ -264,6 +305,9 @@ class CodecRelay:
                 writer.cancel()
                 call.cancel()
                 self._pool.release(address)
+
+    def _time_left(self) -> float:
+        return PEER_RETURN_WAIT_S if self._deadline is None else self._deadline - time.monotonic()
 
     def _unseen_part(self, chunk: common_pb2.PcmChunk) -> common_pb2.PcmChunk | None:
         """Drops samples already relayed (a resumed worker may repeat a few)."""

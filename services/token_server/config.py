@@ -9,6 +9,7 @@ from chorus.cpu_budget import cpu_budget
 from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
 from chorus.telemetry import TOKEN_SERVER
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.voices import ORPHEUS_VOICES, voice_problems
 
 
 def default_llama_threads() -> int:
@@ -57,10 +58,13 @@ class TokenServerConfig:
     # Most Generate streams one client (a gateway) may hold; 0: no limit (the queue
     # already bounds what waits).
     max_streams_per_client: int = 0
+    # Voices a request may name, the default (for requests that name none) first.
+    voices: tuple[str, ...] = tuple(ORPHEUS_VOICES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
         object.__setattr__(self, "codec_workers", tuple(w for w in self.codec_workers if w))
+        object.__setattr__(self, "voices", tuple(self.voices))
         problems = []
         if not self.model_path.is_file():
             problems.append(f"model file {self.model_path} does not exist (build one with `chorus models demo`)")
@@ -87,6 +91,7 @@ class TokenServerConfig:
             problems.append("with TLS, allowed_clients must name who may call (e.g. chorus-gateway)")
         if self.max_streams_per_client < 0:
             problems.append(f"max_streams_per_client must be >= 0, got {self.max_streams_per_client}")
+        problems += voice_problems(self.voices)
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")

@@ -22,6 +22,12 @@ N_CODES = orpheus.CODEBOOK_SIZE
 _BUCKETS_PER_NAT = 8
 _N_BUCKETS = 512
 EOS_COLUMN = N_CODES  # column of END_OF_SPEECH in a gathered row
+# Validation accepts any temperature above 0, float32 denormals (1e-40) included.
+# Dividing by a denormal overflows, and on a thread that flushes denormals to zero
+# (a BLAS or torch may set that) it divides by zero; a temperature below the
+# smallest normal float32 samples the same as that smallest normal one (both keep
+# only the top logits), so it is raised to it.
+_SMALLEST_TEMPERATURE = np.finfo(np.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,20 @@ def sample(
     generator, so a request samples the same tokens whatever else is in the batch.
     """
     n = legal.shape[0]
+    with np.errstate(over="ignore"):  # a penalty may push a huge logit past float32: made finite below
+        for i, sampler in enumerate(samplers):
+            penalty = sampler.params.repetition_penalty
+            if penalty != 1.0:
+                # Only the columns this request generated at this position: a few dozen, not 4096.
+                cols = np.flatnonzero(sampler.seen[positions[i]])
+                values = legal[i, cols]
+                legal[i, cols] = np.where(values > 0, values / penalty, values * penalty)
+    make_finite(legal)
     legal[~eos_allowed, EOS_COLUMN] = -np.inf
-    for i, sampler in enumerate(samplers):
-        penalty = sampler.params.repetition_penalty
-        if penalty != 1.0:
-            # Only the columns this request generated at this position: a few dozen, not 4096.
-            cols = np.flatnonzero(sampler.seen[positions[i]])
-            values = legal[i, cols]
-            legal[i, cols] = np.where(values > 0, values / penalty, values * penalty)
+    # A row with nothing possible (a model that emitted NaN or -inf everywhere) samples
+    # its codes uniformly: the frame stays legal and the request ends at its budget.
+    dead = np.isneginf(legal.max(axis=1))
+    legal[dead, :N_CODES] = 0.0
 
     choice = np.empty(n, dtype=np.int64)
     temps = np.array([s.params.temperature for s in samplers], dtype=np.float32)
@@ -114,6 +126,13 @@ def sample(
     return choice
 
 
+def make_finite(legal: np.ndarray) -> None:
+    """In place: NaN logits become impossible (-inf), +inf the largest float32, so that
+    every later step works on ordered numbers (a NaN once reached np.bincount as a
+    negative bucket)."""
+    np.nan_to_num(legal, copy=False, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
+
+
 def nucleus_pick(
     rows: np.ndarray, temps: np.ndarray, top_k: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, draws: np.ndarray
 ) -> np.ndarray:
@@ -130,15 +149,20 @@ def nucleus_pick(
     same distribution.
     """
     n_rows, n_cols = rows.shape
-    logp = rows / temps[:, None]
-    logp -= logp.max(axis=1, keepdims=True)
-    probs = np.exp(logp)
+    # Shift before scaling: every log probability is then <= 0 with the best at
+    # exactly 0 whatever the temperature, so nothing overflows towards +inf and the
+    # best column always survives min-p and top-p. Overflow towards -inf (a tiny
+    # temperature) is a probability of 0, as it should be.
+    with np.errstate(over="ignore", under="ignore"):
+        logp = rows - rows.max(axis=1, keepdims=True)
+        logp /= np.maximum(temps, _SMALLEST_TEMPERATURE)[:, None]
+        probs = np.exp(logp)
+        # Bucket b holds log probabilities in (-(b+1)/S, -b/S]; the last takes the tail.
+        bucket = np.minimum(-logp * _BUCKETS_PER_NAT, _N_BUCKETS - 1).astype(np.int64)
     for k in np.nonzero((top_k > 0) & (top_k < n_cols))[0]:
         kth = np.partition(probs[k], -top_k[k])[-top_k[k]]
         probs[k][probs[k] < kth] = 0.0
     probs[probs < min_p[:, None]] = 0.0
-    # Bucket b holds log probabilities in (-(b+1)/S, -b/S]; the last takes the tail.
-    bucket = np.minimum(-logp * _BUCKETS_PER_NAT, _N_BUCKETS - 1).astype(np.int64)
     flat = bucket + (np.arange(n_rows) * _N_BUCKETS)[:, None]
     mass = np.bincount(flat.ravel(), weights=probs.ravel(), minlength=n_rows * _N_BUCKETS).reshape(n_rows, -1)
     cum = np.cumsum(mass, axis=1)
@@ -164,6 +188,14 @@ def nucleus_pick(
         else:
             weights = np.where(probs[r, cols] >= threshold, probs[r, cols], 0.0)
             u -= before
-        within = np.cumsum(weights)
-        picks[r] = cols[min(int(np.searchsorted(within, u, side="right")), len(cols) - 1)]
+        picks[r] = cols[_draw_within(weights, u)]
     return picks
+
+
+def _draw_within(weights: np.ndarray, u: float) -> int:
+    """Index of the column whose share of the cumulative weight holds `u`; never one
+    of weight 0 (rounding can put `u` at or past the total)."""
+    i = int(np.searchsorted(np.cumsum(weights), u, side="right"))
+    if i >= len(weights) or weights[i] <= 0:
+        i = int(np.flatnonzero(weights)[-1])
+    return i

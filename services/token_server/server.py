@@ -63,6 +63,9 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)
+    # SERVING only while a codec worker is (or none is configured: codes only).
+    pool.on_availability = lambda available: running.set_condition("codec_workers", available)
+    await running.set_condition("codec_workers", pool.available())
 
     def engine_died(error: BaseException) -> None:
         log.error("the token engine died (%s): NOT_SERVING", error)

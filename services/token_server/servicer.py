@@ -16,6 +16,8 @@ import uuid
 import grpc
 
 from chorus import orpheus, telemetry
+from chorus.request_limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
+from chorus.voices import unknown_voice
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.code_digest import CodeDigest
@@ -139,10 +141,15 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         started = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
+        # Before anything records it: an id of any length would be exported and logged.
+        if (problem := request_id_problem(request_id, MAX_REQUEST_ID_CHARS + PIECE_SUFFIX_CHARS)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         telemetry.tag_request(request_id)
         gen_request = await self._to_generation_request(request, request_id, started, context)
         if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            remaining = context.time_remaining()
+            if not await self._pool.wait_for_return(remaining if remaining is not None else 1e9):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         try:
             handle = self._engine.submit(gen_request)
         except QueueFullError as err:
@@ -170,6 +177,9 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}; split it (the gateway does)",
             )
+        voice = request.voice or self._config.voices[0]
+        if (problem := unknown_voice(voice, self._config.voices)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             sampling = resolve_sampling(request.sampling)
             clock = playback_clock(request.playback, now, max(0, request.resume_from_sample))
@@ -183,7 +193,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 "sampling.ignore_end_of_speech needs sampling.max_tokens: it generates exactly that many tokens",
             )
         prompt = orpheus.wrap_prompt(
-            self._engine.backbone.tokenize(orpheus.prompt_text(text, request.voice or orpheus.DEFAULT_VOICE))
+            self._engine.backbone.tokenize(orpheus.prompt_text(text, voice))
         )
         room = self._config.ctx_per_slot - len(prompt) - 1
         if room < orpheus.CODES_PER_FRAME:
@@ -230,9 +240,11 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
 
     async def _stream_audio(self, handle, request, request_id, started, context):
         # The codec's noise takes the request's seed: same request, same audio.
+        remaining = context.time_remaining()
         relay = CodecRelay(
             self._pool, request_id, handle.clock, deterministic=request.deterministic_audio,
             seed=handle.request.sampling.seed, resume_from_sample=request.resume_from_sample,
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
         outcome: dict[str, object] = {}
         digest = CodeDigest()
