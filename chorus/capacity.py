@@ -8,11 +8,15 @@ largest b whose measured step time, with a safety margin, fits: t(b) * (1 + marg
 unit. The margin covers what the steady state leaves out: prefill of newly admitted
 prompts, the other service's bursts on shared cores, jitter.
 
-t(b) is an exponentially weighted mean of the step times seen at each batch size, so
-it follows the machine as it is loaded (a step measured while the codec worker decodes
-beside it is the step that matters). Sizes never seen are estimated from those seen: a
-straight line through them (a step's cost is a fixed part, reading the weights, plus a
-part per stream), never below the dearest smaller size. Engines calibrate every size
+t(b) follows the machine as it is loaded (a step measured while the codec worker
+decodes beside it is the step that matters). How the sizes compare is a property of
+the model and its kernels, learned as each size is first seen; how fast the machine
+runs now is one factor, an exponentially weighted mean over every step, that scales
+all sizes alike. So a size that stops running (because capacity fell below it) still
+follows the machine: when the cores are free again, its estimate falls with the sizes
+that do run, and capacity comes back. Sizes never seen are estimated from those seen:
+a straight line through them (a step's cost is a fixed part, reading the weights, plus
+a part per stream), never below the dearest smaller size. Engines calibrate every size
 once at start, so admission does not have to guess before traffic arrives.
 """
 
@@ -52,9 +56,13 @@ class RealTimeCapacity:
         per_unit = seconds / units
         with self._lock:
             previous = self._step_seconds.get(streams)
-            self._step_seconds[streams] = (
-                per_unit if previous is None else previous + self._smoothing * (per_unit - previous)
-            )
+            if previous is None:
+                self._step_seconds[streams] = per_unit
+            else:
+                # The exponentially weighted step, as a factor on every size.
+                factor = 1.0 + self._smoothing * (per_unit / previous - 1.0)
+                for size in self._step_seconds:
+                    self._step_seconds[size] *= factor
             # Recounting walks every size: on every new size, else every few steps (the
             # engines record hundreds of steps a second; the answer moves slowly).
             self._records += 1

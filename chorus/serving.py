@@ -42,6 +42,10 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Hosts that mean "every interface" to a listener.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
 class StartupError(Exception):
     """A server cannot start for a reason its operator must fix (a port in use)."""
 
@@ -73,10 +77,17 @@ class RunningServer:
     _stopped: bool = False
     # What must hold for SERVING, by name: "ready" (warm-up done), and e.g. "upstream".
     _conditions: dict[str, bool] = field(default_factory=dict)
+    # The interface it listens on, as configured (--host).
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where a client on this machine dials it: its own interface, or loopback when
+        it listens on every interface (a wildcard is not an address to dial)."""
+        host = self.host.strip("[]")
+        if host in WILDCARD_HOSTS:
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def set_serving(self, serving: bool) -> None:
         """The server's own readiness (warm-up done); SERVING also needs every condition."""
@@ -154,7 +165,7 @@ async def serve_with_health(
         )
     await server.start()
     running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names,
-                            guard=getattr(server, "chorus_guard", None))
+                            guard=getattr(server, "chorus_guard", None), host=host)
     await running.set_serving(False)
     return running
 

@@ -111,14 +111,18 @@ class Router:
         channel = self._endpoints.channel(address)
         return _Server(address, channel, token_server_pb2_grpc.TokenServiceStub(channel))
 
-    def ranked(self) -> list[_Server]:
-        """Servers, least loaded first; ties taken in turn."""
-        self._turn += 1
+    def ranked(self, turn: int = 0) -> list[_Server]:
+        """Servers, least loaded first; equally loaded ones rotated by `turn`. Reads only."""
         n = len(self._servers)
         if n == 0:
             return []  # nothing resolved yet: generate() reports UNAVAILABLE
-        rotated = [self._servers[(self._turn + i) % n] for i in range(n)]
+        rotated = [self._servers[(turn + i) % n] for i in range(n)]
         return sorted(rotated, key=_Server.load)  # stable: equals keep the rotation
+
+    def _next_turn(self) -> int:
+        """Each request starts the rotation one further, so ties are shared round-robin."""
+        self._turn += 1
+        return self._turn
 
     async def generate(
         self, request: token_server_pb2.GenerateRequest, deadline: float
@@ -129,7 +133,7 @@ class Router:
         for round_number in range(2):
             if round_number and (relayed.samples or not await self._wait_for_return(failures, deadline)):
                 break
-            for attempt_number, server in enumerate(self.ranked(), start=len(failures)):
+            for attempt_number, server in enumerate(self.ranked(self._next_turn()), start=len(failures)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GatewayError(
@@ -235,6 +239,11 @@ def _exhausted(failures: list[tuple[str, grpc.StatusCode, str]], relayed_samples
             grpc.StatusCode.UNAVAILABLE,
             f"generation failed after {relayed_samples} samples and no token server could continue it exactly "
             f"(the audio ends there; nothing else was played): {seen}",
+        )
+    if not failures:  # all([]) would say "at capacity" of servers that do not exist
+        return GatewayError(
+            grpc.StatusCode.UNAVAILABLE,
+            "no token server is resolved or reachable yet; check the gateway's --token-servers and retry",
         )
     if all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for _, code, _ in failures):
         return GatewayError(

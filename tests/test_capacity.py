@@ -57,6 +57,23 @@ def test_slow_steps_lower_capacity_as_they_come_and_never_below_one():
     assert capacity.streams() == 1  # one stream is always admitted
 
 
+def test_capacity_comes_back_when_the_machine_is_free_again_though_bigger_batches_stopped():
+    """Capacity fell to one stream while the cores were shared; the steps since then
+    are all of one stream. Those alone must bring the larger sizes back down, or the
+    server stays at one stream for good."""
+    capacity = RealTimeCapacity(UNIT, limit=4, margin=0.0, smoothing=1.0)
+    capacity.record(1, 0.003)
+    capacity.record(2, 0.004)
+    for _ in range(RECOUNT_EVERY):
+        capacity.record(2, 0.030)  # busy: every size is 7.5 times dearer
+    assert capacity.streams() == 1
+    assert capacity.step_seconds(1) == pytest.approx(0.0225)
+    for _ in range(RECOUNT_EVERY):
+        capacity.record(1, 0.003)  # free again, seen through one-stream steps only
+    assert capacity.step_seconds(2) == pytest.approx(0.004)
+    assert capacity.streams() == 4
+
+
 def test_multi_unit_steps_count_per_unit_and_junk_is_ignored():
     capacity = RealTimeCapacity(UNIT, limit=4, margin=0.0, smoothing=1.0)
     capacity.record(1, 0.012, units=3)

@@ -19,7 +19,7 @@ from chorus.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
 from gateway.server import start_server
 from audio_check import assert_decoded_length, decode
-from tests.test_gateway_server import FakeTokenService, token_server
+from fake_token_server import FakeTokenService, token_server
 from tools.supervisor import StackError, locate_models
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from chorus import orpheus
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
 from chorus.playback import PlaybackClock
-from services.codec_worker.decode_engine import URGENT_LEAD_S, Audio, DecodeEngine, End, plan_step, to_pcm16
+from services.codec_worker.decode_engine import AMPLE_LEAD_S, URGENT_LEAD_S, Audio, DecodeEngine, End, plan_step, to_pcm16
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -94,13 +94,19 @@ class _Stream:
 
 
 def test_a_step_serves_streams_without_audio_first_then_the_least_ahead():
-    streams = [_Stream("comfortable", 4.0), _Stream("new", None), _Stream("late", -0.4),
-               _Stream("close", URGENT_LEAD_S / 2), _Stream("ahead", 1.0)]
+    streams = [_Stream("comfortable", AMPLE_LEAD_S + 3), _Stream("new", None), _Stream("late", -0.4),
+               _Stream("close", URGENT_LEAD_S / 2), _Stream("ahead", (URGENT_LEAD_S + AMPLE_LEAD_S) / 2)]
     urgent, rest = plan_step(streams, now=0.0, max_batch=8)
     assert [s.name for s in urgent] == ["new", "late", "close"]
-    assert [s.name for s in rest] == ["ahead", "comfortable"]
+    assert [s.name for s in rest] == ["ahead"]  # "comfortable" has ample lead: it sits out
     urgent, rest = plan_step(streams, now=0.0, max_batch=2)  # a batch is formed from the most urgent
     assert [s.name for s in urgent] == ["new", "late"] and rest == []
+
+
+def test_with_nobody_urgent_every_stream_is_decoded_least_ahead_first():
+    streams = [_Stream("comfortable", AMPLE_LEAD_S + 3), _Stream("ahead", AMPLE_LEAD_S - 0.1)]
+    urgent, rest = plan_step(streams, now=0.0, max_batch=8)
+    assert urgent == [] and [s.name for s in rest] == ["ahead", "comfortable"]
 
 
 def test_one_streams_backlog_does_not_delay_another_streams_first_audio(decoder):

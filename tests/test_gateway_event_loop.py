@@ -18,7 +18,7 @@ import pysbd
 from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import gateway_pb2
 from gateway.encoding import StreamEncoder
-from tests.test_gateway_server import FakeTokenService, collect, gateway, token_server
+from fake_token_server import FakeTokenService, collect, gateway, token_server
 
 PATHOLOGICAL = "a" + "." * 19_999  # took 12 s and stalled GetLimits for 6.8 s
 

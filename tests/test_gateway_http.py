@@ -14,7 +14,7 @@ import pytest
 from chorus.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
 from gateway.server import start_server
-from tests.test_gateway_server import FakeTokenService, token_server
+from fake_token_server import FakeTokenService, token_server
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from chorus.proto.tts.v1 import codec_pb2_grpc, gateway_pb2, gateway_pb2_grpc, t
 from chorus.serving import new_server, serve_with_health
 from gateway.config import GatewayConfig
 from gateway.server import start_server as start_gateway
-from test_gateway_server import FakeTokenService
+from fake_token_server import FakeTokenService
 from test_token_server import FakeCodec, read_all, request, token_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

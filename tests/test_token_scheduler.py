@@ -83,6 +83,20 @@ def test_a_full_codec_pool_holds_audio_requests_back_and_codes_only_ones_wait_th
     assert scheduler.schedule(NOW).admitted == [audio[1], codes]
 
 
+def test_codec_streams_still_decoding_after_their_slot_ended_count_against_the_pool():
+    """A generation that ended leaves its slot, but its last frames are still being
+    decoded: admitting into its codec seat overloaded the worker and every stream fell
+    behind."""
+    still_open = [2]
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), codec_streams_limit=lambda: 2,
+                          codec_streams_open=lambda: still_open[0])
+    waiting = sequence("w")
+    scheduler.add(waiting)
+    assert scheduler.schedule(NOW).admitted == []  # no slot is busy, yet both codec seats are
+    still_open[0] = 1  # one of them finished playing out
+    assert scheduler.schedule(NOW).admitted == [waiting]
+
+
 def test_streams_far_ahead_sit_out_while_others_need_the_step():
     scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
     far = sequence("far", clock=ahead_by(5.0), generating=True)

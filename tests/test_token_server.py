@@ -397,31 +397,6 @@ def test_no_codec_worker_is_unavailable(gguf_path):
     assert "no codec workers" in err.details()
 
 
-def test_codec_pool_spreads_streams_over_every_address_a_name_resolves_to():
-    from services.token_server.codec_relay import CodecPool
-
-    async def scenario():
-        # "localhost" is taken literally; a DNS name with several addresses is what a
-        # headless Service gives. The machine's own name resolves without a network.
-        import socket
-
-        pool = CodecPool([f"{socket.gethostname()}:50053", "127.0.0.1:50099"])
-        await pool.start()
-        workers = pool.endpoints.endpoints()
-        picks = []
-        for _ in range(len(workers) * 2):
-            w = pool.pick()
-            pool.open(w).cancel()
-            picks.append(w)
-        await pool.close()
-        return workers, picks
-
-    workers, picks = asyncio.run(scenario())
-    assert "127.0.0.1:50099" in workers and len(workers) >= 2
-    # Least in-flight: every endpoint gets a stream before any gets a second.
-    assert set(picks[: len(workers)]) == set(workers)
-
-
 def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
     from chorus import telemetry
 

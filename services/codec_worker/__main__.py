@@ -9,7 +9,7 @@ from chorus import telemetry
 from chorus.cpu_budget import cpu_budget
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from services.codec_worker import metrics
-from services.codec_worker.config import DEVICES, CodecWorkerConfig
+from services.codec_worker.config import CODEC_CAPACITY_MARGIN, DEVICES, CodecWorkerConfig
 from services.codec_worker.model import ModelLoadError
 
 DEFAULT_PORT = 50053
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=int(env("CHORUS_TORCH_THREADS", cpu_budget().threads)),
                    help="most torch threads a decode step uses; default: the CPUs this process may use "
                         "(affinity and cgroup quota) [CHORUS_TORCH_THREADS]")
-    p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", 0.15),
-                   help="spare speed each stream keeps when capacity is counted [CHORUS_CAPACITY_MARGIN]")
+    p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", CODEC_CAPACITY_MARGIN),
+                   help="spare speed each stream keeps when capacity is counted (default %(default)s) [CHORUS_CAPACITY_MARGIN]")
     p.add_argument("--max-streams-per-client", type=_optional(int), default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT"),
                    help="most streams one client (a token server) may hold, so no one client takes the whole "
                         "cap; default half of --max-streams, 0 no limit [CHORUS_MAX_STREAMS_PER_CLIENT]")

@@ -19,6 +19,9 @@ GPU_BATCH_WAIT_MS = 2.0
 CPU_BATCH_WAIT_MS = 5.0
 
 
+CODEC_CAPACITY_MARGIN = 0.3
+
+
 @dataclass(frozen=True)
 class CodecWorkerConfig:
     model_dir: Path
@@ -34,8 +37,10 @@ class CodecWorkerConfig:
     # torch intra-op threads of the decode thread; default: the CPUs this process may
     # use (affinity and cgroup quota). `chorus serve` passes a share instead.
     torch_threads: int = field(default_factory=lambda: cpu_budget().threads)
-    # Real-time capacity keeps this fraction of spare speed per stream.
-    capacity_margin: float = 0.15
+    # Real-time capacity keeps this fraction of spare speed per stream. Wider than the
+    # token server's: a decode step is long (tens of ms) against a listener's 150 ms
+    # start buffer, so one slow step beside a busy backbone is an audible late sample.
+    capacity_margin: float = CODEC_CAPACITY_MARGIN
     # Measure step times at start, so that capacity is known before the first stream.
     calibrate: bool = True
     # Most streams one client (a token server: certificate identity at its address,

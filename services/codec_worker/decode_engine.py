@@ -13,7 +13,8 @@ listener's playback clock (DecodeStart.playback), so the engine knows each one's
 streams first: those still waiting for their first audio, then those with the least
 lead. It decodes them in two passes, urgent ones (no audio yet, or under
 `URGENT_LEAD_S` of lead) first and their audio handed over at once, then the rest, so
-one stream's backlog never delays another's first audio. At most `max_batch` streams
+one stream's backlog never delays another's first audio; while any stream is urgent,
+those with `AMPLE_LEAD_S` in hand sit the step out. At most `max_batch` streams
 and `max_frames_per_step` frames a stream go into a step, which bounds how long a
 newly arrived urgent stream can wait for the step in progress.
 
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 MAX_FRAMES_PER_STEP = 4
 # A stream with less audio than this ahead of its listener is decoded in the urgent pass.
 URGENT_LEAD_S = 0.3
+# In a step with urgent streams, a stream with at least this much lead sits it out:
+# its listener has a second of audio in hand, and the decode time is worth more to a
+# stream about to run dry (a new stream ramping up beside others at full capacity ran
+# late in its first second when every stream was decoded every step).
+AMPLE_LEAD_S = 1.0
 # Busy ratio and decode rate are averaged over about this much recent time.
 LOAD_WINDOW_S = 5.0
 
@@ -95,11 +101,15 @@ def is_urgent(lead: float | None) -> bool:
 
 def plan_step(ready: list, now: float, max_batch: int) -> tuple[list, list]:
     """The streams one step decodes, as (urgent pass, the rest): at most `max_batch` of
-    those with frames ready, most urgent first (no audio yet, then least lead)."""
+    those with frames ready, most urgent first (no audio yet, then least lead); while
+    some are urgent, those with `AMPLE_LEAD_S` or more wait for a later step."""
     leads = {stream: stream.lead(now) for stream in ready}
     chosen = sorted(ready, key=lambda s: urgency(leads[s]))[:max_batch]
     urgent = [s for s in chosen if is_urgent(leads[s])]
-    return urgent, [s for s in chosen if not is_urgent(leads[s])]
+    rest = [s for s in chosen if not is_urgent(leads[s])]
+    if urgent:
+        rest = [s for s in rest if leads[s] < AMPLE_LEAD_S]
+    return urgent, rest
 
 
 class EngineStream:

@@ -92,6 +92,7 @@ class CodecPool:
     def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
         self.endpoints = EndpointSet(addresses, security)
         self._in_flight: collections.Counter[str] = collections.Counter()
+        self._open_total = 0  # the sum of _in_flight, one int for the engine thread to read
         self._failed_at: dict[str, float] = {}
         self._loads: dict[str, WorkerLoad] = {}
         self._limit = 0
@@ -106,6 +107,10 @@ class CodecPool:
     def streams_limit(self) -> int:
         """Codec streams this server may hold now (read from the engine thread)."""
         return self._limit
+
+    def open_streams(self) -> int:
+        """Codec streams this server holds open now, on every worker (read from the engine thread)."""
+        return self._open_total
 
     def unavailable_reason(self) -> str | None:
         """Why no stream can be decoded now, or None when some worker answers."""
@@ -184,11 +189,13 @@ class CodecPool:
 
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
+        self._open_total += 1
         stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
         return stub.Decode()
 
     def release(self, address: str) -> None:
         self._in_flight[address] -= 1
+        self._open_total -= 1
 
     def mark_failed(self, address: str) -> None:
         self._failed_at[address] = time.monotonic()

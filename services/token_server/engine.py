@@ -177,6 +177,7 @@ class Engine:
         capacity: RealTimeCapacity | None = None,
         pace_lead_s: float | None = 2.0,
         codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
+        codec_streams_open: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backbone = backbone
@@ -185,7 +186,7 @@ class Engine:
         self.queue_size = queue_size
         self.ctx_per_slot = ctx_per_slot
         self.capacity = capacity or RealTimeCapacity(TOKEN_SECONDS, slots)
-        self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit)
+        self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit, codec_streams_open)
         self._clock = clock
         self._batch = TokenBatch(n_batch, slots)
         self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=0.02)

@@ -92,6 +92,7 @@ class Scheduler:
         capacity: RealTimeCapacity,
         pace_lead_s: float | None = 2.0,
         codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
+        codec_streams_open: Callable[[], int] = lambda: 0,
     ) -> None:
         self.n_slots = slots
         self.n_batch = n_batch
@@ -99,6 +100,10 @@ class Scheduler:
         self.pace_lead_s = pace_lead_s
         # Codec streams this server may hold now (its share of the pool's room).
         self.codec_streams_limit = codec_streams_limit
+        # Codec streams this server holds open now. A stream outlives its slot: after
+        # the last token its final frames are still being decoded and played, and a
+        # codec worker that took new streams then would fall behind on every stream.
+        self.codec_streams_open = codec_streams_open
         self.slots: list[Sequence | None] = [None] * slots
         self.waiting: collections.deque[Sequence] = collections.deque()
 
@@ -160,7 +165,9 @@ class Scheduler:
         running = self.running
         limit = self.admission_limit()
         codec_limit = self.codec_streams_limit()
-        with_codec = sum(1 for s in running if s.needs_codec)
+        # A running sequence opens its codec stream at its first frame, so the streams
+        # held are at least those open and at least those running.
+        with_codec = max(sum(1 for s in running if s.needs_codec), self.codec_streams_open())
         free = [i for i, s in enumerate(self.slots) if s is None]
         while self.waiting and free and len(running) + len(admitted) < limit:
             seq = self.waiting[0]

@@ -46,6 +46,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
                                   enforce=config.realtime_admission),
         pace_lead_s=config.pace_lead_s,
         codec_streams_limit=pool.streams_limit,
+        codec_streams_open=pool.open_streams,
     )
     engine.start()
     if config.calibrate:
