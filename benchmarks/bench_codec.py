@@ -8,7 +8,7 @@
    For each: compute (process CPU seconds) per second of audio, ratio to the
    whole-sequence decode, audio lost at the ends, max abs diff and SNR against the
    whole-sequence decode. Best of --repeats runs, interleaved.
-2. Throughput of the decode engine (batcher.py) at 1, 2, 4 and 8 concurrent streams,
+2. Throughput of the decode engine (decode_engine.py) at 1, 2, 4 and 8 concurrent streams,
    each stream feeding its next frame as soon as the previous one came back as audio
    (1-frame steps, as behind a token server), with batching off (max_batch 1),
    batching without waiting, and batching with a 5 ms wait (the CPU default).
