@@ -46,6 +46,12 @@ CHANNEL_OPTIONS = [
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets ("::1:0" is not an address)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class StartupError(Exception):
     """A server cannot start for a reason its operator must fix (a port in use)."""
 
@@ -82,12 +88,13 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        """Where a client on this machine dials it: its own interface, or loopback when
-        it listens on every interface (a wildcard is not an address to dial)."""
+        """Where a client on this machine dials it: its own interface, or IPv4 loopback
+        when it listens on every interface or on "localhost" (a wildcard is not an
+        address to dial, and "localhost" may resolve to either family)."""
         host = self.host.strip("[]")
-        if host in WILDCARD_HOSTS:
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        if host in WILDCARD_HOSTS or host == "localhost":
+            host = "::1" if host == "::" else "127.0.0.1"
+        return host_port(host, self.port)
 
     async def set_serving(self, serving: bool) -> None:
         """The server's own readiness (warm-up done); SERVING also needs every condition."""
@@ -153,7 +160,7 @@ async def serve_with_health(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc says only "Failed to bind"

@@ -123,3 +123,21 @@ def test_a_token_server_without_codec_workers_serves_codes(gguf_path):
             await wait_for_health(running.address, "tts.v1.TokenService", SERVING)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("host, dialed", [
+    ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("localhost", "127.0.0.1"), ("::1", "[::1]"), ("::", "[::1]"),
+])
+def test_a_server_is_dialed_where_it_listens(host, dialed):
+    async def scenario():
+        server = grpc.aio.server()
+        running = await serve_with_health(server, ["tts.v1.Probe"], port=0, host=host)
+        try:
+            await running.set_serving(True)
+            await wait_for_health(running.address, "", SERVING)
+            return running.address, running.port
+        finally:
+            await running.stop(0)
+
+    address, port = asyncio.run(scenario())
+    assert address == f"{dialed}:{port}"
