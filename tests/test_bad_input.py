@@ -97,26 +97,34 @@ def synthesize(text: str = "Hello there.", **fields):
     return call
 
 
-def streaming(*messages, close: bool = True, timeout: float | None = 120, raw: bool = False):
-    """A StreamingSynthesize call sending `messages` (protos, or bytes when `raw`), then
-    half-closing, or keeping the stream open when `close` is False."""
-    async def call(a: Addresses):
-        async with grpc.aio.insecure_channel(a.gateway) as channel:
-            method = channel.stream_stream(
-                "/tts.v1.SynthesisService/StreamingSynthesize",
-                request_serializer=identity if raw else gateway_pb2.StreamingSynthesizeRequest.SerializeToString,
-                response_deserializer=gateway_pb2.StreamingSynthesizeResponse.FromString,
-            )
+def bidirectional(target, path: str, request_type, response_type):
+    """A bidirectional call on the service at `target(addresses)`, sending `messages`
+    (protos, or bytes when `raw`), then half-closing, or keeping the stream open when
+    `close` is False."""
+    def with_messages(*messages, close: bool = True, timeout: float | None = 120, raw: bool = False):
+        async def call(a: Addresses):
+            async with grpc.aio.insecure_channel(target(a)) as channel:
+                method = channel.stream_stream(
+                    path,
+                    request_serializer=identity if raw else request_type.SerializeToString,
+                    response_deserializer=response_type.FromString,
+                )
 
-            async def requests():
-                for message in messages:
-                    yield message
-                if not close:
-                    await asyncio.sleep(3600)
+                async def requests():
+                    for message in messages:
+                        yield message
+                    if not close:
+                        await asyncio.sleep(3600)
 
-            await drain(method(requests(), timeout=timeout))
+                await drain(method(requests(), timeout=timeout))
 
-    return call
+        return call
+
+    return with_messages
+
+
+streaming = bidirectional(lambda a: a.gateway, "/tts.v1.SynthesisService/StreamingSynthesize",
+                          gateway_pb2.StreamingSynthesizeRequest, gateway_pb2.StreamingSynthesizeResponse)
 
 
 def config(**fields) -> gateway_pb2.StreamingSynthesizeRequest:
@@ -295,24 +303,8 @@ def frames(first: int, codes: list[int]) -> codec_pb2.DecodeRequest:
 GOOD_FRAME = list(range(1, 8))
 
 
-def decode(*messages, close: bool = True, timeout: float | None = 120, raw: bool = False):
-    async def call(a: Addresses):
-        async with grpc.aio.insecure_channel(a.codec_worker) as channel:
-            method = channel.stream_stream(
-                "/tts.v1.CodecService/Decode",
-                request_serializer=identity if raw else codec_pb2.DecodeRequest.SerializeToString,
-                response_deserializer=codec_pb2.DecodeResponse.FromString,
-            )
-
-            async def requests():
-                for message in messages:
-                    yield message
-                if not close:
-                    await asyncio.sleep(3600)
-
-            await drain(method(requests(), timeout=timeout))
-
-    return call
+decode = bidirectional(lambda a: a.codec_worker, "/tts.v1.CodecService/Decode",
+                       codec_pb2.DecodeRequest, codec_pb2.DecodeResponse)
 
 
 def codec_rows():
