@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for any test)
+
+from chorus.proto.tts.v1 import gateway_pb2_grpc
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,11 @@ def gguf_path(demo_models) -> Path:
 @pytest.fixture(scope="session")
 def snac_dir(demo_models) -> Path:
     return demo_models.snac_dir
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    """A Synthesis stub on the gateway of the module's own `stack` fixture (a stack of
+    real processes)."""
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        yield gateway_pb2_grpc.SynthesisServiceStub(channel)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
-from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
+from chorus.proto.tts.v1 import common_pb2, gateway_pb2, token_server_pb2, token_server_pb2_grpc
 from tools.supervisor import Stack
 from otlp_receiver import running_receiver
 from chorus.audio_formats import FORMATS
@@ -73,12 +73,6 @@ def stack(demo_models, tmp_path_factory, otlp):
         env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
     ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def gateway(stack):
-    with grpc.insecure_channel(stack.gateway_address) as channel:
-        yield gateway_pb2_grpc.SynthesisServiceStub(channel)
 
 
 def collect(responses):

@@ -22,7 +22,6 @@ from chorus.proto.tts.v1 import (
     codec_pb2_grpc,
     common_pb2,
     gateway_pb2,
-    gateway_pb2_grpc,
     token_server_pb2,
     token_server_pb2_grpc,
 )
@@ -47,12 +46,6 @@ def stack(demo_models, tmp_path_factory):
         llama_threads=1,
     ) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def gateway(stack):
-    with grpc.insecure_channel(stack.gateway_address) as channel:
-        yield gateway_pb2_grpc.SynthesisServiceStub(channel)
 
 
 def synthesize(gateway, on_first_audio=None) -> tuple[bytes, common_pb2.SynthesisSummary, int]:
