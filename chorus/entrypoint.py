@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import importlib
 import os
 from typing import Callable
@@ -124,6 +125,10 @@ def run(
     they are the operator's to fix.
     """
     configure_logging(args.log_level, args.log_format, service)
+    # A native library that dies (SIGILL, SIGSEGV) takes no Python exception with it;
+    # faulthandler leaves the Python frame it died under in the log, which is how a
+    # supervisor tells llama.cpp from torch.
+    faulthandler.enable()
     try:
         config = build_config(args)
         module, function = start_server.split(":")

@@ -2,11 +2,18 @@
 
 Set CHORUS_TEST_MODELS to a folder to reuse models across runs (the README's test
 command points it at models/demo, which the demo command also builds).
+
+Before any test, the backbone must decode on this CPU: a llama.cpp library built for
+instructions this CPU does not run kills every test that starts a token server, and
+hundreds of errors would hide the one cause. So the session starts with setup's
+smoke check and stops at once, with setup's explanation, when it dies.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -14,6 +21,28 @@ import pytest
 from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for any test)
 
 from chorus.proto.tts.v1 import gateway_pb2_grpc
+
+
+def pytest_sessionstart(session) -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return  # a gateway-only install: no backbone to check
+    from tools.demo_models.build import build_demo_models
+    from tools.llama_wheel.cache import installed_record
+    from tools.llama_wheel.smoke import describe_death, run_smoke, smoke_command
+
+    if not os.environ.get("CHORUS_TEST_MODELS"):
+        os.environ["CHORUS_TEST_MODELS"] = tempfile.mkdtemp(prefix="chorus-test-models-")
+    models = build_demo_models(Path(os.environ["CHORUS_TEST_MODELS"]))
+    result = run_smoke(smoke_command(models.gguf))
+    if result.ok:
+        return
+    if result.signal is not None:
+        reason = describe_death("The backbone smoke check (load the demo backbone, decode a prompt and one token)",
+                                result.signal, installed_record())
+        pytest.exit(f"{reason} Every test that starts a token server would fail the same way, so none ran. "
+                    "Run ./scripts/setup.sh, which smoke-checks and rebuilds the library for this CPU, "
+                    "or `chorus doctor` for a report.", returncode=3)
+    pytest.exit(f"The backbone smoke check failed (exit code {result.returncode}):\n{result.output}", returncode=3)
 
 
 @pytest.fixture(scope="session")

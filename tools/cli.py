@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "say": ("tools.client:register_say", "synthesize text through a gateway"),
     "voices": ("tools.client:register_voices", "list the gateway's voices"),
     "bench": ("tools.bench.command:register", "load sweep through a gateway: real-time streams, TTFA, stalls"),
+    "doctor": ("tools.doctor:register", "what a bug report needs: CPU, builds, models, a one-step decode"),
 }
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chorus.cpu_budget import cpu_budget, split_for_stack
+from tools.llama_wheel.cache import installed_record
+from tools.llama_wheel.smoke import describe_death, signal_text
 
 DEFAULT_MODELS_DIR = Path("models/demo")
 
@@ -121,8 +123,8 @@ class ServiceProcess:
         while not self.ready_file.exists():
             if not self.alive:
                 raise StackError(
-                    f"{self.name} exited with code {self.popen.returncode} before it was ready; "
-                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
+                    f"{self.exit_reason(' before it was ready')} The end of its log ({self.log_path}):\n"
+                    f"{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self.stop(grace_s=2)
@@ -145,6 +147,23 @@ class ServiceProcess:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+    def exit_reason(self, when: str = "") -> str:
+        """How the process ended (a sentence), and for a native crash, in which library and why."""
+        code = self.popen.returncode
+        if code is None or code >= 0:
+            return f"{self.name} exited with code {code}{when}."
+        sig = signal.Signals(-code)
+        tail = self.log_tail(80)
+        # The services enable faulthandler, so a crash leaves the Python frame it
+        # happened under: llama.cpp's calls all go through llama_backend.py.
+        if "llama_backend.py" in tail or "llama_cpp" in tail:
+            return describe_death(f"{self.name} (in llama.cpp)", sig, installed_record(), when) + (
+                " Run ./scripts/setup.sh, which smoke-checks the library and rebuilds it for this CPU, or "
+                "`chorus doctor` for a report."
+            )
+        where = " (in torch)" if "torch" in tail else ""
+        return f"{self.name}{where} died of {signal_text(sig)}{when}."
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -257,8 +276,7 @@ class Stack:
             if not process.alive:
                 self._keep_logs = True
                 raise StackError(
-                    f"{process.name} exited with code {process.popen.returncode}; "
-                    f"the end of its log ({process.log_path}):\n{process.log_tail()}"
+                    f"{process.exit_reason()} The end of its log ({process.log_path}):\n{process.log_tail()}"
                 )
 
     def __enter__(self) -> Stack:

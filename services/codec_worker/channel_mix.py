@@ -4,15 +4,17 @@ the shape of the batch they run in.
 The streaming decoder must give a stream the same audio to the last bit however its
 frames are chunked and batched, but a GEMM library picks kernels, blockings and
 thread splits by shape, and a kernel change is a rounding change. Measured on CPU
-(torch 2.13, MKL 2024.2, AMD EPYC, 1 to 16 threads), sgemm gives an output element
+(torch 2.13, MKL 2024.2 in its COMPATIBLE mode, numeric_mode.py; AMD EPYC, and the
+same CPU taking MKL's Intel path; 1 to 3 threads), sgemm gives an output element
 the same bits whatever the other rows and columns are, as long as, in BLAS's
-column-major terms, m is a multiple of 16 and n a multiple of 4 (below that it
+column-major terms, m is a multiple of 16 and n a multiple of 8 (below that it
 takes other kernels, and with several threads it splits m and n in those units, so
-a thread's share is never smaller). Neither torch's conv1d for 1x1 and dense convs
+a thread's share is never smaller). MKL's default mode held with n a multiple of 4
+on AMD, and did not hold at all on its Intel path. Neither torch's conv1d for 1x1 and dense convs
 nor a GEMM on a strided view holds this at all. So every mix here is one GEMM on
 contiguous operands with both shapes padded:
 
-- by rows, x^T W^T on (batch * time) rows padded to a multiple of 4, for layers
+- by rows, x^T W^T on (batch * time) rows padded to a multiple of 8, for layers
   with few time steps a frame (the latents: 4): it streams the weights 2-6x faster
   than W @ x for such short inputs;
 - by columns, W @ x per batch item with time padded to a multiple of 16, for the
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROW_MULTIPLE = 4  # BLAS n when mixing by rows
+ROW_MULTIPLE = 8  # BLAS n when mixing by rows
 TIME_MULTIPLE = 16  # BLAS m when mixing by columns
 OUT_MULTIPLE = 16  # BLAS m by rows, n by columns
 

@@ -18,6 +18,8 @@ import torch
 from snac import SNAC
 from torch.nn.utils import parametrize
 
+from services.codec_worker import numeric_mode
+
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -
         raise ModelLoadError(f"{weights_path} does not match {config_path}: {err}") from err
 
     target = resolve_device(device)
+    if target.type == "cpu":
+        try:
+            log.info("MKL numeric mode %s", numeric_mode.ensure_pinned())
+        except numeric_mode.NumericModeError as err:
+            raise ModelLoadError(str(err)) from None
     if half and target.type != "cuda":
         log.warning("half precision is CUDA only; decoding in float32 on %s", target)
         half = False

@@ -66,6 +66,7 @@ from torch import nn
 
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
 from services.codec_worker import keyed_noise
+from services.codec_worker import numeric_mode
 from services.codec_worker.channel_mix import ChannelMix, mix_rows
 
 # Tensors of one stream (batch 1) or of a stacked group (batch B), one per slot.
@@ -476,6 +477,7 @@ class StreamingSnacDecoder:
         """Feeds each stream its new frames ((n, 7) codes) and returns the audio each
         can now complete, in order. Streams feeding the same number of frames with
         caches of the same shapes share one forward, up to `max_batch` at a time."""
+        self._pin_gemm_threads()
         groups: dict[tuple, list[int]] = {}
         for i, (state, frames) in enumerate(items):
             if state.flushed:
@@ -500,11 +502,16 @@ class StreamingSnacDecoder:
         if state.flushed:
             raise ValueError("stream already flushed")
         state.flushed = True
+        self._pin_gemm_threads()
         ctx = self._context([state])
         y = self._net.flush(state.tensors, ctx)
         state.tensors = []
         state.noise_positions = ctx.noise_positions[0]
         return self._emit(state, y[0, 0]) if y is not None else None
+
+    def _pin_gemm_threads(self) -> None:
+        if self.device.type == "cpu":
+            numeric_mode.gemms_on_one_thread()
 
     def warm_up(self, frames: int = 4) -> None:
         """Runs a short stream, so that the first real one finds its kernels ready."""
