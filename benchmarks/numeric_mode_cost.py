@@ -5,9 +5,12 @@ arms interleaved over --repeats rounds; each child reports process CPU seconds p
 second of audio for the streaming decoder at 1, 4 and 8 streams a forward (1-frame
 steps, noise on and seeded, as served) on --threads torch threads. Arms:
 
-- pinned: what the codec worker runs (MKL COMPATIBLE, GEMMs on one MKL thread);
-- unpinned: MKL's default kernels for this CPU, GEMMs on every torch thread (the
-  decoder before the mode was pinned; its bits differ between Intel and AMD).
+- vendor: the codec worker's default (MKL's default kernels on AMD, AVX2+STRICT on
+  Intel);
+- compatible: --numeric-mode compatible (MKL COMPATIBLE, GEMMs on one MKL thread:
+  the same bits on every x86 CPU);
+- default: MKL's default kernels, whatever the vendor (the decoder before numeric
+  modes; on Intel its bits changed with chunking).
 
 --other-vendor also runs both arms with MKL taking the other vendor's kernels (a
 preloaded stub of MKL's vendor check, as tests/test_codec_numeric_mode.py does),
@@ -34,17 +37,19 @@ CHILD = r"""
 import json, os, sys, time
 import numpy as np
 from services.codec_worker import numeric_mode
-if sys.argv[2] == "unpinned":
-    os.environ.pop("MKL_CBWR")
-    numeric_mode.ensure_pinned = lambda: "unpinned"
-    numeric_mode.gemms_on_one_thread = lambda: None
+if sys.argv[2] == "default":
+    os.environ.pop("MKL_CBWR", None)
+    numeric_mode.ensure = lambda mode: numeric_mode.current()
+else:
+    numeric_mode.select(sys.argv[2])
 import torch
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 torch.set_num_threads(int(sys.argv[3]))
 frames_per_stream = int(sys.argv[4])
-decoder = StreamingSnacDecoder(load_snac(sys.argv[1], device="cpu").model)
+mode = "vendor" if sys.argv[2] == "default" else sys.argv[2]
+decoder = StreamingSnacDecoder(load_snac(sys.argv[1], device="cpu", mode=mode).model)
 decoder.warm_up()
 rng = np.random.default_rng(0)
 out = {"mode": numeric_mode.current()}
@@ -101,17 +106,18 @@ def main() -> int:
         if args.other_vendor:
             vendors.append(("other vendor's kernels", other_vendor_stub(Path(tmp))))
         for label, preload in vendors:
-            runs: dict[str, list[dict]] = {"pinned": [], "unpinned": []}
+            runs: dict[str, list[dict]] = {"vendor": [], "compatible": [], "default": []}
             for _ in range(args.repeats):
                 for mode in runs:
                     runs[mode].append(run_arm(snac_dir, mode, args.threads, args.frames, preload))
-            print(f"{label}, {args.threads} torch thread(s), median of {args.repeats} interleaved runs "
-                  f"(CPU s per audio s; mode reported: {runs['pinned'][0]['mode']} / {runs['unpinned'][0]['mode']})")
-            for key in [k for k in runs["pinned"][0] if k.startswith("cpu_s")]:
-                pinned = statistics.median(r[key] for r in runs["pinned"])
-                unpinned = statistics.median(r[key] for r in runs["unpinned"])
-                print(f"  {key.split('@')[1]} streams: pinned {pinned:.3f}  unpinned {unpinned:.3f}  "
-                      f"pinned/unpinned {pinned / unpinned:.2f}x")
+            reported = ", ".join(f"{mode}: {r[0]['mode']}" for mode, r in runs.items())
+            print(f"{label}, {args.threads} torch thread(s), median of {args.repeats} interleaved runs, "
+                  f"CPU s per audio s ({reported})")
+            for key in [k for k in runs["vendor"][0] if k.startswith("cpu_s")]:
+                m = {mode: statistics.median(r[key] for r in rs) for mode, rs in runs.items()}
+                print(f"  {key.split('@')[1]} streams: vendor {m['vendor']:.3f}  compatible {m['compatible']:.3f}  "
+                      f"default {m['default']:.3f}  vendor/default {m['vendor'] / m['default']:.2f}x  "
+                      f"compatible/default {m['compatible'] / m['default']:.2f}x")
     return 0
 
 

@@ -20,6 +20,10 @@ import grpc
 import pytest
 from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for any test)
 
+# MKL fixes its numeric mode at its first call, in whichever test that is: importing
+# the codec package first asks for the mode the codec's bits are tested in.
+import services.codec_worker  # noqa: F401,E402
+
 from chorus.proto.tts.v1 import gateway_pb2_grpc
 
 

@@ -1,21 +1,26 @@
-"""The codec decoder gives the same bits on Intel and AMD CPUs (numeric_mode.py).
+"""The codec decoder's numeric modes on Intel and AMD kernels (numeric_mode.py).
 
 Two CPUs cannot meet in one test, but MKL decides between its Intel and its other
 kernels by one exported vendor check, so a preloaded stub that answers the other
-way makes this CPU take the other vendor's path. The same decode then runs under
-both: pinned (the served mode) the bits must be equal; unpinned they must differ,
-or the stand-in changed nothing and the first half would prove nothing.
+way makes this CPU take the other vendor's kernels. The same decode then runs on
+both: in compatible mode the bits are equal; in vendor mode each side is exact
+under chunking, batching and threads, and the two report different modes (and give
+different bits, which also shows the stand-in took effect).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
+from services.token_server.codec_relay import CodecPool, NoCodecWorkerError
 from tools.llama_wheel import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +32,15 @@ int mkl_serv_intel_cpu(void) { return %(intel)d; }
 """
 
 CHILD = r"""
-import hashlib, os, sys
+import hashlib, sys
 import numpy as np
 from services.codec_worker import numeric_mode
-if sys.argv[2] == "unpinned":
-    os.environ.pop("MKL_CBWR")                      # before MKL's first call: its own default
-    numeric_mode.ensure_pinned = lambda: "unpinned"
-    numeric_mode.gemms_on_one_thread = lambda: None
+numeric_mode.select(sys.argv[2])                   # as the worker's entry point does
 import torch
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
-decoder = StreamingSnacDecoder(load_snac(sys.argv[1], device="cpu").model)
+loaded = load_snac(sys.argv[1], device="cpu", mode=sys.argv[2])
+decoder = StreamingSnacDecoder(loaded.model)
 rng = np.random.default_rng(1)
 frames = [rng.integers(0, 4096, (16, 7)) for _ in range(3)]
 
@@ -52,7 +55,9 @@ def stream(step, n_streams, threads):
     out.append(decoder.flush(states[0]).samples)
     return hashlib.sha256(np.concatenate(out).tobytes()).hexdigest()
 
-print(numeric_mode.current(), stream(1, 1, 1), stream(5, 3, 2), stream(16, 2, 3))
+# One stream fed 1 frame a step on 1 thread, 5 a step beside 2 partners on 2 threads,
+# 16 a step beside 1 partner on 3 threads.
+print(loaded.numeric_mode, stream(1, 1, 1), stream(5, 3, 2), stream(16, 2, 3))
 """
 
 
@@ -66,6 +71,7 @@ def other_vendor(tmp_path_factory) -> dict[str, str]:
 
 
 def decode(snac_dir: Path, mode: str, extra_env: dict[str, str]) -> tuple[str, list[str]]:
+    """(the mode the worker reports, the audio's digest for each way of feeding it)."""
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     done = subprocess.run([sys.executable, "-c", CHILD, str(snac_dir), mode], cwd=ROOT, env={**env, **extra_env},
                           capture_output=True, text=True, timeout=600)
@@ -74,27 +80,69 @@ def decode(snac_dir: Path, mode: str, extra_env: dict[str, str]) -> tuple[str, l
     return reported, hashes
 
 
-def test_intel_and_amd_kernels_give_the_same_bits_in_the_served_mode(snac_dir, other_vendor):
-    here_mode, here = decode(snac_dir, "pinned", {})
-    there_mode, there = decode(snac_dir, "pinned", other_vendor)
-    assert here_mode == there_mode == "COMPATIBLE"
-    # One stream fed 1 frame a step on 1 thread, 5 a step beside 2 partners on 2
-    # threads, 16 a step beside 1 partner on 3 threads: one set of bits, both vendors.
-    assert len(set(here)) == 1, here
+def test_compatible_mode_gives_intel_and_amd_kernels_the_same_bits(snac_dir, other_vendor):
+    here_mode, here = decode(snac_dir, "compatible", {})
+    there_mode, there = decode(snac_dir, "compatible", other_vendor)
+    assert here_mode == there_mode == "mkl-compatible"
+    assert len(set(here)) == 1, "chunking, batch partners or threads changed bits"
     assert here == there
 
-    unpinned_here = decode(snac_dir, "unpinned", {})[1]
-    unpinned_there = decode(snac_dir, "unpinned", other_vendor)[1]
-    assert unpinned_here[0] != unpinned_there[0], "the stand-in did not change MKL's kernels"
+
+def test_vendor_mode_is_exact_within_a_vendor_and_says_which_vendor(snac_dir, other_vendor):
+    here_mode, here = decode(snac_dir, "vendor", {})
+    there_mode, there = decode(snac_dir, "vendor", other_vendor)
+    intel = cpu.cpu_vendor() == "GenuineIntel"
+    assert (here_mode, there_mode) == (("mkl-avx2-strict", "mkl-non-intel") if intel else
+                                       ("mkl-non-intel", "mkl-avx2-strict"))
+    assert len(set(here)) == 1 and len(set(there)) == 1, "chunking, batch partners or threads changed bits"
+    # The two vendors' kernels give other bits: this is why the modes differ, why a
+    # stream fails over only within its mode, and it shows the stand-in took effect.
+    assert here[0] != there[0]
 
 
-def test_a_worker_refuses_to_decode_in_another_mode(snac_dir):
-    env = {**os.environ, "MKL_CBWR": "SSE4_2"}
+def test_a_worker_refuses_to_decode_in_another_mode_than_asked(snac_dir):
+    env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}
     child = ("import torch; a = torch.randn(8, 8); a @ a\n"  # MKL starts in the operator's mode
              "from services.codec_worker.model import load_snac\n"
-             f"load_snac({str(snac_dir)!r}, device='cpu')\n")
+             f"load_snac({str(snac_dir)!r}, device='cpu', mode='vendor')\n")
     done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0
-    assert "ModelLoadError" in done.stderr and "MKL_CBWR=SSE4_2" in done.stderr
-    assert "COMPATIBLE" in done.stderr
+    assert "ModelLoadError" in done.stderr and "MKL_CBWR=COMPATIBLE" in done.stderr
+    assert "--numeric-mode vendor" in done.stderr
+
+
+class _Load(codec_pb2_grpc.CodecServiceServicer):
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    async def GetLoad(self, request, context):
+        return codec_pb2.GetLoadResponse(max_streams=8, device="cpu", numeric_mode=self.mode)
+
+
+def test_a_stream_fails_over_only_to_a_worker_of_its_numeric_mode():
+    """CodecPool against real gRPC servers that answer GetLoad with a mode."""
+    async def scenario():
+        servers, addresses = [], []
+        for mode in ("mkl-non-intel", "mkl-avx2-strict", "mkl-non-intel"):
+            server = grpc.aio.server()
+            codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(mode), server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            servers.append(server)
+        pool = CodecPool(addresses)
+        try:
+            await pool.start()
+            assert [pool.numeric_mode(a) for a in addresses] == ["mkl-non-intel", "mkl-avx2-strict", "mkl-non-intel"]
+            # A stream that started on worker 0 resumes on worker 2, never on worker 1.
+            assert pool.pick({addresses[0]}, "mkl-non-intel") == addresses[2]
+            with pytest.raises(NoCodecWorkerError, match="numeric mode mkl-non-intel.*mkl-avx2-strict"):
+                pool.pick({addresses[0], addresses[2]}, "mkl-non-intel")
+            # A new stream takes any worker.
+            assert pool.pick({addresses[0], addresses[2]}) == addresses[1]
+        finally:
+            await pool.close()
+            for server in servers:
+                await server.stop(None)
+
+    asyncio.run(scenario())

@@ -203,3 +203,14 @@ def test_gateway_serves_from_the_gateway_extra_alone(tmp_path):
     # Its log lines are JSON objects (the image's log format in the chart).
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(line["logger"] == "gateway.server" and line["service"] == "chorus-gateway" for line in lines)
+
+
+def test_the_cpu_image_builds_llama_cpp_as_setup_builds_its_portable_flavour():
+    """One definition of the portable build: the image's CMAKE_ARGS are setup's for a CPU
+    with AVX2 (tools/llama_wheel/flavours.py), so no AMX or AVX-512 reaches a node."""
+    from tools.llama_wheel import flavours
+
+    text = (DOCKER / "cpu.Dockerfile").read_text()
+    cmake = re.search(r'^ENV CMAKE_ARGS="([^"]*)"$', text, flags=re.M).group(1)
+    assert cmake == flavours.portable(frozenset(flavours.AVX2_LEVEL)).cmake_env
+    assert f"{flavours.REQUIREMENT}" in text

@@ -18,10 +18,12 @@ RUN python -m venv /opt/chorus
 # PyTorch's CPU build (PyPI's Linux wheel drags in gigabytes of CUDA libraries).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0
-# Portable x86-64 code (AVX2 and FMA, Haswell on), not tuned to the build machine:
-# the image runs on whatever node the scheduler picks. Its own layer, the slow one.
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
-RUN pip install llama-cpp-python==0.3.36
+# llama.cpp's portable build (tools/llama_wheel: AVX, AVX2, FMA, F16C, BMI2; no
+# AVX-512, no AMX), not tuned to the build machine: the image runs on any x86-64
+# node with AVX2 (Intel Haswell and AMD Zen on) that the scheduler picks.
+# docs/deploy.md says what a native build would gain. Its own layer, the slow one.
+ENV CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+RUN pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY chorus ./chorus

@@ -8,8 +8,10 @@ import os
 from chorus import telemetry
 from chorus.cpu_budget import cpu_budget
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
-from services.codec_worker import metrics
-from services.codec_worker.config import CODEC_CAPACITY_MARGIN, DEVICES, CodecWorkerConfig
+from services.codec_worker import metrics, numeric_mode
+from services.codec_worker.config import (
+    CODEC_CAPACITY_MARGIN, DEVICES, NUMERIC_MODE_DEFAULT, NUMERIC_MODES, CodecWorkerConfig,
+)
 from services.codec_worker.model import ModelLoadError
 
 DEFAULT_PORT = 50053
@@ -48,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-timeout", type=float, default=env("CHORUS_IDLE_TIMEOUT", "30"),
                    help="seconds an unfinished stream may neither send frames nor read audio before it is "
                         "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
+    p.add_argument("--numeric-mode", choices=NUMERIC_MODES, default=from_env("CHORUS_NUMERIC_MODE", NUMERIC_MODE_DEFAULT),
+                   help="MKL kernels on CPU: vendor (each CPU vendor's fast kernels; a stream fails over only to "
+                        "workers of its vendor) or compatible (the same bits on every x86 CPU, 1.8-3x the decode "
+                        "time) [CHORUS_NUMERIC_MODE]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)
     if not args.model_dir:
@@ -70,12 +76,16 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         start_timeout_s=args.start_timeout,
         idle_timeout_s=args.idle_timeout,
         tls=tls_files(args),
+        numeric_mode=args.numeric_mode,
         **allowed_clients(args),
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(telemetry.CODEC_WORKER, parse_args(argv), build_config, "services.codec_worker.server:start_server",
+    args = parse_args(argv)
+    # Before torch's first MKL call, which fixes MKL's mode for the process.
+    numeric_mode.select(args.numeric_mode)
+    run(telemetry.CODEC_WORKER, args, build_config, "services.codec_worker.server:start_server",
         metrics.REGISTRY,         fatal=(ValueError, ModelLoadError))
 
 

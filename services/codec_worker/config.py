@@ -9,6 +9,8 @@ from pathlib import Path
 from chorus.cpu_budget import cpu_budget
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.telemetry import CODEC_WORKER
+from services.codec_worker.numeric_mode import DEFAULT as NUMERIC_MODE_DEFAULT
+from services.codec_worker.numeric_mode import MODES as NUMERIC_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 # A short wait for more streams to share a forward: on 2 CPU cores 5 ms raised
@@ -55,10 +57,15 @@ class CodecWorkerConfig:
     # one of allowed_clients.
     tls: TlsFiles | None = None
     allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[CODEC_WORKER]
+    # MKL's kernels on CPU (numeric_mode.py): "vendor" (fast; same bits within a CPU
+    # vendor) or "compatible" (same bits on every x86 CPU, ~1.8-3x the decode time).
+    numeric_mode: str = NUMERIC_MODE_DEFAULT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []
+        if self.numeric_mode not in NUMERIC_MODES:
+            problems.append(f"numeric_mode must be one of {', '.join(NUMERIC_MODES)}, got {self.numeric_mode!r}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.half and self.device == "cpu":

@@ -35,6 +35,8 @@ class ModelLoadError(RuntimeError):
 class LoadedSnac:
     model: SNAC
     device: torch.device
+    # What decides its bits (numeric_mode.py): equal modes, equal audio.
+    numeric_mode: str = ""
 
     @property
     def device_name(self) -> str:
@@ -59,7 +61,9 @@ def fold_weight_norm(model: torch.nn.Module) -> int:
     return folded
 
 
-def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -> LoadedSnac:
+def load_snac(
+    model_dir: Path | str, device: str = "auto", half: bool = False, mode: str = numeric_mode.DEFAULT
+) -> LoadedSnac:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"SNAC model directory {model_dir} does not exist (build one with `chorus models demo`)")
@@ -80,9 +84,11 @@ def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -
     target = resolve_device(device)
     if target.type == "cpu":
         try:
-            log.info("MKL numeric mode %s", numeric_mode.ensure_pinned())
+            reported_mode = numeric_mode.ensure(mode)
         except numeric_mode.NumericModeError as err:
             raise ModelLoadError(str(err)) from None
+    else:
+        reported_mode = f"{target.type}:{torch.cuda.get_device_name(target)}" if target.type == "cuda" else target.type
     if half and target.type != "cuda":
         log.warning("half precision is CUDA only; decoding in float32 on %s", target)
         half = False
@@ -91,10 +97,10 @@ def load_snac(model_dir: Path | str, device: str = "auto", half: bool = False) -
     if half:
         model = model.half()
     model.eval()
-    loaded = LoadedSnac(model, target)
+    loaded = LoadedSnac(model, target, reported_mode)
     log.info(
-        "loaded SNAC from %s on %s (%s, %.1f M parameters)",
-        model_dir, target, "float16" if half else "float32",
+        "loaded SNAC from %s on %s (%s, numeric mode %s, %.1f M parameters)",
+        model_dir, target, "float16" if half else "float32", reported_mode,
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return loaded

@@ -1,26 +1,33 @@
-"""One numeric mode for the CPU decoder on every x86 CPU: MKL's COMPATIBLE branch.
+"""The CPU decoder's numeric mode: which MKL kernels run, and so which bits come out.
 
 Sample-exact failover moves a stream between codec workers, which may sit on Intel
-and AMD nodes, so a decode must give the same bits on both. MKL does not: it picks
-its GEMM kernels by vendor and instruction set, and its Conditional Numerical
-Reproducibility (MKL_CBWR) pins a branch on Intel CPUs only. Measured with torch
-2.13 (MKL 2024.2) on an AMD EPYC with AVX-512, the same decode with MKL made to
-take its Intel path (tests/test_codec_numeric_mode.py does this with a preloaded
-stub of MKL's vendor check) gave:
+and AMD nodes. MKL picks its GEMM kernels by vendor and instruction set, and its
+Conditional Numerical Reproducibility (MKL_CBWR) pins a branch on Intel CPUs only.
+Measured with torch 2.13 (MKL 2024.2) on an AMD EPYC with AVX-512, the same decode
+with MKL made to take its Intel kernels (a preloaded stub of MKL's vendor check, as
+tests/test_codec_numeric_mode.py does) against its own:
 
-- default, AVX2, AVX512, AVX2+STRICT or AVX512+STRICT: other bits than on AMD,
-  and on the Intel path the chunking rules of channel_mix.py no longer held;
-- COMPATIBLE: the same bits on both paths. Its kernels need by-row GEMMs padded
-  to 8 rows (not 4) to keep an element's bits independent of its batch, which
-  channel_mix.py now does, and its thread split changes bits at 3 threads (not at
-  2 or 4), so the decoder's GEMMs run on one MKL thread (gemms_on_one_thread)
-  while torch's other kernels use every torch thread.
+- default: other bits on the Intel path, where the chunking rules of channel_mix.py
+  no longer held either (the Intel report: 8 of 21 determinism tests failed);
+- AVX2+STRICT: on the Intel path, chunk-, batch- and thread-invariant bits, but not
+  the AMD path's (MKL ignores every branch but COMPATIBLE on other vendors);
+- COMPATIBLE: one set of bits on both paths, with by-row GEMMs padded to 8 rows
+  and GEMMs on one MKL thread (its thread split changes bits at 3 threads), at
+  1.7-1.8x the CPU time of MKL's AMD kernels and ~3x that of its Intel kernels
+  (docs/benchmarks.md).
 
-MKL reads its mode once, at its first call, so it is set through the environment
-before torch runs anything (services/codec_worker/__init__.py) and checked, or set
-through MKL's own service call, when a model is loaded: a worker never decodes in
-another mode without saying so. What it costs in decoder speed is in
-docs/benchmarks.md. GPUs have no such mode: CUDA workers give their own bits.
+Any CNR setting on AMD, even AUTO, also changed bits with the thread count (the
+channel-mix test at 2 threads), where MKL's own default held. Hence two modes.
+`vendor` (the default) is AVX2+STRICT on Intel CPUs and MKL's default elsewhere:
+the fast kernels of each vendor, every bit-exactness promise within a vendor, and
+workers of different vendors report different modes so that a stream fails over
+only within its mode (codec_relay.py). `compatible` gives every x86 CPU the same bits for a pool that must
+move streams across vendors, at the cost above.
+
+MKL reads its mode once, at its first call, so the entry point sets MKL_CBWR before
+torch runs anything (select), the package asks for the default for in-process users
+(request_before_torch), and loading a model checks the mode MKL actually runs in.
+GPUs have no such mode: CUDA workers report their device and give their own bits.
 """
 
 from __future__ import annotations
@@ -31,52 +38,79 @@ from functools import lru_cache
 from pathlib import Path
 
 ENV = "MKL_CBWR"
-REQUIRED = "COMPATIBLE"
+MODES = ("vendor", "compatible")
+DEFAULT = "vendor"
+_INTEL_VENDOR_VALUE = "AVX2,STRICT"
 
 # mkl_cbwr.h: the branch part of mkl_cbwr_get(MKL_CBWR_BRANCH).
 _MKL_CBWR_BRANCH = 1
+_STRICT = 0x10000
 _BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
              9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
 _CODES = {name: code for code, name in _BRANCHES.items()}
 
 
 class NumericModeError(RuntimeError):
-    """MKL runs in another mode than the decoder's bits need; the message says how to fix it."""
+    """MKL runs in another mode than the one asked for; the message says how to fix it."""
+
+
+def _env_value(mode: str, intel: bool) -> str | None:
+    """MKL_CBWR for MODE (None: unset, MKL's own default)."""
+    if mode == "compatible":
+        return "COMPATIBLE"
+    return _INTEL_VENDOR_VALUE if intel else None
 
 
 def request_before_torch() -> None:
-    """Asks MKL for COMPATIBLE at its start, unless the operator named a mode (then
-    ensure_pinned says whether it will do)."""
-    os.environ.setdefault(ENV, REQUIRED)
+    """The default mode for MKL's start, unless MKL_CBWR is already set (then `ensure`
+    says whether it will do). The package runs it at import, so it must not start
+    torch: the vendor comes from /proc/cpuinfo."""
+    try:
+        intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        intel = False
+    value = _env_value(DEFAULT, intel)
+    if value is not None:
+        os.environ.setdefault(ENV, value)
+
+
+def select(mode: str) -> None:
+    """MODE for MKL's start: the codec worker's entry point calls it before torch runs
+    anything. The vendor is MKL's own answer (calls[3] does not start MKL's modes)."""
+    calls = _mkl()
+    value = _env_value(mode, bool(calls is not None and calls[3]()))
+    if value is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = value
 
 
 @lru_cache(maxsize=1)
 def _mkl():
-    """MKL's mode and thread calls (get, set, set threads for this thread), from the
+    """MKL's calls (mode get, mode set, threads of this thread, Intel check), from the
     torch library that links MKL statically; None where torch has no MKL (ARM)."""
     import torch
 
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         lib = ctypes.CDLL(str(library))
-        calls = (lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set, lib.MKL_Set_Num_Threads_Local)
+        calls = [lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_set, lib.MKL_Set_Num_Threads_Local]
+        # MKL's own calls to its vendor check go through the dynamic linker, so ask
+        # the linker's first answer, as MKL gets it.
+        try:
+            calls.append(ctypes.CDLL(None).mkl_serv_intel_cpu_true)
+        except AttributeError:
+            calls.append(lib.mkl_serv_intel_cpu_true)
     except (OSError, AttributeError):
         return None
-    for call in calls:
+    for call in calls[:3]:
         call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+    calls[3].argtypes, calls[3].restype = [], ctypes.c_int
     return calls
 
 
-def gemms_on_one_thread() -> None:
-    """MKL calls from this thread run on one thread, until the next torch.set_num_threads
-    (which sets MKL's per-thread count too): call it before each decode."""
-    calls = _mkl()
-    if calls is not None:
-        calls[2](1)
-
-
-def current() -> str:
-    """MKL's branch now ("COMPATIBLE", "OFF", "AVX2"...), or "no MKL"."""
+def branch() -> str:
+    """MKL's branch now ("COMPATIBLE", "AVX2", "AUTO"...), or "no MKL"."""
     calls = _mkl()
     if calls is None:
         return "no MKL"
@@ -84,17 +118,52 @@ def current() -> str:
     return _BRANCHES.get(code, f"branch {code}")
 
 
-def ensure_pinned() -> str:
-    """COMPATIBLE now, or NumericModeError; returns the mode."""
-    mode = current()
-    if mode in (REQUIRED, "no MKL"):
-        return mode
+def current() -> str:
+    """The mode's name as workers report it: equal names, equal bits for equal input.
+
+    mkl-compatible (every x86 CPU), mkl-avx2-strict (Intel CPUs in vendor mode),
+    mkl-non-intel (MKL's kernels for other vendors), or mkl-<branch> / no-mkl."""
     calls = _mkl()
-    if calls is not None and calls[1](_CODES[REQUIRED]) == 0:
+    if calls is None:
+        return "no-mkl"
+    name = branch()
+    if name == "COMPATIBLE":
+        return "mkl-compatible"
+    if not calls[3]():
+        return "mkl-non-intel" if name == "OFF" else f"mkl-non-intel-{name.lower()}"
+    strict = "-strict" if calls[0](-1) & _STRICT else ""
+    return f"mkl-{name.lower()}{strict}"
+
+
+def ensure(mode: str) -> str:
+    """MKL in MODE now, set here if MKL has not started yet, or NumericModeError;
+    returns the reported name."""
+    calls = _mkl()
+    if calls is None:
         return current()
+    intel = bool(calls[3]())
+    if mode == "compatible":
+        want, code = "mkl-compatible", _CODES["COMPATIBLE"]
+    elif intel:
+        want, code = "mkl-avx2-strict", _CODES["AVX2"] | _STRICT
+    else:
+        want, code = "mkl-non-intel", _CODES["OFF"]
+    if current() != want:
+        calls[1](code)
+    if current() == want:
+        return want
+    value = _env_value(mode, intel)
     raise NumericModeError(
-        f"MKL runs in numeric mode {mode} ({ENV}={os.environ.get(ENV, '<unset>')}), but the codec decoder gives "
-        f"the same bits on Intel and AMD CPUs only in {REQUIRED}, which sample-exact failover between workers "
-        f"needs. Leave {ENV} unset (the codec worker sets it) or set {ENV}={REQUIRED}; MKL reads it once, at its "
-        "first call, so it cannot change in a running process."
+        f"MKL runs in numeric mode {current()} ({ENV}={os.environ.get(ENV, '<unset>')}), not the codec's "
+        f"{mode!r} mode ({want}), and MKL fixes its mode at its first call. Start the worker with "
+        f"--numeric-mode {mode} and {ENV} {'unset' if value is None else 'unset or ' + value}."
     )
+
+
+def gemms_on_one_thread() -> None:
+    """MKL calls from this thread run on one thread, until the next torch.set_num_threads
+    (which sets MKL's per-thread count too): call it before each decode in compatible
+    mode, whose kernels split work across threads in a way that changes bits."""
+    calls = _mkl()
+    if calls is not None:
+        calls[2](1)

@@ -101,13 +101,15 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._idle_timeout_s = idle_timeout_s
         self._engine: DecodeEngine | None = None
         self._device = ""
+        self._numeric_mode = ""
         self._open = 0
 
-    def attach(self, engine: DecodeEngine, device: str) -> None:
-        self._engine, self._device = engine, device
+    def attach(self, engine: DecodeEngine, device: str, numeric_mode: str) -> None:
+        self._engine, self._device, self._numeric_mode = engine, device, numeric_mode
 
     async def GetLoad(self, request, context):
-        reply = codec_pb2.GetLoadResponse(open_streams=self._open, max_streams=self._max_streams, device=self._device)
+        reply = codec_pb2.GetLoadResponse(open_streams=self._open, max_streams=self._max_streams, device=self._device,
+                                          numeric_mode=self._numeric_mode)
         if self._engine is not None:
             reply.decode_rate = self._engine.load.decode_rate
             reply.busy_ratio = self._engine.load.busy_ratio
@@ -255,7 +257,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
-        loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half)
+        loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half, config.numeric_mode)
         decoder = StreamingSnacDecoder(loaded.model)
         engine = DecodeEngine(
             decoder,
@@ -278,7 +280,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(engine.aclose)
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
-    servicer.attach(engine, loaded.device_name)
+    servicer.attach(engine, loaded.device_name, loaded.numeric_mode)
 
     def engine_died(error: BaseException) -> None:
         log.error("the decode engine died (%s): NOT_SERVING", error)
@@ -292,7 +294,8 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
 
     running.on_stop.append(stop_gauges)
     await running.set_serving(True)
-    log.info("codec worker SERVING on %s:%d (%s)", config.host, running.port, loaded.device_name)
+    log.info("codec worker SERVING on %s:%d (%s, numeric mode %s)", config.host, running.port, loaded.device_name,
+             loaded.numeric_mode)
     return running
 
 

@@ -452,6 +452,9 @@ class StreamingSnacDecoder:
         self._net = builder.build(model.decoder.model)
         self._noise_steps_per_frame = np.array([n.steps_per_frame for n in builder.noise_layers], dtype=np.int64)
         self._n_slots = self._net.bind(0)
+        # MKL's COMPATIBLE kernels split a GEMM across threads in a way that changes
+        # bits (numeric_mode.py); the vendor kernels do not.
+        self._one_gemm_thread = self.device.type == "cpu" and numeric_mode.current() == "mkl-compatible"
         # Streams in each forward of the last `decode` call, for stats and metrics.
         self.last_batch_sizes: list[int] = []
 
@@ -510,7 +513,7 @@ class StreamingSnacDecoder:
         return self._emit(state, y[0, 0]) if y is not None else None
 
     def _pin_gemm_threads(self) -> None:
-        if self.device.type == "cpu":
+        if self._one_gemm_thread:
             numeric_mode.gemms_on_one_thread()
 
     def warm_up(self, frames: int = 4) -> None:

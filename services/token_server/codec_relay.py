@@ -65,6 +65,7 @@ class WorkerLoad:
     open_streams: int = 0
     ours_when_polled: int = 0
     lag_seconds: float = 0.0
+    numeric_mode: str = ""  # "" until the worker said
 
     def room_for_us(self) -> int:
         """Streams this server may hold on the worker: its real-time capacity (never
@@ -171,8 +172,15 @@ class CodecPool:
         load.open_streams = reply.open_streams
         load.ours_when_polled = ours
         load.lag_seconds = reply.lag_seconds
+        load.numeric_mode = reply.numeric_mode
 
-    def pick(self, exclude: set[str] = frozenset()) -> str:
+    def numeric_mode(self, address: str) -> str:
+        """The numeric mode `address` last reported ("" when unknown)."""
+        return self._loads.get(address, WorkerLoad()).numeric_mode
+
+    def pick(self, exclude: set[str] = frozenset(), numeric_mode: str = "") -> str:
+        """The least-loaded worker, not in `exclude`; with `numeric_mode`, only workers
+        that reported that mode (a stream resumes only where it decodes to the same bits)."""
         workers = self.endpoints.endpoints()
         if not workers:
             raise NoCodecWorkerError(
@@ -180,6 +188,15 @@ class CodecPool:
             )
         now = time.monotonic()
         candidates = [w for w in workers if w not in exclude]
+        if numeric_mode:
+            others = candidates
+            candidates = [w for w in candidates if self.numeric_mode(w) == numeric_mode]
+            if others and not candidates:
+                raise NoCodecWorkerError(
+                    f"no other codec worker decodes in numeric mode {numeric_mode} (those left report "
+                    f"{', '.join(sorted({self.numeric_mode(w) or 'nothing yet' for w in others}))}); a stream "
+                    "resumes only on a worker that gives its audio the same bits"
+                )
         healthy = [w for w in candidates if now - self._failed_at.get(w, -1e9) > FAILED_WORKER_COOLDOWN_S]
         serving = [w for w in healthy if self._loads.get(w, WorkerLoad()).reachable]
         pool = serving or healthy or candidates
@@ -242,6 +259,8 @@ class CodecRelay:
         self._finished = False
         self._changed = asyncio.Event()
         self.relayed_samples = resume_from_sample
+        # The mode of the worker that first decoded this stream; a failover stays in it.
+        self._numeric_mode = ""
 
     def push(self, codes: tuple[int, ...]) -> None:
         self._frames.append(codes)
@@ -265,7 +284,7 @@ class CodecRelay:
         attempts = 0
         while True:
             try:
-                address = self._pool.pick(failed)
+                address = self._pool.pick(failed, self._numeric_mode)
             except NoCodecWorkerError:
                 # Every worker failed this stream: one may be restarting. Wait briefly
                 # for one to come back rather than fail while its channel reconnects.
@@ -274,7 +293,8 @@ class CodecRelay:
                 ):
                     raise
                 failed.clear()
-                address = self._pool.pick(failed)
+                address = self._pool.pick(failed, self._numeric_mode)
+            self._numeric_mode = self._numeric_mode or self._pool.numeric_mode(address)
             attempts += 1
             first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
             # A resumed stream's CLIENT span says so: the failover is its own span in the trace.

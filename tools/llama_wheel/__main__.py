@@ -70,15 +70,19 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(os.environ.get("CHORUS_WHEEL_CACHE", Path.home() / ".cache/chorus/wheels")),
                         help="wheel cache folder [CHORUS_WHEEL_CACHE]")
     args = parser.parse_args(argv)
-    wanted = by_name(args.flavour)
-    if args.command == "key":
-        print(wanted.key())
-        return 0
-    flavours = [wanted] if wanted.name == "portable" else [wanted, by_name("portable")]
     try:
+        wanted = by_name(args.flavour)
+        if args.command == "key":
+            print(wanted.key())
+            return 0
+        flavours = [wanted] if wanted.name == "portable" else [wanted, by_name("portable")]
         done = provision(flavours, wheel_cache.WheelCache(args.cache), build_wheel, install, smoke)
-    except (ProvisionError, subprocess.CalledProcessError) as err:
+    except RuntimeError as err:  # ProvisionError, or no C compiler to ask about flags
         print(err, file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as err:
+        print(f"setup: {' '.join(map(str, err.cmd[:6]))} ... failed with exit code {err.returncode}; "
+              "its output is above", file=sys.stderr)
         return 1
     figures = done.smoke.figures or {}
     print(f"setup: llama.cpp {done.flavour.name} build {done.entry.key} passed its smoke check "

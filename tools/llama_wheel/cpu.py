@@ -79,7 +79,11 @@ def predefined_macros(flags: tuple[str, ...]) -> tuple[str, ...]:
             capture_output=True, text=True, check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as err:
-        raise RuntimeError(f"cannot ask the C compiler ({compiler()}) about flags {' '.join(flags)}: {err}") from err
+        raise RuntimeError(
+            f"setup: cannot ask the C compiler ({compiler()}) which instructions "
+            f"{' '.join(flags) or 'its defaults'} allow ({err}); building llama.cpp needs a C/C++ compiler and CMake (Debian: apt-get install build-essential "
+            "cmake), or set CC"
+        ) from err
     return tuple(sorted(line.strip() for line in out.splitlines() if line.strip()))
 
 
@@ -99,6 +103,7 @@ def instruction_sets(flags: tuple[str, ...]) -> list[str]:
 @lru_cache(maxsize=None)
 def accepted_flags(candidates: tuple[str, ...]) -> tuple[str, ...]:
     """The flags of CANDIDATES the compiler accepts (older compilers lack newer -mno-amx-*)."""
+    predefined_macros(())  # a clear error when there is no compiler at all
     ok = []
     for flag in candidates:
         probe = subprocess.run([compiler(), flag, "-E", "-x", "c", os.devnull],

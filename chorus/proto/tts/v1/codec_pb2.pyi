@@ -43,7 +43,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds", "capacity_streams")
+    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds", "capacity_streams", "numeric_mode")
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class GetLoadResponse(_message.Message):
     BUSY_RATIO_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NUMERIC_MODE_FIELD_NUMBER: _ClassVar[int]
     open_streams: int
     max_streams: int
     device: str
@@ -58,4 +59,5 @@ class GetLoadResponse(_message.Message):
     busy_ratio: float
     lag_seconds: float
     capacity_streams: int
-    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., capacity_streams: _Optional[int] = ...) -> None: ...
+    numeric_mode: str
+    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., capacity_streams: _Optional[int] = ..., numeric_mode: _Optional[str] = ...) -> None: ...
