@@ -12,13 +12,15 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable
 
 import grpc
 from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chorus import instrumentation, reflection, telemetry
+from chorus.access import AccessPolicy
+from chorus.auth import CallGuard
 from chorus.request_gate import RequestGate
 from chorus.tls import ChannelSecurity
 
@@ -56,11 +58,6 @@ class StartupError(Exception):
     """A server cannot start for a reason its operator must fix (a port in use)."""
 
 
-# Servers: what comes in is small (text, code frames), so a server reads at most this
-# per message; gRPC refuses a bigger one with RESOURCE_EXHAUSTED before it is parsed.
-MAX_REQUEST_BYTES = 1024 * 1024
-
-
 @dataclass
 class RunningServer:
     """A started server: its port, its health servicer, and how to stop it."""
@@ -78,8 +75,9 @@ class RunningServer:
     endpoints: dict[str, str] = field(default_factory=dict)
     # The service's engine objects, for in-process tests and introspection.
     components: dict[str, object] = field(default_factory=dict)
-    # Counts the calls in flight, for the drain (None for a server not made by new_server).
-    guard: RequestGate | None = None
+    # Its access policy, which counts the calls in flight for the drain (None for a
+    # server not made by new_server).
+    access: AccessPolicy | None = None
     _stopped: bool = False
     # What must hold for SERVING, by name: "ready" (warm-up done), and e.g. "upstream".
     _conditions: dict[str, bool] = field(default_factory=dict)
@@ -127,8 +125,8 @@ class RunningServer:
         self._stopped = True
         await self._publish()
         drains = [drain(grace) for drain in self.on_drain]
-        if self.guard is not None and grace:
-            self.guard.drain()
+        if self.access is not None and grace:
+            self.access.drain()
             await asyncio.gather(self._drain_calls(grace), *drains)
         else:
             await asyncio.gather(self.server.stop(grace), *drains)
@@ -137,9 +135,9 @@ class RunningServer:
 
     async def _drain_calls(self, grace: float) -> None:
         try:
-            await asyncio.wait_for(self.guard.wait_idle(), grace)
+            await asyncio.wait_for(self.access.wait_idle(), grace)
         except TimeoutError:
-            log.warning("%d calls still in flight after the %.1fs drain; cancelling them", self.guard.in_flight, grace)
+            log.warning("%d calls still in flight after the %.1fs drain; cancelling them", self.access.in_flight, grace)
         await self.server.stop(0)
 
     async def wait_for_termination(self) -> None:
@@ -172,27 +170,26 @@ async def serve_with_health(
         )
     await server.start()
     running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names,
-                            guard=getattr(server, "chorus_guard", None), host=host)
+                            access=getattr(server, "chorus_access", None), host=host)
     await running.set_serving(False)
     return running
 
 
 def new_server(
-    metrics: telemetry.RpcMetrics | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    max_request_bytes: int = MAX_REQUEST_BYTES,
+    metrics: telemetry.RpcMetrics | None = None, policy: AccessPolicy | None = None
 ) -> grpc.aio.Server:
     """A server whose every call gets a standard SERVER span and, with the service's
-    `metrics`, is counted by method and status; `interceptors` (access checks) run
-    inside that span. Requests over `max_request_bytes` get RESOURCE_EXHAUSTED. Every
-    call passes the RequestGate last (request parsing, the drain's count)."""
+    `metrics`, is counted by method and status; inside that span the CallGuard asks
+    `policy` (who may call, the drain; none: anyone may) and the RequestGate parses
+    the request. Requests over the policy's `max_request_bytes` get RESOURCE_EXHAUSTED."""
+    policy = policy or AccessPolicy()
     options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
-    options.append(("grpc.max_receive_message_length", max_request_bytes))
-    guard = RequestGate()
+    options.append(("grpc.max_receive_message_length", policy.max_request_bytes))
     server = grpc.aio.server(
-        options=options, interceptors=[*instrumentation.server_interceptors(metrics), *interceptors, guard]
+        options=options,
+        interceptors=[*instrumentation.server_interceptors(metrics), CallGuard(policy), RequestGate()],
     )
-    server.chorus_guard = guard  # serve_with_health hands it to the RunningServer
+    server.chorus_access = policy  # serve_with_health hands it to the RunningServer
     return server
 
 

@@ -126,10 +126,18 @@ class ChannelSecurity:
         )
 
 
+def certificate_identities(alternative_names: Sequence[str], common_names: Sequence[str]) -> tuple[str, ...]:
+    """The identities a verified certificate names: its subject alternative names, or
+    its common name when it has none (as hostname checks do, RFC 6125)."""
+    return tuple(dict.fromkeys(alternative_names or common_names))
+
+
 def peer_identities(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
-    """The identities the caller's verified client certificate names: its subject
-    alternative names, or its common name when it has none (as hostname checks do,
-    RFC 6125); empty for a plaintext call or a call without a certificate."""
+    """The identities the caller's verified client certificate names; empty for a
+    plaintext call or a call without a certificate."""
     auth = context.auth_context() or {}
-    names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or ()
-    return tuple(dict.fromkeys(n.decode("utf-8", "replace") for n in names))
+
+    def names(key: str) -> list[str]:
+        return [n.decode("utf-8", "replace") for n in auth.get(key) or ()]
+
+    return certificate_identities(names("x509_subject_alternative_name"), names("x509_common_name"))

@@ -31,16 +31,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="audio a listener buffers before playback starts; late audio after that counts as an "
                         "underrun [CHORUS_START_BUFFER_MS]")
     p.add_argument("--http-port", default=env("CHORUS_HTTP_PORT", str(DEFAULT_HTTP_PORT)),
-                   help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health; "
+                   help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health, with the "
+                        "gRPC port's keys and limits (HTTPS with its certificate when --tls-* are set); "
                         f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
+    p.add_argument("--cors-origins", default=env("CHORUS_CORS_ORIGINS", ""),
+                   help="comma-separated origins (https://app.example.com) whose pages may call the HTTP port "
+                        "from a browser; default none [CHORUS_CORS_ORIGINS]")
     p.add_argument("--api-keys-file", default=env("CHORUS_API_KEYS_FILE"),
-                   help="file of `<key id>:<secret>` lines; every call but health and reflection then needs "
-                        "`authorization: Bearer <secret>`; re-read when it changes [CHORUS_API_KEYS_FILE]")
+                   help="file of `<key id>:<secret>` lines; every call on either port but health, reflection "
+                        "and the page then needs `authorization: Bearer <secret>`; re-read when it changes "
+                        "[CHORUS_API_KEYS_FILE]")
     p.add_argument("--max-streams-per-client", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_CLIENT", 64),
-                   help="most synthesis streams one client address may hold; 0 no limit "
+                   help="most synthesis streams one client address (or certificate identity at an address) "
+                        "may hold, on both ports together; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     p.add_argument("--max-streams-per-key", type=int, default=from_env("CHORUS_MAX_STREAMS_PER_KEY", 64),
-                   help="most synthesis streams one API key may hold; 0 no limit [CHORUS_MAX_STREAMS_PER_KEY]")
+                   help="most synthesis streams one API key may hold, on both ports together; 0 no limit "
+                        "[CHORUS_MAX_STREAMS_PER_KEY]")
     add_common_flags(p, default_port=50051)
     return parse_flags(p, argv)
 
@@ -58,6 +65,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         default_voice=voices[0],
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         tls=tls_files(args),
         api_keys_file=args.api_keys_file or None,
         max_streams_per_client=args.max_streams_per_client,

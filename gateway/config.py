@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from chorus import orpheus
+from chorus.access import MAX_REQUEST_BYTES
 from chorus.playback import DEFAULT_START_BUFFER_S
-from chorus.serving import MAX_REQUEST_BYTES
 from chorus.telemetry import GATEWAY
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.voices import ORPHEUS_VOICES, description, voice_problems
+
+# An origin as browsers send it: scheme, host and port, nothing after.
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,11 @@ class GatewayConfig:
     # The HTTP port (OpenAI's speech endpoint, the browser page, /health), on `host`;
     # 0 picks a free one, None serves no HTTP.
     http_port: int | None = None
-    # PEM files for TLS on the client port and mTLS to token servers; off when None.
+    # Origins (`https://app.example.com`) whose pages may call the HTTP port from a
+    # browser (CORS); empty: only the page the gateway serves itself.
+    cors_origins: tuple[str, ...] = ()
+    # PEM files for TLS on the client ports (gRPC and HTTP) and mTLS to token servers;
+    # off when None.
     tls: TlsFiles | None = None
     # Client certificate identities the client port requires; empty: no client
     # certificates (clients authenticate with API keys).
@@ -84,6 +92,11 @@ class GatewayConfig:
             problems.append(f"http_port must be 0..65535 (or off), got {self.http_port}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        for origin in self.cors_origins:
+            if not _ORIGIN.fullmatch(origin):
+                problems.append(f"CORS origin {origin!r} must be scheme://host[:port] (http or https, no path or "
+                                "trailing slash), e.g. https://app.example.com; list each origin, * is not taken")
         object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
         if self.allowed_clients and self.tls is None:
             problems.append("allowed_clients needs TLS (--tls-cert, --tls-key, --tls-ca)")

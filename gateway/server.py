@@ -16,8 +16,8 @@ import grpc
 
 from chorus import telemetry
 from chorus.proto.riva import riva_tts_pb2_grpc
+from chorus.access import AccessPolicy, Share
 from chorus.api_keys import ApiKeys
-from chorus.auth import CallGuard
 from chorus.telemetry import TOKEN_SERVER
 from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
@@ -136,17 +136,20 @@ def _tag(options: SynthesisOptions, **extra: object) -> None:
 
 
 async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
-    """Starts the gateway on `port` (0 picks one) and marks it SERVING."""
-    guard = CallGuard(
+    """Starts the gateway on `port` (0 picks one) and marks it SERVING; its HTTP port
+    (when configured) shares the gRPC port's access policy, certificate and drain."""
+    policy = AccessPolicy(
         allowed_clients=config.allowed_clients,
         api_keys=ApiKeys(config.api_keys_file) if config.api_keys_file else None,
         max_streams_per_client=config.max_streams_per_client,
         max_streams_per_key=config.max_streams_per_key,
+        share=Share.ADDRESS,
+        max_request_bytes=config.max_request_bytes,
         on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
     )
     router = Router(config.token_servers, config.status_interval_s, ChannelSecurity(config.tls, TOKEN_SERVER))
     await router.start()
-    server = new_server(metrics.RPC, [guard] if guard.active else [], config.max_request_bytes)
+    server = new_server(metrics.RPC, policy)
     pipeline = Pipeline(router, config.lookahead_segments)
     gateway_pb2_grpc.add_SynthesisServiceServicer_to_server(SynthesisServicer(config, pipeline), server)
     riva_tts_pb2_grpc.add_RivaSpeechSynthesisServicer_to_server(RivaSynthesisServicer(config, pipeline), server)
@@ -163,14 +166,16 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     if config.http_port is not None:
         try:
             http = await HttpListener.start(
-                SpeechEndpoint(config, pipeline, lambda: running.serving).app(), config.host, config.http_port
+                SpeechEndpoint(config, pipeline, lambda: running.serving).app(policy, metrics.RPC),
+                config.host, config.http_port, config.tls, require_client_cert=bool(config.allowed_clients),
             )
         except BaseException:
             await running.stop(0)
             raise
         running.on_drain.append(http.drain)
         running.endpoints["http"] = f"{_loopback_or(config.host)}:{http.port}"
-        log.info("gateway HTTP (OpenAI /v1/audio/speech, page at /) on %s:%d", config.host, http.port)
+        log.info("gateway %s (OpenAI /v1/audio/speech, page at /) on %s:%d", "HTTPS" if config.tls else "HTTP",
+                 config.host, http.port)
     await running.set_serving(True)
     log.info("gateway serving on %s:%d, token servers %s", config.host, running.port, ", ".join(config.token_servers))
     return running

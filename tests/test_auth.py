@@ -1,16 +1,20 @@
-"""The pieces of access control on their own: the API keys file, the key and peer a
-call carries, the TLS files a service is given, and the flags and configs that set them.
-The services using them are tested over real TLS in test_security.py."""
+"""The pieces of access control on their own: the access policy every door asks, the
+API keys file, the key and peer a call carries, the TLS files a service is given, and
+the flags and configs that set them. The services using them are tested over real
+TLS in test_security.py and, door by door, in test_doors.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
 
 from certs import CertificateAuthority
+from chorus import api_keys
 from chorus.api_keys import ApiKeys, parse_keys
-from chorus.auth import peer_host, presented_key
+from chorus.access import AccessPolicy, Code, Knock, Refusal, Share, presented_key
+from chorus.auth import peer_connection, peer_host
 from chorus.tls import TlsFiles
 from gateway.__main__ import build_config as gateway_config, parse_args as gateway_args
 from services.codec_worker.__main__ import build_config as codec_config, parse_args as codec_args
@@ -34,6 +38,20 @@ def test_a_key_is_found_by_its_secret_and_named_by_its_id(tmp_path):
     assert keys.lookup(f"{SECRET}-bob") == "bob"
     assert keys.lookup(SECRET[:-1]) is None
     assert keys.lookup("") is None
+
+
+def test_a_lookup_compares_the_secret_with_every_key_in_constant_time(tmp_path, monkeypatch):
+    """hmac.compare_digest on digests of equal length, against every key with no early
+    exit, so the time a lookup takes tells nothing about which key, if any, matched."""
+    path = tmp_path / "keys"
+    path.write_text("".join(f"key{i}:{SECRET}-{i}\n" for i in range(5)))
+    keys = ApiKeys(path)
+    compared = []
+    real = api_keys.hmac.compare_digest
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", lambda a, b: compared.append((len(a), len(b))) or real(a, b))
+    assert keys.lookup(f"{SECRET}-0") == "key0"
+    assert keys.lookup("a-guess-that-is-long-enough") is None
+    assert compared == [(32, 32)] * 10
 
 
 @pytest.mark.parametrize(
@@ -100,6 +118,121 @@ def test_the_key_comes_from_bearer_or_x_api_key(metadata, key):
 )
 def test_a_client_is_its_address_without_the_port(peer, host):
     assert peer_host(peer) == host
+
+
+@pytest.mark.parametrize(
+    "peer, connection",
+    [
+        ("ipv4:10.0.0.7:41234", "10.0.0.7:41234"),
+        ("ipv6:%5B::1%5D:5000", "[::1]:5000"),
+        ("unix:/tmp/socket", "unix:/tmp/socket"),
+    ],
+)
+def test_a_connection_is_its_address_and_port(peer, connection):
+    assert peer_connection(peer) == connection
+
+
+# --- the access policy -------------------------------------------------------------
+
+
+def knock(**fields) -> Knock:
+    """A synthesis stream from 10.0.0.7 over one connection, with no certificate and no key."""
+    return Knock(**{"host": "10.0.0.7", "connection": "10.0.0.7:41234", "identities": (), "secret": None,
+                    "open": False, "holds_stream": True, "method": "/tts.v1.SynthesisService/Synthesize",
+                    **fields})
+
+
+def refusal(policy: AccessPolicy, call: Knock) -> tuple[Code, str | None]:
+    with pytest.raises(Refusal) as refused:
+        policy.admit(call)
+    return refused.value.code, refused.value.reason
+
+
+@pytest.fixture
+def keys(tmp_path) -> ApiKeys:
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{SECRET}\nbob:{SECRET}-bob\n")
+    return ApiKeys(path)
+
+
+def test_the_policy_checks_identity_then_key_then_drain_then_streams(keys):
+    refused = []
+    policy = AccessPolicy(allowed_clients=("partner",), api_keys=keys, max_streams_per_client=1,
+                          on_refused=refused.append)
+    partner = knock(identities=("partner",), secret=SECRET)
+    assert refusal(policy, knock(identities=("stranger",), secret=SECRET)) == (Code.PERMISSION_DENIED, "not_allowed")
+    assert refusal(policy, knock(identities=("partner",))) == (Code.UNAUTHENTICATED, "no_api_key")
+    assert refusal(policy, knock(identities=("partner",), secret="x" * 20)) == (Code.UNAUTHENTICATED, "bad_api_key")
+    held = policy.admit(partner)
+    assert held.caller.client == "partner@10.0.0.7" and held.caller.key_id == "alice"
+    assert held.caller.attributes == {"chorus.client": "partner@10.0.0.7", "chorus.api_key_id": "alice"}
+    assert refusal(policy, partner) == (Code.RESOURCE_EXHAUSTED, "client_limit")
+    policy.drain()
+    assert refusal(policy, partner) == (Code.UNAVAILABLE, None), "draining comes before the limits"
+    assert refused == ["not_allowed", "no_api_key", "bad_api_key", "client_limit"], "a drain is not the caller's fault"
+
+
+def test_open_doors_need_no_key_or_identity_but_their_streams_count(keys):
+    policy = AccessPolicy(allowed_clients=("partner",), api_keys=keys, max_streams_per_client=1)
+    probe = knock(open=True, method="/grpc.health.v1.Health/Watch", identities=("stranger",))
+    watching = policy.admit(probe)
+    assert watching.caller.client == "stranger@10.0.0.7"
+    assert refusal(policy, probe) == (Code.RESOURCE_EXHAUSTED, "client_limit")
+    assert policy.in_flight == 0, "a probe is not work: it never holds a drain open"
+    policy.drain()
+    watching.release()
+    assert policy.admit(probe).caller.key_id is None, "probes are answered while draining"
+
+
+def test_a_client_is_its_identity_at_its_address_else_its_connection_or_address():
+    by_connection = AccessPolicy(max_streams_per_client=1)
+    by_address = AccessPolicy(max_streams_per_client=1, share=Share.ADDRESS)
+    same_host = knock(connection="10.0.0.7:50000")
+    by_connection.admit(knock())
+    assert by_connection.admit(same_host).caller.client == "10.0.0.7:50000", "another process on the host"
+    by_address.admit(knock())
+    assert refusal(by_address, same_host) == (Code.RESOURCE_EXHAUSTED, "client_limit")
+    # A certificate identity cannot be borrowed: the share is the identity's at its address, whatever the share.
+    for policy in (AccessPolicy(max_streams_per_client=1), AccessPolicy(max_streams_per_client=1, share=Share.ADDRESS)):
+        policy.admit(knock(identities=("chorus-token-server",)))
+        assert policy.admit(knock(connection="10.0.0.7:50000")).caller.client != "chorus-token-server@10.0.0.7"
+        assert refusal(policy, knock(identities=("chorus-token-server",), connection="10.0.0.7:50001")) == (
+            Code.RESOURCE_EXHAUSTED, "client_limit")
+
+
+def test_streams_per_key_are_the_keys_wherever_it_calls_from(keys):
+    policy = AccessPolicy(api_keys=keys, max_streams_per_key=1)
+    policy.admit(knock(secret=SECRET))
+    assert refusal(policy, knock(secret=SECRET, host="10.0.0.8", connection="10.0.0.8:1")) == (
+        Code.RESOURCE_EXHAUSTED, "key_limit")
+    assert policy.admit(knock(secret=f"{SECRET}-bob")).caller.key_id == "bob"
+    unary = knock(secret=SECRET, holds_stream=False, method="/tts.v1.SynthesisService/ListVoices")
+    assert policy.admit(unary).caller.key_id == "alice", "only streams count against the stream limits"
+
+
+def test_the_drain_waits_for_work_in_flight_and_release_is_idempotent():
+    async def scenario():
+        policy = AccessPolicy()
+        first, second = policy.admit(knock()), policy.admit(knock(holds_stream=False))
+        policy.drain()
+        waiting = asyncio.ensure_future(policy.wait_idle())
+        first.release()
+        first.release()
+        await asyncio.sleep(0)
+        still_waiting = not waiting.done()
+        second.release()
+        await asyncio.wait_for(waiting, 10)
+        return still_waiting, policy.in_flight
+
+    assert asyncio.run(scenario()) == (True, 0)
+
+
+def test_the_message_limit_is_one_number_for_every_door():
+    policy = AccessPolicy(max_request_bytes=100)
+    policy.check_size(100)
+    with pytest.raises(Refusal, match="reads at most 100 bytes") as refused:
+        policy.check_size(101)
+    assert refused.value.code == Code.RESOURCE_EXHAUSTED
 
 
 def test_tls_needs_all_three_files_or_none(issued):

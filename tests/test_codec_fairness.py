@@ -1,9 +1,10 @@
 """The codec worker's stream cap is not a door: streams that send nothing end, and no
 one client can take every stream.
 
-Two clients on one machine are told apart by address: the worker listens on
-"localhost" (127.0.0.1 and ::1, loopback only), one client comes over IPv4, the
-other over IPv6.
+Without certificates a client is a connection: one client comes over IPv4, the other
+over IPv6 (the worker listens on "localhost", 127.0.0.1 and ::1), so that each has its
+own (a process's channels to one address share one). test_codec_share.py has two
+clients on one address.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import grpc
 import pytest
 
 from chorus.orpheus import SAMPLES_PER_FRAME
-from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
+from chorus.proto.tts.v1 import codec_pb2_grpc
+from services.codec_worker import metrics
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.server import start_server
 from test_codec_server import decode, frames, good_requests, hold_open, random_codes, start
@@ -35,8 +37,9 @@ async def worker_with_two_clients(snac_dir, **overrides):
         await running.stop(1)
 
 
-async def open_streams(stub) -> int:
-    return (await stub.GetLoad(codec_pb2.GetLoadRequest())).open_streams
+async def open_calls() -> int:
+    """Decode calls the worker holds, started or not (GetLoad counts only started ones)."""
+    return int(metrics.REGISTRY.get_sample_value("chorus_codec_worker_streams"))
 
 
 async def until(condition, what: str, attempts: int = 1200) -> None:
@@ -48,12 +51,12 @@ async def until(condition, what: str, attempts: int = 1200) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
-def all_closed(running, stub):
+def all_closed(running):
     """Condition: no stream open at the servicer, and none left holding decoder state
     (the engine drops a cancelled stream at its next step)."""
 
     async def condition() -> bool:
-        return await open_streams(stub) == 0 and running.components["engine"].open_streams == 0
+        return await open_calls() == 0 and running.components["engine"].open_streams == 0
 
     return condition
 
@@ -62,16 +65,19 @@ def test_a_client_holding_idle_streams_leaves_room_for_another(snac_dir):
     """One client opens the cap's worth of streams and sends nothing: it gets its share,
     the rest are refused for it alone, and a second client is still served."""
 
+    refused_before = metrics.REGISTRY.get_sample_value("chorus_codec_worker_refused_calls_total",
+                                                       {"reason": "client_limit"}) or 0.0
+
     async def run():
         # Timeouts out of the way: this is about the share, not idleness.
         async with worker_with_two_clients(snac_dir, max_streams=4, start_timeout_s=600) as (_, hog, polite):
             held = [hog.Decode() for _ in range(4)]  # no messages: idle from the start
 
             async def settled():
-                return await open_streams(hog) + sum(call.done() for call in held) == len(held)
+                return await open_calls() + sum(call.done() for call in held) == len(held)
 
             await until(settled, "every idle stream accepted or refused")
-            still_open = await open_streams(hog)
+            still_open = await open_calls()
             served = await decode(polite, good_requests(3))
             refused = [(await call.code(), await call.details()) for call in held if call.done()]
             for call in held:
@@ -85,6 +91,8 @@ def test_a_client_holding_idle_streams_leaves_room_for_another(snac_dir):
     for code, details in refused:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "streams, the most one client may hold" in details
+    assert metrics.REGISTRY.get_sample_value("chorus_codec_worker_refused_calls_total",
+                                             {"reason": "client_limit"}) - refused_before == 2
 
 
 def test_the_share_of_one_client_is_configurable(snac_dir):
@@ -92,7 +100,7 @@ def test_the_share_of_one_client_is_configurable(snac_dir):
         limits = dict(max_streams=4, max_streams_per_client=1, start_timeout_s=600)
         async with worker_with_two_clients(snac_dir, **limits) as (_, hog, polite):
             first = hog.Decode()
-            await until(lambda: _is(open_streams(hog), 1), "the first stream is open")
+            await until(lambda: _is(open_calls(), 1), "the first stream is open")
             second = hog.Decode()
             code = await second.code()
             served = await decode(polite, good_requests(2))
@@ -113,7 +121,7 @@ def test_a_stream_without_decode_start_ends_after_the_start_timeout(snac_dir):
         async with worker_with_two_clients(snac_dir, start_timeout_s=0.3) as (running, hog, _):
             call = hog.Decode()
             code, details = await call.code(), await call.details()
-            await until(all_closed(running, hog), "the idle stream is closed")
+            await until(all_closed(running), "the idle stream is closed")
             return code, details
 
     code, details = asyncio.run(run())
@@ -134,7 +142,7 @@ def test_a_stream_that_stops_sending_frames_ends_after_the_idle_timeout(snac_dir
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for response in call:
                     audio += len(response.audio.pcm) // 2
-            await until(all_closed(running, hog), "the stalled stream is closed")
+            await until(all_closed(running), "the stalled stream is closed")
             return err.value, audio
 
     err, audio = asyncio.run(run())
@@ -158,7 +166,7 @@ def test_a_client_that_never_reads_its_audio_loses_the_stream(snac_dir):
             codes = random_codes(40)
             for lo in range(0, 40, 20):
                 await call.write(frames(lo, codes[lo : lo + 20]))
-            await until(all_closed(running, polite), "the unread stream is closed")
+            await until(all_closed(running), "the unread stream is closed")
             served = await decode(polite, good_requests(2))
             call.cancel()
             await channel.close()

@@ -97,25 +97,31 @@ def api_keys(tmp_path_factory) -> SecretVolume:
     return volume
 
 
+def secured_stack(models_root: Path, work_dir: Path, pki: dict[str, TlsFolder], otlp, gateway_flags: list[str]):
+    """The three services as processes, each with its tier's certificate (TLS and
+    mutual TLS), the gateway with `gateway_flags` too, all tracing to `otlp`."""
+    return Stack(
+        models_dir=models_root,
+        slots=2,
+        work_dir=work_dir,
+        extra_args={
+            "codec_worker": pki[CODEC_WORKER].flags(),
+            "token_server": pki[TOKEN_SERVER].flags(),
+            "gateway": pki[GATEWAY].flags() + gateway_flags,
+        },
+        env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory, pki, api_keys, otlp):
-    gateway_flags = pki[GATEWAY].flags() + [
+    gateway_flags = [
         "--api-keys-file", str(api_keys.path),
         "--max-streams-per-key", str(KEY_LIMIT),
         "--max-streams-per-client", str(CLIENT_LIMIT),
         "--host", "localhost",  # 127.0.0.1 and ::1: two client addresses on one machine
     ]
-    with Stack(
-        models_dir=demo_models.root,
-        slots=2,
-        work_dir=tmp_path_factory.mktemp("secure-stack"),
-        extra_args={
-            "codec_worker": pki[CODEC_WORKER].flags(),
-            "token_server": pki[TOKEN_SERVER].flags(),
-            "gateway": gateway_flags,
-        },
-        env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
-    ) as running:
+    with secured_stack(demo_models.root, tmp_path_factory.mktemp("secure-stack"), pki, otlp, gateway_flags) as running:
         yield running
 
 
@@ -156,24 +162,24 @@ def test_a_client_with_the_ca_and_a_key_is_served_end_to_end(stack, pki, otlp, t
         )
     assert voices.voices
     # The key's id, never its secret, goes into the gateway's trace and log.
-    for _ in range(100):
-        attributes = _span_attributes(otlp, "/tts.v1.SynthesisService/Synthesize", result.summary.trace_id)
-        if attributes:
-            break
-        time.sleep(0.1)
+    attributes = span_attributes(otlp, "/tts.v1.SynthesisService/Synthesize", result.summary.trace_id)
     assert attributes.get("chorus.api_key_id") == "alice"
     log = stack.gateway_process.log_path.read_text()
     assert "with key alice" in log
     assert ALICE not in log and BOB not in log
 
 
-def _span_attributes(otlp, name: str, trace_id: str) -> dict[str, str]:
-    for export in list(otlp.requests):
-        for resource_spans in export.resource_spans:
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    if span.name == name and span.trace_id.hex() == trace_id:
-                        return {a.key: a.value.string_value for a in span.attributes}
+def span_attributes(otlp, name: str, trace_id: str) -> dict[str, str]:
+    """The string attributes of the span `name` of trace `trace_id`, once exported
+    (empty if it never is)."""
+    for _ in range(100):
+        for export in list(otlp.requests):
+            for resource_spans in export.resource_spans:
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        if span.name == name and span.trace_id.hex() == trace_id:
+                            return {a.key: a.value.string_value for a in span.attributes}
+        time.sleep(0.1)
     return {}
 
 
@@ -192,7 +198,7 @@ def test_without_a_valid_key_every_call_but_probes_is_unauthenticated(stack, pki
         ))
     for err in (missing, basic, voices):
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "needs an API key: send the metadata `authorization: Bearer <key>`" in err.details()
+        assert "needs an API key: send `authorization: Bearer <key>`" in err.details()
     assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "API key is not valid" in wrong.details()
     assert health.status == health_pb2.HealthCheckResponse.SERVING

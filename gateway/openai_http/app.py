@@ -9,7 +9,9 @@ proper error status), then every piece goes out as it comes. A failure after tha
 can only end the stream: the body stops short (SSE gets an `error` event first).
 
 Errors are OpenAI's JSON shape, with the status mapped from the gRPC code the
-gateway's logic raised.
+gateway's logic raised. Keys, limits, the drain and the request metrics are the
+gRPC port's, applied by the same access policy (`access.HttpGuard`); with TLS on, the
+port serves HTTPS with the gRPC port's certificate, never plaintext.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,17 +33,25 @@ from google.protobuf import json_format
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chorus import telemetry
+from chorus.access import AccessPolicy
 from chorus.proto.tts.v1 import common_pb2
+from chorus.telemetry import RpcMetrics
+from chorus.tls import TlsFiles, certificate_identities
 from gateway import voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
 from gateway.errors import GatewayError, invalid
 from gateway.feed import TextFeed
+from gateway.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
+from gateway.openai_http.errors import HTTP_STATUS, error_response
 from gateway.openai_http.request import OPENAI_FORMATS, SpeechRequest, parse
 from gateway.pipeline import Pipeline
 from gateway.segmenter import Segmenter
@@ -50,30 +61,9 @@ log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-}
-_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}
-
-
-class BodyTooLarge(GatewayError):
-    def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def error_response(err: GatewayError, status: int | None = None) -> JSONResponse:
-    status = status or HTTP_STATUS.get(err.code, 500)
-    return JSONResponse(
-        {"error": {"message": err.message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
-                   "code": err.code.name.lower()}},
-        status_code=status,
-    )
+# What a browser page on another origin may send and read (when its origin is allowed).
+_CORS_HEADERS = ["authorization", "content-type", "x-api-key"]
+_CORS_EXPOSED = ["x-request-id", "x-trace-id"]
 
 
 class SpeechEndpoint:
@@ -81,11 +71,17 @@ class SpeechEndpoint:
         self._config = config
         self._pipeline = pipeline
         self._is_serving = is_serving
-        # A body holds at most a whole text (4 bytes a character in UTF-8) and small fields.
-        self._max_body = 4 * config.max_text_chars + 16_384
 
-    def app(self) -> Starlette:
-        return Starlette(routes=[
+    def app(self, policy: AccessPolicy, metrics: RpcMetrics) -> Starlette:
+        """The routes behind the access policy, and CORS outside it (a browser's
+        preflight carries no key) when origins are allowed."""
+        middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
+        if self._config.cors_origins:
+            middleware.insert(0, Middleware(
+                CORSMiddleware, allow_origins=self._config.cors_origins, allow_methods=["GET", "POST"],
+                allow_headers=_CORS_HEADERS, expose_headers=_CORS_EXPOSED,
+            ))
+        return Starlette(middleware=middleware, routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/audio/voices", self.voices, methods=["GET"]),
@@ -114,10 +110,11 @@ class SpeechEndpoint:
         try:
             parsed = parse(await self._read_json(request), self._config)
         except GatewayError as err:
-            return error_response(err, 413 if isinstance(err, BodyTooLarge) else None)
+            return error_response(err)
         span = telemetry.get_tracer().start_span(
             "gateway.openai.speech", kind=trace.SpanKind.SERVER,
-            context=propagate.extract(dict(request.headers)), attributes={"chorus.text_chars": len(parsed.text)},
+            context=propagate.extract(dict(request.headers)),
+            attributes={"chorus.text_chars": len(parsed.text), **request.state[CALLER].attributes},
         )
         # Current while the pipeline starts: its tasks keep the span's context, so the
         # token servers' spans join this trace.
@@ -138,12 +135,12 @@ class SpeechEndpoint:
         headers = {"X-Request-Id": request_id} if request_id.isascii() and request_id.isprintable() else {}
         if trace_id:
             headers["X-Trace-Id"] = trace_id
-        body = self._relay(first, items, parsed, span, trace_id)
+        body = self._relay(first, items, parsed, span, trace_id, request.state)
         if parsed.sse:
             return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         return StreamingResponse(body, media_type=parsed.options.format.content_type, headers=headers)
 
-    async def _relay(self, first, items: AsyncIterator, parsed: SpeechRequest, span, trace_id: str):
+    async def _relay(self, first, items: AsyncIterator, parsed: SpeechRequest, span, trace_id: str, state):
         try:
             item = first
             while True:
@@ -161,6 +158,7 @@ class SpeechEndpoint:
         except GatewayError as err:
             log.warning("speech %s failed mid-stream: %s", parsed.options.spec.request_id, err)
             span.set_attribute("chorus.error", str(err))
+            state[OUTCOME] = err.code
             if parsed.sse:
                 yield _sse({"type": "error", "error": {"message": err.message, "code": err.code.name.lower()}})
             else:
@@ -170,17 +168,9 @@ class SpeechEndpoint:
             span.end()
 
     async def _read_json(self, request: Request) -> object:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise BodyTooLarge(f"the body is {declared} bytes; at most {self._max_body} bytes are accepted")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise BodyTooLarge(f"the body is over {self._max_body} bytes, the most accepted")
-            chunks.append(chunk)
+        """The body as JSON (its size is HttpGuard's to limit)."""
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as err:
             raise invalid(f"the body is not JSON: {err}") from None
 
@@ -207,6 +197,32 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
+class _PeerCertificateProtocol(H11Protocol):
+    """h11 that puts the verified client certificate's identities into the state of
+    every request on the connection, for the access policy (uvicorn exposes no
+    certificate to the app). asyncio calls `connection_made` once the TLS handshake
+    has succeeded, so the certificate is known by then."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        if certificate:
+            names = certificate_identities(
+                [value for _kind, value in certificate.get("subjectAltName", ())],
+                [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"],
+            )
+            self.app_state = {**self.app_state, IDENTITIES: names}
+
+
+def _tls_settings(tls: TlsFiles | None, require_client_cert: bool) -> dict:
+    """uvicorn's TLS settings from the gRPC port's certificate (none: plaintext)."""
+    if tls is None:
+        return {}
+    return {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ca_certs": str(tls.ca),
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE}
+
+
 class HttpListener:
     """uvicorn serving an ASGI app on this event loop, on a socket bound up front (port 0 works)."""
 
@@ -216,7 +232,10 @@ class HttpListener:
         self.port = port
 
     @classmethod
-    async def start(cls, app, host: str, port: int) -> HttpListener:
+    async def start(
+        cls, app, host: str, port: int, tls: TlsFiles | None = None, require_client_cert: bool = False
+    ) -> HttpListener:
+        """With `tls`, HTTPS only; `require_client_cert` asks clients for a certificate of its CA."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -225,7 +244,8 @@ class HttpListener:
         except OSError as err:
             sock.close()
             raise OSError(f"could not bind the HTTP port {host}:{port}: {err}") from None
-        config = uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, server_header=False)
+        config = uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, server_header=False,
+                                http=_PeerCertificateProtocol, **_tls_settings(tls, require_client_cert))
         server = _UvicornServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="http-listener")
         while not server.started:

@@ -17,7 +17,7 @@ import grpc
 from opentelemetry import trace
 
 from chorus import orpheus, telemetry
-from chorus.auth import CallGuard
+from chorus.access import AccessPolicy, Share
 from chorus.capacity import RealTimeCapacity
 from chorus.engine_thread import EngineDead, EngineStopped
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
@@ -90,7 +90,14 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
 
     The stream cap is shared by every client, so it is guarded twice: streams that go
     idle end (IdleWatch), and no one client holds more than its share (the server's
-    CallGuard, before a handler runs)."""
+    AccessPolicy, before a handler runs: a client is a certificate identity at its
+    address, else a connection, so that no other process on a token server's host
+    spends that token server's share).
+
+    GetLoad's `open_streams`, which token servers admit against, counts the streams
+    that have started (DecodeStart): a call that has sent nothing has no decoder and
+    costs no decode time, and counting it let a neighbour's idle calls fill every
+    token server's codec room until they timed out."""
 
     def __init__(
         self, max_streams: int, start_timeout_s: float, idle_timeout_s: float, trimmer: HeapTrimmer | None = None
@@ -102,14 +109,15 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._numeric_mode = ""
-        self._open = 0
+        self._open = 0  # calls, against max_streams
+        self._decoding = 0  # streams past DecodeStart, reported by GetLoad
 
     def attach(self, engine: DecodeEngine, device: str, numeric_mode: str) -> None:
         self._engine, self._device, self._numeric_mode = engine, device, numeric_mode
 
     async def GetLoad(self, request, context):
-        reply = codec_pb2.GetLoadResponse(open_streams=self._open, max_streams=self._max_streams, device=self._device,
-                                          numeric_mode=self._numeric_mode)
+        reply = codec_pb2.GetLoadResponse(open_streams=self._decoding, max_streams=self._max_streams,
+                                          device=self._device, numeric_mode=self._numeric_mode)
         if self._engine is not None:
             reply.decode_rate = self._engine.load.decode_rate
             reply.busy_ratio = self._engine.load.busy_ratio
@@ -154,6 +162,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 )
             except (EngineStopped, EngineDead) as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+            self._decoding += 1
             reader = asyncio.create_task(_read(request_iterator, check, stream, watch))
             samples = 0
             while True:
@@ -189,6 +198,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
             if reader is not None:
                 reader.cancel()
             if stream is not None:
+                self._decoding -= 1
                 stream.cancel()
                 if self._trimmer is not None:
                     self._trimmer.stream_ended(self._open)
@@ -245,12 +255,13 @@ async def _read(
 async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServer:
     """Binds and answers health (NOT_SERVING) at once, then loads, warms and measures
     the model and goes SERVING."""
-    guard = CallGuard(
+    policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
+        share=Share.CONNECTION,
         on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
     )
-    server = new_server(metrics.RPC, [guard])
+    server = new_server(metrics.RPC, policy)
     trimmer = HeapTrimmer()
     servicer = CodecServicer(config.max_streams, config.start_timeout_s, config.idle_timeout_s, trimmer)
     codec_pb2_grpc.add_CodecServiceServicer_to_server(servicer, server)

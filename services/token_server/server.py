@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from chorus.capacity import RealTimeCapacity
-from chorus.auth import CallGuard
+from chorus.access import AccessPolicy
 from chorus.telemetry import CODEC_WORKER
 from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
@@ -54,12 +54,12 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         log.info("step seconds by batch size: %s; real-time capacity %d streams",
                  ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
 
-    guard = CallGuard(
+    policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
         on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
     )
-    server = new_server(metrics.RPC, [guard] if guard.active else [])
+    server = new_server(metrics.RPC, policy)
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
