@@ -87,8 +87,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         print(f"gateway: {stack.gateway_address}", flush=True)
         if stack.gateway_http_address:
-            print(f"HTTP: http://{stack.gateway_http_address}/ (browser page; OpenAI API at /v1/audio/speech)",
-                  flush=True)
+            # With TLS the gateway's HTTP port speaks HTTPS only (docs/security.md).
+            tls = os.environ.get("CHORUS_TLS_CERT") or any(a.startswith("--tls-cert") for a in args.gateway_arg)
+            print(f"HTTP: {'https' if tls else 'http'}://{stack.gateway_http_address}/ (browser page; OpenAI API at "
+                  "/v1/audio/speech)", flush=True)
         if args.say is not None:
             return _say_once(stack, args.say, args.output)
         progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
