@@ -17,15 +17,44 @@ follows the machine: when the cores are free again, its estimate falls with the 
 that do run, and capacity comes back. Sizes never seen are estimated from those seen:
 a straight line through them (a step's cost is a fixed part, reading the weights, plus
 a part per stream), never below the dearest smaller size. Engines calibrate every size
-once at start, so admission does not have to guess before traffic arrives.
+at start, so admission does not have to guess before traffic arrives.
+
+A transient only ever makes a step slower (another process starting beside this one,
+page-cache misses, spinning thread pools), never faster, so measurements are kept
+consistent with two bounds that hold for a batched step and trust the faster side
+when they contradict each other: a step over more streams is never cheaper than one
+over fewer (t(a) <= t(b) for a < b), and never dearer than running them in proportion
+(t(b) <= t(a) * b / a: a batch at worst gains nothing). A start that measured
+`1: 3.1 ms, 2: 477.8 ms` (issue 22) therefore keeps at most 6.2 ms for two streams.
+`calibrate` measures every size in interleaved rounds and keeps each size's median, so
+that one transient hits one round of a size rather than all of it. And since a size
+that stopped running is seen only through the shared factor, an engine idle below its
+limit probes the next size up now and then (`CapacityProbe`, through `remeasure`):
+capacity lost to a transient comes back without traffic at the size it lost.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import threading
+import time
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 RECOUNT_EVERY = 32
+# Rounds `calibrate` measures every size in; the median of three survives one outlier.
+CALIBRATION_ROUNDS = 3
+# A size whose median is over this factor above its fastest round (transients hit most
+# of its rounds) is measured again, at most EXTRA_ROUNDS more times.
+ROUNDS_DISAGREE = 2.0
+EXTRA_ROUNDS = 2
+# An idle engine below its limit re-measures the next size up this often (seconds),
+# doubling up to PROBE_MAX_INTERVAL_S while probes gain nothing.
+PROBE_INTERVAL_S = 5.0
+PROBE_MAX_INTERVAL_S = 60.0
 
 
 class RealTimeCapacity:
@@ -58,6 +87,7 @@ class RealTimeCapacity:
             previous = self._step_seconds.get(streams)
             if previous is None:
                 self._step_seconds[streams] = per_unit
+                self._make_consistent()
             else:
                 # The exponentially weighted step, as a factor on every size.
                 factor = 1.0 + self._smoothing * (per_unit / previous - 1.0)
@@ -68,6 +98,20 @@ class RealTimeCapacity:
             self._records += 1
             if previous is None or self._records % RECOUNT_EVERY == 0:
                 self._streams = self._compute()
+
+    def remeasure(self, streams: int, seconds: float, units: int = 1) -> None:
+        """A fresh measurement of one size (calibration, an idle probe): it replaces that
+        size's estimate, rather than nudging the factor every size shares, so that a size
+        measured wrong once (or while the machine was busy) can be measured right again.
+        The bounds still hold it to what the other sizes allow, so a fresh measurement
+        raises capacity but never lowers it below them: slowing down is the live steps'
+        factor's job, which sees the machine as it serves."""
+        if streams < 1 or units < 1 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        with self._lock:
+            self._step_seconds[streams] = seconds / units
+            self._make_consistent()
+            self._streams = self._compute()
 
     def step_seconds(self, streams: int) -> float | None:
         """Seconds a step over `streams` streams takes per unit: measured, or estimated."""
@@ -91,6 +135,16 @@ class RealTimeCapacity:
         """How many times real time each of `streams` streams runs."""
         seconds = self.step_seconds(streams)
         return None if seconds is None else self.unit_seconds / seconds
+
+    def _make_consistent(self) -> None:
+        """Lowers every size to the tightest bound another size's measurement sets
+        (t(a) <= t(b) for a < b; t(b) <= t(a) * b / a). The bounds compose, so one pass
+        over the original values reaches the fixed point. Uniform scaling by the factor
+        keeps the table consistent, so only a new or re-measured size calls this."""
+        table = dict(self._step_seconds)
+        for size, seconds in table.items():
+            bound = min((t * size / s if s < size else t for s, t in table.items() if s != size), default=seconds)
+            self._step_seconds[size] = min(seconds, bound)
 
     def _compute(self) -> int:
         budget = self.unit_seconds / (1.0 + self.margin)
@@ -121,3 +175,86 @@ class RealTimeCapacity:
             slope = sum((s - mean_x) * (self._step_seconds[s] - mean_y) for s in sizes) / var
             value = mean_y + max(0.0, slope) * (b - mean_x)
         return max(value, floor)
+
+
+def calibrate(
+    capacity: RealTimeCapacity, measure: Callable[[int], float], sizes: Iterable[int], rounds: int = CALIBRATION_ROUNDS
+) -> dict[int, float]:
+    """Measures every size in `rounds` interleaved rounds (`measure(size)`: seconds per
+    step, already a median over a few steps) and keeps each size's median across them.
+
+    Interleaved, so that a transient (a neighbour process loading its model, compiling
+    its kernels, spinning its thread pool) hits one round of every size rather than every
+    round of one size; a size whose median is still ROUNDS_DISAGREE above its fastest round
+    is measured again. The result goes in as fresh measurements (`remeasure`), where the
+    bounds between sizes catch what the medians let through. Returns the medians."""
+    sizes = list(sizes)
+    samples: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(rounds):
+        for size in sizes:
+            samples[size].append(measure(size))
+    for size in sizes:
+        for _ in range(EXTRA_ROUNDS):
+            if statistics.median(samples[size]) <= ROUNDS_DISAGREE * min(samples[size]):
+                break
+            samples[size].append(measure(size))
+    medians = {size: statistics.median(samples[size]) for size in sizes}
+    for size, seconds in medians.items():
+        capacity.remeasure(size, seconds)
+    return medians
+
+
+class CapacityProbe:
+    """When an idle engine re-measures the size just above its capacity, and what it learns.
+
+    Live steps run only at sizes capacity admits, so a size lost to a transient (a busy
+    start, a neighbour's burst) is otherwise seen only through the factor all sizes
+    share, and stays lost if it was measured wrong (issue 22: a token server held one
+    stream for good after a busy start). A probe's measurement replaces that size's
+    estimate and, through the bounds between sizes, every larger one's. A probe that
+    gains nothing waits twice as long for the next, up to PROBE_MAX_INTERVAL_S, so a
+    machine that really is this busy pays little for being asked. Engine thread only."""
+
+    def __init__(
+        self,
+        capacity: RealTimeCapacity,
+        interval_s: float | None = PROBE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "engine",
+    ) -> None:
+        self.capacity = capacity
+        self.interval_s = interval_s  # None: never probe
+        self._clock = clock
+        self._name = name
+        self._wait_s = interval_s or 0.0
+        self._next_at = clock() + self._wait_s
+        self.probes = 0
+
+    def restart(self) -> None:
+        """A fresh calibration: the next probe one interval from now."""
+        self._wait_s = self.interval_s or 0.0
+        self._next_at = self._clock() + self._wait_s
+
+    def due(self) -> bool:
+        """A probe would tell something now (the caller checks that its engine is idle)."""
+        return (
+            self.interval_s is not None
+            and self.capacity.enforce
+            and self.capacity.estimated_streams() < self.capacity.limit
+            and self._clock() >= self._next_at
+        )
+
+    def run(self, measure: Callable[[int], float]) -> None:
+        """Measures the size above capacity with `measure(size)` (seconds per step)."""
+        before = self.capacity.estimated_streams()
+        size = before + 1
+        self.capacity.remeasure(size, measure(size))
+        self.probes += 1
+        after = self.capacity.estimated_streams()
+        if after > before:
+            log.info("%s: capacity probe at %d streams: real-time capacity %d -> %d streams",
+                     self._name, size, before, after)
+            self._wait_s = self.interval_s
+        else:
+            self._wait_s = min(2 * self._wait_s, max(PROBE_MAX_INTERVAL_S, self.interval_s))
+        self._next_at = self._clock() + self._wait_s

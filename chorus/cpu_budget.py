@@ -11,13 +11,23 @@ container, one budget). Processes that share a machine must not each take all of
 a token server and a codec worker on the same 2 cores each taking 2 threads ran the
 backbone at 0.85 CPU s per audio second, against 0.20 with one llama thread. So
 `chorus serve` splits its own budget between the processes it starts and passes each
-its share explicitly (`split_for_stack`).
+its share explicitly (`split_for_stack`). Processes started one by one (README's
+per-service commands, two token servers and two codec workers on one host) each see
+the whole budget: a service whose thread count was not given says so at start
+(`shared_cores_notice`), and names the flag that divides the cores.
+
+Oversubscribed pools must degrade, not collapse. llama.cpp (built with OpenMP) and
+torch both run GNU OpenMP, whose idle threads spin (OMP_WAIT_POLICY unset: ~300k
+spins) before sleeping; four processes spinning on two cores starved each other to
+0.01-0.08 audio s/s (issue 22). The entry points set OMP_WAIT_POLICY=PASSIVE before
+either library starts its runtime (`sleep_idle_threads`), unless the operator set it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,4 +142,22 @@ def split_for_stack(budget: CpuBudget, token_servers: int = 1, codec_workers: in
     return StackThreads(
         llama=max(1, llama_share // token_servers),
         torch=max(1, torch_share // codec_workers),
+    )
+
+
+def sleep_idle_threads(environ: MutableMapping[str, str] = os.environ) -> None:
+    """OpenMP threads sleep when idle rather than spin (OMP_WAIT_POLICY=PASSIVE), unless
+    the environment already says otherwise. Effective only before llama.cpp or torch
+    first loads its OpenMP runtime, so the entry points call it before importing them."""
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def shared_cores_notice(threads: int, flag: str, env_name: str) -> str:
+    """The start-up line of a service that sized its compute threads from the whole
+    budget, because neither `flag` nor `env_name` was given."""
+    return (
+        f"{threads} compute threads: every CPU this process may use, as {flag} was not given. "
+        f"Processes started separately on one host each take them all and slow each other down; "
+        f"beside other Chorus services on these cores, divide them with {flag} (or {env_name}), "
+        "as `chorus serve` does"
     )

@@ -97,9 +97,14 @@ class PlaybackClock:
 
     def due_in(self, sample: int, now: float) -> float | None:
         """Seconds from `now` until the listener needs `sample`; None before the clock starts."""
+        due = self.due_at(sample)
+        return None if due is None else due - now
+
+    def due_at(self, sample: int) -> float | None:
+        """When (on this clock) the listener needs `sample`; None before the clock starts."""
         if self.start_at is None:
             return None
-        return self.start_at + sample / self.sample_rate - now
+        return self.start_at + sample / self.sample_rate
 
 
 def urgency(lead: float | None) -> tuple[int, float]:

@@ -7,6 +7,7 @@ import os
 
 from chorus import telemetry
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.stall import GATEWAY_STALL, StallPolicy
 from chorus.voices import VOICES_FLAG_HELP, parse_voices
 from gateway import metrics
 from gateway.config import GatewayConfig
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pieces generated ahead of the one being relayed")
     p.add_argument("--request-deadline", type=float, default=from_env("CHORUS_REQUEST_DEADLINE", 600),
                    help="seconds a call may take when the client sets no deadline")
+    p.add_argument("--stall-floor", type=float, default=from_env("CHORUS_STALL_FLOOR", GATEWAY_STALL.floor_s),
+                   help="seconds a token server may send no audio mid-stream before it is taken for hung and the "
+                        "stream replayed on another, at the least [CHORUS_STALL_FLOOR]")
+    p.add_argument("--stall-margin", type=float, default=from_env("CHORUS_STALL_MARGIN", GATEWAY_STALL.margin_s),
+                   help="... and past the floor, once the listener's lead is down to this many seconds; keep it "
+                        "below the token servers' --pace-lead [CHORUS_STALL_MARGIN]")
     p.add_argument("--start-buffer-ms", type=float, default=from_env("CHORUS_START_BUFFER_MS", 150),
                    help="audio a listener buffers before playback starts; late audio after that counts as an "
                         "underrun [CHORUS_START_BUFFER_MS]")
@@ -34,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="HTTP port for OpenAI's /v1/audio/speech, the browser page at / and /health, with the "
                         "gRPC port's keys and limits (HTTPS with its certificate when --tls-* are set); "
                         f"0 picks one, off disables (default {DEFAULT_HTTP_PORT}) [CHORUS_HTTP_PORT]")
+    p.add_argument("--http-read-timeout", type=float, default=from_env("CHORUS_HTTP_READ_TIMEOUT", 15.0),
+                   help="seconds the HTTP port waits for a request's headers (also between requests on a "
+                        "kept-alive connection) and for its body before it closes the connection or answers "
+                        "408 [CHORUS_HTTP_READ_TIMEOUT]")
     p.add_argument("--cors-origins", default=env("CHORUS_CORS_ORIGINS", ""),
                    help="comma-separated origins (https://app.example.com) whose pages may call the HTTP port "
                         "from a browser; default none [CHORUS_CORS_ORIGINS]")
@@ -61,10 +72,12 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         segment_target_chars=args.segment_chars,
         lookahead_segments=args.lookahead,
         request_deadline_s=args.request_deadline,
+        stall=StallPolicy(args.stall_floor, args.stall_margin),
         voices=voices,
         default_voice=voices[0],
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
+        http_read_timeout_s=args.http_read_timeout,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         tls=tls_files(args),
         api_keys_file=args.api_keys_file or None,

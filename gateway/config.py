@@ -9,6 +9,7 @@ from pathlib import Path
 from chorus import orpheus
 from chorus.access import MAX_REQUEST_BYTES
 from chorus.playback import DEFAULT_START_BUFFER_S
+from chorus.stall import GATEWAY_STALL, StallPolicy
 from chorus.telemetry import GATEWAY
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.voices import ORPHEUS_VOICES, description, voice_problems
@@ -39,12 +40,20 @@ class GatewayConfig:
     request_deadline_s: float = 600.0
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
+    # When a token server that sends no audio mid-stream is taken for hung and the
+    # stream replayed elsewhere (chorus.stall; validated there).
+    stall: StallPolicy = GATEWAY_STALL
     # Audio a listener buffers before playback starts: the playback clock that
     # underruns are counted against, passed on to the token servers and codec workers.
     start_buffer_s: float = DEFAULT_START_BUFFER_S
     # The HTTP port (OpenAI's speech endpoint, the browser page, /health), on `host`;
     # 0 picks a free one, None serves no HTTP.
     http_port: int | None = None
+    # Seconds the HTTP port waits for a request's headers (on a new connection, or
+    # the next request on a kept-alive one) and for its whole body: a client that
+    # sends slowly or not at all (slowloris, a half-sent body) must not hold a
+    # connection and a task forever.
+    http_read_timeout_s: float = 15.0
     # Origins (`https://app.example.com`) whose pages may call the HTTP port from a
     # browser (CORS); empty: only the page the gateway serves itself.
     cors_origins: tuple[str, ...] = ()
@@ -90,6 +99,8 @@ class GatewayConfig:
             problems.append(f"start_buffer_s must be in [0, 60], got {self.start_buffer_s}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             problems.append(f"http_port must be 0..65535 (or off), got {self.http_port}")
+        if not 0 < self.http_read_timeout_s <= 3600:
+            problems.append(f"http_read_timeout_s must be in (0, 3600], got {self.http_read_timeout_s}")
         if self.status_interval_s <= 0:
             problems.append(f"status_interval_s must be positive, got {self.status_interval_s}")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))

@@ -18,6 +18,13 @@ refused a call as unreachable, it waits (briefly, within its deadline) for one t
 come back and tries again, so that a restarted server takes the next request. Each attempt carries the request's
 remaining time as its gRPC deadline, so the token server stops (and frees the slot)
 when the client's deadline passes.
+
+A server that hangs mid-stream (stopped, wedged) ends no call, so each call is
+watched (chorus.stall): once it has sent audio, a server that sends none until the
+listener's lead is down to the stall margin, and for at least the stall floor, is
+taken for dead; its call is cancelled and fails over like UNAVAILABLE. Before an
+attempt's first audio nothing is watched: a queue within capacity, or a replay
+regenerating the codes already relayed, may legitimately take long.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import grpc
 
 from chorus import orpheus, telemetry
 from chorus.playback import DEFAULT_START_BUFFER_S
+from chorus.stall import GATEWAY_STALL, StallPolicy, watched
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
@@ -72,7 +80,11 @@ class _Server:
 
 class Router:
     def __init__(
-        self, addresses: tuple[str, ...], status_interval_s: float = 0.25, security: ChannelSecurity = ChannelSecurity()
+        self,
+        addresses: tuple[str, ...],
+        status_interval_s: float = 0.25,
+        security: ChannelSecurity = ChannelSecurity(),
+        stall: StallPolicy = GATEWAY_STALL,
     ) -> None:
         # A name may stand for many token servers (a headless Service): route over
         # every address it resolves to, as they come and go.
@@ -81,6 +93,7 @@ class Router:
         self._interval = status_interval_s
         self._poller: asyncio.Task | None = None
         self._turn = 0  # round-robin among equally loaded servers
+        self._stall = stall
         # Told after every poll whether any server is reachable and SERVING (available()).
         self.on_availability: Callable[[bool], Awaitable[None]] | None = None
 
@@ -147,7 +160,9 @@ class Router:
                     call = server.stub.Generate(attempt, timeout=remaining)
                 responded = False
                 try:
-                    responses = aiter(call)
+                    responses = watched(
+                        call, lambda: relayed.hung_at(self._stall), f"token server {server.address}"
+                    )
                     if attempt is not request:
                         relayed.check_replay(await anext(responses, None), server.address)
                     async for response in responses:
@@ -271,6 +286,7 @@ class _Relayed:
         self.codes: token_server_pb2.CodeDigest | None = None
         self._sent_at: float | None = None  # of the first attempt
         self._first_audio_at: float | None = None
+        self._heard_at: float | None = None  # the current attempt's last audio
 
     @property
     def replayable(self) -> bool:
@@ -280,11 +296,13 @@ class _Relayed:
     def sending(self, now: float) -> None:
         if self._sent_at is None:
             self._sent_at = now
+        self._heard_at = None  # the new attempt has sent no audio yet
 
     def note(self, response: token_server_pb2.GenerateResponse) -> None:
         if response.HasField("audio"):
+            self._heard_at = time.monotonic()
             if self._first_audio_at is None:
-                self._first_audio_at = time.monotonic()
+                self._first_audio_at = self._heard_at
             chunk = response.audio
             self.samples = max(self.samples, chunk.sample_offset + len(chunk.pcm) // 2)
             if response.HasField("codes"):
@@ -295,16 +313,28 @@ class _Relayed:
         request.CopyFrom(self._request)
         request.resume_from_sample = self.samples
         request.verify_frames = self.codes.frames
-        # The schedule moves to the resume sample: when the first attempt's schedule
-        # (or its clock, started at its first audio) needs it, stalls aside.
+        # The schedule moves to the resume sample.
+        due_in = self._due_at(self.samples) - now
+        request.playback.first_sample_due_in_s = min(max(due_in, -MAX_DUE_IN_S), MAX_DUE_IN_S)
+        return request
+
+    def hung_at(self, stall: StallPolicy) -> float | None:
+        """When the current attempt's server, silent since its last audio, is taken for
+        hung; None before its first audio."""
+        if self._heard_at is None:
+            return None
+        return stall.hung_at(self._heard_at, self._due_at(self.samples))
+
+    def _due_at(self, sample: int) -> float:
+        """When the listener needs `sample`, by the first attempt's schedule (or its clock,
+        started at its first audio), stalls aside. Only once that schedule exists: the
+        request carried one, or audio came."""
         playback = self._request.playback
         if playback.HasField("first_sample_due_in_s"):
             zero_due = self._sent_at + playback.first_sample_due_in_s
         else:
             zero_due = self._first_audio_at + (playback.start_buffer_s or DEFAULT_START_BUFFER_S)
-        due_in = zero_due + self.samples / orpheus.SAMPLE_RATE - now
-        request.playback.first_sample_due_in_s = min(max(due_in, -MAX_DUE_IN_S), MAX_DUE_IN_S)
-        return request
+        return zero_due + sample / orpheus.SAMPLE_RATE
 
     def check_replay(self, first: token_server_pb2.GenerateResponse | None, address: str) -> None:
         if first is None or first.WhichOneof("payload") is not None or not first.HasField("codes"):

@@ -147,7 +147,9 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
         max_request_bytes=config.max_request_bytes,
         on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
     )
-    router = Router(config.token_servers, config.status_interval_s, ChannelSecurity(config.tls, TOKEN_SERVER))
+    router = Router(
+        config.token_servers, config.status_interval_s, ChannelSecurity(config.tls, TOKEN_SERVER), config.stall
+    )
     await router.start()
     server = new_server(metrics.RPC, policy)
     pipeline = Pipeline(router, config.lookahead_segments)
@@ -164,10 +166,12 @@ async def start_server(config: GatewayConfig, port: int = 0) -> RunningServer:
     await running.set_condition("token_servers", router.available())
     running.on_stop.append(router.close)
     if config.http_port is not None:
+        endpoint = SpeechEndpoint(config, pipeline, lambda: running.serving)
         try:
             http = await HttpListener.start(
-                SpeechEndpoint(config, pipeline, lambda: running.serving).app(policy, metrics.RPC),
-                config.host, config.http_port, config.tls, require_client_cert=bool(config.allowed_clients),
+                endpoint.app(policy, metrics.RPC), config.host, config.http_port, config.tls,
+                require_client_cert=bool(config.allowed_clients), read_timeout_s=config.http_read_timeout_s,
+                finish=endpoint.finish,
             )
         except BaseException:
             await running.stop(0)

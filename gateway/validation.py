@@ -14,7 +14,7 @@ import uuid
 import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
-from chorus.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES
+from chorus.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES, AudioFormat
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from chorus.request_limits import request_id_problem
@@ -102,17 +102,7 @@ def options(
     fmt = BY_WIRE.get(audio.encoding)
     if fmt is None:
         raise invalid(f"unsupported audio encoding {audio.encoding}; GetLimits lists the encodings")
-    rate = audio.sample_rate_hz or NATIVE_RATE
-    if rate not in SAMPLE_RATES:
-        raise invalid(
-            f"sample_rate_hz {rate} is not supported; "
-            f"use one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps {NATIVE_RATE})"
-        )
-    if rate not in fmt.rates:
-        raise invalid(
-            f"{gateway_pb2.AudioEncoding.Name(fmt.wire)} does not support {rate} Hz; "
-            f"use one of {', '.join(map(str, fmt.rates))}"
-        )
+    rate = sample_rate(audio.sample_rate_hz, fmt)
     if sampling is not None:
         _check_sampling(sampling)
     sampling = _seeded(sampling)
@@ -127,6 +117,23 @@ def options(
         start_buffer_s=config.start_buffer_s,
         tempo=tempo,
     )
+
+
+def sample_rate(requested: int, fmt: AudioFormat) -> int:
+    """The rate a request asked for (0: the native rate), if `fmt` takes it: one rule
+    and one message for every door and every encoding."""
+    rate = requested or NATIVE_RATE
+    if rate not in SAMPLE_RATES:
+        raise invalid(
+            f"sample_rate_hz {rate} is not supported; "
+            f"use one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps {NATIVE_RATE})"
+        )
+    if rate not in fmt.rates:
+        raise invalid(
+            f"{gateway_pb2.AudioEncoding.Name(fmt.wire)} does not support {rate} Hz; "
+            f"use one of {', '.join(map(str, fmt.rates))}"
+        )
+    return rate
 
 
 def _seeded(sampling: common_pb2.SamplingParams | None) -> common_pb2.SamplingParams:

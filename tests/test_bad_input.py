@@ -1,5 +1,7 @@
 """Every input a client can send to each of the three services, each with the status
 and message it must get, each followed by a good request on the same processes.
+The gateway's doors: tts.v1 and Riva on its gRPC port, OpenAI's speech endpoint on
+its HTTP port (a status and an OpenAI-shaped message for every body; never a 5xx).
 
 The services run as separate processes (tools.supervisor.Stack), so a crash or a
 wedged engine shows as the next good request failing, or as `check_alive`. Rows that
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import grpc
+import httpx2 as httpx
 import pytest
 
 from chorus import orpheus
+from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import (
     codec_pb2,
     codec_pb2_grpc,
@@ -40,6 +44,7 @@ class Addresses:
     gateway: str
     token_server: str
     codec_worker: str
+    gateway_http: str
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def stack(demo_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def addresses(stack) -> Addresses:
     return Addresses(stack.gateway_address, stack.token_server_processes[0].address,
-                     stack.codec_worker_processes[0].address)
+                     stack.codec_worker_processes[0].address, stack.gateway_http_address)
 
 
 async def outcome(call: Awaitable) -> tuple[grpc.StatusCode, str]:
@@ -93,6 +98,17 @@ def synthesize(text: str = "Hello there.", **fields):
         async with grpc.aio.insecure_channel(a.gateway) as channel:
             stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
             await drain(stub.Synthesize(gateway_pb2.SynthesizeRequest(text=text, **fields), timeout=120))
+
+    return call
+
+
+def riva(text: str = "Hello there.", **fields):
+    fields.setdefault("custom_configuration", {"max_tokens": str(SHORT)})
+
+    async def call(a: Addresses):
+        async with grpc.aio.insecure_channel(a.gateway) as channel:
+            stub = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel)
+            await stub.Synthesize(riva_tts_pb2.SynthesizeSpeechRequest(text=text, **fields), timeout=120)
 
     return call
 
@@ -213,6 +229,17 @@ def gateway_rows():
         ("stream sends nothing and never closes", streaming(close=False, timeout=SHORT_DEADLINE_S),
          grpc.StatusCode.DEADLINE_EXCEEDED, ""),
         ("stream text after the end", streaming(config(), text("Hello."), END, text("More.")), OK, ""),
+        # Riva: OGGOPUS takes the rates every other encoding takes (and Riva's 22.05 kHz default).
+        *[(f"Riva {encoding} rate {rate}", riva(encoding=getattr(riva_audio_pb2, encoding), sample_rate_hz=rate),
+           INVALID, f"sample_rate_hz {rate} is not supported")
+          for encoding in ("OGGOPUS", "LINEAR_PCM") for rate in (1, -8000, 192000)],
+        ("Riva OGGOPUS at Riva's default 22050", riva(encoding=riva_audio_pb2.OGGOPUS, sample_rate_hz=22050), OK, ""),
+        ("Riva OGGOPUS at Opus's 12000", riva(encoding=riva_audio_pb2.OGGOPUS, sample_rate_hz=12000), OK, ""),
+        ("Riva language english", riva(language_code="english"), INVALID, "use en-US"),
+        ("Riva language enx", riva(language_code="enx"), INVALID, "use en-US"),
+        ("Riva language en-GB", riva(language_code="en-GB"), OK, ""),
+        ("Riva zero_shot_data without a prompt",
+         riva(zero_shot_data=riva_tts_pb2.ZeroShotData(transcript="Hello there.")), INVALID, "zero_shot_data"),
     ]
     rows += [(f"{name} {value}", synthesize(sampling=sampling(**{name: value})), code, fragment)
              for name, value, code, fragment in SAMPLING_EDGES]
@@ -250,6 +277,73 @@ SAMPLING_EDGES = [
     ("repetition_penalty", 2.01, INVALID, "repetition_penalty is 2.01"),
     ("repetition_penalty", -INF, INVALID, "repetition_penalty is -inf"),
 ]
+
+
+# --- gateway, HTTP port (OpenAI's speech endpoint) --------------------------------------
+
+JSON = {"Content-Type": "application/json"}
+HTTP_SHORT = {"max_tokens": SHORT}
+
+
+def body(**fields) -> bytes:
+    import json
+
+    fields = {"model": "tts-1", "input": "Hello there.", "sampling": HTTP_SHORT, **fields}
+    return json.dumps(fields).encode()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"model": "tts-1", "input": "Hi.", "sampling": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+# (name, body, headers, status, message fragment). A fuzzer (tests/test_http_hostile.py)
+# adds the bodies no one thought of.
+HTTP_ROWS = [
+    ("lone surrogate in input", b'{"model": "tts-1", "input": "Hello \\ud800 there."}', JSON, 400,
+     "unpaired UTF-16 surrogate (\\ud800)"),
+    ("lone surrogate in a field name", b'{"model": "tts-1", "input": "Hi.", "\\udfff": 1}', JSON, 400,
+     "unpaired UTF-16 surrogate"),
+    ("lone surrogate in voice", body(voice="\udc00"), JSON, 400, "unpaired UTF-16 surrogate"),
+    ("JSON nested 40,000 deep", nested(40_000), JSON, 400, "nests too deeply"),
+    ("JSON array nested 40,000 deep", b"[" * 40_000 + b"]" * 40_000, JSON, 400, "nests too deeply"),
+    ("sample_rate 2**31", body(sample_rate=2**31), JSON, 400, "sample_rate_hz 2147483648 is not supported"),
+    ("sample_rate 10**30", body(sample_rate=10**30), JSON, 400, "is not supported"),
+    ("sample_rate negative", body(sample_rate=-8000), JSON, 400, "sample_rate_hz -8000"),
+    ("sample_rate a float", body(sample_rate=24000.5), JSON, 400, "whole number of Hz"),
+    ("response_format mulaw", body(response_format="mulaw"), JSON, 400, "response_format 'mulaw'"),
+    ("response_format alaw", body(response_format="alaw"), JSON, 400, "response_format 'alaw'"),
+    ("text/plain body", body(), {"Content-Type": "text/plain"}, 415, "application/json"),
+    ("form body", b"model=tts-1&input=Hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "application/json"),
+    ("no Content-Type", body(), {}, 415, "got 'none'"),
+    ("not JSON", b"{nope", JSON, 400, "not JSON"),
+    ("not UTF-8", b'{"model": "\xff"}', JSON, 400, "not JSON"),
+    ("a number too long for Python", b'{"model": "tts-1", "input": "Hi.", "speed": ' + b"9" * 5000 + b"}", JSON,
+     400, "not JSON"),
+    ("sampling seed past 64 bits", body(sampling={"seed": 2**64}), JSON, 400, "sampling.seed"),
+    ("speed NaN", b'{"model": "tts-1", "input": "Hi.", "speed": NaN}', JSON, 400, "speed is nan"),
+    ("the edge of the legal: speed 0.25, wav at 8000", body(speed=0.25, response_format="wav", sample_rate=8000),
+     JSON, 200, ""),
+]
+
+
+async def http_call(address: str, raw: bytes, headers: dict[str, str]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://{address}", timeout=120) as client:
+        return await client.post("/v1/audio/speech", content=raw, headers=headers)
+
+
+@pytest.mark.parametrize("name, raw, headers, status, fragment", HTTP_ROWS, ids=[r[0] for r in HTTP_ROWS])
+def test_http_bad_input_gets_its_status_and_the_gateway_keeps_serving(stack, addresses, name, raw, headers,
+                                                                     status, fragment):
+    reply = asyncio.run(http_call(addresses.gateway_http, raw, headers))
+    assert reply.status_code == status, f"{name}: {reply.status_code}: {reply.text[:300]}"
+    if status >= 400:
+        error = reply.json()["error"]
+        assert fragment in error["message"], error
+        assert error["type"] == "invalid_request_error"
+    good = asyncio.run(http_call(addresses.gateway_http, body(response_format="pcm"), JSON))
+    assert good.status_code == 200 and good.content, f"after {name}: {good.status_code}: {good.text[:300]}"
+    stack.check_alive()
 
 
 # --- token server, called directly ----------------------------------------------------

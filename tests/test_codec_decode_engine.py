@@ -4,12 +4,14 @@ freeing cancelled streams, and serving the most urgent streams first."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from chorus import orpheus
+from chorus.capacity import RealTimeCapacity
 from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
 from chorus.playback import PlaybackClock
 from services.codec_worker.decode_engine import AMPLE_LEAD_S, URGENT_LEAD_S, Audio, DecodeEngine, End, plan_step, to_pcm16
@@ -146,3 +148,23 @@ def test_one_streams_backlog_does_not_delay_another_streams_first_audio(decoder)
     want = np.frombuffer(alone(decoder, fresh), "<i2").astype(int)
     assert len(got) == len(want) == len(fresh) * orpheus.SAMPLES_PER_FRAME
     assert np.abs(got - want).max() <= 1  # float rounding of a 3-frame step vs three 1-frame steps
+
+
+def test_capacity_lost_to_a_bad_calibration_comes_back_while_no_stream_is_open(decoder):
+    """Issue 22 on the codec side: every size measured slow at start (fake step times),
+    so capacity 1; with no stream to decode, only the idle probes can bring it back."""
+    capacity = RealTimeCapacity(orpheus.FRAME_SECONDS, 8)
+    for size in range(1, 9):
+        capacity.remeasure(size, 1.0 * size)
+    assert capacity.estimated_streams() == 1
+    engine = DecodeEngine(decoder, max_batch=4, capacity=capacity, probe_interval_s=0.05)
+    engine.start()
+    try:
+        for _ in range(600):  # bounded: a capacity frozen for good fails below
+            if capacity.estimated_streams() > 1:
+                break
+            time.sleep(0.05)
+        assert capacity.estimated_streams() > 1, f"still 1 after {engine.probe.probes} probes"
+        assert engine.open_streams == 0
+    finally:
+        engine.stop()

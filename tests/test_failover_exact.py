@@ -48,10 +48,10 @@ def stack(demo_models, tmp_path_factory):
         yield running
 
 
-def synthesize(gateway, on_first_audio=None) -> tuple[bytes, common_pb2.SynthesisSummary, int]:
+def synthesize(gateway, on_first_audio=None, timeout: float = 300) -> tuple[bytes, common_pb2.SynthesisSummary, int]:
     """(PCM, summary, bytes received before on_first_audio ran, which happens once)."""
     audio, summary, before = [], None, 0
-    for response in gateway.Synthesize(REQUEST, timeout=300):
+    for response in gateway.Synthesize(REQUEST, timeout=timeout):
         if response.WhichOneof("payload") == "audio":
             audio.append(response.audio.data)
             if on_first_audio is not None and not before:
@@ -102,6 +102,12 @@ def serving_token_server(stack) -> ServiceProcess:
     return busy[0]
 
 
+def logs_of(stack, logged_by: str) -> str:
+    """The logs of the stack's processes named by `logged_by` (a list of them, or one)."""
+    loggers = getattr(stack, logged_by)
+    return "".join(p.log_path.read_text() for p in (loggers if isinstance(loggers, list) else [loggers]))
+
+
 def assert_same_samples(expected: bytes, got: bytes) -> None:
     a, b = np.frombuffer(expected, "<i2"), np.frombuffer(got, "<i2")
     assert len(b) == len(a), f"{len(b)} samples, fault-free {len(a)}"
@@ -150,6 +156,4 @@ def test_a_process_killed_mid_stream_changes_no_sample(stack, gateway, fault_fre
     assert killed and not killed[0].alive
     assert 0 < before < len(pcm), "the kill came mid-stream"
     assert_same_samples(fault_free, pcm)
-    loggers = getattr(stack, logged_by)
-    logs = "".join(p.log_path.read_text() for p in (loggers if isinstance(loggers, list) else [loggers]))
-    assert failover_line in logs
+    assert failover_line in logs_of(stack, logged_by)

@@ -35,6 +35,9 @@ async def http_gateway(fake: FakeTokenService, **overrides):
             await running.stop(0)
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def speech(**fields):
     return {"model": "tts-1", "input": "Hello there.", **fields}
 
@@ -81,10 +84,10 @@ def test_not_json_and_oversized_bodies():
     async def scenario():
         fake = FakeTokenService()
         async with http_gateway(fake, max_text_chars=100) as (client, _):
-            reply = await client.post("/v1/audio/speech", content=b"{nope")
+            reply = await client.post("/v1/audio/speech", content=b"{nope", headers=JSON)
             assert reply.status_code == 400 and "not JSON" in reply.json()["error"]["message"]
             declared = await client.post("/v1/audio/speech", json=speech(input="x" * (1024 * 1024)))
-            streamed = await client.post("/v1/audio/speech", content=chunked())
+            streamed = await client.post("/v1/audio/speech", content=chunked(), headers=JSON)
             for reply in (declared, streamed):
                 assert reply.status_code == 413
                 assert "reads at most 1048576 bytes" in reply.json()["error"]["message"]
@@ -333,6 +336,19 @@ def test_cors_is_off_unless_origins_are_allowed(keys_file):
     assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == APP_ORIGIN
     assert served.status_code == 200 and served.headers["access-control-allow-origin"] == APP_ORIGIN
     assert "x-request-id" in served.headers["access-control-expose-headers"].lower()
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 3601])
+def test_the_http_read_timeout_must_be_sensible(seconds):
+    with pytest.raises(ValueError, match=r"http_read_timeout_s must be in \(0, 3600\]"):
+        GatewayConfig(token_servers=("ts:1",), http_read_timeout_s=seconds)
+
+
+def test_the_http_read_timeout_comes_from_its_flag():
+    from gateway.__main__ import build_config, parse_args
+
+    args = parse_args(["--token-servers", "ts:1", "--http-read-timeout", "2.5"])
+    assert build_config(args).http_read_timeout_s == 2.5
 
 
 @pytest.mark.parametrize("origin", ["*", "https://app.example.com/", "app.example.com", "ftp://x.example"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
+from chorus.capacity import RECOUNT_EVERY, RealTimeCapacity
 from chorus.playback import PlaybackClock
+from services.token_server import engine as engine_module
 from services.token_server.engine import (
     TOKEN_SECONDS,
     Engine,
@@ -232,3 +234,86 @@ def test_paced_and_batched_tokens_are_those_of_each_request_alone(backbone):
     assert ahead_last.stats.paced_steps > 0  # it really sat steps out...
     assert behind_last.stats.paced_steps == 0
     assert alone[0][1].stats.paced_steps == 0  # ...and alone, nobody needed its steps
+
+
+# -- issue 22: a busy start must not freeze capacity; the queue bound holds ------------
+# Fake step times force the bad calibration; nothing here asserts how long anything took.
+
+
+class BusyClock:
+    """`time` for the engine module whose perf_counter runs `extra` seconds fast on every
+    read: each measured step then looks `extra` seconds slower, as in a busy start."""
+
+    def __init__(self, extra: float) -> None:
+        self.extra = extra
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return time.perf_counter() + self.extra * self.reads
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def wait_until(condition, attempts: int = 600, pause_s: float = 0.05) -> bool:
+    for _ in range(attempts):
+        if condition():
+            return True
+        time.sleep(pause_s)
+    return condition()
+
+
+def test_a_bad_calibration_recovers_by_probing_while_idle(backbone, monkeypatch):
+    capacity = RealTimeCapacity(TOKEN_SECONDS, SLOTS)
+    engine = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                    capacity=capacity, probe_interval_s=0.05)
+    engine.start()
+    try:
+        monkeypatch.setattr(engine_module, "time", BusyClock(0.5))
+        measured = engine.run_in_engine(lambda e: e.calibrate()).result()
+        monkeypatch.undo()
+        assert min(measured.values()) >= 0.5  # every size measured "busy": the forced bad start
+        assert capacity.estimated_streams() == 1
+        # No request arrives: only the idle probes can show the machine is free again.
+        assert wait_until(lambda: capacity.estimated_streams() > 1), (
+            f"capacity stayed {capacity.estimated_streams()} after {engine.probe.probes} probes")
+        assert engine.probe.probes >= 1
+        assert engine.load() == (0, 0)
+        kv = engine.run_in_engine(lambda e: [e.backbone.sequence_length(s) for s in range(SLOTS)]).result()
+        assert kv == [0] * SLOTS  # a probe leaves no KV behind in the slots it borrowed
+    finally:
+        engine.stop()
+
+
+def test_no_probe_while_capacity_is_at_its_limit(backbone):
+    capacity = RealTimeCapacity(TOKEN_SECONDS, SLOTS, smoothing=1.0)
+    for size in range(1, SLOTS + 1):
+        capacity.remeasure(size, TOKEN_SECONDS * size / (4 * SLOTS))  # every slot fits
+    engine = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                    capacity=capacity, probe_interval_s=0.0)
+    assert capacity.estimated_streams() == SLOTS
+    assert not engine._probe_due()
+    for _ in range(RECOUNT_EVERY):
+        capacity.record(1, 1.0)  # live one-stream steps: the machine got busy
+    assert capacity.estimated_streams() == 1 and engine._probe_due()
+
+
+def test_the_queue_bound_holds_when_the_codec_share_holds_admission_back(backbone):
+    """GetStatus reported 34 waiting against a queue of 32: the bound counted every stream
+    real-time capacity allows as 'about to run', though the codec share let one start."""
+    engine = Engine(backbone, slots=SLOTS, n_batch=64, queue_size=2, ctx_per_slot=CTX_PER_SLOT,
+                    capacity=RealTimeCapacity(TOKEN_SECONDS, SLOTS, enforce=False),
+                    codec_streams_limit=lambda: 1, probe_interval_s=None)
+    loop = asyncio.new_event_loop()
+    try:
+        accepted = []
+        with pytest.raises(QueueFullError):
+            for i in range(SLOTS + 3):
+                accepted.append(engine.submit(make_request(backbone, f"r{i}", "Wait your turn.", SamplingParams(), 7), loop))
+        assert len(accepted) == 1 + engine.queue_size
+        busy, waiting = engine.load()
+        assert waiting <= engine.queue_size
+    finally:
+        engine.stop()
+        loop.close()

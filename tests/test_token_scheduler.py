@@ -20,8 +20,9 @@ def capacity_of(streams_held: int, slots: int = 8) -> RealTimeCapacity:
     """A capacity model that measured steps fast enough for exactly `streams_held` streams."""
     capacity = RealTimeCapacity(TOKEN_SECONDS, slots, margin=0.0, smoothing=1.0)
     for size in range(1, slots + 1):
-        # Under the budget up to streams_held, over it beyond.
-        capacity.record(size, TOKEN_SECONDS * (0.5 if size <= streams_held else 1.5))
+        # Under the budget up to streams_held, over it beyond; in proportion to the size,
+        # as a real step may be (chorus.capacity bounds a batch by its smaller sizes).
+        capacity.record(size, TOKEN_SECONDS * size / (streams_held + 0.5))
     assert capacity.streams() == streams_held
     return capacity
 
@@ -168,3 +169,21 @@ def test_prefill_never_leaves_a_one_token_tail():
     place(scheduler, prompt)
     plan = scheduler.schedule(NOW)
     assert [(s.request_id, n) for s, n in plan.prefill] == [("p", 9)]  # 10 would leave 1
+
+
+def test_codec_room_bounds_what_may_start_and_over_queue_sheds_the_newest():
+    """The queue bound counts from the streams that can start now: with the codec share
+    full only the running stream holds a place (issue 22: depth 34 against 32)."""
+    limit = [1]
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(4), codec_streams_limit=lambda: limit[0])
+    assert scheduler.startable_limit() == 1
+    seqs = [sequence(f"r{i}") for i in range(5)]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert scheduler.schedule(NOW).admitted == [seqs[0]]
+    assert scheduler.startable_limit() == 1
+    limit[0] = 8
+    assert scheduler.startable_limit() == 4  # real-time capacity again
+    assert scheduler.over_queue(2) == seqs[3:]
+    assert list(scheduler.waiting) == seqs[1:3]
+    assert scheduler.over_queue(2) == []

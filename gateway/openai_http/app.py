@@ -12,6 +12,19 @@ Errors are OpenAI's JSON shape, with the status mapped from the gRPC code the
 gateway's logic raised. Keys, limits, the drain and the request metrics are the
 gRPC port's, applied by the same access policy (`access.HttpGuard`); with TLS on, the
 port serves HTTPS with the gRPC port's certificate, never plaintext.
+
+Hostile clients (docs/reliability.md, "Bad input" and "Drain"):
+- Every body a client can send gets a 4xx with a message: only `application/json`
+  is read (415 otherwise: a form or text/plain body is what any web page can make a
+  visitor's browser send without asking, so it must never start a synthesis); JSON
+  nested too deeply or holding an unpaired UTF-16 surrogate is 400, not a crash.
+- A client that sends slowly or not at all is cut off: headers must arrive within
+  `http_read_timeout_s` of the connection (or of the previous response), else the
+  connection is closed; a body that does not arrive whole in that time gets 408.
+- A client that half-closes its side after its request still gets the response.
+- On a drain the port stays open: `/health` answers 503 "draining", new speech 503
+  (the access policy), open streams go on; a stream still open when the drain's
+  time is up is cut, and an SSE stream gets an `error` event first.
 """
 
 from __future__ import annotations
@@ -19,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -64,6 +78,10 @@ PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 # What a browser page on another origin may send and read (when its origin is allowed).
 _CORS_HEADERS = ["authorization", "content-type", "x-api-key"]
 _CORS_EXPOSED = ["x-request-id", "x-trace-id"]
+# After the drain's wait, how long cut streams get to send their last bytes (an SSE
+# `error` event) before uvicorn closes what is left.
+CUT_FLUSH_S = 2.0
+_CUT_MESSAGE = "the gateway stopped before this stream ended (its drain time ran out); retry the request"
 
 
 class SpeechEndpoint:
@@ -71,10 +89,16 @@ class SpeechEndpoint:
         self._config = config
         self._pipeline = pipeline
         self._is_serving = is_serving
+        self._policy: AccessPolicy | None = None
+        # The tasks of speech requests waiting for or relaying audio, to cut when the
+        # drain's time runs out; `_cut` tells their cancellation from a client's.
+        self._open: set[asyncio.Task] = set()
+        self._cut = False
 
     def app(self, policy: AccessPolicy, metrics: RpcMetrics) -> Starlette:
         """The routes behind the access policy, and CORS outside it (a browser's
         preflight carries no key) when origins are allowed."""
+        self._policy = policy
         middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
         if self._config.cors_origins:
             middleware.insert(0, Middleware(
@@ -92,8 +116,46 @@ class SpeechEndpoint:
         return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
     async def health(self, request: Request) -> Response:
+        if self._policy is not None and self._policy.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         serving = self._is_serving()
         return JSONResponse({"status": "serving" if serving else "not_serving"}, status_code=200 if serving else 503)
+
+    async def finish(self, grace: float | None) -> None:
+        """The drain of this door: waits up to `grace` (None: for ever) until no call is in
+        flight, then cuts the speech requests still open (an SSE stream ends with an
+        `error` event; audio stops short; one still waiting for audio gets 503)."""
+        if grace is None or grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._policy.wait_idle(), grace)
+                return
+        self._cut = True
+        if self._open:
+            log.warning("%d HTTP speech requests still open at the end of the drain; cutting them", len(self._open))
+        for task in list(self._open):
+            task.cancel()
+
+    @contextlib.contextmanager
+    def _cuttable(self):
+        """The current task is cut (cancelled) if the drain's time runs out while it is open."""
+        task = asyncio.current_task()
+        self._open.add(task)
+        try:
+            yield
+        finally:
+            self._open.discard(task)
+
+    async def _next(self, items: AsyncIterator):
+        """The next item of a synthesis (None at its end); a cut fails it as UNAVAILABLE."""
+        try:
+            return await anext(items)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not self._cut:
+                raise
+            asyncio.current_task().uncancel()
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, _CUT_MESSAGE) from None
 
     async def voices(self, request: Request) -> Response:
         return JSONResponse({
@@ -107,8 +169,22 @@ class SpeechEndpoint:
         arrived = time.monotonic()
         if not self._is_serving():
             return error_response(GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry"))
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            return error_response(invalid(
+                f"the body must be JSON sent as `Content-Type: application/json`, got {content_type or 'none'!r}"
+            ), 415)
         try:
-            parsed = parse(await self._read_json(request), self._config)
+            async with asyncio.timeout(self._config.http_read_timeout_s):
+                raw = await request.body()
+        except TimeoutError:
+            # The rest of the body may never come: the connection is not reused.
+            late = GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                f"the body did not arrive within {self._config.http_read_timeout_s:g} s "
+                "(--http-read-timeout): send it whole, with a Content-Length that matches it"))
+            return error_response(late, 408, headers={"Connection": "close"})
+        try:
+            parsed = parse(_json_body(raw), self._config)
         except GatewayError as err:
             return error_response(err)
         span = telemetry.get_tracer().start_span(
@@ -122,7 +198,8 @@ class SpeechEndpoint:
         try:
             feed = await TextFeed.of_text(parsed.text, Segmenter(self._config.segment_target_chars))
             items = synthesize(self._pipeline, feed, parsed.options, arrived)
-            first = await anext(items)
+            with self._cuttable():
+                first = await self._next(items)
         except GatewayError as err:
             span.set_attribute("http.response.status_code", HTTP_STATUS.get(err.code, 500))
             span.end()
@@ -142,19 +219,17 @@ class SpeechEndpoint:
 
     async def _relay(self, first, items: AsyncIterator, parsed: SpeechRequest, span, trace_id: str, state):
         try:
-            item = first
-            while True:
-                if isinstance(item, Encoded):
-                    if item.data:
-                        yield _sse_delta(item.data) if parsed.sse else item.data
-                else:
-                    item.trace_id = trace_id
-                    if parsed.sse:
-                        yield _sse_done(item)
-                try:
-                    item = await anext(items)
-                except StopAsyncIteration:
-                    return
+            with self._cuttable():
+                item = first
+                while item is not None:
+                    if isinstance(item, Encoded):
+                        if item.data:
+                            yield _sse_delta(item.data) if parsed.sse else item.data
+                    else:
+                        item.trace_id = trace_id
+                        if parsed.sse:
+                            yield _sse_done(item)
+                    item = await self._next(items)
         except GatewayError as err:
             log.warning("speech %s failed mid-stream: %s", parsed.options.spec.request_id, err)
             span.set_attribute("chorus.error", str(err))
@@ -167,12 +242,24 @@ class SpeechEndpoint:
             await items.aclose()
             span.end()
 
-    async def _read_json(self, request: Request) -> object:
-        """The body as JSON (its size is HttpGuard's to limit)."""
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise invalid(f"the body is not JSON: {err}") from None
+
+
+def _json_body(raw: bytes) -> object:
+    """The body as JSON (its size is HttpGuard's to limit), every string in it valid
+    Unicode: JSON's escapes can spell an unpaired surrogate ("\\ud800"), which Python
+    decodes and nothing downstream can encode."""
+    try:
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode()
+    except RecursionError:
+        raise invalid("the body nests too deeply: it is a JSON object of fields (`sampling` one level down)") from None
+    except UnicodeEncodeError as err:
+        bad = err.object[err.start:err.end].encode("unicode_escape").decode()
+        raise invalid(f"the body holds an unpaired UTF-16 surrogate ({bad}): every string must be valid Unicode "
+                      "(a \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise invalid(f"the body is not JSON: {err}") from None
+    return body
 
 
 def _sse(event: dict) -> bytes:
@@ -197,14 +284,74 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
-class _PeerCertificateProtocol(H11Protocol):
-    """h11 that puts the verified client certificate's identities into the state of
-    every request on the connection, for the access policy (uvicorn exposes no
-    certificate to the app). asyncio calls `connection_made` once the TLS handshake
-    has succeeded, so the certificate is known by then."""
+class _GatewayProtocol(H11Protocol):
+    """uvicorn's h11 protocol with what the gateway's port needs on top:
+
+    - The verified client certificate's identities in the state of every request on
+      the connection, for the access policy (uvicorn exposes no certificate to the
+      app). asyncio calls `connection_made` once the TLS handshake has succeeded, so
+      the certificate is known by then.
+    - A deadline for a request's headers: uvicorn waits for ever for the first
+      request, and its keep-alive timer stops at the first byte of the next, so a
+      client sending a byte now and then (slowloris) held a connection open for good.
+      The connection is closed when headers are not complete `read_timeout_s` after
+      it opened or after the previous response.
+    - A client's half-close (EOF after its request) does not drop the response:
+      asyncio closes the transport on EOF unless `eof_received` says otherwise; the
+      response is written, then the connection closes. (TLS cannot half-close: there
+      EOF still closes.)
+    """
+
+    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timeout_s = read_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._timed_cycle = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._note_new_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._note_new_request() and not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return True  # keep the transport for the response
+        return None
+
+    def _note_new_request(self) -> bool:
+        """Whether the headers of a request not seen before have arrived (its timer stops)."""
+        if self.cycle is None or self.cycle is self._timed_cycle:
+            return False
+        self._timed_cycle = self.cycle
+        self._stop_head_timer()
+        return True
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(self._read_timeout_s, self._head_late)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._await_head()
         ssl_object = transport.get_extra_info("ssl_object")
         certificate = ssl_object.getpeercert() if ssl_object is not None else None
         if certificate:
@@ -226,16 +373,21 @@ def _tls_settings(tls: TlsFiles | None, require_client_cert: bool) -> dict:
 class HttpListener:
     """uvicorn serving an ASGI app on this event loop, on a socket bound up front (port 0 works)."""
 
-    def __init__(self, server: _UvicornServer, task, port: int) -> None:
+    def __init__(self, server: _UvicornServer, task, port: int,
+                 finish: Callable[[float | None], Awaitable[None]] | None) -> None:
         self._server = server
         self._task = task
         self.port = port
+        self._finish = finish
 
     @classmethod
     async def start(
-        cls, app, host: str, port: int, tls: TlsFiles | None = None, require_client_cert: bool = False
+        cls, app, host: str, port: int, tls: TlsFiles | None = None, require_client_cert: bool = False,
+        read_timeout_s: float = 15.0, finish: Callable[[float | None], Awaitable[None]] | None = None,
     ) -> HttpListener:
-        """With `tls`, HTTPS only; `require_client_cert` asks clients for a certificate of its CA."""
+        """With `tls`, HTTPS only; `require_client_cert` asks clients for a certificate of its CA.
+        `read_timeout_s` bounds the wait for a request's headers; `finish(grace)` is the
+        app's own drain, awaited before the port closes."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -245,7 +397,8 @@ class HttpListener:
             sock.close()
             raise OSError(f"could not bind the HTTP port {host}:{port}: {err}") from None
         config = uvicorn.Config(app, log_config=None, lifespan="off", access_log=False, server_header=False,
-                                http=_PeerCertificateProtocol, **_tls_settings(tls, require_client_cert))
+                                http=functools.partial(_GatewayProtocol, read_timeout_s=read_timeout_s),
+                                **_tls_settings(tls, require_client_cert))
         server = _UvicornServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="http-listener")
         while not server.started:
@@ -253,10 +406,14 @@ class HttpListener:
                 task.result()
                 raise OSError("the HTTP listener stopped while starting")
             await asyncio.sleep(0.01)
-        return cls(server, task, sock.getsockname()[1])
+        return cls(server, task, sock.getsockname()[1], finish)
 
     async def drain(self, grace: float | None) -> None:
-        """Stops accepting, lets open responses finish within `grace`, then closes them."""
-        self._server.config.timeout_graceful_shutdown = grace
+        """Keeps the port open while the app drains within `grace` (health and new
+        calls are answered, open responses go on), then closes it: what is still
+        open after CUT_FLUSH_S more is dropped."""
+        if self._finish is not None:
+            await self._finish(grace)
+        self._server.config.timeout_graceful_shutdown = CUT_FLUSH_S
         self._server.should_exit = True
         await asyncio.gather(self._task, return_exceptions=True)

@@ -18,17 +18,18 @@ HTTP_STATUS = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}
+               408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error"}
 
 
-def error_response(err: GatewayError, status: int | None = None) -> JSONResponse:
+def error_response(err: GatewayError, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     status = status or HTTP_STATUS.get(err.code, 500)
     return JSONResponse(
         {"error": {"message": err.message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
                    "code": err.code.name.lower()}},
         status_code=status,
         # RFC 6750: a 401 names the scheme that would have worked.
-        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+        headers={**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})} or None,
     )
 
 

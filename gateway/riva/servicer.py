@@ -4,11 +4,15 @@ the gateway's pipeline, so a program written for `nvidia-riva-client` speaks unc
 The mapping (README.md lists it for users):
 - `voice_name`: Chorus's voices by name, or Riva-style names ("English-US.Female-1",
   see gateway/voice_aliases.py); empty takes the default voice.
-- `language_code`: English only ("en-US", any "en-*", or empty).
+- `language_code`: English only: empty, "en", or "en-" and a region ("en-US", "en-GB",
+  BCP 47's two letters or three digits), in any case; anything else ("english",
+  "enx", "fr-FR") is refused with INVALID_ARGUMENT naming these.
 - `encoding`: LINEAR_PCM (raw s16le, as Riva sends it), FLAC, MULAW, ALAW, OGGOPUS.
-- `sample_rate_hz`: the tts.v1 rates. Opus has no 22.05 or 44.1 kHz mode, and Riva
-  clients ask for 22050 by default, so OGGOPUS at those rates is encoded at 24 or
-  48 kHz (Opus decoders output 48 kHz whatever the header says).
+- `sample_rate_hz`: the tts.v1 rates, checked alike for every encoding. Opus has no
+  22.05 or 44.1 kHz mode, and Riva clients ask for 22050 by default, so OGGOPUS at
+  those rates is encoded at 24 or 48 kHz, and at Opus's own 12 kHz at 16 kHz (Opus
+  decoders output 48 kHz whatever the header says); any other rate that is not
+  Opus's (1, -8000, 192000) is refused with the message every encoding gives.
 - `custom_configuration`: tts.v1's sampling parameters ("max_tokens": "70", ...).
 - `id`: echoed in every response; its value is the request id of logs and traces.
 - `Synthesize` returns the whole audio in one response; `SynthesizeOnline` takes a
@@ -16,20 +20,22 @@ The mapping (README.md lists it for users):
   from the first) and streams audio chunks as they are generated.
 - Chorus's summary travels in trailing metadata: `chorus-summary-bin` (a serialized
   tts.v1 SynthesisSummary) and a few readable `chorus-*` keys.
-- Zero-shot prompts, custom dictionaries and word timings are refused with
-  INVALID_ARGUMENT: the backbone has none of them, and silence about it would mislead.
+- Zero-shot prompts (any `zero_shot_data`, with an audio prompt or not), custom
+  dictionaries and word timings are refused with INVALID_ARGUMENT: the backbone has
+  none of them, and silence about it would mislead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 import grpc
 
 from chorus import telemetry
-from chorus.audio_formats import FORMATS, OPUS_RATES
+from chorus.audio_formats import FORMATS
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
 from gateway import validation, voice_aliases
@@ -53,6 +59,10 @@ ENCODINGS = {
     riva_audio_pb2.OGGOPUS: "opus",
 }
 LANGUAGE = "en-US"
+# "en" alone or with a BCP 47 region: two letters or three digits ("en-US", "en-419").
+_ENGLISH = re.compile(r"en(-([a-z]{2}|[0-9]{3}))?", re.IGNORECASE)
+# Rates Riva clients ask for that Opus cannot encode, and the Opus rate used instead.
+_OPUS_RATE_FOR = {12000: 16000, 22050: 24000, 44100: 48000}
 
 
 def summary_metadata(summary: common_pb2.SynthesisSummary) -> list[tuple[str, str | bytes]]:
@@ -158,10 +168,12 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
 
     def _options(self, request: riva_tts_pb2.SynthesizeSpeechRequest, time_remaining) -> SynthesisOptions:
         language = request.language_code
-        if language and not language.lower().startswith("en"):
-            raise invalid(f"language_code {language!r} is not spoken here; this deployment speaks {LANGUAGE}")
-        if request.HasField("zero_shot_data") and request.zero_shot_data.audio_prompt:
-            raise invalid("zero_shot_data: voice cloning from an audio prompt is not supported; pick a voice_name")
+        if language and not _ENGLISH.fullmatch(language):
+            raise invalid(f"language_code {language!r} is not spoken here; this deployment speaks English: "
+                          f"use {LANGUAGE} (or en, or en- and a region such as en-GB), or leave it empty")
+        if request.HasField("zero_shot_data"):
+            raise invalid("zero_shot_data is not supported (no voice cloning, with an audio prompt or without); "
+                          "leave it unset and pick a voice_name")
         if request.custom_dictionary:
             raise invalid("custom_dictionary is not supported: the backbone reads text, not phonemes")
         if request.enable_word_time_offsets:
@@ -170,8 +182,8 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
         if fmt_name is None:
             raise invalid(f"encoding {request.encoding} is not supported; use LINEAR_PCM, FLAC, MULAW, ALAW or OGGOPUS")
         rate = request.sample_rate_hz
-        if fmt_name == "opus" and rate and rate not in OPUS_RATES:
-            rate = min((r for r in OPUS_RATES if r >= rate), default=max(OPUS_RATES))
+        if fmt_name == "opus":
+            rate = _OPUS_RATE_FOR.get(rate, rate)
         return validation.options(
             self._config,
             time_remaining,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from chorus import telemetry
-from chorus.cpu_budget import cpu_budget
+from chorus.cpu_budget import cpu_budget, shared_cores_notice, sleep_idle_threads
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from services.codec_worker import metrics, numeric_mode
 from services.codec_worker.config import (
     CODEC_CAPACITY_MARGIN, DEVICES, NUMERIC_MODE_DEFAULT, NUMERIC_MODES, CodecWorkerConfig,
 )
-from services.codec_worker.model import ModelLoadError
 
 DEFAULT_PORT = 50053
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=_optional(float), default=from_env("CHORUS_BATCH_WAIT_MS"),
                    help="longest wait for more streams to share a forward; default by device "
                         "(CPU 5, CUDA 2) [CHORUS_BATCH_WAIT_MS]")
-    p.add_argument("--torch-threads", type=int, default=int(env("CHORUS_TORCH_THREADS", cpu_budget().threads)),
+    p.add_argument("--torch-threads", type=int, default=from_env("CHORUS_TORCH_THREADS"),
                    help="most torch threads a decode step uses; default: the CPUs this process may use "
                         "(affinity and cgroup quota) [CHORUS_TORCH_THREADS]")
     p.add_argument("--capacity-margin", type=float, default=from_env("CHORUS_CAPACITY_MARGIN", CODEC_CAPACITY_MARGIN),
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
+    torch_threads = args.torch_threads
+    if torch_threads is None:  # logged here: `run` has configured logging by now
+        torch_threads = cpu_budget().threads
+        logging.getLogger("services.codec_worker").warning(
+            shared_cores_notice(torch_threads, "--torch-threads", "CHORUS_TORCH_THREADS"))
     return CodecWorkerConfig(
         model_dir=args.model_dir,
         device=args.device,
@@ -70,7 +75,7 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         host=args.host,
-        torch_threads=args.torch_threads,
+        torch_threads=torch_threads,
         capacity_margin=args.capacity_margin,
         max_streams_per_client=args.max_streams_per_client,
         start_timeout_s=args.start_timeout,
@@ -82,6 +87,9 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sleep_idle_threads()  # before torch loads its OpenMP runtime: model.py imports torch
+    from services.codec_worker.model import ModelLoadError
+
     args = parse_args(argv)
     # Before torch's first MKL call, which fixes MKL's mode for the process.
     numeric_mode.select(args.numeric_mode)

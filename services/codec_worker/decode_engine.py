@@ -26,7 +26,9 @@ throughput at 8 streams on 2 cores (docs/benchmarks.md).
 
 Step times feed a real-time capacity model (chorus.capacity: how many streams this
 worker can decode at real time), which token servers read through GetLoad to admit
-requests, together with the worker's busy ratio and its lag behind real time.
+requests, together with the worker's busy ratio and its lag behind real time. With no
+stream open and capacity below its limit, the engine probes the next size up now and
+then, so that capacity a busy start cost comes back without traffic (issue 22).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
+from chorus.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
 from chorus.engine_thread import EngineThread
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
@@ -60,6 +62,10 @@ URGENT_LEAD_S = 0.3
 AMPLE_LEAD_S = 1.0
 # Busy ratio and decode rate are averaged over about this much recent time.
 LOAD_WINDOW_S = 5.0
+# An idle probe (chorus.capacity.CapacityProbe) measures this many one-frame steps, and
+# the idle loop looks this often whether one is due.
+PROBE_STEPS = 3
+PROBE_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,7 @@ class DecodeEngine:
         on_forward: Callable[[int], None] = lambda streams: None,  # streams in each forward, for metrics
         capacity: RealTimeCapacity | None = None,
         clock: Callable[[], float] = time.monotonic,
+        probe_interval_s: float | None = PROBE_INTERVAL_S,
     ) -> None:
         self.decoder = decoder
         self.max_batch = max_batch
@@ -253,7 +260,12 @@ class DecodeEngine:
         self._streams: list[EngineStream] = []  # engine thread only
         self._open_count = 0  # streams holding decoder state, readable from any thread
         self.lag_seconds = 0.0
-        self.bridge: EngineThread[Command] = EngineThread("codec-decode", self)
+        # Re-measures the size capacity lost while no stream is open (chorus.capacity);
+        # None: never. The idle loop looks twice a second whether one is due.
+        self.probe = CapacityProbe(self.capacity, probe_interval_s, clock, "decode engine")
+        self._probe_rng = np.random.default_rng(0)
+        idle_poll_s = None if probe_interval_s is None else PROBE_POLL_S
+        self.bridge: EngineThread[Command] = EngineThread("codec-decode", self, idle_poll_s=idle_poll_s)
 
     # -- the event loop's side ---------------------------------------------------
 
@@ -305,7 +317,10 @@ class DecodeEngine:
         return any(s.pending or s.finishing for s in self._streams)
 
     def has_pending(self) -> bool:
-        return False
+        return self._probe_due()
+
+    def _probe_due(self) -> bool:
+        return not self._streams and self.probe.due()
 
     def fail_all(self, message: str, commands: list[Command]) -> None:
         failed = {id(s) for s in self._streams}
@@ -321,6 +336,9 @@ class DecodeEngine:
     def step(self, commands: list[Command]) -> None:
         for command in commands:
             self._apply(command)
+        if not commands and self._probe_due():
+            self.probe.run(lambda size: self._measure(size, PROBE_STEPS, self._probe_rng))
+            return
         now = self._clock()
         ready = [s for s in self._streams if s.pending]
         if ready and self.batch_wait_s > 0:
@@ -448,21 +466,24 @@ class DecodeEngine:
 
     def calibrate(self, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16), steps: int = 3) -> dict[int, float]:
         """Measures one-frame steps at several batch sizes (before serving, on the
-        thread that will decode), so that capacity is known before the first stream."""
+        thread that will decode), so that capacity is known before the first stream: in
+        interleaved rounds whose median each size keeps (chorus.capacity.calibrate)."""
         rng = np.random.default_rng(0)
-        measured = {}
-        torch.set_num_threads(self.threads)
-        for size in sizes:
-            if size > self.max_batch:
-                break
-            states = [self.decoder.new_stream() for _ in range(size)]
-            elapsed = []
-            for step in range(steps + 1):
-                frames = rng.integers(0, orpheus.CODEBOOK_SIZE, (size, 1, orpheus.CODES_PER_FRAME))
-                started = time.perf_counter()
-                self.decoder.decode([(state, frames[i]) for i, state in enumerate(states)], self.max_batch)
-                if step:  # the first step of a stream primes its caches
-                    elapsed.append(time.perf_counter() - started)
-            measured[size] = float(np.median(elapsed))
-            self.capacity.record(size, measured[size])
+        measured = calibrate_capacity(
+            self.capacity, lambda size: self._measure(size, steps, rng), [s for s in sizes if s <= self.max_batch]
+        )
+        self.probe.restart()
         return measured
+
+    def _measure(self, size: int, steps: int, rng: np.random.Generator) -> float:
+        """Median seconds of `steps` one-frame steps over `size` fresh streams."""
+        torch.set_num_threads(self.threads)  # a live step may have left fewer
+        states = [self.decoder.new_stream() for _ in range(size)]
+        elapsed = []
+        for step in range(steps + 1):
+            frames = rng.integers(0, orpheus.CODEBOOK_SIZE, (size, 1, orpheus.CODES_PER_FRAME))
+            started = time.perf_counter()
+            self.decoder.decode([(state, frames[i]) for i, state in enumerate(states)], self.max_batch)
+            if step:  # the first step of a stream primes its caches
+                elapsed.append(time.perf_counter() - started)
+        return float(np.median(elapsed))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from chorus import telemetry
+from chorus.cpu_budget import shared_cores_notice, sleep_idle_threads
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
 from chorus.voices import VOICES_FLAG_HELP, parse_voices
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="context tokens of each slot: prompt + generated audio [CHORUS_CTX_PER_SLOT]")
     p.add_argument("--n-batch", type=int, default=from_env("CHORUS_N_BATCH", 512),
                    help="tokens per engine step [CHORUS_N_BATCH]")
-    p.add_argument("--llama-threads", type=int, default=from_env("CHORUS_LLAMA_THREADS", default_llama_threads()),
+    p.add_argument("--llama-threads", type=int, default=from_env("CHORUS_LLAMA_THREADS"),
                    help="llama.cpp compute threads; default: the CPUs this process may use (affinity and "
                         "cgroup quota) [CHORUS_LLAMA_THREADS]")
     p.add_argument("--pace-lead", type=float, default=from_env("CHORUS_PACE_LEAD", 2.0),
@@ -54,13 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> TokenServerConfig:
+    llama_threads = args.llama_threads
+    if llama_threads is None:  # logged here: `run` has configured logging by now
+        llama_threads = default_llama_threads()
+        logging.getLogger("services.token_server").warning(
+            shared_cores_notice(llama_threads, "--llama-threads", "CHORUS_LLAMA_THREADS"))
     return TokenServerConfig(
         model_path=args.model,
         codec_workers=tuple(args.codec_workers.split(",")) if args.codec_workers else (),
         slots=args.slots,
         ctx_per_slot=args.ctx_per_slot,
         n_batch=args.n_batch,
-        llama_threads=args.llama_threads,
+        llama_threads=llama_threads,
         pace_lead_s=args.pace_lead or None,
         capacity_margin=args.capacity_margin,
         queue_size=args.queue_size,
@@ -75,6 +82,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sleep_idle_threads()  # before llama.cpp loads its OpenMP runtime (start_server imports it)
     run(telemetry.TOKEN_SERVER, parse_args(argv), build_config, "services.token_server.server:start_server",
         metrics.REGISTRY,         fatal=(ValueError, RuntimeError))
 

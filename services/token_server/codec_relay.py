@@ -9,7 +9,11 @@ from `DECODER_LOOKAHEAD_FRAMES` before that point (the decoder's reach is 2.32 f
 so that much context makes the resumed samples the same as if nothing had happened,
 to the last bit: the decoder is bit-exact across a resume and its noise is keyed by
 the request's seed and sample position) and the new worker drops the samples already
-relayed. No admitted stream loses audio, and none hears a seam.
+relayed. No admitted stream loses audio, and none hears a seam. A worker that hangs
+(stopped, wedged) ends no call, so each Decode call is watched (chorus.stall): a
+worker that owes audio (frames past the decoder's lookahead, or the tail) and sends
+none for CODEC_STALL's floor, or until the listener's lead is down to its margin,
+is taken for dead and the stream resumes on another worker the same way.
 
 Each Decode stream carries the listener's playback schedule (DecodeStart.playback) so
 that the worker can serve the least-ahead streams first.
@@ -29,6 +33,7 @@ import grpc
 from chorus import orpheus, telemetry
 from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.playback import PlaybackClock
+from chorus.stall import CODEC_STALL, StallPolicy, watched
 from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
@@ -247,6 +252,7 @@ class CodecRelay:
         seed: int = 0,
         resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
         deadline: float | None = None,  # time.monotonic() of the request's deadline
+        stall: StallPolicy = CODEC_STALL,
     ) -> None:
         self._pool = pool
         self._deadline = deadline
@@ -257,6 +263,9 @@ class CodecRelay:
         self._max_attempts = max_attempts
         self._frames: list[tuple[int, ...]] = []
         self._finished = False
+        self._stall = stall
+        self._sent = 0  # frames written to the current worker, counted from frame 0
+        self._owed_since: float | None = None  # since when the current worker owes audio
         self._changed = asyncio.Event()
         self.relayed_samples = resume_from_sample
         # The mode of the worker that first decoded this stream; a failover stays in it.
@@ -300,6 +309,7 @@ class CodecRelay:
             # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
             with telemetry.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
                 call = self._pool.open(address)
+            self._sent = first_frame
             writer = asyncio.create_task(self._write(call, first_frame))
             # A failed write surfaces through the read side; don't log it twice.
             writer.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -308,7 +318,10 @@ class CodecRelay:
                 # To the end of the stream, not just to its tail: a call read to its
                 # end has its status, and its CLIENT span ends then, not when the
                 # garbage collector gets to it.
-                async for response in call:
+                self._owed_since = None
+                async for response in watched(call, self._hung_at, f"codec worker {address}"):
+                    if response.audio.pcm or response.final:
+                        self._owed_since = None  # it answered: owed anew from the next check
                     chunk = self._unseen_part(response.audio)
                     if chunk is not None:
                         self.relayed_samples += len(chunk.pcm) // 2
@@ -332,6 +345,19 @@ class CodecRelay:
                 writer.cancel()
                 call.cancel()
                 self._pool.release(address)
+
+    def _hung_at(self) -> float | None:
+        """When the current worker, owing audio and sending none, is taken for hung;
+        None while it owes none. It owes audio once it holds frames past the decoder's
+        lookahead beyond the samples relayed, or every frame and the end of input (the tail)."""
+        decodable = (self._sent - orpheus.DECODER_LOOKAHEAD_FRAMES) * orpheus.SAMPLES_PER_FRAME
+        done_writing = self._finished and self._sent >= len(self._frames)
+        if decodable <= self.relayed_samples and not done_writing:
+            self._owed_since = None
+            return None
+        if self._owed_since is None:
+            self._owed_since = time.monotonic()
+        return self._stall.hung_at(self._owed_since, self._clock.due_at(self.relayed_samples))
 
     def _time_left(self) -> float:
         return PEER_RETURN_WAIT_S if self._deadline is None else self._deadline - time.monotonic()
@@ -371,16 +397,15 @@ class CodecRelay:
             playback=self._playback(),
         )
         await call.write(codec_pb2.DecodeRequest(start=start))
-        sent = first_frame
         while True:
             self._changed.clear()
-            if sent < len(self._frames):
-                pending = self._frames[sent:]
+            if self._sent < len(self._frames):
+                pending = self._frames[self._sent:]
                 flat = [code for frame in pending for code in frame]
                 await call.write(
-                    codec_pb2.DecodeRequest(frames=common_pb2.CodeFrames(first_frame_index=sent, codes=flat))
+                    codec_pb2.DecodeRequest(frames=common_pb2.CodeFrames(first_frame_index=self._sent, codes=flat))
                 )
-                sent += len(pending)
+                self._sent += len(pending)
                 continue
             if self._finished:
                 await call.done_writing()

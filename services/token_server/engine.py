@@ -15,8 +15,10 @@ dead, fails every request it holds and refuses new ones, and the server reports
 NOT_SERVING.
 
 Step times feed the real-time capacity model (chorus.capacity) that admission reads;
-`calibrate` measures every batch size once at start so that admission knows the
-machine before the first request.
+`calibrate` measures every batch size at start (interleaved rounds, medians) so that
+admission knows the machine before the first request, and an idle engine below its
+slot count probes the next size up now and then, so that capacity lost to a transient
+comes back without traffic at the size it lost.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
+from chorus.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
 from chorus.engine_thread import EngineThread
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
@@ -42,6 +44,8 @@ from services.token_server.scheduler import Scheduler, Sequence, StepPlan
 log = logging.getLogger(__name__)
 
 TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND
+# Steps an idle probe of the next batch size measures (chorus.capacity.CapacityProbe).
+PROBE_STEPS = 3
 
 
 class QueueFullError(Exception):
@@ -179,6 +183,7 @@ class Engine:
         codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
         codec_streams_open: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
+        probe_interval_s: float | None = PROBE_INTERVAL_S,
     ) -> None:
         self.backbone = backbone
         self.n_slots = slots
@@ -186,12 +191,16 @@ class Engine:
         self.queue_size = queue_size
         self.ctx_per_slot = ctx_per_slot
         self.capacity = capacity or RealTimeCapacity(TOKEN_SECONDS, slots)
+        if self.capacity.limit > slots:
+            # Calibration and probes measure sizes up to the limit in real slots.
+            raise ValueError(f"capacity limit {self.capacity.limit} is more than the {slots} slots")
         self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit, codec_streams_open)
         self._clock = clock
         self._batch = TokenBatch(n_batch, slots)
         self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=0.02)
         self._count_lock = threading.Lock()
         self._in_system = 0  # admitted + waiting, counted on submit and on the end
+        self._in_system_codec = 0  # of those, requests that need a codec stream
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._failed_handles: set[RequestHandle] = set()  # ended by fail_all
         self.steps = 0
@@ -201,6 +210,9 @@ class Engine:
         self.paced_steps = 0
         # Called on the engine thread with each llama_decode's token count (metrics).
         self._on_decode = on_decode
+        # Re-measures the size capacity lost while idle; None: never (capacity then
+        # moves only with live steps).
+        self.probe = CapacityProbe(self.capacity, probe_interval_s, clock, "token engine")
 
     # -- the event loop's side ---------------------------------------------------
 
@@ -220,17 +232,18 @@ class Engine:
             )
         handle = RequestHandle(self, request, loop or asyncio.get_running_loop(), self._clock())
         with self._count_lock:
-            held = self.scheduler.admission_limit()
+            held = self._held(request.needs_codec or self._in_system_codec > 0)
             if self._in_system >= held + self.queue_size:
                 raise QueueFullError(
                     f"this token server holds {held} streams at real time and {self.queue_size} more may wait; "
                     "all are taken: retry with backoff or on another token server"
                 )
             self._in_system += 1
+            self._in_system_codec += request.needs_codec
         try:
             self._bridge.post(_Submit(handle))
         except Exception:
-            self._leave()
+            self._leave(request.needs_codec)
             raise
         return handle
 
@@ -241,11 +254,21 @@ class Engine:
         return future
 
     def load(self) -> tuple[int, int]:
-        """(busy slots, waiting requests); read without stopping the loop."""
+        """(busy slots, waiting requests); read without stopping the loop. Requests the
+        next step admits (capacity and codec room free for them) are not waiting."""
         busy = sum(1 for s in self.scheduler.slots if s is not None)
         with self._count_lock:
             in_system = self._in_system
-        return busy, max(0, in_system - busy)
+            held = self._held(self._in_system_codec > 0)
+        return busy, max(0, in_system - held)
+
+    def _held(self, codec_needed: bool) -> int:
+        """Requests in the system that are not waiting: those in slots, and those the next
+        step admits. Codec room counts only while some request needs a codec stream
+        (codes-only requests are admitted whatever the codec workers hold)."""
+        busy = sum(1 for s in self.scheduler.slots if s is not None)
+        startable = self.scheduler.startable_limit() if codec_needed else self.scheduler.admission_limit()
+        return max(busy, startable)
 
     @property
     def alive(self) -> bool:
@@ -267,16 +290,27 @@ class Engine:
         return self.scheduler.has_work()
 
     def has_pending(self) -> bool:
-        return self.scheduler.has_waiting()
+        # A due probe wakes the idle loop as waiting requests do.
+        return self.scheduler.has_waiting() or self._probe_due()
+
+    def _probe_due(self) -> bool:
+        return not self.scheduler.has_work() and not self.scheduler.has_waiting() and self.probe.due()
 
     def step(self, commands: list[Command]) -> None:
         for command in commands:
             self._apply(command)
+        if not commands and self._probe_due():
+            self.probe.run(lambda size: self._measure(size, PROBE_STEPS))
+            return
         started = time.perf_counter()
         plan = self.scheduler.schedule(self._clock())
         for seq in plan.admitted:
             seq.owner.stats.admitted_at = seq.admitted_at
             self.backbone.clear_sequence(seq.slot)
+        for seq in self.scheduler.over_queue(self.queue_size):
+            self._end(seq, GenerationFailed(
+                "this token server's real-time capacity fell while this request waited, and its queue is over "
+                f"its bound of {self.queue_size}: try another token server"))
         if plan.empty:
             return
         for seq in plan.paced:
@@ -296,7 +330,7 @@ class Engine:
                 self._emit(seq.owner, GenerationFailed(message))
         for command in commands:
             if isinstance(command, _Submit) and command.handle not in self._failed_handles:
-                self._leave()
+                self._leave(command.handle.request.needs_codec)
                 self._emit(command.handle, GenerationFailed(message))
             elif isinstance(command, _Call) and not command.future.done():
                 command.future.set_exception(RuntimeError(message))
@@ -455,47 +489,50 @@ class Engine:
         slot = seq.slot
         if self.scheduler.remove(seq):
             self.backbone.clear_sequence(slot)
-        self._leave()
+        self._leave(seq.needs_codec)
 
-    def _leave(self) -> None:
+    def _leave(self, needs_codec: bool) -> None:
         with self._count_lock:
             self._in_system -= 1
+            self._in_system_codec -= needs_codec
 
     def _emit(self, handle: RequestHandle, event: EngineEvent) -> None:
         self._bridge.events.add(handle.loop, handle._put, event)
 
     # -- calibration ---------------------------------------------------------------
 
-    def calibrate(self, steps: int = 6) -> dict[int, float]:
+    def calibrate(self, steps: int = 4) -> dict[int, float]:
         """Measures a generating step at every batch size (engine thread only, before
-        serving): prompts prefilled into every slot, then `steps` decode-and-sample
-        steps per size. Returns seconds per step by batch size."""
+        serving), in interleaved rounds whose median each size keeps (chorus.capacity.
+        calibrate says why). Returns seconds per step by batch size."""
         if self.scheduler.has_work() or self.scheduler.has_waiting():
             raise RuntimeError("calibrate only an idle engine")
-        prompt = np.asarray(orpheus.wrap_prompt([orpheus.BOS] + [1] * 8), dtype=np.int32)
-        measured = {}
-        sampler_params = SamplingParams(seed=0)
-        for size in range(1, self.n_slots + 1):
-            samplers = [SequenceSampler(sampler_params) for _ in range(size)]
-            for slot in range(size):
-                self.backbone.clear_sequence(slot)
-                self._batch.clear()
-                self._batch.add(prompt, 0, slot, True)
-                self.backbone.decode(self._batch)
-            elapsed = []
-            for step in range(steps + 1):
-                started = time.perf_counter()
-                self._batch.clear()
-                indices = [self._batch.add([orpheus.AUDIO_TOKEN_BASE + (step % 7) * orpheus.CODEBOOK_SIZE],
-                                           len(prompt) + step, slot, True) for slot in range(size)]
-                self.backbone.decode(self._batch)
-                positions = np.full(size, step % orpheus.CODES_PER_FRAME)
-                legal = gather_legal_logits([self.backbone.logits_at(i) for i in indices], positions)
-                sample(legal, samplers, positions, np.zeros(size, dtype=bool))
-                if step:  # the first step of a size warms caches
-                    elapsed.append(time.perf_counter() - started)
-            measured[size] = float(np.median(elapsed))
-            self.capacity.record(size, measured[size])
-            for slot in range(size):
-                self.backbone.clear_sequence(slot)
+        measured = calibrate_capacity(self.capacity, lambda size: self._measure(size, steps), range(1, self.n_slots + 1))
+        self.probe.restart()
         return measured
+
+    def _measure(self, size: int, steps: int) -> float:
+        """Median seconds of `steps` decode-and-sample steps over `size` slots (the engine
+        must be idle: it borrows the first `size` slots and clears them after)."""
+        prompt = np.asarray(orpheus.wrap_prompt([orpheus.BOS] + [1] * 8), dtype=np.int32)
+        samplers = [SequenceSampler(SamplingParams(seed=0)) for _ in range(size)]
+        for slot in range(size):
+            self.backbone.clear_sequence(slot)
+            self._batch.clear()
+            self._batch.add(prompt, 0, slot, True)
+            self.backbone.decode(self._batch)
+        elapsed = []
+        for step in range(steps + 1):
+            started = time.perf_counter()
+            self._batch.clear()
+            indices = [self._batch.add([orpheus.AUDIO_TOKEN_BASE + (step % 7) * orpheus.CODEBOOK_SIZE],
+                                       len(prompt) + step, slot, True) for slot in range(size)]
+            self.backbone.decode(self._batch)
+            positions = np.full(size, step % orpheus.CODES_PER_FRAME)
+            legal = gather_legal_logits([self.backbone.logits_at(i) for i in indices], positions)
+            sample(legal, samplers, positions, np.zeros(size, dtype=bool))
+            if step:  # the first step of a size warms caches
+                elapsed.append(time.perf_counter() - started)
+        for slot in range(size):
+            self.backbone.clear_sequence(slot)
+        return float(np.median(elapsed))

@@ -138,6 +138,27 @@ class Scheduler:
         """Streams that may hold slots now: slots, real-time capacity, codec room."""
         return min(self.n_slots, self.capacity.streams())
 
+    def startable_limit(self) -> int:
+        """Streams that may hold slots before anyone else ends: admission_limit, and no
+        more than those running plus the codec streams still free. The queue bound counts
+        from here: counted from admission_limit alone, a server whose codec share was full
+        held admission_limit - 1 more requests waiting than its queue allows (issue 22:
+        queue depth 34 against a limit of 32). Read from the event loop too: a snapshot."""
+        running = self.running
+        with_codec = max(sum(1 for s in running if s.needs_codec), self.codec_streams_open())
+        codec_free = max(0, self.codec_streams_limit() - with_codec)
+        return int(min(self.admission_limit(), len(running) + codec_free))
+
+    def over_queue(self, queue_size: int) -> list[Sequence]:
+        """Takes out the newest waiting requests beyond `queue_size` (capacity fell after
+        they were accepted) so that the queue bound holds; the caller fails them, and the
+        gateway tries them on another token server rather than leaving them here."""
+        shed: list[Sequence] = []
+        while len(self.waiting) > queue_size:
+            shed.append(self.waiting.pop())
+        shed.reverse()
+        return shed
+
     # -- the plan --------------------------------------------------------------
 
     def schedule(self, now: float) -> StepPlan:
