@@ -119,13 +119,13 @@ def options(
     )
 
 
-def sample_rate(requested: int, fmt: AudioFormat) -> int:
+def sample_rate(requested: int, fmt: AudioFormat, field: str = "sample_rate_hz") -> int:
     """The rate a request asked for (0: the native rate), if `fmt` takes it: one rule
-    and one message for every door and every encoding."""
+    and one message for every door and every encoding, naming the door's own `field`."""
     rate = requested or NATIVE_RATE
     if rate not in SAMPLE_RATES:
         raise invalid(
-            f"sample_rate_hz {rate} is not supported; "
+            f"{field} {rate} is not supported; "
             f"use one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps {NATIVE_RATE})"
         )
     if rate not in fmt.rates:

@@ -65,7 +65,7 @@ def parse(body: object, config: GatewayConfig) -> SpeechRequest:
     if isinstance(rate, bool) or not isinstance(rate, int):
         raise invalid(f"sample_rate is {rate!r}; it must be a whole number of Hz")
     # Checked before it becomes an int32 proto field, which raises on 2**31 and past.
-    rate = validation.sample_rate(rate, FORMATS[fmt_name])
+    rate = validation.sample_rate(rate, FORMATS[fmt_name], field="sample_rate")
     sampling = body.get("sampling")
     if sampling is not None and not isinstance(sampling, dict):
         raise invalid("sampling must be an object, e.g. {\"temperature\": 0.6, \"seed\": 7}")
