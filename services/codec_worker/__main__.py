@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "ended with DEADLINE_EXCEEDED [CHORUS_IDLE_TIMEOUT]")
     p.add_argument("--numeric-mode", choices=NUMERIC_MODES, default=from_env("CHORUS_NUMERIC_MODE", NUMERIC_MODE_DEFAULT),
                    help="MKL kernels on CPU: vendor (each CPU vendor's fast kernels; a stream fails over only to "
-                        "workers of its vendor) or compatible (the same bits on every x86 CPU, 1.8-3x the decode "
+                        "workers of its vendor) or compatible (the same bits on every x86 CPU, 1.65-3x the decode "
                         "time) [CHORUS_NUMERIC_MODE]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)

@@ -58,7 +58,7 @@ class CodecWorkerConfig:
     tls: TlsFiles | None = None
     allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[CODEC_WORKER]
     # MKL's kernels on CPU (numeric_mode.py): "vendor" (fast; same bits within a CPU
-    # vendor) or "compatible" (same bits on every x86 CPU, ~1.8-3x the decode time).
+    # vendor) or "compatible" (same bits on every x86 CPU, 1.65-3x the decode time).
     numeric_mode: str = NUMERIC_MODE_DEFAULT
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ tests/test_codec_numeric_mode.py does) against its own:
   the AMD path's (MKL ignores every branch but COMPATIBLE on other vendors);
 - COMPATIBLE: one set of bits on both paths, with by-row GEMMs padded to 8 rows
   and GEMMs on one MKL thread (its thread split changes bits at 3 threads), at
-  1.7-1.8x the CPU time of MKL's AMD kernels and ~3x that of its Intel kernels
+  1.65-1.83x the CPU time of MKL's AMD kernels and 2.6-3x that of its Intel kernels
   (docs/benchmarks.md).
 
 Any CNR setting on AMD, even AUTO, also changed bits with the thread count (the
