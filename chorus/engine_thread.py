@@ -10,6 +10,10 @@ loop). Both need the same things from the bridge, so they get it from here, once
 - one batch of events per step: what a step produces for the loop (frames, audio,
   ends) is collected and handed over in one `call_soon_threadsafe`, one wake-up of the
   loop per step instead of one per event;
+- no spinning: a step that found nothing it could do (every stream waits on its
+  listener or on codec room) says how long until it might, and the bridge waits that
+  long for a command, which ends the wait, instead of stepping again at once (vLLM's
+  engine core waits on its input queue the same way);
 - a lifecycle that tells the truth: once stopping or dead the bridge refuses new work
   at once (EngineStopped / EngineDead) instead of queueing requests that nothing will
   ever run, and a thread that dies reports it (health goes NOT_SERVING) and fails
@@ -50,8 +54,10 @@ class State(enum.Enum):
 
 
 class Engine(Protocol[Command]):
-    def step(self, commands: list[Command]) -> None:
-        """Applies the commands, then runs one step if there is work. Engine thread only."""
+    def step(self, commands: list[Command]) -> float | None:
+        """Applies the commands, then runs one step if there is work. Engine thread only.
+        Returns None, or, when the step could do nothing though `has_work` said there was
+        work, the seconds to wait for a command (or `wake`) before the next step."""
 
     def has_work(self) -> bool:
         """Whether a step would do anything without new commands. Engine thread only."""
@@ -152,7 +158,7 @@ class EngineThread(Generic[Command]):
             return True
 
     def wake(self) -> None:
-        """Re-evaluates `has_work` (something the engine polls changed)."""
+        """Re-evaluates `has_work` and ends a step's idle wait (something the engine polls changed)."""
         with self._cond:
             self._cond.notify()
 
@@ -195,9 +201,13 @@ class EngineThread(Generic[Command]):
                     if self._state is not State.RUNNING:
                         break
                     commands, self._inbox = self._inbox, []
-                engine.step(commands)
+                idle_s = engine.step(commands)
                 commands = []
                 self.flush_events()
+                if idle_s:
+                    with self._cond:
+                        if not self._inbox and self._state is State.RUNNING:
+                            self._cond.wait(idle_s)
         except BaseException as error:  # a bug or a library failure: the engine is gone
             log.exception("%s died", self.name)
             with self._cond:

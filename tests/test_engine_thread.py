@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -15,6 +16,8 @@ class ToyEngine:
 
     def __init__(self) -> None:
         self.bridge: EngineThread | None = None
+        self.work = False  # has_work's answer
+        self.idle_s: float | None = None  # what a step returns: its wait for a command
         self.loop: asyncio.AbstractEventLoop | None = None
         self.received: list = []
         self.steps: list[list] = []
@@ -32,9 +35,10 @@ class ToyEngine:
             self.received.append(command)
             for listener in self.listeners:
                 self.bridge.events.add(self.loop, listener, command)
+        return self.idle_s
 
     def has_work(self):
-        return False
+        return self.work
 
     def has_pending(self):
         return False
@@ -115,3 +119,31 @@ def test_wait_for_commands_inside_a_step_is_bounded():
     got = engine.bridge.wait_for_commands(0.01)  # from the test thread: nothing arrives
     assert got == []
     engine.bridge.stop()
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_step_with_nothing_to_do_waits_for_a_command_instead_of_stepping_again():
+    """has_work holds (streams in slots) but the step could run none of them: the bridge
+    waits as long as the step said, and a command or a wake ends the wait early."""
+    engine = toy()
+    engine.work = True
+    engine.idle_s = 60.0
+    engine.bridge.start()
+    try:
+        assert wait_until(lambda: len(engine.steps) >= 1)
+        time.sleep(0.3)
+        assert len(engine.steps) == 1  # spinning, it ran thousands
+        engine.bridge.post(5)
+        assert wait_until(lambda: 5 in engine.received)
+        assert len(engine.steps) == 2
+        engine.bridge.wake()
+        assert wait_until(lambda: len(engine.steps) == 3)
+    finally:
+        engine.bridge.stop()
+    assert engine.bridge.state is State.STOPPED  # stop ends the wait too

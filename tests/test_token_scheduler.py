@@ -187,3 +187,26 @@ def test_codec_room_bounds_what_may_start_and_over_queue_sheds_the_newest():
     assert scheduler.over_queue(2) == seqs[3:]
     assert list(scheduler.waiting) == seqs[1:3]
     assert scheduler.over_queue(2) == []
+
+
+def test_a_request_codec_room_keeps_out_does_not_make_streams_ahead_sit_out():
+    """Admission and pacing read one predicate: a waiting request the full codec pool
+    keeps out cannot use the step, so the stream ahead keeps generating. Paced for it,
+    the plan was empty and the engine thread ran empty steps at a core's full speed."""
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0,
+                          codec_streams_limit=lambda: 1)
+    far = sequence("far", clock=ahead_by(5.0), generating=True)
+    place(scheduler, far)
+    scheduler.add(sequence("waiting"))
+    plan = scheduler.schedule(NOW)
+    assert plan.admitted == [] and plan.paced == []
+    assert plan.decode == [far] and not plan.empty
+
+
+def test_pace_resume_is_when_the_least_ahead_paced_stream_needs_the_step_again():
+    scheduler = Scheduler(slots=8, n_batch=512, capacity=capacity_of(8), pace_lead_s=2.0)
+    far = sequence("far", clock=ahead_by(5.0), generating=True)
+    farther = sequence("farther", clock=ahead_by(9.0), generating=True)
+    assert scheduler.pace_resume_s([farther, far], NOW) == pytest.approx(3.0)
+    assert scheduler.pace_resume_s([far], NOW + 4.0) == 0.0
+    assert scheduler.pace_resume_s([], NOW) is None

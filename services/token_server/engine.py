@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND
 # Steps an idle probe of the next batch size measures (chorus.capacity.CapacityProbe).
 PROBE_STEPS = 3
+# The longest the engine thread waits, with requests it cannot run yet, before it looks
+# again: codec room changes with no command to say so (the pool is polled), so this is
+# how late a freed codec seat can be seen; a wait costs a step of Python, not a core.
+IDLE_POLL_S = 0.02
 
 
 class QueueFullError(Exception):
@@ -197,7 +201,7 @@ class Engine:
         self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit, codec_streams_open)
         self._clock = clock
         self._batch = TokenBatch(n_batch, slots)
-        self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=0.02)
+        self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=IDLE_POLL_S)
         self._count_lock = threading.Lock()
         self._in_system = 0  # admitted + waiting, counted on submit and on the end
         self._in_system_codec = 0  # of those, requests that need a codec stream
@@ -296,14 +300,15 @@ class Engine:
     def _probe_due(self) -> bool:
         return not self.scheduler.has_work() and not self.scheduler.has_waiting() and self.probe.due()
 
-    def step(self, commands: list[Command]) -> None:
+    def step(self, commands: list[Command]) -> float | None:
         for command in commands:
             self._apply(command)
         if not commands and self._probe_due():
             self.probe.run(lambda size: self._measure(size, PROBE_STEPS))
-            return
+            return None
         started = time.perf_counter()
-        plan = self.scheduler.schedule(self._clock())
+        now = self._clock()
+        plan = self.scheduler.schedule(now)
         for seq in plan.admitted:
             seq.owner.stats.admitted_at = seq.admitted_at
             self.backbone.clear_sequence(seq.slot)
@@ -312,13 +317,24 @@ class Engine:
                 "this token server's real-time capacity fell while this request waited, and its queue is over "
                 f"its bound of {self.queue_size}: try another token server"))
         if plan.empty:
-            return
+            return self._idle_wait(plan, now)
         for seq in plan.paced:
             seq.owner.stats.paced_steps += 1
         self.paced_steps += len(plan.paced)
         self._run(plan)
         self.steps += 1
         self.busy_seconds += time.perf_counter() - started
+        return None
+
+    def _idle_wait(self, plan: StepPlan, now: float) -> float | None:
+        """How long the bridge waits for a command after a step with nothing to run: with
+        streams in slots it would otherwise step again at once (has_work holds), so until
+        the first paced stream needs the step again, at most IDLE_POLL_S (codec room is
+        polled). With no slot busy the bridge's own idle wait applies."""
+        if not self.scheduler.has_work():
+            return None
+        resume_s = self.scheduler.pace_resume_s(plan.paced, now)
+        return IDLE_POLL_S if resume_s is None else min(IDLE_POLL_S, resume_s)
 
     def fail_all(self, message: str, commands: list[Command]) -> None:
         self._failed_handles = set()

@@ -145,8 +145,7 @@ class Scheduler:
         held admission_limit - 1 more requests waiting than its queue allows (issue 22:
         queue depth 34 against a limit of 32). Read from the event loop too: a snapshot."""
         running = self.running
-        with_codec = max(sum(1 for s in running if s.needs_codec), self.codec_streams_open())
-        codec_free = max(0, self.codec_streams_limit() - with_codec)
+        codec_free = max(0, self.codec_streams_limit() - self._codec_streams_held(running))
         return int(min(self.admission_limit(), len(running) + codec_free))
 
     def over_queue(self, queue_size: int) -> list[Sequence]:
@@ -184,23 +183,31 @@ class Scheduler:
         if not self.waiting:
             return admitted
         running = self.running
-        limit = self.admission_limit()
-        codec_limit = self.codec_streams_limit()
-        # A running sequence opens its codec stream at its first frame, so the streams
-        # held are at least those open and at least those running.
-        with_codec = max(sum(1 for s in running if s.needs_codec), self.codec_streams_open())
+        with_codec = self._codec_streams_held(running)
         free = [i for i, s in enumerate(self.slots) if s is None]
-        while self.waiting and free and len(running) + len(admitted) < limit:
-            seq = self.waiting[0]
-            if seq.needs_codec and with_codec >= codec_limit:
-                break  # first come, first served: no overtaking by codes-only requests
-            self.waiting.popleft()
+        while self._can_admit(len(running) + len(admitted), with_codec, len(free)):
+            seq = self.waiting.popleft()
             seq.slot = free.pop(0)
             seq.admitted_at = now
             self.slots[seq.slot] = seq
             admitted.append(seq)
             with_codec += seq.needs_codec
         return admitted
+
+    def _can_admit(self, running: int, with_codec: int, free_slots: int) -> bool:
+        """Whether the first waiting request may take a slot now: a free slot, real-time
+        capacity, and codec room if it needs a codec stream (first come, first served:
+        a codes-only request behind it does not overtake). The one predicate admission
+        and pacing read: pacing that counted a request codec room kept out made every
+        stream ahead sit out for nobody, an empty plan the engine ran again at once."""
+        if not self.waiting or not free_slots or running >= self.admission_limit():
+            return False
+        return not self.waiting[0].needs_codec or with_codec < self.codec_streams_limit()
+
+    def _codec_streams_held(self, running: list[Sequence]) -> int:
+        # A running sequence opens its codec stream at its first frame, so the streams
+        # held are at least those open and at least those running.
+        return max(sum(1 for s in running if s.needs_codec), self.codec_streams_open())
 
     def _pace(self, generating: list[Sequence], prefilling: bool, now: float) -> tuple[list[Sequence], list[Sequence]]:
         if self.pace_lead_s is None or not generating:
@@ -212,11 +219,19 @@ class Scheduler:
                 ahead.append(seq)
         if not ahead:
             return generating, []
-        someone_needs_the_step = len(ahead) < len(generating) or prefilling or self._can_admit()
+        running = self.running
+        admissible = self._can_admit(len(running), self._codec_streams_held(running), self.slots.count(None))
+        someone_needs_the_step = len(ahead) < len(generating) or prefilling or admissible
         if not someone_needs_the_step:
             return generating, []
         behind = [s for s in generating if s not in ahead]
         return behind, ahead
 
-    def _can_admit(self) -> bool:
-        return bool(self.waiting) and any(s is None for s in self.slots) and len(self.running) < self.admission_limit()
+    def pace_resume_s(self, paced: list[Sequence], now: float) -> float | None:
+        """Seconds until the first of `paced` is back within `pace_lead_s` of its listener
+        (a lead falls as its listener plays), when it needs the step again; None if none
+        is paced. The engine waits no longer than this on a step with nothing to do."""
+        if self.pace_lead_s is None:
+            return None
+        leads = [lead for lead in (s.lead(now) for s in paced) if lead is not None]
+        return max(0.0, min(leads) - self.pace_lead_s) if leads else None
