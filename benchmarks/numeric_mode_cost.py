@@ -66,19 +66,6 @@ for batch in (1, 4, 8):
 print(json.dumps(out))
 """
 
-STUB = "int mkl_serv_intel_cpu_true(void) { return %d; }\nint mkl_serv_intel_cpu(void) { return %d; }\n"
-
-
-def other_vendor_stub(folder: Path) -> str:
-    from tools.llama_wheel import cpu
-
-    intel = 0 if cpu.cpu_vendor() == "GenuineIntel" else 1
-    (folder / "stub.c").write_text(STUB % (intel, intel))
-    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O1", "-o", str(folder / "stub.so"),
-                    str(folder / "stub.c")], check=True)
-    return str(folder / "stub.so")
-
-
 def run_arm(snac_dir: Path, mode: str, threads: int, frames: int, preload: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     if preload:
@@ -104,7 +91,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         vendors = [("this CPU's kernels", None)]
         if args.other_vendor:
-            vendors.append(("other vendor's kernels", other_vendor_stub(Path(tmp))))
+            from tools.llama_wheel import preload
+
+            stub = preload.build("other_vendor", preload.other_mkl_vendor(), Path(tmp))["LD_PRELOAD"]
+            vendors.append(("other vendor's kernels", stub))
         for label, preload in vendors:
             runs: dict[str, list[dict]] = {"vendor": [], "compatible": [], "default": []}
             for _ in range(args.repeats):

@@ -21,15 +21,9 @@ import pytest
 
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
 from services.token_server.codec_relay import CodecPool, NoCodecWorkerError
-from tools.llama_wheel import cpu
+from tools.llama_wheel import cpu, preload
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# MKL's vendor check, answering for the other vendor than this CPU's.
-STUB = r"""
-int mkl_serv_intel_cpu_true(void) { return %(intel)d; }
-int mkl_serv_intel_cpu(void) { return %(intel)d; }
-"""
 
 CHILD = r"""
 import hashlib, sys
@@ -63,11 +57,7 @@ print(loaded.numeric_mode, stream(1, 1, 1), stream(5, 3, 2), stream(16, 2, 3))
 
 @pytest.fixture(scope="module")
 def other_vendor(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("mkl-vendor")
-    source, library = folder / "other_vendor.c", folder / "libother_vendor.so"
-    source.write_text(STUB % {"intel": 0 if cpu.cpu_vendor() == "GenuineIntel" else 1})
-    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-O1", "-o", str(library), str(source)], check=True)
-    return {"LD_PRELOAD": str(library)}
+    return preload.build("other_vendor", preload.other_mkl_vendor(), tmp_path_factory.mktemp("mkl-vendor"))
 
 
 def decode(snac_dir: Path, mode: str, extra_env: dict[str, str]) -> tuple[str, list[str]]:

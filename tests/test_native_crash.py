@@ -15,28 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tools.llama_wheel import preload
 from tools.supervisor import Stack, StackError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STUB = r"""
-#include <signal.h>
-int ggml_backend_sched_graph_compute_async(void *sched, void *graph) {
-    (void) sched; (void) graph;
-    raise(SIGILL);
-    return 0;
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def sigill_on_decode(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("stub")
-    source, library = folder / "sigill_on_decode.c", folder / "libsigill_on_decode.so"
-    source.write_text(STUB)
-    cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)], check=True)
-    return {"LD_PRELOAD": str(library)}
+    return preload.build("sigill_on_decode", preload.SIGILL_IN_LLAMA_DECODE, tmp_path_factory.mktemp("stub"))
 
 
 def test_the_suite_stops_at_once_with_the_reason_when_the_backbone_cannot_decode(sigill_on_decode, demo_models):

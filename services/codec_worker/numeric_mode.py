@@ -36,6 +36,7 @@ import ctypes
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 ENV = "MKL_CBWR"
 MODES = ("vendor", "compatible")
@@ -76,19 +77,26 @@ def request_before_torch() -> None:
 
 def select(mode: str) -> None:
     """MODE for MKL's start: the codec worker's entry point calls it before torch runs
-    anything. The vendor is MKL's own answer (calls[3] does not start MKL's modes)."""
+    anything. The vendor is MKL's own answer (asking it does not start MKL's modes)."""
     calls = _mkl()
-    value = _env_value(mode, bool(calls is not None and calls[3]()))
+    value = _env_value(mode, bool(calls is not None and calls.intel()))
     if value is None:
         os.environ.pop(ENV, None)
     else:
         os.environ[ENV] = value
 
 
+class _Mkl(NamedTuple):
+    get_mode: Callable[[int], int]
+    set_mode: Callable[[int], int]
+    set_threads_here: Callable[[int], int]
+    intel: Callable[[], int]
+
+
 @lru_cache(maxsize=1)
-def _mkl():
-    """MKL's calls (mode get, mode set, threads of this thread, Intel check), from the
-    torch library that links MKL statically; None where torch has no MKL (ARM)."""
+def _mkl() -> _Mkl | None:
+    """MKL's calls, from the torch library that links MKL statically; None where torch
+    has no MKL (ARM)."""
     import torch
 
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
@@ -98,15 +106,15 @@ def _mkl():
         # MKL's own calls to its vendor check go through the dynamic linker, so ask
         # the linker's first answer, as MKL gets it.
         try:
-            calls.append(ctypes.CDLL(None).mkl_serv_intel_cpu_true)
+            intel = ctypes.CDLL(None).mkl_serv_intel_cpu_true
         except AttributeError:
-            calls.append(lib.mkl_serv_intel_cpu_true)
+            intel = lib.mkl_serv_intel_cpu_true
     except (OSError, AttributeError):
         return None
-    for call in calls[:3]:
+    for call in calls:
         call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
-    calls[3].argtypes, calls[3].restype = [], ctypes.c_int
-    return calls
+    intel.argtypes, intel.restype = [], ctypes.c_int
+    return _Mkl(*calls, intel)
 
 
 def branch() -> str:
@@ -114,7 +122,7 @@ def branch() -> str:
     calls = _mkl()
     if calls is None:
         return "no MKL"
-    code = calls[0](_MKL_CBWR_BRANCH)
+    code = calls.get_mode(_MKL_CBWR_BRANCH)
     return _BRANCHES.get(code, f"branch {code}")
 
 
@@ -129,9 +137,9 @@ def current() -> str:
     name = branch()
     if name == "COMPATIBLE":
         return "mkl-compatible"
-    if not calls[3]():
+    if not calls.intel():
         return "mkl-non-intel" if name == "OFF" else f"mkl-non-intel-{name.lower()}"
-    strict = "-strict" if calls[0](-1) & _STRICT else ""
+    strict = "-strict" if calls.get_mode(-1) & _STRICT else ""
     return f"mkl-{name.lower()}{strict}"
 
 
@@ -141,7 +149,7 @@ def ensure(mode: str) -> str:
     calls = _mkl()
     if calls is None:
         return current()
-    intel = bool(calls[3]())
+    intel = bool(calls.intel())
     if mode == "compatible":
         want, code = "mkl-compatible", _CODES["COMPATIBLE"]
     elif intel:
@@ -149,7 +157,7 @@ def ensure(mode: str) -> str:
     else:
         want, code = "mkl-non-intel", _CODES["OFF"]
     if current() != want:
-        calls[1](code)
+        calls.set_mode(code)
     if current() == want:
         return want
     value = _env_value(mode, intel)
@@ -166,4 +174,4 @@ def gemms_on_one_thread() -> None:
     mode, whose kernels split work across threads in a way that changes bits."""
     calls = _mkl()
     if calls is not None:
-        calls[2](1)
+        calls.set_threads_here(1)

@@ -37,17 +37,19 @@ class Entry:
 
     @property
     def rejection(self) -> dict | None:
-        try:
-            return json.loads((self.folder / REJECTED).read_text())
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.folder / REJECTED)
 
     @property
     def record(self) -> dict | None:
-        try:
-            return json.loads((self.folder / RECORD_NAME).read_text())
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.folder / RECORD_NAME)
+
+
+def _read_json(path: Path) -> dict | None:
+    """PATH's JSON, or None when it is missing or unreadable (a half-written file)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class WheelCache:
@@ -112,8 +114,5 @@ def installed_record() -> dict | None:
     for location in spec.submodule_search_locations:
         path = Path(location) / "lib" / RECORD_NAME
         if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError):
-                return None
+            return _read_json(path)
     return None
