@@ -58,7 +58,6 @@ NO_BUILD_RECORD = "no build record (not built by scripts/setup.sh)"
 # A child's facts: one line each, this prefix then a JSON object; anything else on
 # its stdout (library chatter) is ignored.
 FACT_PREFIX = "@doctor "
-PROMPT = "Hello from chorus doctor."
 REPORT_WIDTH = 110
 
 STDERR_TAIL_LINES = 15
@@ -340,33 +339,10 @@ def _child_llama(gguf: str) -> None:
     if not gguf:
         _emit(stage="done", skipped="no backbone .gguf to decode with")
         return
-    import numpy as np
+    from tools.llama_wheel.smoke import decode_once
 
-    from services.token_server.llama_backend import LlamaBackbone, TokenBatch
-
-    n_batch = 64
-    _emit(stage="loading the model")
-    start = time.perf_counter()
-    backbone = LlamaBackbone(Path(gguf), n_ctx=256, n_batch=n_batch, n_seq_max=1, threads=1)
-    _emit(load_s=time.perf_counter() - start, threads=1, stage="tokenizing")
-    batch = TokenBatch(n_batch, 1)
-    try:
-        tokens = backbone.tokenize(PROMPT)[:n_batch]
-        last = batch.add(tokens, 0, 0, want_last_logits=True)
-        _emit(prompt_tokens=len(tokens), stage="prompt decode")
-        start = time.perf_counter()
-        backbone.decode(batch)
-        next_token = int(np.argmax(backbone.logits_at(last)))
-        _emit(prompt_s=time.perf_counter() - start, stage="single-token decode")
-        batch.clear()
-        last = batch.add([next_token], len(tokens), 0, want_last_logits=True)
-        start = time.perf_counter()
-        backbone.decode(batch)
-        backbone.logits_at(last)
-        _emit(step_s=time.perf_counter() - start, ok=True, stage="done")
-    finally:
-        batch.free()
-        backbone.close()
+    figures = decode_once(Path(gguf), threads=1, stage=lambda name: _emit(stage=name))
+    _emit(**figures, ok=figures["finite_logits"], stage="done")
 
 
 def _child_snac(snac_dir: str) -> None:

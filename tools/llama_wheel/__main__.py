@@ -58,7 +58,7 @@ def install(entry: wheel_cache.Entry) -> None:
 def smoke():
     subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(DEMO_MODELS)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return run_smoke(smoke_command(DEMO_MODELS / "backbone.gguf"), cwd=ROOT)
+    return run_smoke(smoke_command(DEMO_MODELS / "backbone.gguf"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,24 +21,43 @@ from tools.llama_wheel import cpu
 
 SMOKE_TIMEOUT_S = 300
 
-_CHILD = r"""
-import json, sys, time
-from services.token_server.llama_backend import LlamaBackbone, TokenBatch
-backbone = LlamaBackbone(__import__("pathlib").Path(sys.argv[1]), n_ctx=256, n_batch=64, n_seq_max=1, threads=2)
-batch = TokenBatch(64, 1)
-tokens = backbone.tokenize("tara: The smoke check decodes a prompt and one token.")
-batch.add(tokens, 0, 0, True)
-started = time.perf_counter()
-backbone.decode(batch)
-prompt_s = time.perf_counter() - started
-batch.clear()
-batch.add([tokens[-1]], len(tokens), 0, True)
-started = time.perf_counter()
-backbone.decode(batch)
-step_s = time.perf_counter() - started
-finite = bool(__import__("numpy").isfinite(backbone.logits_at(0)).all())
-print(json.dumps({"prompt_tokens": len(tokens), "prompt_s": prompt_s, "step_s": step_s, "finite_logits": finite}))
-"""
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "tara: The smoke check decodes a prompt and one token."
+N_BATCH = 64
+
+
+def decode_once(gguf: Path, threads: int, stage: Callable[[str], None] = lambda name: None) -> dict:
+    """In the child: load GGUF, decode a prompt, then the token it picks; the figures.
+    `stage` hears each step before it runs, so a caller can say where a crash happened."""
+    import numpy as np
+
+    from services.token_server.llama_backend import LlamaBackbone, TokenBatch
+
+    stage("loading the model")
+    started = time.perf_counter()
+    backbone = LlamaBackbone(Path(gguf), n_ctx=256, n_batch=N_BATCH, n_seq_max=1, threads=threads)
+    figures = {"load_s": time.perf_counter() - started, "threads": threads}
+    batch = TokenBatch(N_BATCH, 1)
+    try:
+        tokens = backbone.tokenize(PROMPT)[:N_BATCH]
+        last = batch.add(tokens, 0, 0, want_last_logits=True)
+        stage("prompt decode")
+        started = time.perf_counter()
+        backbone.decode(batch)
+        figures.update(prompt_tokens=len(tokens), prompt_s=time.perf_counter() - started)
+        next_token = int(np.argmax(backbone.logits_at(last)))
+        stage("single-token decode")
+        batch.clear()
+        last = batch.add([next_token], len(tokens), 0, want_last_logits=True)
+        started = time.perf_counter()
+        backbone.decode(batch)
+        figures["step_s"] = time.perf_counter() - started
+        figures["finite_logits"] = bool(np.isfinite(backbone.logits_at(last)).all())
+        return figures
+    finally:
+        batch.free()
+        backbone.close()
+
 
 SIGNAL_MEANING = {
     signal.SIGILL: "illegal instruction: the library ran an instruction this CPU, or its hypervisor, does not allow",
@@ -68,10 +89,10 @@ class SmokeResult:
 
 
 def smoke_command(gguf: Path, python: str = sys.executable) -> list[str]:
-    return [python, "-c", _CHILD, str(gguf)]
+    return [python, "-m", "tools.llama_wheel.smoke", str(gguf)]
 
 
-def run_smoke(command: list[str], cwd: Path | None = None, timeout_s: float = SMOKE_TIMEOUT_S) -> SmokeResult:
+def run_smoke(command: list[str], cwd: Path = ROOT, timeout_s: float = SMOKE_TIMEOUT_S) -> SmokeResult:
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
@@ -116,3 +137,8 @@ def describe_death(what: str, sig: signal.Signals, record: dict | None, when: st
         if missing:
             parts.append(f"The build uses {', '.join(missing)}, which this CPU does not advertise.")
     return " ".join(parts)
+
+
+if __name__ == "__main__":
+    # On 2 threads: llama.cpp's worker threads are where VMs have refused AMX.
+    print(json.dumps(decode_once(Path(sys.argv[1]), threads=2)))
