@@ -19,6 +19,19 @@ a straight line through them (a step's cost is a fixed part, reading the weights
 a part per stream), never below the dearest smaller size. Engines calibrate every size
 at start, so admission does not have to guess before traffic arrives.
 
+The margin ties admission to N*, the streams a machine should hold: the largest C whose
+ceiling (audio seconds per wall second at batch C, the slower of backbone and decoder,
+as `chorus bench --ceiling` measures it) is at least 1.15 C. A step loop's ceiling at
+batch b is b * unit / t(b), so ceiling(b) >= 1.15 b is exactly t(b) * 1.15 <= unit:
+this model's test at ADMISSION_MARGIN (0.15). Step times only grow with the batch, so
+both services at that margin admit min(backbone's, decoder's) = N* streams at once, and
+the next one waits or is refused. A wider margin on either side (the codec worker had
+0.3) admits fewer than N* wherever the ceiling's headroom at N* is between 15% and it;
+the 15% is already the room for what the bare loops leave out (sampling, relays, the
+gateway, scheduling). Starting streams need no extra margin: the schedulers give them
+what their lead needs (the token scheduler's pacing, the decode engine's urgency and
+frame bound).
+
 A transient only ever makes a step slower (another process starting beside this one,
 page-cache misses, spinning thread pools), never faster, so measurements are kept
 consistent with two bounds that hold for a batched step and trust the faster side
@@ -44,6 +57,11 @@ from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
+# N* is the largest C whose ceiling(C) is at least NSTAR_HEADROOM * C; capacity at
+# ADMISSION_MARGIN is that same test per step loop (the module's docstring says why), so
+# both services at this margin admit exactly N*.
+NSTAR_HEADROOM = 1.15
+ADMISSION_MARGIN = 0.15
 RECOUNT_EVERY = 32
 # Rounds `calibrate` measures every size in; the median of three survives one outlier.
 CALIBRATION_ROUNDS = 3
@@ -59,7 +77,8 @@ PROBE_MAX_INTERVAL_S = 60.0
 
 class RealTimeCapacity:
     def __init__(
-        self, unit_seconds: float, limit: int, margin: float = 0.15, smoothing: float = 0.1, enforce: bool = True
+        self, unit_seconds: float, limit: int, margin: float = ADMISSION_MARGIN, smoothing: float = 0.1,
+        enforce: bool = True,
     ) -> None:
         if unit_seconds <= 0:
             raise ValueError(f"unit_seconds must be positive, got {unit_seconds}")

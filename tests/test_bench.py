@@ -1,18 +1,25 @@
 """`chorus bench`: the listener's replay and the level figures on made-up arrivals, the
-loopback rule, and one short sweep through a real stack."""
+median of repeated runs, N*, the loopback rule, the command lines, a short ceiling
+measurement and one short sweep through a real stack."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from chorus import orpheus
-from tools.bench.command import is_loopback
+from tools.bench import ceiling as ceiling_bench
+from tools.bench.ceiling import Split, best_by_batch, combinations, n_star, thread_splits
+from tools.bench.command import is_loopback, register, stack_options
 from tools.bench.load import LevelRun, RequestRecord
-from tools.bench.report import figures, listen, table
+from tools.bench.report import LevelRuns, figures, listen, max_playing, table
+from tools.bench.stats import Spread, median_index
 
 FRAME = orpheus.SAMPLES_PER_FRAME
 FRAME_S = orpheus.FRAME_SECONDS
@@ -55,6 +62,125 @@ def test_level_figures_count_held_late_refused_and_throughput():
     assert "| 2 | 4.00 |" in text and "1/2" in text
 
 
+def test_streams_playing_at_once_and_the_ttfa_of_held_streams():
+    # 0 and 1 overlap; 2 starts the instant 1 ends (not overlapping); 3 is late.
+    run = LevelRun(3, 0.0, 4.0, [
+        record(0, 0.0, [0.1 + i * 0.04 for i in range(10)]),           # held, TTFA 100 ms, audio 0.1..0.46
+        record(1, 0.0, [0.3 + i * 0.04 for i in range(11)]),           # held, TTFA 300 ms, audio 0.3..0.7
+        record(2, 0.6, [0.7 + i * 0.04 for i in range(5)]),            # held, TTFA 100 ms, audio 0.7..0.86
+        record(3, 2.0, [2.5, 3.5]),                                     # late, TTFA 500 ms
+        record(4, 2.0, [], code="RESOURCE_EXHAUSTED"),
+    ])
+    f = figures(run, start_buffer_s=0.15)
+    assert (f.held_real_time, f.late_streams) == (3, 1)
+    assert f.max_playing == 2
+    assert f.held_ttfa_p50_ms == pytest.approx(100.0)
+    assert f.held_ttfa_p95_ms == pytest.approx(280.0)  # numpy's linear percentile of 100, 100, 300
+    assert f.ttfa_p50_ms == pytest.approx(200.0)  # every completed stream: the late one counts here
+
+
+def test_playing_at_once_counts_one_chunk_streams_and_nothing_for_no_audio():
+    assert max_playing([]) == 0
+    assert max_playing([record(0, 0.0, [1.0])]) == 1
+    assert max_playing([record(0, 0.0, [1.0]), record(1, 0.0, [0.5, 1.5]), record(2, 0.0, [], code="UNAVAILABLE")]) == 2
+
+
+def level_with(held: int, audio_per_wall: float, concurrency: int = 2):
+    """A level's figures with these held and audio s/s, the rest from one real replay."""
+    base = figures(LevelRun(concurrency, 0.0, 1.0, [record(0, 0.0, [0.1, 0.15])]), 0.15)
+    return replace(base, held_real_time=held, audio_per_wall=audio_per_wall, completed=4, requests=4)
+
+
+def test_the_median_run_is_a_real_run_picked_by_held_count_then_audio():
+    runs = LevelRuns(2, (level_with(3, 1.0), level_with(1, 2.0), level_with(2, 1.5)))
+    assert runs.median_index == 2
+    assert runs.spread("held_real_time") == Spread(2.0, 1.0, 3.0)
+    assert runs.spread("audio_per_wall") == Spread(1.5, 1.0, 2.0)
+    # Equal held counts: audio s/s decides; an even count takes the lower middle run.
+    assert LevelRuns(2, (level_with(2, 1.9), level_with(2, 1.1), level_with(2, 1.5))).median_index == 2
+    assert median_index([(4, 0.0), (1, 0.0), (3, 0.0), (2, 0.0)]) == 3
+    saved = runs.as_dict()
+    assert saved["median_run"] == 2 and saved["held_real_time"] == 2 and len(saved["runs"]) == 3
+    assert saved["held_per_run"] == ["3/4", "1/4", "2/4"]
+    assert saved["spread"]["audio_per_wall"] == {"median": 1.5, "low": 1.0, "high": 2.0}
+    text = table([runs], ceiling={2: Spread(3.0, 2.8, 3.2)})
+    assert "| 2 | 3.00 [2.80-3.20] | 1.50 [1.00-2.00] | 50% | 2/4 | 3/4, 1/4, 2/4 |" in text
+
+
+def test_n_star_is_the_largest_level_with_15_percent_room():
+    assert n_star({1: 2.40, 2: 3.39, 4: 2.90, 8: 3.39}) == 2
+    assert n_star({1: 2.0, 2: 2.0, 4: 4.6}) == 4  # a dip at 2 does not hide 4; exactly 1.15x counts
+    assert n_star({1: 1.1, 2: 2.2}) is None
+    assert n_star({}) is None
+
+
+def trial(batch, llama, torch, backbone, decoder, n=0, fps=1):
+    return Split(batch, llama, torch, fps, backbone, decoder, n)
+
+
+def test_the_ceiling_is_the_best_combination_by_its_median_trial():
+    splits = [
+        trial(2, 1, 1, 5.0, 3.0, 0), trial(2, 1, 1, 5.0, 2.0, 1), trial(2, 1, 1, 1.0, 9.0, 2),  # ceilings 3, 2, 1
+        trial(2, 2, 1, 9.0, 2.5, 0), trial(2, 2, 1, 9.0, 2.5, 1), trial(2, 2, 1, 9.0, 0.1, 2),  # 2.5, 2.5, 0.1
+    ]
+    by_combination = {(c.llama_threads, c.torch_threads): c for c in combinations(splits)}
+    assert by_combination[(1, 1)].ceiling == Spread(2.0, 1.0, 3.0)
+    assert by_combination[(1, 1)].backbone_audio_s == Spread(5.0, 1.0, 5.0)
+    best = best_by_batch(splits)[2]
+    assert (best.llama_threads, best.torch_threads, best.trials) == (2, 1, 3)
+    assert best.ceiling.median == 2.5
+
+
+@pytest.mark.parametrize("cpus, oversubscribed, pairs", [
+    (1, False, [(1, 1)]),  # neither pool goes below one thread
+    (2, False, [(1, 1)]),
+    (2, True, [(1, 1), (1, 2), (2, 1), (2, 2)]),
+    (4, False, [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (3, 1)]),
+])
+def test_the_ceiling_searches_only_splits_that_fit_the_cpus_unless_asked(cpus, oversubscribed, pairs):
+    assert thread_splits(cpus, oversubscribed) == pairs
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chorus")
+    register(parser.add_subparsers(dest="command"), "bench", "")
+    return parser
+
+
+def test_the_command_lines_take_repeat_and_decoder_precision(capsys):
+    defaults = bench_parser().parse_args(["bench"])
+    assert (defaults.repeat, defaults.decoder_precision) == (3, "auto")
+    args = bench_parser().parse_args(["bench", "--repeat", "5", "--decoder-precision", "fp32", "--ceiling"])
+    assert (args.repeat, args.decoder_precision, args.ceiling) == (5, "fp32", True)
+    for wrong in (["--repeat", "0"], ["--decoder-precision", "fp16"]):
+        with pytest.raises(SystemExit):
+            bench_parser().parse_args(["bench", *wrong])
+    args = ceiling_bench.parser().parse_args(["--repeat", "2", "--decoder-precision", "bf16", "--cpus", "1",
+                                              "--oversubscribed"])
+    assert (args.repeat, args.decoder_precision, args.cpus, args.oversubscribed) == (2, "bf16", 1, True)
+    assert ceiling_bench.parser().parse_args([]).repeat == 3
+
+
+def test_the_stack_gets_the_benchs_decoder_precision_unless_a_stack_arg_names_one():
+    assert stack_options(["llama_threads=2"], "fp32") == ({"llama_threads": 2, "decoder_precision": "fp32"}, "fp32")
+    assert stack_options([], "auto") == ({"decoder_precision": "auto"}, "auto")
+    assert stack_options(["decoder_precision=bf16"], "auto") == ({"decoder_precision": "bf16"}, "bf16")
+
+
+def test_a_short_pinned_ceiling_measures_every_trial_and_restores_affinity(demo_models):
+    before = os.sched_getaffinity(0)
+    measured = ceiling_bench.measure(demo_models.gguf, demo_models.snac_dir, [1], seconds=0.3, frames=6,
+                                     frames_per_step=(1,), cpus=1, repeat=2)
+    assert os.sched_getaffinity(0) == before
+    assert [(s.batch, s.llama_threads, s.torch_threads, s.trial) for s in measured.splits] == [
+        (1, 1, 1, 0), (1, 1, 1, 1)]
+    assert all(s.backbone_audio_s > 0 and s.decoder_audio_s > 0 for s in measured.splits)
+    assert measured.decoder_precision in ("fp32", "bf16") and (measured.cpus, measured.pinned) == (1, True)
+    saved = measured.as_json()
+    assert saved["best"]["1"]["trials"] == 2 and "n_star" in saved and len(saved["splits"]) == 2
+    assert "N* = " in measured.table()
+
+
 @pytest.mark.parametrize("address, loopback", [
     ("127.0.0.1:50051", True), ("localhost:1", True), ("[::1]:50051", True), ("10.1.2.3:50051", False),
 ])
@@ -72,7 +198,7 @@ def test_a_short_sweep_through_a_real_stack_writes_figures_and_plots(demo_models
     out = tmp_path / "bench"
     done = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--models", str(demo_models.root), "--levels", "1,2",
-         "--requests", "2", "--frames", "6", "--out", str(out)],
+         "--requests", "2", "--frames", "6", "--repeat", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -83,6 +209,9 @@ def test_a_short_sweep_through_a_real_stack_writes_figures_and_plots(demo_models
         assert level["completed"] == 2 and level["failed"] == 0
         assert level["audio_seconds"] == pytest.approx(2 * 6 * FRAME_S)
         assert level["ttfa_p50_ms"] > 0
+        assert level["repeat"] == 2 and len(level["runs"]) == 2 and level["median_run"] in (0, 1)
+        assert 1 <= level["max_playing"] <= level["concurrency"]
+    assert [len(run["records"]) for run in result["requests"]["2"]] == [2, 2]
     assert (out / "sweep.png").stat().st_size > 1000
     assert (out / "timeline-2.png").stat().st_size > 1000
     assert "| 1 |" in done.stdout and "| 2 |" in done.stdout

@@ -31,7 +31,9 @@ SEED = 2**64 - 12345  # a seed above 2^63 too
 
 @pytest.fixture(scope="module")
 def decoder(snac_dir):
-    return StreamingSnacDecoder(load_snac(snac_dir, device="cpu").model)
+    # fp32, pinned (the worker's "auto" may pick bf16); bf16's own bits are tested in
+    # tests/test_decoder_precision.py.
+    return StreamingSnacDecoder(load_snac(snac_dir, device="cpu").model, precision="fp32")
 
 
 @pytest.fixture(autouse=True)

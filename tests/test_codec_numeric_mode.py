@@ -136,3 +136,50 @@ def test_a_stream_fails_over_only_to_a_worker_of_its_numeric_mode():
                 await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_bf16_stream_fails_over_only_to_a_worker_of_its_mode(monkeypatch):
+    """A bf16 worker's mode names its precision and bf16 kernels (numeric_mode.with_precision),
+    so a bf16 stream never moves to an fp32 worker, nor to one on other bf16 kernels."""
+    from services.codec_worker import numeric_mode, precision
+
+    def mode(base: str, decoder_precision: str, vendor: str, flags: set[str]) -> str:
+        monkeypatch.setattr(precision, "_cpuinfo", lambda: (vendor, frozenset(flags)))
+        return numeric_mode.with_precision(base, decoder_precision)
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    amd_bf16 = mode("mkl-non-intel", "bf16", "AuthenticAMD", {"avx512_bf16"})
+    modes = [
+        amd_bf16,
+        mode("mkl-non-intel", "fp32", "AuthenticAMD", {"avx512_bf16"}),  # same CPU, fp32
+        mode("mkl-compatible", "bf16", "GenuineIntel", {"avx512_bf16", "amx_bf16"}),  # AMX kernels
+        mode("mkl-compatible", "bf16", "AuthenticAMD", {"avx512_bf16"}),  # same kernels, other MKL mode
+        amd_bf16,
+    ]
+    assert len(set(modes)) == 4
+
+    async def scenario():
+        servers, addresses = [], []
+        for m in modes:
+            server = grpc.aio.server()
+            codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(m), server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            servers.append(server)
+        pool = CodecPool(addresses)
+        try:
+            await pool.start()
+            assert [pool.numeric_mode(a) for a in addresses] == modes
+            assert pool.pick({addresses[0]}, amd_bf16) == addresses[4]
+            with pytest.raises(NoCodecWorkerError, match=f"numeric mode {amd_bf16.replace('+', '.')}"):
+                pool.pick({addresses[0], addresses[4]}, amd_bf16)
+            # An fp32 stream of the same CPU does not move to a bf16 worker either.
+            with pytest.raises(NoCodecWorkerError):
+                pool.pick({addresses[1]}, modes[1])
+        finally:
+            await pool.close()
+            for server in servers:
+                await server.stop(None)
+
+    asyncio.run(scenario())

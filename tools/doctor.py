@@ -345,6 +345,17 @@ def _child_llama(gguf: str) -> None:
     _emit(**figures, ok=figures["finite_logits"], stage="done")
 
 
+def _decoder_precision() -> str | None:
+    """What a codec worker's `--decoder-precision auto` picks here, and the bf16 kernels
+    it would run: a pool whose nodes differ here splits into failover groups."""
+    try:
+        from services.codec_worker import precision
+    except ImportError:
+        return None
+    chosen = precision.resolve("auto")
+    return f"{chosen} (bf16 kernels: {precision.bf16_kernels()})" if chosen == "bf16" else chosen
+
+
 def _child_snac(snac_dir: str) -> None:
     _emit(stage="importing torch")
     try:
@@ -365,6 +376,7 @@ def _child_snac(snac_dir: str) -> None:
             "mkl": torch.backends.mkl.is_available(),
             "numeric_mode": str(current()) if callable(current) else os.environ.get("MKL_CBWR"),
             "numeric_mode_source": "services.codec_worker.numeric_mode" if callable(current) else "MKL_CBWR",
+            "decoder_precision": _decoder_precision(),
         },
         "gpu": {
             "cuda_available": cuda,
@@ -485,6 +497,7 @@ def _sections(report: dict) -> list[tuple[str, list[tuple[str, object]]]]:
             ("version", torch.get("version")), ("default threads", torch.get("threads")),
             ("CPU capability", torch.get("cpu_capability")), ("MKL", torch.get("mkl")),
             ("numeric mode", _numeric_mode(torch)),
+            ("decoder precision (auto)", _text(torch.get("decoder_precision"))),
         ]),
         ("gpu", [
             ("CUDA available", gpu.get("cuda_available")), ("torch CUDA", gpu.get("torch_cuda")),

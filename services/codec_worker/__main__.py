@@ -11,7 +11,8 @@ from chorus.cpu_budget import cpu_budget, shared_cores_notice, sleep_idle_thread
 from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
 from services.codec_worker import metrics, numeric_mode
 from services.codec_worker.config import (
-    CODEC_CAPACITY_MARGIN, DEVICES, NUMERIC_MODE_DEFAULT, NUMERIC_MODES, CodecWorkerConfig,
+    CODEC_CAPACITY_MARGIN, DECODER_PRECISION_DEFAULT, DECODER_PRECISIONS, DEVICES, NUMERIC_MODE_DEFAULT,
+    NUMERIC_MODES, CodecWorkerConfig,
 )
 
 DEFAULT_PORT = 50053
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MKL kernels on CPU: vendor (each CPU vendor's fast kernels; a stream fails over only to "
                         "workers of its vendor) or compatible (the same bits on every x86 CPU, 1.65-3x the decode "
                         "time) [CHORUS_NUMERIC_MODE]")
+    p.add_argument("--decoder-precision", choices=DECODER_PRECISIONS,
+                   default=from_env("CHORUS_DECODER_PRECISION", DECODER_PRECISION_DEFAULT),
+                   help="the decoder's channel mixes in fp32 or bf16; auto (default) is bf16 where the CPU has "
+                        "native bf16 (AVX512-BF16, AMX) or CUDA takes it, else fp32. Each gives its own bits; "
+                        "a stream fails over only to workers of its mode [CHORUS_DECODER_PRECISION]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)
     if not args.model_dir:
@@ -82,6 +88,7 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         idle_timeout_s=args.idle_timeout,
         tls=tls_files(args),
         numeric_mode=args.numeric_mode,
+        decoder_precision=args.decoder_precision,
         **allowed_clients(args),
     )
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chorus.capacity import ADMISSION_MARGIN
 from chorus.cpu_budget import cpu_budget
 from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.telemetry import CODEC_WORKER
 from services.codec_worker.numeric_mode import DEFAULT as NUMERIC_MODE_DEFAULT
 from services.codec_worker.numeric_mode import MODES as NUMERIC_MODES
+from services.codec_worker.precision import CHOICES as DECODER_PRECISIONS
+from services.codec_worker.precision import DEFAULT as DECODER_PRECISION_DEFAULT
 
 DEVICES = ("auto", "cpu", "cuda")
 # A short wait for more streams to share a forward: on 2 CPU cores 5 ms raised
@@ -21,7 +24,9 @@ GPU_BATCH_WAIT_MS = 2.0
 CPU_BATCH_WAIT_MS = 5.0
 
 
-CODEC_CAPACITY_MARGIN = 0.3
+# The headroom N* is defined with (chorus.capacity.ADMISSION_MARGIN): a worker that
+# kept 30% back admitted N*-1 streams wherever the decoder's headroom at N* was 15-30%.
+CODEC_CAPACITY_MARGIN = ADMISSION_MARGIN
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,21 @@ class CodecWorkerConfig:
     # MKL's kernels on CPU (numeric_mode.py): "vendor" (fast; same bits within a CPU
     # vendor) or "compatible" (same bits on every x86 CPU, 1.65-3x the decode time).
     numeric_mode: str = NUMERIC_MODE_DEFAULT
+    # The decoder's channel mixes in float32 or bfloat16 (precision.py); "auto" is
+    # bf16 where the CPU has native bf16 (or CUDA takes it), else fp32. Each gives its
+    # own bits, and the worker's reported numeric mode says which.
+    decoder_precision: str = DECODER_PRECISION_DEFAULT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []
         if self.numeric_mode not in NUMERIC_MODES:
             problems.append(f"numeric_mode must be one of {', '.join(NUMERIC_MODES)}, got {self.numeric_mode!r}")
+        if self.decoder_precision not in DECODER_PRECISIONS:
+            problems.append(f"decoder_precision must be one of {', '.join(DECODER_PRECISIONS)}, "
+                            f"got {self.decoder_precision!r}")
+        elif self.half and self.decoder_precision == "bf16":
+            problems.append("decoder_precision bf16 needs a float32 model: drop half, or use auto or fp32")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.half and self.device == "cpu":

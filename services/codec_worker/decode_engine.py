@@ -16,7 +16,10 @@ lead. It decodes them in two passes, urgent ones (no audio yet, or under
 one stream's backlog never delays another's first audio; while any stream is urgent,
 those with `AMPLE_LEAD_S` in hand sit the step out. At most `max_batch` streams
 and `max_frames_per_step` frames a stream go into a step, which bounds how long a
-newly arrived urgent stream can wait for the step in progress.
+newly arrived urgent stream can wait for the step in progress. Fewer frames while
+some open stream has little lead (`frames_per_stream`): a pass of several frames for
+every stream lasts about as many frame times, and a stream just past URGENT_LEAD_S
+(a new one ramping up from its 150 ms start buffer) ran dry waiting for it.
 
 Cross-stream batching may wait a little (`batch_wait_ms`) for more streams to have
 frames ready, but only when nobody in the step is urgent, and not at all when every
@@ -37,7 +40,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterable, Union
 
 import numpy as np
 import torch
@@ -53,6 +56,11 @@ log = logging.getLogger(__name__)
 # A failover resend or a burst can leave many frames pending; bounding a stream's
 # share of a step bounds the step, and so the wait of an urgent stream behind it.
 MAX_FRAMES_PER_STEP = 4
+# A pass bounded by a stream's small lead (frames_per_stream) still takes this many
+# frames a stream where they are pending: each forward pays a fixed part, and passes of
+# single frames over every stream (an urgent pass, then the rest) can fall below real
+# time where the ceiling, the better of 1 or 2 frames a step, holds them.
+MIN_FRAMES_PER_STEP = 2
 # A stream with less audio than this ahead of its listener is decoded in the urgent pass.
 URGENT_LEAD_S = 0.3
 # In a step with urgent streams, a stream with at least this much lead sits it out:
@@ -103,6 +111,22 @@ def to_pcm16(samples: np.ndarray) -> bytes:
 
 def is_urgent(lead: float | None) -> bool:
     return lead is None or lead < URGENT_LEAD_S
+
+
+def frames_per_stream(leads: Iterable[float | None], max_frames: int) -> int:
+    """Frames each stream may take in the next pass, given the leads of the open streams.
+
+    A pass of f frames over streams this worker holds at real time (with the admission
+    margin) takes under f frame times, and every open stream waits it out before its
+    next audio. So f frame times stay within half the least lead among them: the other
+    half covers the pass before it (the urgent one), the next urgent pass and a slow step.
+    A stream whose clock has not started (no audio yet) sets no bound: it is the most
+    urgent, and served first in the next step either way."""
+    started = [lead for lead in leads if lead is not None]
+    if not started:
+        return max_frames
+    within_half_the_lead = int(min(started) / (2.0 * orpheus.FRAME_SECONDS))
+    return max(min(MIN_FRAMES_PER_STEP, max_frames), min(max_frames, within_half_the_lead))
 
 
 def plan_step(ready: list, now: float, max_batch: int) -> tuple[list, list]:
@@ -352,7 +376,10 @@ class DecodeEngine:
         failed: set[EngineStream] = set()
         for tier in plan_step(ready, now, self.max_batch):
             if tier:
-                failed |= self._decode(tier)
+                # Leads now, after the pass before this one delivered its audio.
+                now = self._clock()
+                limit = frames_per_stream((s.lead(now) for s in self._streams), self.max_frames_per_step)
+                failed |= self._decode(tier, limit)
         for stream in flush:
             if stream not in failed:
                 self._flush(stream)
@@ -398,9 +425,10 @@ class DecodeEngine:
 
     # -- decoding ------------------------------------------------------------------
 
-    def _decode(self, tier: list[EngineStream]) -> set[EngineStream]:
-        """Decodes one pass and hands its audio over at once; returns streams that failed."""
-        work = [(s, s.take(self.max_frames_per_step)) for s in tier]
+    def _decode(self, tier: list[EngineStream], frames_limit: int) -> set[EngineStream]:
+        """Decodes one pass, at most `frames_limit` frames a stream, and hands its audio
+        over at once; returns streams that failed."""
+        work = [(s, s.take(frames_limit)) for s in tier]
         if self.decoder.device.type == "cpu":
             # A frame of one stream is too little work to split: its ops are small
             # and a second thread only adds sync (1 stream ran at 2.2x real time on
@@ -409,7 +437,9 @@ class DecodeEngine:
         for stream, _ in work:
             if stream.state is None:
                 stream.state = self.decoder.new_stream(**stream.state_args)
-        started = time.perf_counter()
+        # On the engine's clock (monotonic unless a test fakes it), so that fake step
+        # times drive the capacity model as real ones do.
+        started = self._clock()
         try:
             chunks = self.decoder.decode([(s.state, f) for s, f in work], self.max_batch)
         except Exception as err:  # one bad step must not take the worker down
@@ -418,7 +448,8 @@ class DecodeEngine:
             for stream in failed:
                 self._end(stream, DecodeFailed(f"decode failed: {err}"))
             return failed
-        elapsed = time.perf_counter() - started
+        now = self._clock()
+        elapsed = now - started
         frames = sum(len(f) for _, f in work)
         for streams in self.decoder.last_batch_sizes:
             self.on_forward(streams)
@@ -426,7 +457,6 @@ class DecodeEngine:
         self.stats.streams_stepped += len(work)
         self.stats.frames += frames
         self.capacity.record(len(work), elapsed, units=max(1, round(frames / len(work))))
-        now = self._clock()
         self.load.add(elapsed, frames * orpheus.FRAME_SECONDS, now)
         for (stream, _), chunk in zip(work, chunks):
             if chunk is not None:

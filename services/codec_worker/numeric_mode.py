@@ -28,6 +28,9 @@ MKL reads its mode once, at its first call, so the entry point sets MKL_CBWR bef
 torch runs anything (select), the package asks for the default for in-process users
 (request_before_torch), and loading a model checks the mode MKL actually runs in.
 GPUs have no such mode: CUDA workers report their device and give their own bits.
+
+The decoder's bf16 precision (precision.py) has bits of its own on top of these, so
+a worker reports its mode with the precision and bf16 kernels added (with_precision).
 """
 
 from __future__ import annotations
@@ -175,3 +178,21 @@ def gemms_on_one_thread() -> None:
     calls = _mkl()
     if calls is not None:
         calls.set_threads_here(1)
+
+
+def with_precision(mode: str, decoder_precision: str, device_type: str = "cpu") -> str:
+    """The mode a worker reports for a decoder of DECODER_PRECISION (precision.py)
+    whose float32 arithmetic runs in MODE (`current`, or a CUDA device's name).
+
+    fp32 reports MODE alone, as before precisions; bf16 adds what decides its bits,
+    e.g. "mkl-non-intel+bf16:AuthenticAMD:avx512_bf16": the float32 parts of the
+    decoder (quantizer projections) still follow MODE, and the bf16 GEMMs follow
+    the CPU's bf16 kernels (AMX and AVX512-BF16 give other bits; the vendor is named
+    because oneDNN's equal bits across vendors were not measured). On CUDA, "+bf16"."""
+    if decoder_precision == "fp32":
+        return mode
+    if device_type != "cpu":
+        return f"{mode}+{decoder_precision}"
+    from services.codec_worker import precision
+
+    return f"{mode}+{decoder_precision}:{precision.bf16_kernels()}"

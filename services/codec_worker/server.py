@@ -14,6 +14,7 @@ import time
 from typing import AsyncIterator
 
 import grpc
+import torch
 from opentelemetry import trace
 
 from chorus import orpheus, telemetry
@@ -23,12 +24,12 @@ from chorus.engine_thread import EngineDead, EngineStopped
 from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.serving import RunningServer, new_server, serve_with_health
-from services.codec_worker import metrics
+from services.codec_worker import metrics, numeric_mode, precision
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
 from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.memory import HeapTrimmer
-from services.codec_worker.model import load_snac
+from services.codec_worker.model import LoadedSnac, load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
         loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half, config.numeric_mode)
-        decoder = StreamingSnacDecoder(loaded.model)
+        decoder = StreamingSnacDecoder(loaded.model, precision=decoder_precision(config, loaded))
         engine = DecodeEngine(
             decoder,
             max_batch=config.max_batch,
@@ -291,7 +292,8 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(engine.aclose)
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
-    servicer.attach(engine, loaded.device_name, loaded.numeric_mode)
+    reported_mode = numeric_mode.with_precision(loaded.numeric_mode, decoder.precision, loaded.device_name)
+    servicer.attach(engine, loaded.device_name, reported_mode)
 
     def engine_died(error: BaseException) -> None:
         log.error("the decode engine died (%s): NOT_SERVING", error)
@@ -305,9 +307,17 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
 
     running.on_stop.append(stop_gauges)
     await running.set_serving(True)
-    log.info("codec worker SERVING on %s:%d (%s, numeric mode %s)", config.host, running.port, loaded.device_name,
-             loaded.numeric_mode)
+    log.info("codec worker SERVING on %s:%d (%s, %s decoder, numeric mode %s)", config.host, running.port,
+             loaded.device_name, decoder.precision, reported_mode)
     return running
+
+
+def decoder_precision(config: CodecWorkerConfig, loaded: LoadedSnac) -> str:
+    """The configured precision for this model and device; a float16 model (--half)
+    decodes in its own dtype, whatever "auto" would pick."""
+    if config.decoder_precision == "auto" and next(loaded.model.parameters()).dtype != torch.float32:
+        return "fp32"
+    return precision.resolve(config.decoder_precision, loaded.device_name)
 
 
 async def _publish_load(engine: DecodeEngine, interval_s: float = 0.5) -> None:

@@ -51,6 +51,15 @@ The engine may therefore chunk and batch freely: there is no constraint on frame
 per step, batch partners or thread counts. A resume needs its context frames to
 cover the decoder's reach (2.32 frames; the token server resends 3), nothing else. On CUDA the same code runs, but cuBLAS
 and cuDNN choose kernels by shape, so bit-exactness there is not claimed.
+
+Two precisions (precision.py), each exact in that sense, with bits of its own:
+`fp32` is the above; `bf16` runs the channel mixes, which are the decoder's dense
+and transposed convs and ~60% of its time, in bfloat16 through oneDNN (channel_mix.py),
+3-4x faster per GEMM on AVX512-BF16. The rest stays float32: depthwise convs took
+longer in bfloat16 (the casts cost more than the memory-bound conv saves), Snake and
+the sums would lose precision for little time, the quantizer's projections are tiny,
+and the state between steps is float32 in both, so their shapes and batching rules
+are the same.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, fr
 from services.codec_worker import keyed_noise
 from services.codec_worker import numeric_mode
 from services.codec_worker.channel_mix import ChannelMix, mix_rows
+from services.codec_worker.precision import PRECISIONS
 
 # Tensors of one stream (batch 1) or of a stacked group (batch B), one per slot.
 State = list[torch.Tensor]
@@ -135,8 +145,8 @@ class _Noise(_Layer):
     pointwise in time, so each new sample gets its noise once, as in a
     whole-sequence decode, and the same noise however the stream is stepped."""
 
-    def __init__(self, module: NoiseBlock, index: int, steps_per_frame: int) -> None:
-        self.linear = ChannelMix(module.linear.weight[..., 0], None, steps_per_frame)
+    def __init__(self, module: NoiseBlock, index: int, steps_per_frame: int, mix_dtype: torch.dtype | None) -> None:
+        self.linear = ChannelMix(module.linear.weight[..., 0], None, steps_per_frame, mix_dtype)
         self.index = index
         # This layer's time steps per frame, which place a stream's first output.
         self.steps_per_frame = steps_per_frame
@@ -159,7 +169,7 @@ class _Conv(_StatefulLayer):
     channel mix producing every tap's contribution, summed over the taps in a fixed
     order (conv1d's own 1x1 and dense paths are not bit-exact across shapes)."""
 
-    def __init__(self, module: nn.Conv1d, steps_per_frame: int) -> None:
+    def __init__(self, module: nn.Conv1d, steps_per_frame: int, mix_dtype: torch.dtype | None) -> None:
         (kernel,), (dilation,), (padding,), (stride,) = (
             module.kernel_size, module.dilation, module.padding, module.stride,
         )
@@ -175,7 +185,7 @@ class _Conv(_StatefulLayer):
         else:
             # Rows ordered (tap, out channel): the product views as (B, tap, out, T).
             taps = weight.permute(2, 0, 1).reshape(-1, weight.shape[1])
-            self.mix = ChannelMix(taps, self.bias if kernel == 1 else None, steps_per_frame)
+            self.mix = ChannelMix(taps, self.bias if kernel == 1 else None, steps_per_frame, mix_dtype)
         self.kernel, self.dilation, self.groups, self.pad = kernel, dilation, module.groups, padding
         self.in_channels, self.out_channels = module.in_channels, module.out_channels
 
@@ -231,7 +241,7 @@ class _TransposedConv(_StatefulLayer):
     The carry (bias excluded) is empty until the first input: that marks the stream
     start, where the padding crops s/2 positions."""
 
-    def __init__(self, module: nn.ConvTranspose1d, steps_per_frame: int) -> None:
+    def __init__(self, module: nn.ConvTranspose1d, steps_per_frame: int, mix_dtype: torch.dtype | None) -> None:
         (kernel,), (stride,), (padding,), (out_pad,) = (
             module.kernel_size, module.stride, module.padding, module.output_padding,
         )
@@ -239,7 +249,9 @@ class _TransposedConv(_StatefulLayer):
             raise ValueError(f"transposed conv shape not supported for streaming: {module}")
         weight = module.weight.detach()  # (in, out, 2s)
         # Rows ordered (out channel, tap), so that the product views as (B, out, 2s, n).
-        self.mix = ChannelMix(weight.permute(1, 2, 0).reshape(-1, weight.shape[0]), None, steps_per_frame)
+        self.mix = ChannelMix(
+            weight.permute(1, 2, 0).reshape(-1, weight.shape[0]), None, steps_per_frame, mix_dtype
+        )
         self.bias = module.bias.detach().view(1, -1, 1, 1)
         self.stride, self.crop = stride, padding
         self.out_channels = module.out_channels
@@ -335,10 +347,12 @@ class _Residual(_StatefulLayer):
 
 class _Builder:
     """Turns SNAC's decoder modules into streaming layers, numbering the noise layers
-    and tracking each one's time steps per frame as the transposed convs upsample."""
+    and tracking each one's time steps per frame as the transposed convs upsample.
+    Channel mixes compute in `mix_dtype` (None: the model's)."""
 
-    def __init__(self, steps_per_frame: int) -> None:
+    def __init__(self, steps_per_frame: int, mix_dtype: torch.dtype | None = None) -> None:
         self.steps_per_frame = steps_per_frame
+        self.mix_dtype = mix_dtype
         self.noise_layers: list[_Noise] = []
 
     def build(self, modules: nn.Sequential) -> _Chain:
@@ -347,12 +361,12 @@ class _Builder:
             if isinstance(module, Snake1d):
                 layers.append(_Snake(module))
             elif isinstance(module, nn.Conv1d):
-                layers.append(_Conv(module, self.steps_per_frame))
+                layers.append(_Conv(module, self.steps_per_frame, self.mix_dtype))
             elif isinstance(module, nn.ConvTranspose1d):
-                layers.append(_TransposedConv(module, self.steps_per_frame))
+                layers.append(_TransposedConv(module, self.steps_per_frame, self.mix_dtype))
                 self.steps_per_frame *= module.stride[0]
             elif isinstance(module, NoiseBlock):
-                noise = _Noise(module, len(self.noise_layers), self.steps_per_frame)
+                noise = _Noise(module, len(self.noise_layers), self.steps_per_frame, self.mix_dtype)
                 self.noise_layers.append(noise)
                 layers.append(noise)
             elif isinstance(module, DecoderBlock):
@@ -438,17 +452,26 @@ class Chunk:
 class StreamingSnacDecoder:
     """Streams SNAC codes to audio; one instance serves any number of streams.
 
+    `precision` is "fp32" or "bf16" (precision.py; `precision.resolve` turns "auto"
+    into one of them): each gives its own bits, exact however the decoder is driven.
+
     Not thread-safe: the engine drives it from one thread.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._quantizer = _Quantizer(model.quantizer)
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            hint = " (precision.resolve picks one for 'auto')" if precision == "auto" else ""
+            raise ValueError(f"decoder precision must be one of {', '.join(PRECISIONS)}, got {precision!r}{hint}")
         param = next(model.decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if precision == "bf16" and self.dtype != torch.float32:
+            raise ValueError(f"bf16 decoder precision needs a float32 model, not {self.dtype} (drop --half)")
+        self.precision = precision
+        self._quantizer = _Quantizer(model.quantizer)
         latent_steps, rest = divmod(SAMPLES_PER_FRAME, int(model.hop_length))
         if rest:
             raise ValueError(f"SNAC hop length {model.hop_length} does not divide a frame of {SAMPLES_PER_FRAME}")
-        builder = _Builder(latent_steps)
+        builder = _Builder(latent_steps, torch.bfloat16 if precision == "bf16" else None)
         self._net = builder.build(model.decoder.model)
         self._noise_steps_per_frame = np.array([n.steps_per_frame for n in builder.noise_layers], dtype=np.int64)
         self._n_slots = self._net.bind(0)

@@ -98,6 +98,9 @@ class CodecPool:
     def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
         self.endpoints = EndpointSet(addresses, security)
         self._in_flight: collections.Counter[str] = collections.Counter()
+        # Most streams held on each worker since its poll began: what the worker may have
+        # counted as ours (see _poll_one).
+        self._in_flight_peak: collections.Counter[str] = collections.Counter()
         self._open_total = 0  # the sum of _in_flight, one int for the engine thread to read
         self._failed_at: dict[str, float] = {}
         self._loads: dict[str, WorkerLoad] = {}
@@ -163,7 +166,11 @@ class CodecPool:
     async def _poll_one(self, address: str) -> None:
         load = self._loads.setdefault(address, WorkerLoad())
         stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
-        ours = self._in_flight[address]
+        # A stream we open while the poll is on its way, or close while the worker has
+        # yet to see it go, is in the worker's count: counted as another server's, it
+        # took our own seat until the next poll (a request waited 0.5 s with N* streams
+        # held). So ours is the most we held during the poll.
+        self._in_flight_peak[address] = self._in_flight[address]
         try:
             reply = await stub.GetLoad(codec_pb2.GetLoadRequest(), timeout=LOAD_POLL_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
@@ -175,7 +182,7 @@ class CodecPool:
         load.max_streams = reply.max_streams
         load.capacity_streams = reply.capacity_streams
         load.open_streams = reply.open_streams
-        load.ours_when_polled = ours
+        load.ours_when_polled = max(self._in_flight_peak[address], self._in_flight[address])
         load.lag_seconds = reply.lag_seconds
         load.numeric_mode = reply.numeric_mode
 
@@ -211,6 +218,7 @@ class CodecPool:
 
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
+        self._in_flight_peak[address] = max(self._in_flight_peak[address], self._in_flight[address])
         self._open_total += 1
         stub = codec_pb2_grpc.CodecServiceStub(self.endpoints.channel(address))
         return stub.Decode()

@@ -11,7 +11,9 @@ Three decisions, each for real time rather than for throughput alone:
   slots are fewer than the real-time capacity (`RealTimeCapacity`, learned from this
   engine's step times) and the codec pool has room for one more stream. Past that it
   waits: admitting it would slow every running stream below real time, so that all of
-  them stall instead of none.
+  them stall instead of none. At the capacity model's margin (chorus.capacity.
+  ADMISSION_MARGIN, the 15% of N*'s definition) that is N* streams admitted at once on
+  a machine whose ceiling gives N*, and the next one waiting in the bounded queue.
 - Pacing. A generating stream whose lead (audio generated beyond what its listener has
   played) exceeds `pace_lead_s` sits the step out, its KV kept, whenever another stream
   needs the step: one that is behind, one still waiting for its first audio, a prompt to

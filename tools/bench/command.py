@@ -4,11 +4,18 @@ By default it starts the stack `chorus serve` would (tools.supervisor, the same 
 split and defaults), runs each concurrency level, and stops it; `--gateway` points it at
 a stack already running on this machine instead. With `--ceiling` it first measures the
 machine's ceiling (tools/bench/ceiling.py) at the same concurrency levels, before the
-services start, so that the table puts Chorus beside its denominator from one run.
+services start, so that the table puts Chorus beside its denominator from one run, and
+N*: the largest level whose ceiling is at least 1.15x its streams.
 
-It writes `bench.json` (every figure, every request's chunk arrivals) and PNG plots
-(a chunk-arrival timeline per level, TTFA and audio s/s against concurrency) into
-`--out`, and prints a Markdown table.
+Each level runs `--repeat` times back to back on the same started stack (a fresh
+stack per run would measure start-up calibration as much as serving), and each
+ceiling combination as many times: a single run on a shared machine moves as much as
+the effects being measured. Figures are median [min-max] over the runs; the median
+run of a level (report.LevelRuns) stands for it where one run is needed.
+
+It writes `bench.json` (every run's figures, every request's chunk arrivals) and PNG
+plots (the median run's chunk-arrival timeline per level, TTFA and audio s/s against
+concurrency) into `--out`, and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from chorus.playback import DEFAULT_START_BUFFER_S
+from tools.bench.ceiling import add_common_arguments
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -55,7 +63,8 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="listener's start buffer for the held-real-time figures (default 150)")
     p.add_argument("--ceiling", action="store_true",
                    help="measure the machine's ceiling at the same levels first, in the same run")
-    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="measured seconds per ceiling combination")
+    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="measured seconds per ceiling trial")
+    add_common_arguments(p)
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for bench.json and the plots")
     p.add_argument("--stack-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="passed to `chorus serve`'s stack as a Stack field, e.g. --stack-arg llama_threads=2")
@@ -79,6 +88,15 @@ def _stack_fields(pairs: list[str]) -> dict:
     return fields
 
 
+def stack_options(pairs: list[str], decoder_precision: str) -> tuple[dict, str]:
+    """The Stack fields for the stack the bench starts, and the decoder precision its
+    codec workers get: the bench's `--decoder-precision`, unless --stack-arg names one
+    (the ceiling and the stack then measure the same decoder)."""
+    given = _stack_fields(pairs)
+    given.setdefault("decoder_precision", decoder_precision)
+    return given, given["decoder_precision"]
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -93,8 +111,8 @@ def run_bench(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start_buffer_s = args.start_buffer_ms / 1000.0
     ceiling = None
-    ceiling_splits = []
     stack = None
+    stack_precision = None
     if args.ceiling:
         from tools.bench import ceiling as ceiling_bench
         from tools.supervisor import locate_models
@@ -102,47 +120,66 @@ def run_bench(args: argparse.Namespace) -> int:
         models = locate_models(args.models)
         print("measuring the ceiling (bare llama_decode beside the streaming decoder, over thread splits)...",
               file=sys.stderr)
-        ceiling_splits = ceiling_bench.measure(models.gguf, models.snac_dir, levels, args.ceiling_seconds)
-        ceiling = {b: s.ceiling for b, s in ceiling_bench.best_by_batch(ceiling_splits).items()}
+        ceiling = ceiling_bench.measure(models.gguf, models.snac_dir, levels, args.ceiling_seconds,
+                                        repeat=args.repeat, decoder_precision=args.decoder_precision)
     try:
         address = args.gateway
         if not address:
             from tools.supervisor import Stack
 
-            stack = Stack(models_dir=args.models, gateway_http_port=None, **_stack_fields(args.stack_arg),
+            extra, stack_precision = stack_options(args.stack_arg, args.decoder_precision)
+            stack = Stack(models_dir=args.models, gateway_http_port=None, **extra,
                           on_progress=lambda message: print(message, file=sys.stderr))
             stack.start()
             address = stack.gateway_address
         per_level = {c: args.requests or max(8, 4 * c) for c in levels}
-        runs, figures = [], []
-        with tqdm(total=sum(per_level.values()), unit="req", desc="chorus bench", file=sys.stderr) as bar:
+        runs: dict[int, list] = {c: [] for c in levels}
+        total = sum(per_level.values()) * args.repeat
+        with tqdm(total=total, unit="req", desc="chorus bench", file=sys.stderr) as bar:
             first = 0
             for concurrency in levels:
-                bar.set_postfix(concurrent=concurrency)
+                for repetition in range(args.repeat):
+                    bar.set_postfix(concurrent=concurrency, run=f"{repetition + 1}/{args.repeat}")
 
-                def done(record, bar=bar):
-                    bar.update(1)
+                    def done(record, bar=bar):
+                        bar.update(1)
 
-                run = asyncio.run(run_level(address, concurrency, per_level[concurrency], args.frames,
-                                            args.max_seconds, args.timeout, first, done))
-                first += per_level[concurrency]
-                runs.append(run)
-                figures.append(report.figures(run, start_buffer_s))
+                    run = asyncio.run(run_level(address, concurrency, per_level[concurrency], args.frames,
+                                                args.max_seconds, args.timeout, first, done))
+                    first += per_level[concurrency]
+                    runs[concurrency].append(run)
     finally:
         if stack is not None:
             stack.stop()
-    for run in runs:
-        plots.chunk_timeline(run, start_buffer_s, args.out / f"timeline-{run.concurrency}.png")
-    plots.sweep_summary(figures, ceiling, args.out / "sweep.png")
+    summaries = [report.LevelRuns(c, tuple(report.figures(run, start_buffer_s) for run in runs[c]))
+                 for c in levels]
+    for summary in summaries:
+        plots.chunk_timeline(runs[summary.concurrency][summary.median_index], start_buffer_s,
+                             args.out / f"timeline-{summary.concurrency}.png")
+    ceiling_spreads = {b: c.ceiling for b, c in ceiling.best().items()} if ceiling else None
+    plots.sweep_summary(summaries, ceiling_spreads, args.out / "sweep.png")
+    n_star = ceiling.n_star() if ceiling else None
     result = {
         "frames_per_request": args.frames,
         "start_buffer_s": start_buffer_s,
-        "levels": [f.as_dict() for f in figures],
-        "ceiling": {"best": ceiling, "splits": [{**asdict(s), "ceiling": s.ceiling} for s in ceiling_splits]}
-        if ceiling else None,
-        "requests": {str(run.concurrency): [asdict(r) for r in run.records] for run in runs},
+        "repeat": args.repeat,
+        "decoder_precision": {"requested": args.decoder_precision, "stack": stack_precision,
+                              "ceiling": ceiling.decoder_precision if ceiling else None},
+        "n_star": n_star,
+        "levels": [summary.as_dict() for summary in summaries],
+        "ceiling": ceiling.as_json() if ceiling else None,
+        # Per level, one entry per run, in run order.
+        "requests": {
+            str(c): [{"run": i, "started_at": run.started_at, "ended_at": run.ended_at,
+                      "records": [asdict(r) for r in run.records]} for i, run in enumerate(runs[c])]
+            for c in levels
+        },
     }
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(report.table(figures, ceiling))
+    print(report.table(summaries, ceiling_spreads))
+    if ceiling:
+        star = "none" if n_star is None else str(n_star)
+        print(f"\nN* = {star}: the largest level whose ceiling (median of {args.repeat} over the best split) "
+              f"is at least {ceiling_bench.N_STAR_MARGIN:g}x its streams")
     print(f"\nwrote {args.out / 'bench.json'}, {args.out / 'sweep.png'} and timeline-<level>.png", file=sys.stderr)
     return 0

@@ -1,13 +1,15 @@
 """PNG plots of a sweep: when each stream's audio arrived against when its listener
-needed it, and TTFA and throughput against concurrency."""
+needed it (the median run of each level), and TTFA and throughput against concurrency."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from chorus import orpheus
 from tools.bench.load import LevelRun
-from tools.bench.report import LevelFigures
+from tools.bench.report import LevelRuns
+from tools.bench.stats import Spread
 
 
 def _pyplot():
@@ -50,21 +52,34 @@ def chunk_timeline(run: LevelRun, start_buffer_s: float, path: Path) -> Path:
     return path
 
 
-def sweep_summary(levels: list[LevelFigures], ceiling: dict[int, float] | None, path: Path) -> Path:
-    """TTFA (p50, p95) and audio seconds per wall second against concurrency."""
+def sweep_summary(levels: list[LevelRuns], ceiling: Mapping[int, Spread] | None, path: Path) -> Path:
+    """TTFA (p50, p95) and audio seconds per wall second against concurrency: each a
+    median over the level's runs, its bar the runs' min-max, so that a difference
+    smaller than the bars is the machine's noise, not the code's."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    xs = [f.concurrency for f in levels]
-    left.plot(xs, [f.ttfa_p50_ms or 0 for f in levels], marker="o", label="p50")
-    left.plot(xs, [f.ttfa_p95_ms or 0 for f in levels], marker="o", label="p95")
+    xs = [lv.concurrency for lv in levels]
+
+    def plot(ax, spreads: list[Spread | None], **style) -> None:
+        present = [(x, s) for x, s in zip(xs, spreads) if s is not None]
+        if not present:
+            return
+        ax.errorbar([x for x, _ in present], [s.median for _, s in present],
+                    yerr=[[s.median - s.low for _, s in present], [s.high - s.median for _, s in present]],
+                    capsize=3, **style)
+
+    plot(left, [lv.spread("ttfa_p50_ms") for lv in levels], marker="o", label="p50")
+    plot(left, [lv.spread("ttfa_p95_ms") for lv in levels], marker="o", label="p95")
+    plot(left, [lv.spread("held_ttfa_p95_ms") for lv in levels], marker=".", linestyle=":",
+         label="p95, held streams")
     left.set_xlabel("concurrent streams")
     left.set_ylabel("time to first audio (ms)")
     left.set_title("TTFA")
     left.legend()
     left.grid(alpha=0.3)
-    right.plot(xs, [f.audio_per_wall for f in levels], marker="o", label="Chorus")
+    plot(right, [lv.spread("audio_per_wall") for lv in levels], marker="o", label="Chorus")
     if ceiling:
-        right.plot(xs, [ceiling.get(x, float("nan")) for x in xs], marker="s", linestyle="--", label="ceiling")
+        plot(right, [ceiling.get(x) for x in xs], marker="s", linestyle="--", label="ceiling")
     right.plot(xs, xs, linestyle=":", color="grey", label="real time for every stream")
     right.set_xlabel("concurrent streams")
     right.set_ylabel("audio seconds per wall second")
