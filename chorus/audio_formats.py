@@ -8,6 +8,7 @@ client can read it without loading FFmpeg.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from chorus import orpheus
@@ -83,3 +84,47 @@ def for_extension(path: str) -> AudioFormat | None:
 def known_extensions() -> str:
     """Every format with its extensions, for error messages: "wav (.wav), aac (.aac, .adts), ..."."""
     return ", ".join(f"{f.name} ({', '.join(f.extensions)})" for f in FORMATS.values())
+
+
+def write_stream_lengths(buf, fmt: AudioFormat, samples: int) -> bool:
+    """Writes the real length into a finished stream's WAV or FLAC header, in place
+    in `buf` (a bytearray, or an mmap of a file); True if it did.
+
+    A streaming muxer cannot seek back, so it leaves the length "unknown": WAV's RIFF
+    and data sizes at 0xFFFFFFFF (Python's `wave` then reads 2**31-1 frames) and
+    FLAC's STREAMINFO total at 0 (libsndfile then tries an array too big to allocate).
+    The gateway fixes a file it sends whole, and `chorus say` the file it wrote, with
+    this one function. Anything it cannot read as such a header is left as it is, and
+    so is a WAV over 4 GiB, whose sizes cannot be written in 32 bits."""
+    if fmt.name == "wav":
+        return _wav_sizes(buf)
+    if fmt.name == "flac":
+        return _flac_total(buf, samples)
+    return False
+
+
+def _wav_sizes(buf) -> bool:
+    size = len(buf)
+    if size - 8 > 0xFFFFFFFF or bytes(buf[:4]) != b"RIFF" or bytes(buf[8:12]) != b"WAVE":
+        return False
+    position = 12
+    # Chunks are walked, not assumed: FFmpeg puts a LIST chunk before the data.
+    while position + 8 <= size:
+        chunk_id, chunk_size = struct.unpack_from("<4sI", buf, position)
+        if chunk_id == b"data":
+            struct.pack_into("<I", buf, position + 4, size - position - 8)
+            struct.pack_into("<I", buf, 4, size - 8)
+            return True
+        position += 8 + chunk_size + (chunk_size & 1)
+    return False
+
+
+def _flac_total(buf, samples: int) -> bool:
+    # The first metadata block (type 0, STREAMINFO) starts at byte 8; bytes 18..25 of
+    # the file hold rate (20 bits), channels (3), bits per sample (5) and total
+    # samples (36), big-endian.
+    if len(buf) < 26 or bytes(buf[:4]) != b"fLaC" or buf[4] & 0x7F != 0 or not 0 <= samples < 1 << 36:
+        return False
+    packed = int.from_bytes(bytes(buf[18:26]), "big")
+    buf[18:26] = ((packed & ~((1 << 36) - 1)) | samples).to_bytes(8, "big")
+    return True

@@ -73,7 +73,8 @@ def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None
                         help=f"port; 0 picks one (default {default_port}) [CHORUS_PORT]")
     parser.add_argument("--ready-file", default=None, help="write the bound address here once SERVING")
     parser.add_argument("--otlp-endpoint", default=env("CHORUS_OTLP_ENDPOINT"),
-                        help="OTLP/gRPC trace receiver host:port, e.g. Jaeger's 4317 [CHORUS_OTLP_ENDPOINT]")
+                        help="OTLP/gRPC trace receiver host:port, e.g. Jaeger's 4317 [CHORUS_OTLP_ENDPOINT]; "
+                        "unset, the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
     parser.add_argument("--metrics-port", type=int, default=from_env("CHORUS_METRICS_PORT", 0),
                         help="Prometheus /metrics port; 0 disables [CHORUS_METRICS_PORT]")
     parser.add_argument("--drain-seconds", type=float, default=from_env("CHORUS_DRAIN_SECONDS", 30.0),

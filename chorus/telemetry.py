@@ -7,7 +7,12 @@ CLIENT on every call it makes, W3C `traceparent` in the metadata between them) c
 from the standard OpenTelemetry gRPC instrumentation, wired in `chorus.instrumentation`;
 Chorus adds the stages of a request (`record_stage`, `span`) under them, attributes
 for retries and failovers (`call_attributes`) and the request id (`tag_request`).
-Without an OTLP endpoint the
+Where spans go: Chorus's own `--otlp-endpoint` / `CHORUS_OTLP_ENDPOINT` when set, else
+the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`
+(the exporter reads those itself, with `OTEL_EXPORTER_OTLP_HEADERS`, certificates and
+timeouts, which apply whichever endpoint won). `OTEL_SERVICE_NAME` (or `service.name`
+in `OTEL_RESOURCE_ATTRIBUTES`) renames the service; the other resource attributes are
+added. Without any endpoint the
 SDK provider still mints real trace ids (responses report them to clients, who quote
 them in bug reports) but exports nothing, so tracing costs nothing to leave on.
 
@@ -19,7 +24,8 @@ instruments through it.
 
 Each service declares its own metrics in its own `metrics.py`, in a registry of its
 own, named `chorus_<service>_*`: a token server's /metrics lists only token-server
-names, and scrape configs can tell the services apart by name. This module only
+names (besides the standard `process_*` ones every exporter has), and scrape configs
+can tell the services apart by name. This module only
 names them and serves a registry.
 """
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -40,7 +47,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import start_http_server as _prometheus_http_server
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ __all__ = [
     "setup_tracing", "shutdown_tracing", "flush_tracing", "get_tracer",
     "SpanKind", "span", "call_attributes", "pending_call_attributes", "tag_request", "REQUEST_ID",
     "current_trace_id", "record_stage", "LATENCY_BUCKETS", "metric_name", "RpcMetrics", "start_metrics_server",
+    "service_registry", "api_of", "OTEL_ENV",
 ]
 
 
@@ -67,7 +75,20 @@ __all__ = [
 class _Tracing:
     service_name: str
     otlp_endpoint: str | None
+    # The standard OTEL_* variables as they were when the provider was built: a change
+    # (tests re-point a process) builds a new one.
+    otel_env: tuple[tuple[str, str], ...]
     provider: TracerProvider
+
+
+# The standard variables `setup_tracing` honours (the exporter reads the OTLP ones).
+OTEL_ENV = (
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE",
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES",
+)
 
 
 _lock = threading.Lock()
@@ -83,33 +104,59 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("chorus_request
 
 def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider:
     """Makes this process trace as `service_name`, exporting to `otlp_endpoint`
-    ("host:port" of an OTLP/gRPC receiver such as Jaeger's 4317) when one is given.
+    ("host:port" of an OTLP/gRPC receiver such as Jaeger's 4317) when one is given,
+    else where the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT says (module docstring).
 
-    Calling it again with the same arguments returns the same provider, so each
-    service's `main` and the in-process stack can both call it. Different arguments
-    flush and shut down the previous provider and install a new one.
+    Calling it again with the same arguments (and environment) returns the same
+    provider, so each service's `main` and the in-process stack can both call it.
+    Different ones flush and shut down the previous provider and install a new one.
     """
     global _tracing, _global_set
     endpoint = otlp_endpoint or None
+    otel_env = tuple((name, os.environ[name]) for name in OTEL_ENV if os.environ.get(name))
     with _lock:
-        if _tracing and (_tracing.service_name, _tracing.otlp_endpoint) == (service_name, endpoint):
+        if _tracing and (_tracing.service_name, _tracing.otlp_endpoint, _tracing.otel_env) == (
+                service_name, endpoint, otel_env):
             return _tracing.provider
         previous, _tracing = _tracing, None
     if previous:
         previous.provider.shutdown()
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=_resource(service_name))
+    exporting_to = _exporter_endpoint(endpoint)
     if endpoint:
         # insecure=True unless the endpoint says https://, which the exporter honours
         # over this flag: in-cluster collectors listen in plaintext.
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+    elif exporting_to:
+        # No argument: the exporter takes the endpoint, headers, TLS and timeout from
+        # the standard variables, as every OpenTelemetry SDK does (an http:// endpoint
+        # is plaintext, https:// is TLS).
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     with _lock:
-        _tracing = _Tracing(service_name, endpoint, provider)
+        _tracing = _Tracing(service_name, endpoint, otel_env, provider)
         if not _global_set:
             trace.set_tracer_provider(provider)
             _global_set = True
-    log.info("tracing as %s, exporting to %s", service_name, endpoint or "nowhere")
+    log.info("tracing as %s, exporting to %s", provider.resource.attributes.get(SERVICE_NAME),
+             exporting_to or "nowhere")
     return provider
+
+
+def _exporter_endpoint(endpoint: str | None) -> str | None:
+    """Where spans go: Chorus's own setting wins over the standard variables."""
+    return (endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+def _resource(service_name: str) -> Resource:
+    """Resource.create reads OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, but the
+    attributes passed to it win over both; Chorus's name is only the default here, so
+    it is passed only when neither variable names the service."""
+    detected = Resource.create()
+    listed = {pair.partition("=")[0].strip() for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")}
+    named = os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME in listed
+    return detected if named else detected.merge(Resource({SERVICE_NAME: service_name}))
 
 
 def flush_tracing(timeout_millis: int = 10_000) -> bool:
@@ -220,32 +267,59 @@ _metrics_servers: dict[tuple[str, int], object] = {}
 class RpcMetrics:
     """The RPC metrics every service exports under its own names, recorded by the
     server interceptor of `chorus.instrumentation` for every call but health checks
-    and reflection:
+    and reflection, and by the gateway's HTTP door (`gateway.openai_http.access`):
 
-    - `chorus_<service>_requests_total{method, code}`: finished calls by gRPC status
+    - `chorus_<service>_requests_total{api, method, code}`: finished calls by gRPC status
       (`code="OK"`, `"INVALID_ARGUMENT"`, `"DEADLINE_EXCEEDED"`, `"CANCELLED"`...),
       so the error rate is the non-OK share;
-    - `chorus_<service>_in_flight_requests{method}`: calls being served now;
-    - `chorus_<service>_request_duration_seconds{method}`: from arrival to the status,
+    - `chorus_<service>_in_flight_requests{api, method}`: calls being served now;
+    - `chorus_<service>_request_duration_seconds{api, method}`: from arrival to the status,
       a stream's whole length for streaming calls.
 
-    `method` is the RPC's short name (`Generate`, `Decode`, `Synthesize`...).
+    `api` is the door a call came through (`api_of`): `tts.v1` (Chorus's own API, the
+    gateway's and the services' between them), `riva` (NVIDIA Riva's TTS API on the
+    gateway's gRPC port), `openai` (the gateway's HTTP port). `method` is the RPC's
+    short name (`Generate`, `Decode`, `Synthesize`...) or, on the HTTP port, the route
+    (`POST /v1/audio/speech`): Riva's and tts.v1's `Synthesize` differ by `api`.
     """
 
     def __init__(self, service: str, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            metric_name(service, "requests"), "Finished RPCs by method and gRPC status code.",
-            ["method", "code"], registry=registry,
+            metric_name(service, "requests"), "Finished requests by API, method and gRPC status code.",
+            ["api", "method", "code"], registry=registry,
         )
         self.in_flight = Gauge(
-            metric_name(service, "in_flight_requests"), "RPCs being served now, by method.",
-            ["method"], registry=registry,
+            metric_name(service, "in_flight_requests"), "Requests being served now, by API and method.",
+            ["api", "method"], registry=registry,
         )
         self.duration = Histogram(
             metric_name(service, "request_duration_seconds"),
-            "RPC duration from arrival to status, by method (a stream's whole length).",
-            ["method"], buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0), registry=registry,
+            "Request duration from arrival to status, by API and method (a stream's whole length).",
+            ["api", "method"], buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0), registry=registry,
         )
+
+
+# The `api` label of gRPC services by package; any other service is labelled with its
+# package (tests' services, say).
+_APIS = {"tts.v1": "tts.v1", "nvidia.riva.tts": "riva"}
+OPENAI = "openai"
+
+
+def api_of(grpc_service: str) -> str:
+    """The `api` label of a call to `grpc_service` ("tts.v1.SynthesisService" -> "tts.v1",
+    "nvidia.riva.tts.RivaSpeechSynthesis" -> "riva")."""
+    package = grpc_service.rpartition(".")[0]
+    return _APIS.get(package, package or grpc_service)
+
+
+def service_registry() -> CollectorRegistry:
+    """A service's own registry, with the standard process metrics in it
+    (`process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`...,
+    from /proc on Linux; nothing elsewhere): prometheus_client puts them only in its
+    default registry, which no Chorus service serves."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def metric_name(service: str, metric: str) -> str:

@@ -7,6 +7,8 @@ which embeds Helm's Go engine, so no helm binary or network is needed.
 
     python deploy/render_k8s.py          # rewrite deploy/k8s/
     python deploy/render_k8s.py --check  # exit 1 if deploy/k8s/ is out of date
+    python deploy/render_k8s.py --values my-values.yaml --out DIR
+                                         # render other values into DIR (for scanners)
 """
 
 from __future__ import annotations
@@ -47,7 +49,20 @@ def plain_manifests() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="report drift instead of writing")
+    parser.add_argument("--values", type=Path, help="a values file; with --out (deploy/k8s/ holds the defaults)")
+    parser.add_argument("--out", type=Path, help="write the render here instead of deploy/k8s/")
     args = parser.parse_args(argv)
+    if args.values and not args.out:
+        parser.error("--values needs --out: deploy/k8s/ is the chart with its default values")
+    if args.out:
+        import yaml
+
+        values = yaml.safe_load(args.values.read_text()) if args.values else None
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, text in render_chart(values).items():
+            (args.out / name).write_text(text)
+            print(f"wrote {args.out / name}")
+        return 0
 
     wanted = plain_manifests()
     present = {path.name: path.read_text() for path in K8S.glob("*.yaml")}

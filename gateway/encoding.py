@@ -4,7 +4,9 @@ Every format goes through FFmpeg (PyAV) the same way: an `AudioResampler` to the
 requested rate, then the format's encoder and muxer writing into a sink that the
 caller drains after each chunk. The sink has no `seek`, so muxers that would go back
 to patch a header (WAV sizes, MP3 Xing frame) write their streaming form instead,
-and the concatenation of everything returned is a complete file.
+and the concatenation of everything returned is a complete file. A file sent whole
+once it is finished (the HTTP door's `stream: false`) gets the real lengths written
+into that header by `whole_file`.
 
 The resampler keeps its filter state across chunks, so a stream resampled chunk by
 chunk is the same as the whole signal resampled at once: no seams at chunk or
@@ -32,7 +34,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from chorus.audio_formats import NATIVE_RATE, AudioFormat
+from chorus.audio_formats import NATIVE_RATE, AudioFormat, write_stream_lengths
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,14 @@ class StreamEncoder:
         self.samples_out += produced
         return Encoded(self._sink.take(), produced)
 
+
+
+def whole_file(fmt: AudioFormat, data: bytes, samples: int) -> bytes:
+    """A finished stream as a file sent whole, with its real length in a WAV or FLAC
+    header (chorus.audio_formats.write_stream_lengths says why). `samples` is the
+    number of samples at the output rate (StreamEncoder.samples_out)."""
+    out = bytearray(data)
+    return bytes(out) if write_stream_lengths(out, fmt, samples) else data
 
 
 # FFmpeg's atempo takes 0.5..100 per instance; slower tempos chain instances. The

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name
+from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name, service_registry
 
-REGISTRY = CollectorRegistry()
+# With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
+REGISTRY = service_registry()
 
-# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
 RPC = RpcMetrics(GATEWAY, REGISTRY)
 
 # Below 1 is faster than real time; the interesting region is 0.3..1.5.

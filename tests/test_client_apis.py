@@ -9,6 +9,7 @@ Lengths are exact where the format allows: requests use a seeded, fixed-length b
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
+import soundfile
 
 from audio_check import assert_decoded_length, decode
 from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -74,10 +76,13 @@ def expected_samples(rate: int, frames: int = FRAMES) -> int:
 def test_riva_synthesize_returns_the_whole_audio(stack, encoding, fmt_name, rate):
     result = riva(stack, "synthesize", text="Riva clients speak unchanged.", encoding=encoding, sample_rate_hz=rate,
                   voice_name="English-US.Female-1", custom_configuration={k: str(v) for k, v in FIXED.items()})
-    samples, decoded_rate = decode(fmt_name, rate, base64.b64decode(result["audio"]))
+    audio = base64.b64decode(result["audio"])
+    samples, decoded_rate = decode(fmt_name, rate, audio)
     assert decoded_rate == rate
     summary = summary_of(result)
     assert summary.frames == FRAMES
+    if fmt_name == "flac":  # sent whole, so its header says its length (a streamed one says "unknown")
+        assert soundfile.info(io.BytesIO(audio)).frames == samples.size
     assert_decoded_length(fmt_name, samples.size, expected_samples(rate), rate)
     assert result["readable"]["chorus-request-id"] == summary.request_id
 

@@ -1,11 +1,11 @@
 """deploy/: the Helm chart lints and renders offline, its renders and the plain
 manifests in deploy/k8s/ pass yamllint and strict Kubernetes 1.37 schemas, the two
 agree, and the objects fit together the way the services need (probes on the gRPC
-port, drain timing, headless discovery, an autoscaler per tier on the metric that
+port, exec'd over TLS when TLS is on, drain timing, headless discovery, an autoscaler per tier on the metric that
 limits it, network policy, TLS mounts).
 
 Custom resources (ServiceMonitor, PrometheusRule, cert-manager Certificate,
-GRPCRoute) have no schema in kubernetes-validate: they are checked here field by
+GRPCRoute, HTTPRoute, BackendTLSPolicy) have no schema in kubernetes-validate: they are checked here field by
 field against what their controllers read, and the PrometheusRule's expressions
 are loaded into a real Prometheus by tests/test_prometheus.py.
 
@@ -45,6 +45,8 @@ CUSTOM_KINDS = {
     "PrometheusRule": "monitoring.coreos.com/v1",
     "Certificate": "cert-manager.io/v1",
     "GRPCRoute": "gateway.networking.k8s.io/v1",
+    "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "BackendTLSPolicy": "gateway.networking.k8s.io/v1",
 }
 
 EVERYTHING_ON = {
@@ -53,9 +55,15 @@ EVERYTHING_ON = {
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
                    "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
     "tls": {"enabled": True, "issuerRef": {"name": "chorus-ca", "kind": "ClusterIssuer"}},
-    "gateway": {"apiKeysSecret": "chorus-api-keys",
+    "gateway": {"apiKeysSecret": "chorus-api-keys", "backendTLSCAConfigMap": "chorus-ca-bundle",
                 "grpcRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}],
                               "hostnames": ["tts.example.com"]},
+                "http": {"enabled": True, "port": 8443,
+                         "httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}],
+                                       "hostnames": ["tts.example.com"]},
+                         "ingress": {"enabled": True, "className": "nginx", "hosts": ["tts.example.com"],
+                                     "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS"},
+                                     "tls": [{"secretName": "tts-example-com", "hosts": ["tts.example.com"]}]}},
                 "service": {"type": "LoadBalancer", "annotations": {"lb.example.com/internal": "true"}},
                 "extraEnv": [{"name": "CHORUS_LOOKAHEAD", "value": "2"}],
                 "podAnnotations": {"team": "speech"}},
@@ -80,6 +88,10 @@ VARIANTS = {
         "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
     }}},
     "everything-on": EVERYTHING_ON,
+    # TLS with no HTTP port, images from a registry (podman names local builds localhost/...).
+    "tls-no-http": {"tls": {"enabled": True, "gatewaySecretName": "gw", "tokenServerSecretName": "ts",
+                            "codecWorkerSecretName": "cw"},
+                    "gateway": {"http": {"enabled": False}}, "images": {"registry": "localhost"}},
 }
 
 
@@ -199,6 +211,9 @@ def test_chart_renders_valid_manifests(variant, kubernetes_validate):
     ({"tokenServer": {"slots": 0}}, "slots"),
     ({"models": {"source": "nfs"}}, "source"),
     ({"tokenServer": {"gpu": {"enabled": True, "layers": -2}}}, "layers"),
+    ({"gateway": {"http": {"prot": 8080}}}, "prot"),
+    ({"gateway": {"http": {"ingress": {"host": "tts.example.com"}}}}, "host"),
+    ({"images": {"registry": "https://registry.example.com/"}}, "registry"),
 ])
 def test_schema_rejects_misspelt_and_bad_values(values, message):
     helm = _require("helm_python")
@@ -215,6 +230,11 @@ def test_schema_rejects_misspelt_and_bad_values(values, message):
                                                              "snacConfig": {"url": ""}, "snacWeights": {"url": ""}}}},
      "URLs"),
     ({"gateway": {"grpcRoute": {"enabled": True}}}, "parentRefs"),
+    ({"gateway": {"http": {"httpRoute": {"enabled": True}}}}, "parentRefs"),
+    ({"gateway": {"http": {"enabled": False, "httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]}}}},
+     "http.enabled"),
+    ({"gateway": {"http": {"enabled": False, "ingress": {"enabled": True}}}}, "http.enabled"),
+    ({"gateway": {"backendTLSCAConfigMap": "ca"}}, "tls.enabled"),
 ])
 def test_chart_refuses_inconsistent_values(values, message):
     helm = _require("helm_python")
@@ -302,8 +322,15 @@ def test_objects_fit_together(source):
         named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert named_ports["grpc"] == port
         assert str(named_ports["metrics"]) == env["CHORUS_METRICS_PORT"] == pod["metadata"]["annotations"]["prometheus.io/port"]
+        tls = "CHORUS_TLS_CERT" in _env(container)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, (component, probe)
+            if tls:  # the kubelet's grpc probe cannot do TLS (tests/test_chart_doors.py runs these)
+                assert "grpc" not in container[probe], (component, probe)
+                command = container[probe]["exec"]["command"]
+                assert command[:3] == ["python", "-m", "chorus.probe"]
+                assert command[command.index("--port") + 1] == str(port)
+            else:
+                assert container[probe]["grpc"] == {"port": port}, (component, probe)
         # A CPU limit on every container: the services size their threads by it.
         assert container["resources"]["limits"]["cpu"]
         assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"]
@@ -335,7 +362,7 @@ def test_objects_fit_together(source):
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         if component == "gateway":
             assert "models" not in volumes
-            assert container["image"].split(":")[0] == "chorus-gateway"
+            assert container["image"].split(":")[0].rpartition("/")[2] == "chorus-gateway"
         else:
             mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
             assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}
@@ -519,6 +546,7 @@ def test_network_policy_lets_only_the_gateway_reach_token_servers_and_only_them_
     assert senders("token-server") == {"gateway"}
     assert senders("codec-worker") == {"token-server"}
     assert allowed("gateway", "grpc") == [None]  # clients: anyone, unless networkPolicy.gatewayFrom
+    assert allowed("gateway", "http") == [None]  # the same clients on the OpenAI endpoint and the page
     for component in PORTS:
         assert allowed(component, "metrics") == [None]  # the scraper
 
@@ -585,7 +613,25 @@ def test_custom_resources_have_the_fields_their_controllers_read():
     (backend,) = route["spec"]["rules"][0]["backendRefs"]
     assert backend == {"name": services["gateway"]["metadata"]["name"], "port": PORTS["gateway"]}
     matched = {m["method"]["service"] for m in route["spec"]["rules"][0]["matches"]}
-    assert "tts.v1.SynthesisService" in matched and "grpc.reflection.v1.ServerReflection" in matched
+    assert matched == {"tts.v1.SynthesisService", "nvidia.riva.tts.RivaSpeechSynthesis",
+                       "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+
+    (http_route,) = objects["HTTPRoute"].values()
+    assert http_route["spec"]["parentRefs"] == route["spec"]["parentRefs"]
+    assert http_route["spec"]["hostnames"] == ["tts.example.com"]
+    (rule,) = http_route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["backendRefs"] == [{"name": services["gateway"]["metadata"]["name"], "port": 8443}]
+
+    # TLS to both routed ports, checked against the CA bundle and the gateway's tier name.
+    (backend_tls,) = objects["BackendTLSPolicy"].values()
+    gateway_service = services["gateway"]["metadata"]["name"]
+    assert backend_tls["spec"]["targetRefs"] == [
+        {"group": "", "kind": "Service", "name": gateway_service, "sectionName": section}
+        for section in ("grpc", "http")]
+    assert backend_tls["spec"]["validation"] == {
+        "caCertificateRefs": [{"group": "", "kind": "ConfigMap", "name": "chorus-ca-bundle"}],
+        "hostname": "chorus-gateway"}
 
     (dashboard,) = [c for c in objects["ConfigMap"].values() if _component(c) == "dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -625,6 +671,7 @@ def test_each_service_reads_its_settings_from_the_manifest_environment(component
     else:
         assert args.token_servers == "chorus-token-server:50052"
         assert args.lookahead == 2  # from extraEnv
+        assert args.http_port == "8443"  # gateway.http.port
 
 
 def test_chart_commands_are_console_scripts_of_the_package():

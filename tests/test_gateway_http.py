@@ -52,7 +52,9 @@ BAD_BODIES = [
     (speech(stream_format="websocket"), "stream_format 'websocket'"),
     (speech(sampling={"temperature": "hot"}), "sampling.temperature is 'hot'"),
     (speech(sampling={"top_p": 0}), "sampling.top_p is 0"),
-    (speech(voices="alloy"), "unknown field(s) voices"),
+    (speech(voice=["alloy"]), "`voice` must be a voice name"),
+    (speech(voice={"name": "alloy"}), "`voice` as an object must be"),
+    (speech(stream="no"), "stream must be true"),
     (speech(response_format="opus", sample_rate=44100), "does not support 44100 Hz"),
 ]
 
@@ -263,7 +265,9 @@ def test_streams_per_key_are_counted_across_both_ports(keys_file):
 
 
 def _count(method: str, code: str) -> float:
-    return metrics.REGISTRY.get_sample_value("chorus_gateway_requests_total", {"method": method, "code": code}) or 0.0
+    # `api`: the door, "openai" for every call on the HTTP port (access.HttpGuard).
+    labels = {"api": "openai", "method": method, "code": code}
+    return metrics.REGISTRY.get_sample_value("chorus_gateway_requests_total", labels) or 0.0
 
 
 def test_http_calls_are_counted_like_grpc_calls(keys_file):
@@ -285,7 +289,8 @@ def test_http_calls_are_counted_like_grpc_calls(keys_file):
     assert {code: _count(speech_method, code) - before[code] for code in before} == {
         "OK": 1, "UNAUTHENTICATED": 1, "INVALID_ARGUMENT": 1}
     assert _count("other", "UNAUTHENTICATED") - before_other == 1
-    assert metrics.REGISTRY.get_sample_value("chorus_gateway_in_flight_requests", {"method": speech_method}) == 0
+    assert metrics.REGISTRY.get_sample_value("chorus_gateway_in_flight_requests",
+                                             {"api": "openai", "method": speech_method}) == 0
     assert metrics.REGISTRY.get_sample_value("chorus_gateway_in_flight_requests", {"method": "GET /health"}) is None
 
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -42,14 +43,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_base(count: int) -> int:
+    """A free port with the `count - 1` after it free too."""
+    for _ in range(50):
+        base = _free_port()
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError("no run of free ports")
+
+
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory):
-    ports = {"gateway": _free_port(), "token_server": _free_port(), "codec_worker": _free_port()}
+    # As `chorus serve --metrics-port BASE` spreads them: gateway, token server, codec worker.
+    base = _free_base(3)
+    ports = {"gateway": base, "token_server": base + 1, "codec_worker": base + 2}
     with Stack(
         models_dir=demo_models.root, slots=2, token_servers=1, codec_workers=1,
-        work_dir=tmp_path_factory.mktemp("prometheus-stack"),
-        extra_args={key: ["--metrics-port", str(port)] for key, port in ports.items()},
+        work_dir=tmp_path_factory.mktemp("prometheus-stack"), metrics_port=base,
     ) as running:
+        assert running.metrics_addresses == {"gateway": f"127.0.0.1:{base}", "token server": f"127.0.0.1:{base + 1}",
+                                             "codec worker": f"127.0.0.1:{base + 2}"}
         yield running, ports
 
 
@@ -133,9 +155,24 @@ def prometheus(stack, tmp_path_factory):
         log.close()
 
 
+def _speak_over_http(running, text: str) -> int:
+    """POST /v1/audio/speech on the gateway's HTTP port; its status."""
+    body = json.dumps({"model": "tts-1", "input": text, "response_format": "pcm",
+                       "sampling": {"max_tokens": 7 * 4, "seed": 5}}).encode()
+    request = urllib.request.Request(f"http://{running.gateway_http_address}/v1/audio/speech", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 @pytest.fixture(scope="module")
 def served(stack, prometheus):
-    """Requests through the gateway: two that succeed, one that is refused."""
+    """Requests through the gateway: two that succeed, one that is refused, and one
+    over the HTTP port."""
     running, _ = stack
     sampling = common_pb2.SamplingParams(max_tokens=7 * 4, seed=5)
     with grpc.insecure_channel(running.gateway_address) as channel:
@@ -146,28 +183,44 @@ def served(stack, prometheus):
         with pytest.raises(grpc.RpcError) as refused:
             list(gateway.Synthesize(gateway_pb2.SynthesizeRequest(text="Hi.", voice="nobody"), timeout=30))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _speak_over_http(running, "Counted over HTTP.") == 200
     return prometheus
 
 
 def test_request_counters_by_status_in_every_service(served):
     by_code = served.wait_for(
-        'sum by (code) (chorus_gateway_requests_total{method="Synthesize"})', "code",
+        'sum by (code) (chorus_gateway_requests_total{api="tts.v1",method="Synthesize"})', "code",
         lambda got: got.get("OK") == 2 and got.get("INVALID_ARGUMENT") == 1,
     )
     assert by_code == {"OK": 2, "INVALID_ARGUMENT": 1}
-    # The refused request never left the gateway; the two others crossed every tier.
+    # The refused request never left the gateway; the two others and the HTTP one
+    # crossed every tier.
     for service, method in (("token_server", "Generate"), ("codec_worker", "Decode")):
         got = served.wait_for(f'sum by (code) (chorus_{service}_requests_total{{method="{method}"}})', "code",
-                              lambda got: got.get("OK") == 2)
-        assert got == {"OK": 2}, service
+                              lambda got: got.get("OK") == 3)
+        assert got == {"OK": 3}, service
     in_flight = served.values('sum by (method) (chorus_gateway_in_flight_requests)', "method")
     assert in_flight.get("Synthesize") == 0
+    # The HTTP door's requests are in the same counter, under their own api.
+    over_http = served.wait_for('sum by (code) (chorus_gateway_requests_total{api="openai",'
+                                'method="POST /v1/audio/speech"})', "code", lambda got: got.get("OK") == 1)
+    assert over_http == {"OK": 1}
+    # The token server's own call came from the gateway, whatever door the client used.
+    assert set(served.values("sum by (api) (chorus_token_server_requests_total)", "api")) == {"tts.v1"}
+
+
+def test_every_service_exports_process_metrics(served):
+    """CPU seconds, resident memory and open file descriptors, from each of the three."""
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        pods = served.wait_for(f"sum by (pod) ({name})", "pod", lambda got: len(got) == 3)
+        assert set(pods) == {"chorus-gateway-0", "chorus-token-server-0", "chorus-codec-worker-0"}, name
+        assert all(value > 0 for value in pods.values()), (name, pods)
 
 
 def test_ttfa_histogram_is_queryable(served):
     buckets = served.wait_for("sum by (le) (chorus_gateway_time_to_first_audio_seconds_bucket)", "le",
-                              lambda got: got.get("+Inf") == 2)
-    assert buckets["+Inf"] == 2
+                              lambda got: got.get("+Inf") == 3)
+    assert buckets["+Inf"] == 3  # the two gRPC requests that got audio, and the HTTP one
     ordered = [buckets[le] for le in sorted(buckets, key=lambda le: float(le))]
     assert ordered == sorted(ordered) and len(ordered) > 10  # cumulative buckets
     (p95,) = served.query("histogram_quantile(0.95, sum by (le) (chorus_gateway_time_to_first_audio_seconds_bucket))")
@@ -235,7 +288,7 @@ def test_dashboard_queries_run(served):
 def test_error_rate_alert_goes_pending_when_the_token_servers_are_gone(stack, served):
     running, _ = stack
     running.token_server_processes[0].stop()
-    counted = 'sum by (code) (chorus_gateway_requests_total{method="Synthesize"})'
+    counted = 'sum by (code) (chorus_gateway_requests_total{api="tts.v1",method="Synthesize"})'
     with grpc.insecure_channel(running.gateway_address) as channel:
         gateway = gateway_pb2_grpc.SynthesisServiceStub(channel)
         for failures in (1, 2, 3):
@@ -246,6 +299,11 @@ def test_error_rate_alert_goes_pending_when_the_token_servers_are_gone(stack, se
             # that appeared at its final value.
             by_code = served.wait_for(counted, "code", lambda got, n=failures: got.get("UNAVAILABLE") == n)
             assert by_code["UNAVAILABLE"] == failures
+    # An HTTP request fails alike and is counted where the alert's expression sees it.
+    assert _speak_over_http(running, "Anyone over HTTP?") == 503
+    over_http = served.wait_for('sum by (code) (chorus_gateway_requests_total{api="openai"})', "code",
+                                lambda got: got.get("UNAVAILABLE") == 1)
+    assert over_http["UNAVAILABLE"] == 1
     deadline = time.monotonic() + 60
     while _alert_rules(served)["ChorusErrorRateHigh"]["state"] == "inactive" and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -171,9 +171,9 @@ def test_invalid_argument_is_an_error_with_its_message_and_is_counted(receiver):
     client = calls[OTLP_SPAN_KIND[SpanKind.CLIENT]]
     assert client.status.code == OTLP_STATUS_ERROR and "frame 3 is malformed" in client.status.message
 
-    sample = metrics.requests.labels("Fail", "INVALID_ARGUMENT")._value.get()
+    sample = metrics.requests.labels("chorus.test", "Fail", "INVALID_ARGUMENT")._value.get()
     assert sample == 1
-    assert metrics.in_flight.labels("Fail")._value.get() == 0
+    assert metrics.in_flight.labels("chorus.test", "Fail")._value.get() == 0
 
 
 def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog):
@@ -196,7 +196,7 @@ def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog
             for call in calls:
                 call.cancel()
             for _ in range(200):
-                if echo.cleaned_up == streams + 1 and not metrics.in_flight.labels("Stream")._value.get():
+                if echo.cleaned_up == streams + 1 and not metrics.in_flight.labels("chorus.test", "Stream")._value.get():
                     break
                 await asyncio.sleep(0.02)
             gc.collect()
@@ -219,9 +219,9 @@ def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog
     codes = {s.status.message.split(":")[0]: _attributes(s)["rpc.grpc.status_code"] for s in server_spans}
     assert codes == {"DEADLINE_EXCEEDED": 4, "CANCELLED": 1}
 
-    assert metrics.requests.labels("Stream", "DEADLINE_EXCEEDED")._value.get() == 1
-    assert metrics.requests.labels("Stream", "CANCELLED")._value.get() == streams
-    assert metrics.in_flight.labels("Stream")._value.get() == 0
+    assert metrics.requests.labels("chorus.test", "Stream", "DEADLINE_EXCEEDED")._value.get() == 1
+    assert metrics.requests.labels("chorus.test", "Stream", "CANCELLED")._value.get() == streams
+    assert metrics.in_flight.labels("chorus.test", "Stream")._value.get() == 0
 
 
 def test_health_checks_are_neither_traced_nor_counted(receiver):
@@ -406,7 +406,8 @@ def test_each_service_renders_only_its_own_metrics():
     for registry, names in expected.items():
         samples = _samples(registry)
         assert names <= samples
-        assert all(name.startswith(prefixes[registry]) for name in samples), samples
+        # Besides the standard process metrics, only the service's own names.
+        assert all(name.startswith((prefixes[registry], "process_")) for name in samples), samples
 
     token_metrics.QUEUE_WAIT.observe(0.042)
     assert token_metrics.REGISTRY.get_sample_value("chorus_token_server_queue_wait_seconds_bucket", {"le": "0.05"}) >= 1

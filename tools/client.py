@@ -14,8 +14,8 @@ with the real length at the end, so every reader sees the right duration.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +27,9 @@ import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from chorus.serving import GRPC_OPTIONS
-from chorus.audio_formats import FORMATS, NATIVE_RATE, AudioFormat, for_extension, known_extensions
+from chorus.audio_formats import (
+    FORMATS, NATIVE_RATE, AudioFormat, for_extension, known_extensions, write_stream_lengths,
+)
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
@@ -65,47 +67,10 @@ def output_format(output: str, encoding: str | None) -> AudioFormat:
 
 def patch_stream_header(path: str | Path, fmt: AudioFormat, samples: int) -> bool:
     """Writes the real length into a streamed WAV or FLAC file's header; True if it did."""
-    if fmt.name not in ("wav", "flac") or not Path(path).is_file():
+    if fmt.name not in ("wav", "flac") or not Path(path).is_file() or Path(path).stat().st_size == 0:
         return False
-    with open(path, "r+b") as f:
-        return _patch_wav(f) if fmt.name == "wav" else _patch_flac(f, samples)
-
-
-def _patch_wav(f: BinaryIO) -> bool:
-    """RIFF size and data size, which the streaming header leaves at 0xFFFFFFFF."""
-    size = f.seek(0, os.SEEK_END)
-    if size - 8 > 0xFFFFFFFF:
-        return False  # over 4 GiB: a WAV cannot say it; readers read to the end
-    f.seek(0)
-    if f.read(12)[8:12] != b"WAVE":
-        return False
-    position = 12
-    while position + 8 <= size:
-        f.seek(position)
-        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-        if chunk_id == b"data":
-            f.seek(position + 4)
-            f.write(struct.pack("<I", size - position - 8))
-            f.seek(4)
-            f.write(struct.pack("<I", size - 8))
-            return True
-        position += 8 + chunk_size + (chunk_size & 1)
-    return False
-
-
-def _patch_flac(f: BinaryIO, samples: int) -> bool:
-    """STREAMINFO's 36-bit total sample count, which a streaming encoder leaves at 0 (unknown)."""
-    f.seek(0)
-    head = f.read(26)
-    if len(head) < 26 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or samples >= 1 << 36:
-        return False
-    # STREAMINFO starts at byte 8; its bytes 10..17 hold rate (20 bits), channels (3),
-    # bits per sample (5) and total samples (36), big-endian.
-    packed = int.from_bytes(head[18:26], "big")
-    packed = (packed & ~((1 << 36) - 1)) | samples
-    f.seek(18)
-    f.write(packed.to_bytes(8, "big"))
-    return True
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as view:
+        return write_stream_lengths(view, fmt, samples)
 
 
 def gateway_address(explicit: str | None = None) -> str:

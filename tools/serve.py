@@ -1,7 +1,8 @@
 """`chorus serve`: the whole stack on local processes, until Ctrl-C, or for one `--say`.
 
 The supervisor (tools/supervisor.py) launches and stops the services; this module
-only turns flags into a Stack and, with `--say`, runs one synthesis through the
+only turns flags into a Stack (metrics ports spread from one base, one OTLP endpoint
+for all: see Stack) and, with `--say`, runs one synthesis through the
 gateway with the `chorus say` client.
 """
 
@@ -52,6 +53,13 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--http-port", default=None,
                    help="gateway HTTP port (OpenAI endpoint, browser page at /); 0 picks one, off disables "
                         "(default: CHORUS_HTTP_PORT, else 8080; with --say: off)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="BASE",
+                   help="Prometheus /metrics ports from BASE: the gateway on BASE, token servers on BASE+1.., "
+                        "codec workers after them (BASE+2 with one of each); 0 disables "
+                        "(default: CHORUS_METRICS_PORT, else none)")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="OTLP/gRPC trace receiver host:port for every service, e.g. Jaeger's 4317 (default: "
+                        "CHORUS_OTLP_ENDPOINT, else the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else none)")
     p.add_argument("--say", default=None, metavar="TEXT", help="synthesize TEXT through the stack, then stop it")
     p.add_argument("-o", "--output", default="out.wav",
                    help="audio file for --say; its extension picks the format (default out.wav)")
@@ -71,11 +79,17 @@ def run_serve(args: argparse.Namespace) -> int:
         except OutputError as err:  # before minutes of startup, not after
             print(f"chorus serve: {err}", file=sys.stderr)
             return 2
+    try:
+        metrics_port = _metrics_port(args.metrics_port, 1 + args.token_servers + args.codec_workers)
+    except ValueError as err:
+        print(f"chorus serve: {err}", file=sys.stderr)
+        return 2
     stack = Stack(
         models_dir=args.models, demo_models=args.demo_models, slots=args.slots, token_servers=args.token_servers,
         codec_workers=args.codec_workers, llama_threads=args.llama_threads, torch_threads=args.torch_threads,
         gateway_port=_gateway_port(args.gateway_port), gateway_http_port=_http_port(args), log_level=args.log_level,
-        on_progress=progress,
+        on_progress=progress, metrics_port=metrics_port,
+        otlp_endpoint=args.otlp_endpoint or os.environ.get("CHORUS_OTLP_ENDPOINT") or None,
         extra_args={"token_server": args.token_server_arg, "codec_worker": args.codec_worker_arg,
                     "gateway": args.gateway_arg},
     )
@@ -91,6 +105,9 @@ def run_serve(args: argparse.Namespace) -> int:
             tls = os.environ.get("CHORUS_TLS_CERT") or any(a.startswith("--tls-cert") for a in args.gateway_arg)
             print(f"HTTP: {'https' if tls else 'http'}://{stack.gateway_http_address}/ (browser page; OpenAI API at "
                   "/v1/audio/speech)", flush=True)
+        if stack.metrics_addresses:
+            print("metrics: " + ", ".join(f"{name} http://{address}/metrics"
+                                          for name, address in stack.metrics_addresses.items()), flush=True)
         if args.say is not None:
             return _say_once(stack, args.say, args.output)
         progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")
@@ -103,6 +120,21 @@ def run_serve(args: argparse.Namespace) -> int:
 def _http_port(args: argparse.Namespace) -> int | None:
     value = args.http_port or os.environ.get("CHORUS_HTTP_PORT") or ("off" if args.say is not None else "8080")
     return None if value == "off" else int(value)
+
+
+def _metrics_port(flag: int | None, services: int) -> int | None:
+    """--metrics-port, else CHORUS_METRICS_PORT: the base the services' ports are spread
+    from (a service's own variable would put all three on one port); 0 or neither: none."""
+    raw = os.environ.get("CHORUS_METRICS_PORT", "") if flag is None else str(flag)
+    if not raw.strip():
+        return None
+    try:
+        base = int(raw)
+    except ValueError:
+        raise ValueError(f"CHORUS_METRICS_PORT={raw!r} is not a port number") from None
+    if base < 0 or base + services - 1 > 65535:
+        raise ValueError(f"metrics port {base} leaves no room for the {services} services' ports from it")
+    return base or None
 
 
 def _gateway_port(flag: int | None) -> int:

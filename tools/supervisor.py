@@ -10,6 +10,13 @@ a port and nothing polls a socket. Children run in their own session (a Ctrl-C
 reaches only this process, which then stops them in order: gateway, token servers,
 codec workers, so that in-flight streams drain downstream first) and get SIGTERM if
 this process dies without stopping them.
+
+Metrics and traces: `metrics_port` is a base, spread over the services (the gateway
+on it, token servers on the next ports, codec workers after them), because one port
+cannot serve three processes; CHORUS_METRICS_PORT is therefore never passed down as
+it is. `otlp_endpoint` goes to every service. OTEL_SERVICE_NAME is not passed down
+either (three services under one name would read as one in every trace view); the
+other OTEL_* variables are.
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ def locate_models(models_dir: Path, demo: bool = False) -> ModelFiles:
         f"one SNAC folder with config.json and pytorch_model.bin (found {len(snacs)}). Point --models at such "
         "a folder, or at a new or empty one for the demo models (--demo-models)"
     )
+
+
+def _names(label: str, count: int) -> list[str]:
+    return [f"{label} {i}" if count > 1 else label for i in range(count)]
 
 
 def _libc_prctl():
@@ -187,6 +198,8 @@ class Stack:
     # divided between them (chorus.cpu_budget.split_for_stack), never each taking all.
     llama_threads: int | None = None
     torch_threads: int | None = None
+    # The codec workers' --decoder-precision (auto, fp32, bf16); None: their default (auto).
+    decoder_precision: str | None = None
     gateway_port: int = 0
     # The gateway's HTTP port (OpenAI endpoint, browser page); 0 picks one, None: off.
     gateway_http_port: int | None = 0
@@ -196,6 +209,12 @@ class Stack:
     # Extra flags per service, e.g. {"token_server": ["--pace-lead", "1"]}.
     extra_args: Mapping[str, list[str]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    # Prometheus /metrics: the gateway on this port, token server i on +1+i, codec worker
+    # j on +1+token_servers+j (see metrics_addresses); None: none (CHORUS_METRICS_PORT
+    # is not passed down: it would give every service the same port).
+    metrics_port: int | None = None
+    # OTLP/gRPC trace receiver (host:port) for every service; None: what the environment says.
+    otlp_endpoint: str | None = None
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
     work_dir: Path | None = None
     on_progress: Callable[[str], None] = lambda message: None
@@ -232,6 +251,23 @@ class Stack:
         self.gateway_address  # raises when not started
         return self.gateway_process.ready.get("http")
 
+    @property
+    def metrics_addresses(self) -> dict[str, str]:
+        """Where each service serves /metrics, by service name ("gateway", "token
+        server", "codec worker 1"...); empty without `metrics_port`."""
+        if not self.metrics_port:
+            return {}
+        names = ["gateway", *_names("token server", self.token_servers), *_names("codec worker", self.codec_workers)]
+        return {name: f"127.0.0.1:{self.metrics_port + i}" for i, name in enumerate(names)}
+
+    def _first_metrics_port(self, key: str) -> int | None:
+        if not self.metrics_port:
+            return None
+        return self.metrics_port + {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers}[key]
+
+    def _common_args(self) -> list[str]:
+        return ["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []
+
     def start(self) -> Stack:
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix="chorus-stack-"))
@@ -240,7 +276,8 @@ class Stack:
             models = self._models()
             self.codec_worker_processes = self._launch_all(
                 "codec worker", self.CODEC_WORKER, self.codec_workers,
-                ["--model-dir", str(models.snac_dir), "--torch-threads", str(self.torch_threads)], "codec_worker",
+                ["--model-dir", str(models.snac_dir), "--torch-threads", str(self.torch_threads),
+                 *(["--decoder-precision", self.decoder_precision] if self.decoder_precision else [])], "codec_worker",
             )
             codec_addresses = ",".join(p.address for p in self.codec_worker_processes)
             self.token_server_processes = self._launch_all(
@@ -292,9 +329,14 @@ class Stack:
         return models
 
     def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):
-        """Starts `count` instances at once (they load models in parallel), then waits for each."""
-        args = args + self.extra_args.get(key, [])
-        processes = [self._launch(f"{label} {i}" if count > 1 else label, module, args, port) for i in range(count)]
+        """Starts `count` instances at once (they load models in parallel), then waits for each.
+        Each gets its own metrics port; flags in `extra_args` come last, so they win."""
+        first_metrics = self._first_metrics_port(key)
+        processes = []
+        for i, name in enumerate(_names(label, count)):
+            metrics = ["--metrics-port", str(first_metrics + i)] if first_metrics else []
+            processes.append(self._launch(name, module, [*args, *self._common_args(), *metrics,
+                                                         *self.extra_args.get(key, [])], port))
         self._launched += processes  # stopped even if one of them fails to start
         for process in processes:
             process.wait_ready(self.start_timeout_s)
@@ -309,6 +351,9 @@ class Stack:
         command = [sys.executable, "-m", module, *args, "--port", str(port),
                    "--ready-file", str(ready_file), "--log-level", self.log_level]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # One port or one service name for every service: never (module docstring).
+        env.pop("CHORUS_METRICS_PORT", None)
+        env.pop("OTEL_SERVICE_NAME", None)
         with open(log_path, "ab") as log:  # a restart appends to the log of the killed process
             popen = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,

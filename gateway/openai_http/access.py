@@ -12,11 +12,15 @@ status its gRPC code maps to (401, 403, 429, 503).
 A body larger than the policy's message limit is refused with 413: by its declared
 length before it is read, or as soon as it grows past the limit.
 
-Request metrics use the gRPC port's names and status codes: `method` is
+Request metrics use the gRPC port's names and status codes: `api` is "openai" (the
+gRPC port's calls are "tts.v1" or "riva"), `method` is
 "POST /v1/audio/speech" (and so on; "other" for paths the gateway does not serve,
 so that a scan cannot grow the label set), `code` the gRPC code of the answer: a
 refusal's, the one a failed synthesis raised (after the audio started too), or
-CANCELLED when the client went away before the end of the body.
+CANCELLED when the client went away before the end of the body. The same code
+marks the request's SERVER span (tracing.py) an error where its HTTP status cannot
+say it: a client that went away (with a "client disconnected" event), a stream that
+failed after its 200.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ import asyncio
 import time
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chorus.access import AccessPolicy, Knock, Refusal, presented_key
-from chorus.telemetry import RpcMetrics
+from chorus.telemetry import OPENAI, RpcMetrics
 from gateway.openai_http.errors import refusal_response
 
 SPEECH = "/v1/audio/speech"
-ROUTES = (f"POST {SPEECH}", "GET /v1/audio/voices")
+ROUTES = (f"POST {SPEECH}", "GET /v1/audio/voices", "GET /v1/models")
 OPEN_PATHS = frozenset({"/", "/health"})
 
 # Where the scope's state carries what the door learned: the admitted caller (for
@@ -48,7 +54,7 @@ _CODE_OF_STATUS = {
     403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
     408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -63,8 +69,9 @@ def _code_of(status: int | None) -> grpc.StatusCode:
 class _Exchange:
     """One request's response as it goes out: its status and whether the body ended."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, on_finish=None) -> None:
         self._send = send
+        self._on_finish = on_finish
         self.status: int | None = None
         self.finished = False
 
@@ -73,7 +80,25 @@ class _Exchange:
             self.status = message["status"]
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
+            if self._on_finish is not None:
+                # Before it goes: the tracing middleware ends the span with the last body.
+                self._on_finish(self.status)
         await self._send(message)
+
+
+def _mark_span(span: trace.Span, code: grpc.StatusCode, status: int | None) -> None:
+    """The request's SERVER span (tracing.py's middleware is outside this one) gets the
+    call's gRPC code (`chorus.status_code`), and an error status where the HTTP status
+    does not make it one: 5xx already are, 4xx are the client's (HTTP semantic
+    conventions). Once: on the last body, or at the end when the body never ended."""
+    if not span.is_recording():
+        return
+    span.set_attribute("chorus.status_code", code.name)
+    if code == grpc.StatusCode.CANCELLED:
+        span.set_status(Status(StatusCode.ERROR, "CANCELLED: the client went away before the response ended"))
+        span.add_event("client disconnected")
+    elif code != grpc.StatusCode.OK and status is not None and status < 400:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: the response failed after its status was sent"))
 
 
 class HttpGuard:
@@ -89,10 +114,12 @@ class HttpGuard:
             await self.app(scope, receive, send)
             return
         route = f"{scope['method']} {scope['path']}"
-        method = route if route in ROUTES else "other"
-        exchange = _Exchange(send)
+        labels = (OPENAI, route if route in ROUTES else "other")
+        span = trace.get_current_span()
+        state = scope.setdefault("state", {})
+        exchange = _Exchange(send, lambda status: _mark_span(span, state.get(OUTCOME) or _code_of(status), status))
         started = time.monotonic()
-        self.metrics.in_flight.labels(method).inc()
+        self.metrics.in_flight.labels(*labels).inc()
         code = None
         try:
             code = await self._serve(scope, receive, exchange, route)
@@ -105,9 +132,10 @@ class HttpGuard:
         finally:
             if code is None:
                 code = _code_of(exchange.status if exchange.finished else None)
-            self.metrics.in_flight.labels(method).dec()
-            self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.duration.labels(method).observe(time.monotonic() - started)
+            self.metrics.in_flight.labels(*labels).dec()
+            self.metrics.requests.labels(*labels, code.name).inc()
+            self.metrics.duration.labels(*labels).observe(time.monotonic() - started)
+            _mark_span(span, code, exchange.status)  # if the body never ended (the span is still open)
 
     async def _serve(self, scope: Scope, receive: Receive, exchange: _Exchange, route: str) -> grpc.StatusCode | None:
         """Serves the call if the policy admits it; the call's code where the status does not tell it."""

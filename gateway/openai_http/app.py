@@ -1,5 +1,5 @@
 """The gateway's HTTP port: OpenAI's `POST /v1/audio/speech`, `GET /v1/audio/voices`,
-`GET /health`, and the browser page at `/`.
+`GET /v1/models`, `GET /health`, and the browser page at `/`.
 
 Starlette on uvicorn, on the gateway's own event loop: a request here shares the
 gRPC calls' pipeline, router, limits and validation, so there is one gateway with
@@ -7,6 +7,9 @@ two doors, not two services. Audio streams as it is generated: the response star
 once the first audio is encoded (so a request that fails before any audio gets a
 proper error status), then every piece goes out as it comes. A failure after that
 can only end the stream: the body stops short (SSE gets an `error` event first).
+A request with `stream: false` gets the whole file in one response instead, sent
+when the synthesis has ended: WAV and FLAC with their real length in the header
+(which a stream cannot know up front), and any failure as an error status.
 
 Errors are OpenAI's JSON shape, with the status mapped from the gRPC code the
 gateway's logic raised. Keys, limits, the drain and the request metrics are the
@@ -45,7 +48,8 @@ import grpc
 import uvicorn
 from google.protobuf import json_format
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -61,12 +65,13 @@ from chorus.telemetry import RpcMetrics
 from chorus.tls import TlsFiles, certificate_identities
 from gateway import voice_aliases
 from gateway.config import GatewayConfig
-from gateway.encoding import Encoded
+from gateway.encoding import Encoded, whole_file
 from gateway.errors import GatewayError, invalid
 from gateway.feed import TextFeed
 from gateway.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
 from gateway.openai_http.errors import HTTP_STATUS, error_response
-from gateway.openai_http.request import OPENAI_FORMATS, SpeechRequest, parse
+from gateway.openai_http.request import LISTED_MODELS, OPENAI_FORMATS, SpeechRequest, parse
+from gateway.openai_http.tracing import traced
 from gateway.pipeline import Pipeline
 from gateway.segmenter import Segmenter
 from gateway.synthesis import synthesize
@@ -81,6 +86,15 @@ _CORS_EXPOSED = ["x-request-id", "x-trace-id"]
 # After the drain's wait, how long cut streams get to send their last bytes (an SSE
 # `error` event) before uvicorn closes what is left.
 CUT_FLUSH_S = 2.0
+# Riva's realtime (WebSocket) synthesis: where its client opens a session.
+RIVA_REALTIME_SESSIONS = "/v1/realtime/synthesis_sessions"
+RIVA_REALTIME_UNSUPPORTED = (
+    "Riva's realtime WebSocket synthesis (/v1/realtime) is not supported by this gateway. "
+    "Use Riva's gRPC SynthesizeOnline on the gateway's gRPC port (riva.client.SpeechSynthesisService"
+    ".synthesize_online), tts.v1 StreamingSynthesize there for text that arrives in pieces, or "
+    "POST /v1/audio/speech on this port (stream_format sse for events)"
+)
+CLIENT_LEFT = "the client went away before the response ended"
 _CUT_MESSAGE = "the gateway stopped before this stream ended (its drain time ran out); retry the request"
 
 
@@ -94,10 +108,13 @@ class SpeechEndpoint:
         # drain's time runs out; `_cut` tells their cancellation from a client's.
         self._open: set[asyncio.Task] = set()
         self._cut = False
+        # `created` of the models listed: when this gateway began serving them.
+        self._created = int(time.time())
 
-    def app(self, policy: AccessPolicy, metrics: RpcMetrics) -> Starlette:
+    def app(self, policy: AccessPolicy, metrics: RpcMetrics):
         """The routes behind the access policy, and CORS outside it (a browser's
-        preflight carries no key) when origins are allowed."""
+        preflight carries no key) when origins are allowed; all of it traced
+        (`tracing.traced`: a SERVER span per request, refusals included)."""
         self._policy = policy
         middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
         if self._config.cors_origins:
@@ -105,12 +122,14 @@ class SpeechEndpoint:
                 CORSMiddleware, allow_origins=self._config.cors_origins, allow_methods=["GET", "POST"],
                 allow_headers=_CORS_HEADERS, expose_headers=_CORS_EXPOSED,
             ))
-        return Starlette(middleware=middleware, routes=[
+        return traced(Starlette(middleware=middleware, routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/audio/voices", self.voices, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route(RIVA_REALTIME_SESSIONS, self.riva_realtime, methods=["POST"]),
             Route("/v1/audio/speech", self.speech, methods=["POST"]),
-        ])
+        ]))
 
     async def page(self, request: Request) -> Response:
         return FileResponse(PAGE, media_type="text/html; charset=utf-8")
@@ -165,6 +184,24 @@ class SpeechEndpoint:
             "response_formats": list(OPENAI_FORMATS),
         })
 
+    async def models(self, request: Request) -> Response:
+        """OpenAI's model list, for clients that fill a model picker from it: the names
+        clients commonly send, all served by this deployment's model (`model` takes any name)."""
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self._created, "owned_by": "chorus"} for name in LISTED_MODELS
+        ]})
+
+    async def riva_realtime(self, request: Request) -> Response:
+        """Riva 2.28's realtime WebSocket synthesis starts with this call
+        (`riva.client.realtime.RealtimeClientTTS`); Chorus does not speak that
+        protocol, so the client is told what to use instead. `detail` is where Riva's
+        client reads a failed session's reason from."""
+        return JSONResponse({
+            "error": {"message": RIVA_REALTIME_UNSUPPORTED, "type": "invalid_request_error", "param": None,
+                      "code": grpc.StatusCode.UNIMPLEMENTED.name.lower()},
+            "detail": RIVA_REALTIME_UNSUPPORTED,
+        }, status_code=501)
+
     async def speech(self, request: Request) -> Response:
         arrived = time.monotonic()
         if not self._is_serving():
@@ -187,10 +224,13 @@ class SpeechEndpoint:
             parsed = parse(_json_body(raw), self._config)
         except GatewayError as err:
             return error_response(err)
+        # The request's id on its HTTP SERVER span (tracing.py) and log lines, under the
+        # gRPC doors' attribute name; the synthesis is a child of that span.
+        telemetry.tag_request(parsed.options.spec.request_id)
         span = telemetry.get_tracer().start_span(
-            "gateway.openai.speech", kind=trace.SpanKind.SERVER,
-            context=propagate.extract(dict(request.headers)),
-            attributes={"chorus.text_chars": len(parsed.text), **request.state[CALLER].attributes},
+            "gateway.openai.speech",
+            attributes={"chorus.request_id": parsed.options.spec.request_id, "chorus.text_chars": len(parsed.text),
+                        **request.state[CALLER].attributes},
         )
         # Current while the pipeline starts: its tasks keep the span's context, so the
         # token servers' spans join this trace.
@@ -212,10 +252,54 @@ class SpeechEndpoint:
         headers = {"X-Request-Id": request_id} if request_id.isascii() and request_id.isprintable() else {}
         if trace_id:
             headers["X-Trace-Id"] = trace_id
+        if not parsed.stream:
+            return await self._whole(first, items, parsed, span, headers, request)
         body = self._relay(first, items, parsed, span, trace_id, request.state)
         if parsed.sse:
             return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         return StreamingResponse(body, media_type=parsed.options.format.content_type, headers=headers)
+
+    async def _whole(self, first, items: AsyncIterator, parsed: SpeechRequest, span, headers: dict,
+                     request: Request) -> Response:
+        """The whole file once the synthesis has ended (`stream: false`), with its
+        length in the header; nothing has been sent before, so a failure at any point
+        is an error status, never a file cut short."""
+        pieces: list[bytes] = []
+        samples = 0
+        # Nothing is written until the end, so a client that went away shows only as a
+        # disconnect (a reset, or a TLS close; a plain FIN reads as a half-close, which
+        # is still answered): the synthesis stops then rather than holding its stream
+        # (and the client's share) for audio nobody will read.
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
+        try:
+            with self._cuttable():
+                item = first
+                while item is not None:
+                    if isinstance(item, Encoded):
+                        pieces.append(item.data)
+                        samples += item.num_samples
+                    item = await self._next(items)
+        except GatewayError as err:
+            log.warning("speech %s failed: %s", parsed.options.spec.request_id, err)
+            span.set_attribute("http.response.status_code", HTTP_STATUS.get(err.code, 500))
+            span.set_status(Status(StatusCode.ERROR, f"{err.code.name}: {err.message}"))
+            return error_response(err)
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # not the client leaving
+            asyncio.current_task().uncancel()
+            # Counted as a stream whose client left; the answer goes nowhere (uvicorn
+            # drops what is sent on a closed connection), 499 as nginx logs it.
+            request.state[OUTCOME] = grpc.StatusCode.CANCELLED
+            span.set_status(Status(StatusCode.ERROR, f"CANCELLED: {CLIENT_LEFT}"))
+            span.add_event("client disconnected")
+            return error_response(GatewayError(grpc.StatusCode.CANCELLED, CLIENT_LEFT), 499)
+        finally:
+            watcher.cancel()
+            await items.aclose()
+            span.end()
+        data = whole_file(parsed.options.format, b"".join(pieces), samples)
+        return Response(data, media_type=parsed.options.format.content_type, headers=headers)
 
     async def _relay(self, first, items: AsyncIterator, parsed: SpeechRequest, span, trace_id: str, state):
         try:
@@ -233,15 +317,29 @@ class SpeechEndpoint:
         except GatewayError as err:
             log.warning("speech %s failed mid-stream: %s", parsed.options.spec.request_id, err)
             span.set_attribute("chorus.error", str(err))
+            span.set_status(Status(StatusCode.ERROR, f"{err.code.name}: {err.message}"))
             state[OUTCOME] = err.code
             if parsed.sse:
                 yield _sse({"type": "error", "error": {"message": err.message, "code": err.code.name.lower()}})
             else:
                 raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # Starlette cancels the body when its client disconnects (a drain's cut comes
+            # as UNAVAILABLE from `_next`): without this the span ended unset.
+            span.set_status(Status(StatusCode.ERROR, f"CANCELLED: {CLIENT_LEFT}"))
+            span.add_event("client disconnected")
+            raise
         finally:
             await items.aclose()
             span.end()
 
+
+
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task) -> None:
+    """Cancels `task` when the client disconnects (the body has been read: what comes now is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
 
 
 def _json_body(raw: bytes) -> object:

@@ -40,7 +40,7 @@ from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
 from gateway import validation, voice_aliases
 from gateway.config import GatewayConfig
-from gateway.encoding import Encoded
+from gateway.encoding import Encoded, whole_file
 from gateway.errors import GatewayError, abort_with, invalid
 from gateway.feed import TextFeed
 from gateway.pipeline import Pipeline
@@ -94,15 +94,17 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
             options = self._options(request, context.time_remaining())
             telemetry.tag_request(options.spec.request_id, **{"chorus.text_chars": len(request.text)})
             feed = await TextFeed.of_text(request.text, self._segmenter())
-            audio = []
+            audio, samples = [], 0
             async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
                 async for item in items:
                     if isinstance(item, Encoded):
                         audio.append(item.data)
+                        samples += item.num_samples
                     else:
                         context.set_trailing_metadata(summary_metadata(item))
             return riva_tts_pb2.SynthesizeSpeechResponse(
-                audio=b"".join(audio), id=request.id,
+                # Sent whole, so a FLAC says its length (a streamed one cannot).
+                audio=whole_file(options.format, b"".join(audio), samples), id=request.id,
                 meta=riva_tts_pb2.SynthesizeSpeechResponseMetadata(text=request.text),
             )
         except GatewayError as err:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from chorus.telemetry import CODEC_WORKER, RpcMetrics, metric_name
+from chorus.telemetry import CODEC_WORKER, RpcMetrics, metric_name, service_registry
 
-REGISTRY = CollectorRegistry()
+# With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
+REGISTRY = service_registry()
 
-# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
 RPC = RpcMetrics(CODEC_WORKER, REGISTRY)
 
 _BATCH_STREAM_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name
+from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name, service_registry
 
-REGISTRY = CollectorRegistry()
+# With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
+REGISTRY = service_registry()
 
-# Requests by method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
 RPC = RpcMetrics(TOKEN_SERVER, REGISTRY)
 
 # llama_decode batch sizes: one token per generating slot plus chunked prefill.

@@ -40,10 +40,18 @@ app.kubernetes.io/part-of: chorus
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 {{- end -}}
 
-{{/* An image of .Values.images ("cpu", "cuda", "gateway"): dict root, kind. */}}
+{{/*
+An image of .Values.images ("cpu", "cuda", "gateway"): dict root, kind. The
+repository is the name the Dockerfile's header builds, behind images.registry
+when that is set (podman's localhost/, or the registry pushed to), and pinned to
+its digest when one is given.
+*/}}
 {{- define "chorus.image" -}}
-{{- $image := index .root.Values.images .kind -}}
+{{- $images := .root.Values.images -}}
+{{- $image := index $images .kind -}}
+{{- with $images.registry }}{{ . }}/{{ end -}}
 {{ $image.repository }}:{{ $image.tag | default .root.Chart.AppVersion }}
+{{- with $image.digest }}@{{ . }}{{ end -}}
 {{- end -}}
 
 {{- define "chorus.serviceAccountName" -}}

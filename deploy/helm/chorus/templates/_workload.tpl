@@ -11,7 +11,28 @@ _helpers.tpl plus:
   models      mount the models volume (the gateway has no weights)
   headless    Service without a cluster IP
   metrics     the HPA's Pods metrics: list of dict name, target
+  httpPort    the gateway's HTTP port (OpenAI endpoint, page); unset or 0: none
 */}}
+
+{{/*
+How the kubelet asks a service's gRPC health: dict tls, tier, port, timeout (the
+probe's timeoutSeconds). The kubelet's own grpc probe speaks plaintext only, and a
+TLS port fails its handshake (UNAVAILABLE), so with TLS the pod checks itself with
+python -m chorus.probe, which reads the pod's CHORUS_TLS_* and presents the pod's
+own certificate; --tier is the name the certificate is checked against. Its own
+deadline is a second under the kubelet's, so a slow answer reports why instead of
+being killed.
+*/}}
+{{- define "chorus.probeHandler" -}}
+{{- if .tls -}}
+exec:
+  command: [python, -m, chorus.probe, --tier, {{ .tier }}, --port, {{ .port | quote }},
+            --timeout, {{ sub .timeout 1 | quote }}]
+{{- else -}}
+grpc:
+  port: {{ .port }}
+{{- end -}}
+{{- end -}}
 
 {{- define "chorus.deployment" -}}
 {{- $root := .root -}}
@@ -26,6 +47,7 @@ _helpers.tpl plus:
 {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") -}}
 {{- end -}}
 {{- $tls := $root.Values.tls.enabled -}}
+{{- $probe := dict "tls" $tls "tier" (printf "chorus-%s" .component) "port" $v.port -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -143,27 +165,28 @@ spec:
           ports:
             - name: grpc
               containerPort: {{ $v.port }}
+            {{- with .httpPort }}
+            - name: http
+              containerPort: {{ . }}
+            {{- end }}
             - name: metrics
               containerPort: {{ $root.Values.metricsPort }}
           # All three probes ask the gRPC health service, which reports
-          # NOT_SERVING during warm-up and drain.
+          # NOT_SERVING during warm-up and drain (over TLS when tls.enabled).
           startupProbe:
-            grpc:
-              port: {{ $v.port }}
+            {{- include "chorus.probeHandler" (merge (dict "timeout" 3) $probe) | nindent 12 }}
             periodSeconds: 5
             timeoutSeconds: 3
             # Model load and warm-up: up to 10 minutes.
             failureThreshold: 120
           readinessProbe:
-            grpc:
-              port: {{ $v.port }}
+            {{- include "chorus.probeHandler" (merge (dict "timeout" 3) $probe) | nindent 12 }}
             periodSeconds: 5
             # A busy pod can be slow to answer; slow is not unready.
             timeoutSeconds: 3
             failureThreshold: 2
           livenessProbe:
-            grpc:
-              port: {{ $v.port }}
+            {{- include "chorus.probeHandler" (merge (dict "timeout" 5) $probe) | nindent 12 }}
             periodSeconds: 10
             # Outlasts terminationGracePeriodSeconds, so that NOT_SERVING while
             # draining never turns into a restart that cuts streams.
@@ -273,6 +296,13 @@ spec:
       port: {{ .values.port }}
       targetPort: grpc
       appProtocol: grpc
+    {{- with .httpPort }}
+    - name: http
+      port: {{ . }}
+      targetPort: http
+      # HTTPS with the gateway's certificate when TLS is on: never plaintext then.
+      appProtocol: {{ ternary "https" "http" $.root.Values.tls.enabled }}
+    {{- end }}
     - name: metrics
       port: {{ .root.Values.metricsPort }}
       targetPort: metrics
