@@ -3,9 +3,12 @@ entry point is a console script of the package that runs and parses its flags, e
 image installs the extra of the services it runs, and the gateway serves from an
 installation of the gateway extra alone (no torch, no llama.cpp).
 
-No Docker engine runs here, so the images are checked through what they are made
-of: the same `pip install .[extra]` into a fresh virtual environment, the same
-command, the same flags.
+These run in the suite without a container engine, so the images are checked
+through what they are made of: the same `pip install .[extra]` into a fresh virtual
+environment, the same command, the same flags. The built images themselves are
+checked by `python -m tools.images check` (built, run, sized and scanned with
+podman) and tests/test_image_build.py (slow, opt-in: the chart's commands in the
+built images).
 """
 
 from __future__ import annotations
@@ -86,12 +89,48 @@ def test_image_is_non_root_labelled_and_takes_weights_from_a_volume(image):
     if image != "gateway":
         assert 'VOLUME ["/models"]' in stage
         assert "CHORUS_MODEL=/models/backbone.gguf" in stage and "CHORUS_SNAC_DIR=/models/snac" in stage
-    # Every stage starts from a tagged base (build args at their defaults), never a floating one.
+    # Every stage starts from a tagged base (build args at their defaults), never a floating
+    # one; `scratch`, the empty image, has nothing to pin.
     text = (DOCKER / f"{image}.Dockerfile").read_text()
     defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)$", text, flags=re.M))
-    for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.M):
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert any("${" in base for base in bases), "the base must be a build argument"
+    for base in bases:
         resolved = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], base)
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+", resolved), resolved
+        assert resolved == "scratch" or re.fullmatch(r"[\w./-]+:[\w.-]+", resolved), resolved
+
+
+@pytest.mark.parametrize("image", ["cpu", "gateway"])
+def test_image_builds_on_a_base_without_a_python_command(image):
+    """Debian's python3 package has no `python`: the Dockerfiles call `python3` until
+    the venv (which has both) is on PATH, so the local Debian base (tools/images) works
+    as well as python:3.11-slim."""
+    text = (DOCKER / f"{image}.Dockerfile").read_text()
+    assert "RUN python3 -m venv /opt/chorus" in text
+    assert not re.search(r"^RUN python -m venv", text, flags=re.M)
+
+
+def test_the_gateway_image_exposes_its_grpc_http_and_metrics_ports():
+    from gateway.__main__ import DEFAULT_HTTP_PORT
+
+    exposed = re.search(r"^EXPOSE (.+)$", _final_stage(DOCKER / "gateway.Dockerfile"), flags=re.M).group(1).split()
+    assert {"50051", str(DEFAULT_HTTP_PORT), "9090"} == set(exposed)
+
+
+def test_host_wheels_are_optional_and_reach_no_layer_of_the_image():
+    """The CPU image takes prebuilt wheels only through its `wheels` build context (an
+    empty stage unless one is given), mounted per RUN in the build stage; without one
+    it fetches torch from its index and compiles llama.cpp from source."""
+    text = (DOCKER / "cpu.Dockerfile").read_text()
+    assert re.search(r"^FROM scratch AS wheels$", text, flags=re.M)
+    for arg in ("LLAMA_WHEEL", "TORCH_WHEEL"):
+        assert re.search(rf'^ARG {arg}=""$', text, flags=re.M), arg
+    build_stage = re.split(r"^FROM\s", text, flags=re.M)[2]
+    assert build_stage.startswith("${PYTHON_IMAGE} AS build")
+    assert build_stage.count("--mount=type=bind,from=wheels,target=/wheels") == 2
+    assert "pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36" in build_stage
+    assert 'pip install --index-url "${TORCH_INDEX}" torch==2.13.0' in build_stage
+    assert "wheels" not in _final_stage(DOCKER / "cpu.Dockerfile")
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -191,7 +230,7 @@ def test_gateway_serves_from_the_gateway_extra_alone(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             scraped = response.read().decode()
         assert "chorus_gateway_in_flight_streams" in scraped
-        assert 'chorus_gateway_requests_total{code="OK",method="GetLimits"} 1.0' in scraped
+        assert 'chorus_gateway_requests_total{api="tts.v1",code="OK",method="GetLimits"} 1.0' in scraped
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:
@@ -214,3 +253,83 @@ def test_the_cpu_image_builds_llama_cpp_as_setup_builds_its_portable_flavour():
     cmake = re.search(r'^ENV CMAKE_ARGS="([^"]*)"$', text, flags=re.M).group(1)
     assert cmake == flavours.portable(frozenset(flavours.AVX2_LEVEL)).cmake_env
     assert f"{flavours.REQUIREMENT}" in text
+
+
+# ---------------------------------------------------------------- tools/images, without podman
+
+
+def test_the_build_tags_images_with_the_names_the_chart_pulls():
+    """tools/images names each image after its OCI title label and tags it with the
+    package version; the chart pulls <repository>:<appVersion>."""
+    import yaml
+
+    from tools.images import build
+
+    chart = yaml.safe_load((ROOT / "deploy" / "helm" / "chorus" / "Chart.yaml").read_text())
+    values = yaml.safe_load((ROOT / "deploy" / "helm" / "chorus" / "values.yaml").read_text())
+    images = build.images()
+    assert set(images) == set(IMAGES)
+    assert build.VERSION == chart["appVersion"] == PYPROJECT["project"]["version"]
+    for kind, image in images.items():
+        assert values["images"][kind]["repository"] == image.repository
+        assert values["images"][kind]["tag"] in ("", build.VERSION)
+        assert image.ref == f"localhost/{image.repository}:{build.VERSION}"
+    assert [name for name, image in images.items() if not image.buildable] == ["cuda"]
+
+
+def test_commands_resolve_inside_the_image_filesystem_not_the_hosts(tmp_path):
+    """An image's links point into the image: /opt/chorus/bin/python -> /usr/bin/python3
+    must resolve under the image's root, never to the host's /usr/bin/python3."""
+    from tools.images.chart import missing_in
+    from tools.images.podman import resolve_command
+
+    root = tmp_path / "rootfs"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "opt" / "chorus" / "bin").mkdir(parents=True)
+    python = root / "usr" / "bin" / "python3.11"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    (root / "usr" / "bin" / "python3").symlink_to("python3.11")
+    (root / "opt" / "chorus" / "bin" / "python").symlink_to("/usr/bin/python3")
+    (root / "usr" / "bin" / "not-executable").write_text("")
+    (root / "bin").symlink_to("usr/bin")
+    site = root / "opt" / "chorus" / "lib" / "python3.11" / "site-packages"
+    (site / "chorus").mkdir(parents=True)
+    (site / "chorus" / "probe.py").write_text("")
+    path = "/opt/chorus/bin:/usr/bin:/bin"
+
+    assert resolve_command(root, "python", path) == python
+    assert resolve_command(root, "/bin/python3", path) == python
+    assert resolve_command(root, "not-executable", path) is None
+    assert resolve_command(root, "sh", path) is None  # the host has one; the image does not
+    assert missing_in(root, {"PATH": path}, ["python", "-m", "chorus.probe"]) is None
+    assert "site-packages" in missing_in(root, {"PATH": path}, ["python", "-m", "tools.fetch_models"])
+    assert "PATH" in missing_in(root, {"PATH": path}, ["sleep", "5"])
+
+
+def test_only_a_portable_wheel_with_the_dockerfiles_flags_is_handed_to_the_build(tmp_path, monkeypatch):
+    """A cached wheel built with other flags (the native flavour, or flags the Dockerfile
+    has since changed) is never put in the image: the build then compiles llama.cpp."""
+    import json as _json
+
+    from tools.images import build
+    from tools.llama_wheel import flavours
+
+    key = flavours.portable().key()
+    entry = tmp_path / "cache" / key
+    entry.mkdir(parents=True)
+    (entry / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(b"not really a wheel")
+    monkeypatch.setenv("CHORUS_WHEEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_torch_pin", lambda: "torch==0.0.0")  # no torch download here
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: None)
+    dockerfile = DOCKER / "cpu.Dockerfile"
+
+    record = {"flavour": "portable", "key": key, "cmake_args": build.dockerfile_cmake_args(dockerfile)}
+    (entry / "chorus-build.json").write_text(_json.dumps(record))
+    args = build.prepare_wheels(tmp_path / "work", dockerfile, log=lambda _: None)
+    assert args == {"LLAMA_WHEEL": f"{key}/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"}
+    assert (tmp_path / "work" / "wheels" / args["LLAMA_WHEEL"]).is_file()
+
+    record["cmake_args"] = [*record["cmake_args"], "-DGGML_AVX512=ON"]
+    (entry / "chorus-build.json").write_text(_json.dumps(record))
+    assert build.prepare_wheels(tmp_path / "work2", dockerfile, log=lambda _: None) == {}

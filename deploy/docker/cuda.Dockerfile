@@ -4,10 +4,13 @@
 # the repository root:
 #   docker build -f deploy/docker/cuda.Dockerfile -t chorus-tts-cuda:0.1.0 .
 # Weights are not in the image: mount them at /models (backbone.gguf, snac/).
+# The bases: CUDA_IMAGE's devel and runtime tags for CUDA_VERSION on UBUNTU (a
+# mirror of nvidia/cuda: `--build-arg CUDA_IMAGE=registry.example.com/nvidia/cuda`).
+ARG CUDA_IMAGE=nvidia/cuda
 ARG CUDA_VERSION=12.8.1
 ARG UBUNTU=ubuntu22.04
 
-FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build
+FROM ${CUDA_IMAGE}:${CUDA_VERSION}-devel-${UBUNTU} AS build
 # Distribution packages are not pinned: the archive drops superseded versions (a pin
 # would break the build at the next security update); the base image tag pins the release.
 # hadolint ignore=DL3008
@@ -32,10 +35,13 @@ COPY services ./services
 COPY gateway ./gateway
 COPY tools ./tools
 # The package itself; every dependency is pinned in its pyproject.toml.
+# Nothing installs at run time: pip leaves the environment, and with it its own
+# advisories (torch needs setuptools, which stays).
 # hadolint ignore=DL3013
-RUN pip install ".[token-server,codec-worker,models]"
+RUN pip install ".[token-server,codec-worker,models]" \
+ && pip uninstall --yes pip
 
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+FROM ${CUDA_IMAGE}:${CUDA_VERSION}-runtime-${UBUNTU}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -67,4 +73,5 @@ VOLUME ["/models"]
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50052 50053 9090
+# checkov:skip=CKV_DOCKER_2: one image runs two services on two ports (the CMD is only the default); the chart probes each container through its own gRPC health
 CMD ["chorus-token-server"]

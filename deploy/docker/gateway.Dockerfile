@@ -3,11 +3,17 @@
 # no llama.cpp (`pip install .[gateway]`), so it starts in a second and scales
 # cheaply. Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t chorus-gateway:0.1.0 .
+# The base is any Debian-family image with Python 3.11 as `python3`, its venv module
+# and useradd (`--build-arg PYTHON_IMAGE=...`; tools/images builds one with
+# mmdebstrap). `python3`, not `python`: Debian's own python3 package has no `python`.
+# checkov cannot resolve build args and takes ${PYTHON_IMAGE} for an untagged image;
+# the default is tagged, and tests/test_images.py fails on an untagged default.
+# checkov:skip=CKV_DOCKER_7: the base is a build arg whose default carries a tag
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/chorus/bin:$PATH
-RUN python -m venv /opt/chorus
+RUN python3 -m venv /opt/chorus
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY chorus ./chorus
@@ -15,8 +21,11 @@ COPY services ./services
 COPY gateway ./gateway
 COPY tools ./tools
 # The package itself; every dependency is pinned in its pyproject.toml.
+# Nothing installs at run time: pip leaves the environment, and with it its own
+# advisories (setuptools came with the venv only; nothing in the gateway extra needs it).
 # hadolint ignore=DL3013
-RUN pip install ".[gateway]"
+RUN pip install ".[gateway]" \
+ && pip uninstall --yes pip setuptools
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
@@ -36,5 +45,10 @@ ENV PATH=/opt/chorus/bin:$PATH \
     CHORUS_HOST=0.0.0.0
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+# gRPC, the HTTP port (OpenAI's speech endpoint, the browser page; --http-port), metrics.
+EXPOSE 50051 8080 9090
+# For docker and compose (Kubernetes ignores it: the chart probes each container
+# itself); the port the gateway listens on is CHORUS_PORT when set.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+  CMD ["/bin/sh", "-c", "exec python -m chorus.probe --tier chorus-gateway --port \"${CHORUS_PORT:-50051}\""]
 ENTRYPOINT ["chorus-gateway"]
