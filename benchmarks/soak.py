@@ -251,16 +251,37 @@ class Soak:
             await asyncio.sleep(0.05)
         return group[0]
 
-    async def gateway_serves(self) -> bool:
-        """Whether one short request through the gateway completes (not an outcome of the load)."""
+    async def own_request(self, frames: int = 6) -> bool:
+        """Whether one request of the soak's own through the gateway completes (not an
+        outcome of the load)."""
         stub = gateway_pb2_grpc.SynthesisServiceStub(self.channel())
-        request = gateway_pb2.SynthesizeRequest(text=TEXTS[0], sampling=common_pb2.SamplingParams(max_tokens=7 * 6))
+        request = gateway_pb2.SynthesizeRequest(
+            text=TEXTS[0], sampling=common_pb2.SamplingParams(max_tokens=7 * frames, ignore_end_of_speech=True))
         try:
             async for _ in stub.Synthesize(request, timeout=60):
                 pass
         except grpc.aio.AioRpcError:
             return False
         return True
+
+    async def serves_own_requests(self, target: str, process) -> bool:
+        """Whether `process` takes work from requests of the soak's own: as many at once
+        as there are processes of its kind and one more, long enough to overlap, so
+        that least-loaded routing puts one on it whichever others are up."""
+        if target == "gateway":
+            return await self.own_request()
+        group = self.stack.codec_worker_processes if target == "codec_worker" else self.stack.token_server_processes
+        requests = [asyncio.create_task(self.own_request(frames=60)) for _ in range(len(group) + 1)]
+        try:
+            while not all(r.done() for r in requests):
+                if await self.work_on(target, process.address) > 0:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            for r in requests:
+                r.cancel()
+            await asyncio.gather(*requests, return_exceptions=True)
 
     async def work_on(self, target: str, address: str) -> int:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -285,11 +306,11 @@ class Soak:
             elif await self.work_on(target, process.address) > 0:
                 return True
             if self.started >= self.n and self.in_flight == 0:
-                # No load left to show it: faults run one after another, so a slow
-                # restart before the gateway's can leave it none. A request of the
-                # soak's own then asks the restarted gateway; other targets need
-                # the load to land on them.
-                return target == "gateway" and await self.gateway_serves()
+                # No load left to show it: faults run one after another, and the load
+                # can run out before a later fault's restart is ready (the faster the
+                # decoder, the sooner). Requests of the soak's own then ask the
+                # restarted process.
+                return await self.serves_own_requests(target, process)
             await asyncio.sleep(0.1)
         return False
 
