@@ -417,7 +417,10 @@ def codec_rows():
         ("a repeat", decode(start(), frames(0, GOOD_FRAME), frames(0, GOOD_FRAME)), INVALID, "expected frame 1"),
         ("first_frame_index negative", decode(start(first_frame_index=-1)), INVALID,
          "first_frame_index -1 is outside"),
-        ("first_frame_index 2^62", decode(start(first_frame_index=2**62), frames(2**62, GOOD_FRAME)), INVALID,
+        # The start alone: the worker refuses it before reading on, and a frame written
+        # behind it races the refusal in grpc's client (once: INTERNAL "Internal error
+        # from Core" instead of the worker's INVALID_ARGUMENT).
+        ("first_frame_index 2^62", decode(start(first_frame_index=2**62)), INVALID,
          "first_frame_index 4611686018427387904 is outside"),
         ("resume_from_sample 2^62", decode(start(resume_from_sample=2**62)), INVALID,
          "resume_from_sample 4611686018427387904 is outside"),
