@@ -309,8 +309,11 @@ class Soak:
                 # No load left to show it: faults run one after another, and the load
                 # can run out before a later fault's restart is ready (the faster the
                 # decoder, the sooner). Requests of the soak's own then ask the
-                # restarted process.
-                return await self.serves_own_requests(target, process)
+                # restarted process, round after round until the deadline: its peers
+                # route to it only once their next poll has found it up.
+                if await self.serves_own_requests(target, process):
+                    return True
+                continue
             await asyncio.sleep(0.1)
         return False
 

@@ -198,9 +198,16 @@ class Router:
         return await self._endpoints.wait_until_any_ready(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S))
 
     async def _poll_forever(self) -> None:
+        # A poll that fails in a way _poll_one does not expect must not end polling: a
+        # router that stops polling never sees a restarted token server again.
         while True:
             await asyncio.sleep(self._interval)
-            await self.poll()
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("polling token servers failed; polling goes on")
 
     async def _poll_one(self, server: _Server) -> None:
         try:

@@ -4,6 +4,8 @@ failover, and the status when every server is full or missing.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -170,3 +172,32 @@ def test_ranking_reads_the_servers_and_changes_nothing():
     first, again, rotated = run(scenario())
     assert first == again == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
     assert rotated == ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]
+
+
+def test_polling_survives_a_poll_that_fails_unexpectedly():
+    # A router whose poll loop ended on one unexpected error never saw a restarted
+    # token server again (the soak's "token server did not rejoin").
+    async def scenario():
+        service = FakeTokenService()
+        async with token_server(service) as address:
+            router = Router((address,), status_interval_s=0.01)
+            told: list[bool] = []
+
+            async def on_availability(available: bool) -> None:
+                told.append(available)
+                if len(told) == 2:
+                    raise RuntimeError("a poll that fails in a way nobody planned for")
+
+            router.on_availability = on_availability
+            await router.start()
+            try:
+                for _ in range(500):
+                    if len(told) >= 5:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await router.close()
+        assert len(told) >= 5, told  # polling went on past the failing poll
+        assert all(told)
+
+    run(scenario())
