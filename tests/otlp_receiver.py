@@ -40,9 +40,10 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 @contextlib.contextmanager
-def running_receiver():
-    """A Receiver on a real gRPC server at 127.0.0.1:<free port>; `.endpoint` says where."""
-    servicer = Receiver()
+def running_receiver(kind: type[Receiver] | None = None):
+    """A Receiver (or a subclass, `kind`) on a real gRPC server at 127.0.0.1:<free
+    port>; `.endpoint` says where."""
+    servicer = (kind or Receiver)()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
     servicer.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"

@@ -11,6 +11,7 @@ different bits, which also shows the stand-in took effect).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -110,19 +111,31 @@ class _Load(codec_pb2_grpc.CodecServiceServicer):
         return codec_pb2.GetLoadResponse(max_streams=8, device="cpu", numeric_mode=self.mode)
 
 
+@contextlib.asynccontextmanager
+async def _pool_of_workers_in(modes):
+    """A started CodecPool over real gRPC servers that answer GetLoad with `modes`, and
+    their addresses."""
+    servers, addresses = [], []
+    for mode in modes:
+        server = grpc.aio.server()
+        codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(mode), server)
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        await server.start()
+        servers.append(server)
+    pool = CodecPool(addresses)
+    try:
+        await pool.start()
+        yield pool, addresses
+    finally:
+        await pool.close()
+        for server in servers:
+            await server.stop(None)
+
+
 def test_a_stream_fails_over_only_to_a_worker_of_its_numeric_mode():
     """CodecPool against real gRPC servers that answer GetLoad with a mode."""
     async def scenario():
-        servers, addresses = [], []
-        for mode in ("mkl-non-intel", "mkl-avx2-strict", "mkl-non-intel"):
-            server = grpc.aio.server()
-            codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(mode), server)
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            await server.start()
-            servers.append(server)
-        pool = CodecPool(addresses)
-        try:
-            await pool.start()
+        async with _pool_of_workers_in(("mkl-non-intel", "mkl-avx2-strict", "mkl-non-intel")) as (pool, addresses):
             assert [pool.numeric_mode(a) for a in addresses] == ["mkl-non-intel", "mkl-avx2-strict", "mkl-non-intel"]
             # A stream that started on worker 0 resumes on worker 2, never on worker 1.
             assert pool.pick({addresses[0]}, "mkl-non-intel") == addresses[2]
@@ -130,10 +143,6 @@ def test_a_stream_fails_over_only_to_a_worker_of_its_numeric_mode():
                 pool.pick({addresses[0], addresses[2]}, "mkl-non-intel")
             # A new stream takes any worker.
             assert pool.pick({addresses[0], addresses[2]}) == addresses[1]
-        finally:
-            await pool.close()
-            for server in servers:
-                await server.stop(None)
 
     asyncio.run(scenario())
 
@@ -160,16 +169,7 @@ def test_a_bf16_stream_fails_over_only_to_a_worker_of_its_mode(monkeypatch):
     assert len(set(modes)) == 4
 
     async def scenario():
-        servers, addresses = [], []
-        for m in modes:
-            server = grpc.aio.server()
-            codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(m), server)
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            await server.start()
-            servers.append(server)
-        pool = CodecPool(addresses)
-        try:
-            await pool.start()
+        async with _pool_of_workers_in(modes) as (pool, addresses):
             assert [pool.numeric_mode(a) for a in addresses] == modes
             assert pool.pick({addresses[0]}, amd_bf16) == addresses[4]
             with pytest.raises(NoCodecWorkerError, match=f"numeric mode {amd_bf16.replace('+', '.')}"):
@@ -177,9 +177,5 @@ def test_a_bf16_stream_fails_over_only_to_a_worker_of_its_mode(monkeypatch):
             # An fp32 stream of the same CPU does not move to a bf16 worker either.
             with pytest.raises(NoCodecWorkerError):
                 pool.pick({addresses[1]}, modes[1])
-        finally:
-            await pool.close()
-            for server in servers:
-                await server.stop(None)
 
     asyncio.run(scenario())

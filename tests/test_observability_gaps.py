@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from fake_token_server import PCM, FakeTokenService
 from gateway import metrics
 from otlp_receiver import Receiver, running_receiver
 from test_gateway_http import http_gateway, speech
+from ports import free_port_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "chorus-test-service"
@@ -304,20 +304,11 @@ class _HeaderReceiver(Receiver):
 
 @contextlib.contextmanager
 def _header_receiver():
-    from concurrent import futures
-
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-
-    servicer = _HeaderReceiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    servicer.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    try:
-        yield servicer
-    finally:
-        telemetry.shutdown_tracing()
-        server.stop(None)
+    with running_receiver(_HeaderReceiver) as servicer:
+        try:
+            yield servicer
+        finally:
+            telemetry.shutdown_tracing()
 
 
 def test_standard_otel_variables_are_honoured(monkeypatch):
@@ -355,28 +346,6 @@ def test_standard_otel_variables_are_honoured(monkeypatch):
 # --- gaps 7 and 8: `chorus serve` metrics ports, process metrics everywhere ------------
 
 
-def _free_base(count: int) -> int:
-    """A port with the `count - 1` after it free too."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise AssertionError("no run of free ports")
-
 
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -389,7 +358,7 @@ def test_chorus_serve_spreads_metrics_ports_and_every_service_has_process_metric
     server on BASE+1, the codec worker on BASE+2, where three services once fought for
     one port; each of them exports the process metrics; --otlp-endpoint reaches all
     three, each under its own name (OTEL_SERVICE_NAME is not handed down)."""
-    base = _free_base(3)
+    base = free_port_run(3)
     env = {**os.environ, "CHORUS_METRICS_PORT": str(base), "PYTHONUNBUFFERED": "1",
            "OTEL_SERVICE_NAME": "one-name-for-all", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     log = (tmp_path / "serve.log").open("w+")

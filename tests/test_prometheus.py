@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ import yaml
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tools.supervisor import Stack
+from ports import free_port, free_port_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = shutil.which("prometheus")
@@ -37,34 +37,12 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_base(count: int) -> int:
-    """A free port with the `count - 1` after it free too."""
-    for _ in range(50):
-        base = _free_port()
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sockets.append(socket.socket())
-                sockets[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise AssertionError("no run of free ports")
 
 
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory):
     # As `chorus serve --metrics-port BASE` spreads them: gateway, token server, codec worker.
-    base = _free_base(3)
+    base = free_port_run(3)
     ports = {"gateway": base, "token_server": base + 1, "codec_worker": base + 2}
     with Stack(
         models_dir=demo_models.root, slots=2, token_servers=1, codec_workers=1,
@@ -130,7 +108,7 @@ def prometheus(stack, tmp_path_factory):
         }],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (work / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [PROMETHEUS, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
