@@ -74,3 +74,14 @@ def gateway(stack):
     real processes)."""
     with grpc.insecure_channel(stack.gateway_address) as channel:
         yield gateway_pb2_grpc.SynthesisServiceStub(channel)
+
+
+@pytest.fixture
+def no_tracing_left_over():
+    """Tracing set up by one test never exports the next one's spans (modules that
+    trace take it with `pytestmark = pytest.mark.usefixtures("no_tracing_left_over")`)."""
+    from chorus import telemetry
+
+    telemetry.shutdown_tracing()
+    yield
+    telemetry.shutdown_tracing()

@@ -61,3 +61,4 @@ def receiver():
         # Before the receiver goes: a failed test's unflushed spans would otherwise retry
         # against a closed port for seconds.
         telemetry.shutdown_tracing()
+

@@ -43,11 +43,7 @@ OTLP_STATUS_ERROR = 2
 ECHO = "chorus.test.Gaps"
 
 
-@pytest.fixture(autouse=True)
-def no_tracing_left_over():
-    telemetry.shutdown_tracing()
-    yield
-    telemetry.shutdown_tracing()
+pytestmark = pytest.mark.usefixtures("no_tracing_left_over")
 
 
 def _spans(receiver) -> list[tuple[dict[str, str], object]]:

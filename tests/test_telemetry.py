@@ -39,11 +39,7 @@ OTLP_STATUS_ERROR = 2
 ECHO = "chorus.test.Echo"
 
 
-@pytest.fixture(autouse=True)
-def no_tracing_left_over():
-    telemetry.shutdown_tracing()
-    yield
-    telemetry.shutdown_tracing()
+pytestmark = pytest.mark.usefixtures("no_tracing_left_over")
 
 
 class Echo:

@@ -41,6 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from chorus import cpuinfo
+
 ENV = "MKL_CBWR"
 MODES = ("vendor", "compatible")
 DEFAULT = "vendor"
@@ -69,11 +71,7 @@ def request_before_torch() -> None:
     """The default mode for MKL's start, unless MKL_CBWR is already set (then `ensure`
     says whether it will do). The package runs it at import, so it must not start
     torch: the vendor comes from /proc/cpuinfo."""
-    try:
-        intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        intel = False
-    value = _env_value(DEFAULT, intel)
+    value = _env_value(DEFAULT, cpuinfo.field("vendor_id") == "GenuineIntel")
     if value is not None:
         os.environ.setdefault(ENV, value)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
+
+from chorus import cpuinfo
 
 PRECISIONS = ("fp32", "bf16")
 CHOICES = ("auto", *PRECISIONS)
@@ -31,22 +32,8 @@ _ONEDNN_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 @lru_cache(maxsize=1)
 def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; empty where unreadable."""
-    vendor, flags = "", frozenset()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return vendor, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
-        if vendor and flags:
-            break
-    return vendor, flags
+    """(vendor_id, flags) of the first CPU; empty where unreadable."""
+    return cpuinfo.field("vendor_id"), frozenset(cpuinfo.field("flags").split())
 
 
 def native_bf16_isa(flags: frozenset[str] | set[str] | None = None, onednn_cap: str | None = None) -> str | None:

@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from chorus import cpuinfo
+
 from tools.images import base as base_image
 from tools.images import build, run, scan, sizes
 from tools.images.podman import PodmanError, mounted, runtime_args
@@ -31,8 +33,7 @@ GATEWAY_PRESENT = ("grpc", "av", "gateway")
 
 
 def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpuinfo.field("model name") or platform.machine()
     return f"{cpu}, {len(os.sched_getaffinity(0))} CPUs, {platform.system()} {platform.release()}"
 
 

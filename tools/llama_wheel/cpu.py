@@ -12,9 +12,10 @@ import os
 import re
 import subprocess
 from functools import lru_cache
-from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from chorus import cpuinfo
+
+CPUINFO = cpuinfo.CPUINFO
 
 # The x86 flags that decide which llama.cpp and MKL kernels run; reports list these.
 RELEVANT_FLAGS = (
@@ -30,26 +31,16 @@ def same_feature(name: str) -> str:
     return name.lower().replace("_", "").replace(".", "")
 
 
-def _cpuinfo_field(name: str, text: str | None = None) -> str:
-    if text is None:
-        try:
-            text = CPUINFO.read_text(errors="replace")
-        except OSError:
-            return ""
-    match = re.search(rf"^{re.escape(name)}\s*:\s*(.*)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else ""
-
-
 def cpu_model() -> str:
-    return _cpuinfo_field("model name") or "unknown CPU"
+    return cpuinfo.field("model name") or "unknown CPU"
 
 
 def cpu_vendor() -> str:
-    return _cpuinfo_field("vendor_id") or "unknown"
+    return cpuinfo.field("vendor_id") or "unknown"
 
 
 def cpu_flags() -> frozenset[str]:
-    return frozenset(_cpuinfo_field("flags").split())
+    return frozenset(cpuinfo.field("flags").split())
 
 
 def relevant_flags(flags: frozenset[str] | None = None) -> list[str]:
