@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from snac.layers import NoiseBlock
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, frames_to_layers
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, frames_to_layers
 from services.codec_worker.decode_engine import Audio, DecodeEngine, End
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder

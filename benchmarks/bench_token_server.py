@@ -23,8 +23,8 @@ import os
 import time
 from pathlib import Path
 
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.speech import orpheus
 from services.token_server.engine import TOKEN_SECONDS, Engine, Finished, GenerationRequest
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.sampler import SamplingParams

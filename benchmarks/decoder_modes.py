@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chorus.cpu_budget import sleep_idle_threads  # noqa: E402
+from chorus.realtime.cpu_budget import sleep_idle_threads  # noqa: E402
 
 sleep_idle_threads()  # as the worker's entry point does, before torch loads OpenMP
 import services.codec_worker  # noqa: E402,F401  (MKL's mode, before torch starts)
@@ -38,7 +38,7 @@ import services.codec_worker  # noqa: E402,F401  (MKL's mode, before torch start
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from services.codec_worker import numeric_mode, precision  # noqa: E402
 from services.codec_worker import streaming_decoder as sd  # noqa: E402
 from services.codec_worker.model import load_snac  # noqa: E402

@@ -35,8 +35,8 @@ import json, sys
 sys.path.insert(0, "benchmarks")
 import llama_cpp
 from bench_token_server import CTX_PER_SLOT, bench_engine
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.speech import orpheus
 from services.token_server.engine import TOKEN_SECONDS, Engine
 from services.token_server.llama_backend import LlamaBackbone
 model, threads, frames = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -43,7 +43,7 @@ if sys.argv[2] == "default":
 else:
     numeric_mode.select(sys.argv[2])
 import torch
-from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
+from chorus.speech.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 torch.set_num_threads(int(sys.argv[3]))

@@ -14,7 +14,7 @@ kind, threads, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GGUF = Path(__file__).resolve().parents[1] / "models/demo/backbone.gguf"
 if kind == "llama":
-    from chorus import orpheus
+    from chorus.speech import orpheus
     from services.token_server.llama_backend import LlamaBackbone, TokenBatch
     bb = LlamaBackbone(str(GGUF), n_ctx=4 * 2048, n_batch=64, n_seq_max=4, threads=threads)
     batch = TokenBatch(64, 4)

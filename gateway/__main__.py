@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from chorus import telemetry
-from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
-from chorus.stall import GATEWAY_STALL, StallPolicy
-from chorus.voices import VOICES_FLAG_HELP, parse_voices
+from chorus.rpc.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.rpc.stall import GATEWAY_STALL, StallPolicy
+from chorus.speech.voices import VOICES_FLAG_HELP, parse_voices
+from chorus.telemetry import tracing
 from gateway import metrics
 from gateway.config import GatewayConfig
 
@@ -96,7 +96,7 @@ def _http_port(value: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(telemetry.GATEWAY, parse_args(argv), build_config, "gateway.server:start_server", metrics.REGISTRY)
+    run(tracing.GATEWAY, parse_args(argv), build_config, "gateway.server:start_server", metrics.REGISTRY)
 
 
 if __name__ == "__main__":

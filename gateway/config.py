@@ -6,13 +6,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from chorus import orpheus
-from chorus.access import MAX_REQUEST_BYTES
-from chorus.playback import DEFAULT_START_BUFFER_S
-from chorus.stall import GATEWAY_STALL, StallPolicy
-from chorus.telemetry import GATEWAY
-from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
-from chorus.voices import ORPHEUS_VOICES, description, voice_problems
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S
+from chorus.rpc.stall import GATEWAY_STALL, StallPolicy
+from chorus.security.access import MAX_REQUEST_BYTES
+from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.speech import orpheus
+from chorus.speech.voices import ORPHEUS_VOICES, description, voice_problems
+from chorus.telemetry.tiers import GATEWAY
 
 # An origin as browsers send it: scheme, host and port, nothing after.
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
@@ -41,7 +41,7 @@ class GatewayConfig:
     # How often token servers are asked for their load.
     status_interval_s: float = 0.25
     # When a token server that sends no audio mid-stream is taken for hung and the
-    # stream replayed elsewhere (chorus.stall; validated there).
+    # stream replayed elsewhere (chorus.rpc.stall; validated there).
     stall: StallPolicy = GATEWAY_STALL
     # Audio a listener buffers before playback starts: the playback clock that
     # underruns are counted against, passed on to the token servers and codec workers.
@@ -63,7 +63,7 @@ class GatewayConfig:
     # Client certificate identities the client port requires; empty: no client
     # certificates (clients authenticate with API keys).
     allowed_clients: tuple[str, ...] = DEFAULT_ALLOWED_CLIENTS[GATEWAY]
-    # `<key id>:<secret>` lines (chorus.api_keys); every call but health and
+    # `<key id>:<secret>` lines (chorus.security.api_keys); every call but health and
     # reflection then needs a key. Off when None.
     api_keys_file: Path | None = None
     # Most synthesis streams one client address, and one API key, may hold at once

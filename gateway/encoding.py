@@ -34,7 +34,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from chorus.audio_formats import NATIVE_RATE, AudioFormat, write_stream_lengths
+from chorus.speech.audio_formats import NATIVE_RATE, AudioFormat, write_stream_lengths
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class StreamEncoder:
 
 def whole_file(fmt: AudioFormat, data: bytes, samples: int) -> bytes:
     """A finished stream as a file sent whole, with its real length in a WAV or FLAC
-    header (chorus.audio_formats.write_stream_lengths says why). `samples` is the
+    header (chorus.speech.audio_formats.write_stream_lengths says why). `samples` is the
     number of samples at the output rate (StreamEncoder.samples_out)."""
     out = bytearray(data)
     return bytes(out) if write_stream_lengths(out, fmt, samples) else data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from chorus.telemetry import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name, service_registry
+from chorus.telemetry.tracing import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metric_name, service_registry
 
 # With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
 REGISTRY = service_registry()

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from chorus import orpheus
-from chorus.playback import PlaybackClock
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from gateway.errors import GatewayError
 from gateway.feed import TextFeed
 from gateway.joins import JoinSmoother

@@ -20,7 +20,7 @@ remaining time as its gRPC deadline, so the token server stops (and frees the sl
 when the client's deadline passes.
 
 A server that hangs mid-stream (stopped, wedged) ends no call, so each call is
-watched (chorus.stall): once it has sent audio, a server that sends none until the
+watched (chorus.rpc.stall): once it has sent audio, a server that sends none until the
 listener's lead is down to the stall margin, and for at least the stall floor, is
 taken for dead; its call is cancelled and fails over like UNAVAILABLE. Before an
 attempt's first audio nothing is watched: a queue within capacity, or a replay
@@ -37,13 +37,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from chorus import orpheus, telemetry
-from chorus.playback import DEFAULT_START_BUFFER_S
-from chorus.stall import GATEWAY_STALL, StallPolicy, watched
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S
+from chorus.rpc.stall import GATEWAY_STALL, StallPolicy, watched
+from chorus.speech import orpheus
+from chorus.telemetry import tracing
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
-from chorus.tls import ChannelSecurity
+from chorus.rpc.discovery import PEER_RETURN_WAIT_S, EndpointSet
+from chorus.security.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Router:
                 attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
                 relayed.sending(time.monotonic())
                 # A retry's CLIENT span says so, and which servers refused before it.
-                with telemetry.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
+                with tracing.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
                     call = server.stub.Generate(attempt, timeout=remaining)
                 responded = False
                 try:

@@ -14,16 +14,16 @@ import time
 
 import grpc
 
-from chorus import telemetry
 from chorus.proto.riva import riva_tts_pb2_grpc
-from chorus.access import AccessPolicy, Share
-from chorus.api_keys import ApiKeys
-from chorus.telemetry import TOKEN_SERVER
-from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
-from chorus.serving import RunningServer, new_server, serve_with_health
+from chorus.rpc.serving import RunningServer, new_server, serve_with_health
+from chorus.security.access import AccessPolicy, Share
+from chorus.security.api_keys import ApiKeys
+from chorus.security.tls import ChannelSecurity
+from chorus.telemetry import tracing
+from chorus.telemetry.tiers import TOKEN_SERVER
 from gateway import metrics, validation
-from chorus.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
+from chorus.speech.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded
 from gateway.errors import GatewayError, abort_with, invalid
@@ -127,7 +127,7 @@ class SynthesisServicer(gateway_pb2_grpc.SynthesisServiceServicer):
 
 def _tag(options: SynthesisOptions, **extra: object) -> None:
     """The request's id, voice and output on its server span and log lines."""
-    telemetry.tag_request(options.spec.request_id, **{
+    tracing.tag_request(options.spec.request_id, **{
         "chorus.voice": options.spec.voice,
         "chorus.encoding": options.format.name,
         "chorus.sample_rate_hz": options.sample_rate,

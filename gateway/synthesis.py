@@ -4,7 +4,7 @@ Both client calls end here: the pipeline's PCM goes through the client's encoder
 and the summary is measured at the gateway (arrival to first audio sent, wall time
 over audio delivered), because that is the latency the client lives with.
 
-Each call keeps its listener's playback clock (chorus.playback): playback starts the
+Each call keeps its listener's playback clock (chorus.realtime.playback): playback starts the
 start buffer after the first audio sent, and every piece of audio sent after its
 time counts as an underrun, with the seconds the listener waited, in the metrics and
 the summary. The pipeline passes the same schedule to the token servers.
@@ -17,11 +17,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from chorus import telemetry
-from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.telemetry import tracing
 from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
-from chorus.audio_formats import AudioFormat
+from chorus.speech.audio_formats import AudioFormat
 from gateway.encoding import Encoded, OffloadedEncoder, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
@@ -95,7 +95,7 @@ def _summary(
         metrics.REAL_TIME_FACTOR.observe(wall / audio_seconds)
     return common_pb2.SynthesisSummary(
         request_id=options.spec.request_id,
-        trace_id=telemetry.current_trace_id(),
+        trace_id=tracing.current_trace_id(),
         tokens=stats.tokens,
         frames=stats.frames,
         audio_seconds=audio_seconds,

@@ -3,7 +3,7 @@ naming the field, the bad value and what would be accepted.
 
 Checked here, before any generation starts, so that a bad request costs no backbone
 step and never fails halfway through a long text. The sampling ranges come from the
-shared table (chorus/sampling_limits.py), which the token server checks again.
+shared table (chorus/speech/limits.py), which the token server checks again.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import uuid
 import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
-from chorus.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES, AudioFormat
+from chorus.speech.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES, AudioFormat
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
-from chorus.request_limits import request_id_problem
-from chorus.sampling_limits import sampling_problems
-from chorus.voices import unknown_voice
+from chorus.speech.limits import request_id_problem, sampling_problems
+from chorus.speech.voices import unknown_voice
 from gateway.pipeline import GenerationSpec
 from gateway.segmenter import has_speech
 from gateway.synthesis import SynthesisOptions

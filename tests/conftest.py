@@ -80,8 +80,8 @@ def gateway(stack):
 def no_tracing_left_over():
     """Tracing set up by one test never exports the next one's spans (modules that
     trace take it with `pytestmark = pytest.mark.usefixtures("no_tracing_left_over")`)."""
-    from chorus import telemetry
+    from chorus.telemetry import tracing
 
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()
     yield
-    telemetry.shutdown_tracing()
+    tracing.shutdown_tracing()

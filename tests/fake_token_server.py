@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
 from gateway.joins import FADE_SAMPLES
 from gateway.segmenter import split_text

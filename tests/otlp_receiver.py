@@ -11,7 +11,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from chorus import telemetry
+from chorus.telemetry import tracing
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -60,5 +60,5 @@ def receiver():
         yield servicer
         # Before the receiver goes: a failed test's unflushed spans would otherwise retry
         # against a closed port for seconds.
-        telemetry.shutdown_tracing()
+        tracing.shutdown_tracing()
 

@@ -13,7 +13,7 @@ engines run on their own cores, as in `chorus serve`; frames and audio pass betw
 them at the moment they are made.
 
 Each stream's listener starts playback at its first audio plus the 150 ms start buffer
-(chorus.playback), and every late sample is counted. No assertion here is about how long
+(chorus.realtime.playback), and every late sample is counted. No assertion here is about how long
 anything took on this machine: every time is the fake clock's.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from chorus import orpheus
-from chorus.capacity import ADMISSION_MARGIN, NSTAR_HEADROOM, RealTimeCapacity, calibrate
-from chorus.playback import PlaybackClock
+from chorus.realtime.capacity import ADMISSION_MARGIN, NSTAR_HEADROOM, RealTimeCapacity, calibrate
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from services.codec_worker.decode_engine import (
     AMPLE_LEAD_S, MAX_FRAMES_PER_STEP, MIN_FRAMES_PER_STEP, Audio, DecodeEngine, End, frames_per_stream,
 )

@@ -11,11 +11,11 @@ import os
 import pytest
 
 from certs import CertificateAuthority
-from chorus import api_keys
-from chorus.api_keys import ApiKeys, parse_keys
-from chorus.access import AccessPolicy, Code, Knock, Refusal, Share, presented_key
-from chorus.auth import peer_connection, peer_host
-from chorus.tls import TlsFiles
+from chorus.security import api_keys
+from chorus.security.access import AccessPolicy, Code, Knock, Refusal, Share, presented_key
+from chorus.security.api_keys import ApiKeys, parse_keys
+from chorus.security.auth import peer_connection, peer_host
+from chorus.security.tls import TlsFiles
 from gateway.__main__ import build_config as gateway_config, parse_args as gateway_args
 from services.codec_worker.__main__ import build_config as codec_config, parse_args as codec_args
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from chorus import orpheus
+from chorus.speech import orpheus
 from tools.bench import ceiling as ceiling_bench
 from tools.bench.ceiling import Split, best_by_batch, combinations, n_star, thread_splits
 from tools.bench.command import is_loopback, register, stack_options

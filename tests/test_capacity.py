@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chorus.capacity import CALIBRATION_ROUNDS, RECOUNT_EVERY, CapacityProbe, RealTimeCapacity, calibrate
+from chorus.realtime.capacity import CALIBRATION_ROUNDS, RECOUNT_EVERY, CapacityProbe, RealTimeCapacity, calibrate
 from services.token_server.engine import TOKEN_SECONDS
 
 UNIT = 0.010  # each stream needs a step every 10 ms to keep real time

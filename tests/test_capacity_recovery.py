@@ -6,7 +6,7 @@ tests/test_capacity_stack.py (a two-by-two stack)."""
 
 from __future__ import annotations
 
-from chorus.cpu_budget import sleep_idle_threads
+from chorus.realtime.cpu_budget import sleep_idle_threads
 
 
 def test_a_service_given_no_thread_count_says_it_takes_every_core_and_what_to_set(gguf_path, snac_dir, caplog,

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chorus.cpu_budget import cpu_budget
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
+from chorus.realtime.cpu_budget import cpu_budget
 from tools.supervisor import Stack
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ ServiceMonitor for metrics), with no port exposed that nothing listens on.
 
 Probes must speak the transport of the port they ask: the kubelet's grpc probe only
 on plaintext gRPC ports (it cannot do TLS, and a TLS port fails it UNAVAILABLE),
-an exec `python -m chorus.probe` with the pod's own certificate mounted when TLS is
+an exec `python -m chorus.rpc.probe` with the pod's own certificate mounted when TLS is
 on (run here for real against a TLS health server, with the rendered command), and
 an httpGet's scheme HTTPS exactly when the HTTP port serves HTTPS.
 
@@ -106,7 +106,7 @@ def _env(objects, container) -> dict[str, str]:
 
 
 def _tls_paths(args) -> tuple[Path, Path, Path] | None:
-    """The --tls-* files as chorus.tls.TlsFiles.from_flags takes them (which also opens
+    """The --tls-* files as chorus.security.tls.TlsFiles.from_flags takes them (which also opens
     them, and they are only in the pod): None for plaintext, all three or an error."""
     given = (args.tls_cert, args.tls_key, args.tls_ca)
     if not any(given):
@@ -254,7 +254,7 @@ def _kubelet_grpc_probe(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    from chorus.tls import TIERS
+    from chorus.security.tls import TIERS
 
     root = tmp_path_factory.mktemp("pki")
     ca = CertificateAuthority()
@@ -263,8 +263,8 @@ def pki(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", MATRIX)
 def test_every_probe_can_pass_against_its_own_process_transport(variant, monkeypatch, pki):
-    from chorus import probe as chorus_probe
-    from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+    from chorus.rpc import probe as chorus_probe
+    from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 
     objects = _objects(MATRIX[variant])
     certificates = {_component(c): c for c in objects.get("Certificate", {}).values()}
@@ -289,7 +289,7 @@ def test_every_probe_can_pass_against_its_own_process_transport(variant, monkeyp
                 assert probe["httpGet"].get("scheme", "HTTP") == doors["http"][1].upper()
             else:
                 command = probe["exec"]["command"]
-                assert command[:3] == ["python", "-m", "chorus.probe"], (component, kind)
+                assert command[:3] == ["python", "-m", "chorus.rpc.probe"], (component, kind)
                 args = chorus_probe.parse_args(command[3:])  # the container's CHORUS_TLS_* are set above
                 assert args.port == grpc_port and args.host == "127.0.0.1"
                 assert args.timeout < probe["timeoutSeconds"], "the kubelet would kill the probe before it reports"
@@ -320,7 +320,7 @@ def test_every_probe_can_pass_against_its_own_process_transport(variant, monkeyp
                     argv = list(command[3:])
                     argv[argv.index("--port") + 1] = str(server.port)
                     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_")}
-                    ran = subprocess.run([sys.executable, "-m", "chorus.probe", *argv], cwd=ROOT,
+                    ran = subprocess.run([sys.executable, "-m", "chorus.rpc.probe", *argv], cwd=ROOT,
                                          env={**clean, **files}, capture_output=True, text=True, timeout=60)
                     assert ran.returncode == 0, ran.stderr
                     assert ran.stdout.strip().endswith("SERVING")

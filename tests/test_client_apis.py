@@ -26,8 +26,8 @@ import pytest
 import soundfile
 
 from audio_check import assert_decoded_length, decode
-from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
+from chorus.speech.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from tools.supervisor import Stack
 
 pytestmark = pytest.mark.slow

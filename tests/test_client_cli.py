@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chorus.orpheus import SAMPLES_PER_FRAME
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
 from gateway.server import start_server
 from audio_check import assert_decoded_length, decode

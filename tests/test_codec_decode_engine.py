@@ -10,11 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
-from chorus.playback import PlaybackClock
-from services.codec_worker.decode_engine import AMPLE_LEAD_S, URGENT_LEAD_S, Audio, DecodeEngine, End, plan_step, to_pcm16
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
+from services.codec_worker.decode_engine import (
+    AMPLE_LEAD_S,
+    THRIFT_LEAD_S,
+    URGENT_LEAD_S,
+    Audio,
+    DecodeEngine,
+    End,
+    defer_short_passes,
+    plan_step,
+    to_pcm16,
+)
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
@@ -88,8 +98,11 @@ def test_engine_batches_concurrent_streams_and_frees_cancelled(decoder):
 class _Stream:
     """What plan_step reads of a stream: pending frames and a lead."""
 
-    def __init__(self, name: str, lead: float | None) -> None:
-        self.name, self._lead, self.pending = name, lead, [object()]
+    def __init__(self, name: str, lead: float | None, pending: int = 1, finishing: bool = False) -> None:
+        self.name, self._lead, self.pending, self.finishing = name, lead, [object()] * pending, finishing
+
+    def pending_frames(self) -> int:
+        return len(self.pending)
 
     def lead(self, now: float) -> float | None:
         return self._lead
@@ -168,3 +181,71 @@ def test_capacity_lost_to_a_bad_calibration_comes_back_while_no_stream_is_open(d
         assert engine.open_streams == 0
     finally:
         engine.stop()
+
+
+def test_a_stream_well_ahead_waits_for_a_full_pass_unless_finishing():
+    streams = [_Stream("ahead, one frame", THRIFT_LEAD_S + 0.5), _Stream("ahead, full pass", THRIFT_LEAD_S + 2, pending=4),
+               _Stream("ahead, finishing", THRIFT_LEAD_S + 3, finishing=True), _Stream("close", THRIFT_LEAD_S - 0.01),
+               _Stream("new", None)]
+    now_ready, wait_s = defer_short_passes(streams, now=0.0, full_pass=4)
+    assert [s.name for s in now_ready] == ["ahead, full pass", "ahead, finishing", "close", "new"]
+    # The deferred stream is looked at again before its lead falls under the threshold.
+    assert wait_s == pytest.approx(0.5)
+    assert defer_short_passes(streams[1:], now=0.0, full_pass=4)[1] is None
+
+
+def test_a_stream_well_ahead_is_decoded_a_full_pass_at_a_time_with_the_same_audio(decoder):
+    """A stream far ahead of its listener sends one frame, then three: nothing is decoded
+    until the fourth is pending, then one step decodes all four, to the same audio as
+    frame by frame."""
+    frames = random_frames(40, 4)
+
+    async def run():
+        engine = DecodeEngine(decoder, max_batch=4, max_frames_per_step=4)
+        engine.start()
+        try:
+            clock = PlaybackClock.scheduled(orpheus.SAMPLE_RATE, asyncio.get_running_loop().time() + 1e6)
+            stream = engine.open_stream(deterministic=True, clock=clock)
+            stream.submit(frames[:1])
+            for _ in range(10):  # the engine thread gets every chance to (wrongly) decode it
+                await asyncio.sleep(0.02)
+            decoded_early = engine.stats.frames
+            stream.submit(frames[1:])
+            first = await stream.get()
+            steps_for_four = engine.stats.steps
+            stream.finish()
+            rest, ended = await collect(stream)
+            return decoded_early, steps_for_four, [first, *rest], ended
+        finally:
+            await engine.aclose()
+
+    decoded_early, steps_for_four, chunks, ended = asyncio.run(run())
+    assert decoded_early == 0
+    assert steps_for_four == 1
+    assert ended and b"".join(c.pcm for c in chunks) == alone(decoder, frames)
+
+
+def test_a_deferred_stream_is_decoded_once_its_lead_falls_to_the_threshold(decoder):
+    """No more frames come (a paused or slow token server): the pending frame is decoded
+    when the listener's lead reaches THRIFT_LEAD_S, without a finish or another frame."""
+    frames = random_frames(41, 1)
+
+    async def run():
+        engine = DecodeEngine(decoder, max_batch=4, max_frames_per_step=4)
+        engine.start()
+        try:
+            loop = asyncio.get_running_loop()
+            clock = PlaybackClock.scheduled(orpheus.SAMPLE_RATE, loop.time() + THRIFT_LEAD_S + 0.2)
+            stream = engine.open_stream(deterministic=True, clock=clock)
+            stream.submit(frames)
+            for _ in range(1500):  # up to 30 s; the lead reaches the threshold after 0.2 s
+                if engine.stats.frames:
+                    break
+                await asyncio.sleep(0.02)
+            return engine.stats.frames, clock.lead(loop.time())
+        finally:
+            await engine.aclose()
+
+    decoded, lead_after = asyncio.run(run())
+    assert decoded == 1
+    assert lead_after <= THRIFT_LEAD_S  # it waited for the threshold, not for more frames

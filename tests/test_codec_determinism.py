@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME
 from services.codec_worker import keyed_noise
 from services.codec_worker.channel_mix import ChannelMix
 from services.codec_worker.decode_engine import Audio, DecodeEngine, End, to_pcm16

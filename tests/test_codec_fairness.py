@@ -15,8 +15,8 @@ import contextlib
 import grpc
 import pytest
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import codec_pb2_grpc
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from services.codec_worker import metrics
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.server import start_server

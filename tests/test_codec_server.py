@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME
-from chorus import telemetry
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME
+from chorus.telemetry import tracing
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.server import SERVICE_NAME, start_server
 
@@ -198,18 +198,18 @@ def test_health_load_limit_and_cancel(snac_dir):
 
 
 def test_decode_is_traced_with_its_first_audio(snac_dir, receiver):
-    telemetry.setup_tracing(telemetry.CODEC_WORKER, receiver.endpoint)
+    tracing.setup_tracing(tracing.CODEC_WORKER, receiver.endpoint)
 
     async def run():
         async with codec_worker(snac_dir) as (_, stub, _):
             return await decode(stub, good_requests(4))
 
     assert asyncio.run(run())[2]
-    telemetry.flush_tracing()
+    tracing.flush_tracing()
     spans = receiver.spans()
     resource, decode_span = spans["/tts.v1.CodecService/Decode"]
     _, first_audio = spans["codec_worker.first_audio"]
-    assert resource["service.name"] == telemetry.CODEC_WORKER
+    assert resource["service.name"] == tracing.CODEC_WORKER
     assert first_audio.trace_id == decode_span.trace_id
     assert first_audio.parent_span_id == decode_span.span_id
     attributes = {a.key: a.value for a in decode_span.attributes}
@@ -222,7 +222,7 @@ def test_concurrent_streams_cancelled_mid_audio_detach_cleanly(snac_dir, receive
     dropped by grpc.aio at a yield: each must end its span as CANCELLED and free its
     decoder, without "Failed to detach context" (a trace context detached in
     another task than the one that attached it)."""
-    telemetry.setup_tracing(telemetry.CODEC_WORKER, receiver.endpoint)
+    tracing.setup_tracing(tracing.CODEC_WORKER, receiver.endpoint)
     streams = 8
 
     async def run():
@@ -249,7 +249,7 @@ def test_concurrent_streams_cancelled_mid_audio_detach_cleanly(snac_dir, receive
     with caplog.at_level(logging.ERROR):
         assert asyncio.run(run()) == 0
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
-    assert telemetry.flush_tracing()
+    assert tracing.flush_tracing()
     decodes = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
                if s.name == "/tts.v1.CodecService/Decode"]
     assert len(decodes) == streams

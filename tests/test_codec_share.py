@@ -18,8 +18,8 @@ import grpc
 import httpx2 as httpx
 import pytest
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, gateway_pb2
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from fake_token_server import free_port_address
 from services.token_server.codec_relay import LOAD_POLL_INTERVAL_S
 from tools.supervisor import Stack

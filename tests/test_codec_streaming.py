@@ -14,7 +14,7 @@ import pytest
 import torch
 from snac.layers import NoiseBlock
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
 from services.codec_worker.model import ModelLoadError, load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from services.codec_worker import numeric_mode, precision
 from services.codec_worker.__main__ import build_config, parse_args
 from services.codec_worker.channel_mix import ChannelMix

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from chorus import orpheus
+from chorus.speech import orpheus
 from tools.demo_models.backbone_gguf import BackboneShape, llama3_rope_factors
 from tools.demo_models.build import build_demo_models
 from tools.demo_models.snac_dir import SNAC_24KHZ_CONFIG

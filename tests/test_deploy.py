@@ -327,7 +327,7 @@ def test_objects_fit_together(source):
             if tls:  # the kubelet's grpc probe cannot do TLS (tests/test_chart_doors.py runs these)
                 assert "grpc" not in container[probe], (component, probe)
                 command = container[probe]["exec"]["command"]
-                assert command[:3] == ["python", "-m", "chorus.probe"]
+                assert command[:3] == ["python", "-m", "chorus.rpc.probe"]
                 assert command[command.index("--port") + 1] == str(port)
             else:
                 assert container[probe]["grpc"] == {"port": port}, (component, probe)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from chorus.discovery import EndpointSet
+from chorus.rpc.discovery import EndpointSet
 from services.token_server.codec_relay import CodecPool
 
 

@@ -30,10 +30,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from certs import TlsFolder
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from chorus.telemetry import GATEWAY
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
+from chorus.telemetry.tiers import GATEWAY
 from fake_token_server import free_port_address
 from test_client_apis import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
 from test_security import SecretVolume, keys_text, otlp, pki, secured_stack, span_attributes  # noqa: F401 (fixtures)

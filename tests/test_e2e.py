@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chorus.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, token_server_pb2, token_server_pb2_grpc
+from chorus.speech.orpheus import SAMPLE_RATE, SAMPLES_PER_FRAME
 from tools.supervisor import Stack
 from otlp_receiver import running_receiver
-from chorus.audio_formats import FORMATS
+from chorus.speech.audio_formats import FORMATS
 from audio_check import assert_decoded_length, decode
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
-from chorus.playback import PlaybackClock
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from services.token_server.engine import IDLE_POLL_S, TOKEN_SECONDS, Engine, Finished, Frame, GenerationRequest
 from services.token_server.sampler import SamplingParams
 from services.token_server.scheduler import StepPlan

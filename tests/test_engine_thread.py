@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from chorus.engine_thread import EngineDead, EngineStopped, EngineThread, State
+from chorus.realtime.engine_thread import EngineDead, EngineStopped, EngineThread, State
 
 
 class ToyEngine:

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from chorus.orpheus import SAMPLES_PER_FRAME
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import (
     codec_pb2,
     codec_pb2_grpc,

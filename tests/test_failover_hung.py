@@ -3,7 +3,7 @@
 The stack, request and fault-free audio of tests/test_failover_exact.py. The process
 serving a seeded request is SIGSTOPped at the request's first audio and stays stopped
 until the request is over: a stopped process ends none of its calls, so without the
-stall watch (chorus.stall) the request waits for its deadline and fails
+stall watch (chorus.rpc.stall) the request waits for its deadline and fails
 DEADLINE_EXCEEDED. With it, the token server takes a stopped codec worker for dead
 and resumes on the other, and the gateway takes a stopped token server for dead and
 replays on the other, and the audio is the fault-free run's, sample for sample. Each

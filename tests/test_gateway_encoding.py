@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chorus.audio_formats import FORMATS, NATIVE_RATE, for_extension
+from chorus.speech.audio_formats import FORMATS, NATIVE_RATE, for_extension
 from gateway.encoding import StreamEncoder
 from audio_check import assert_decoded_length, decode
 

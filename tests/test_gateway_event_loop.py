@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pysbd
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import gateway_pb2
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.encoding import StreamEncoder
 from fake_token_server import FakeTokenService, collect, gateway, token_server
 

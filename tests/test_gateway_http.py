@@ -13,10 +13,10 @@ import httpx2 as httpx
 import pytest
 
 from certs import CertificateAuthority, TlsFolder
-from chorus.orpheus import SAMPLES_PER_FRAME
-from chorus.telemetry import CODEC_WORKER, GATEWAY, TOKEN_SERVER
-from chorus.tls import TlsFiles
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
+from chorus.security.tls import TlsFiles
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
+from chorus.telemetry.tiers import CODEC_WORKER, GATEWAY, TOKEN_SERVER
 from gateway import metrics
 from gateway.config import GatewayConfig
 from gateway.server import start_server

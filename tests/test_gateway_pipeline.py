@@ -9,8 +9,8 @@ import io
 import pytest
 import soundfile as sf
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.joins import FADE_SAMPLES
 from gateway.segmenter import split_text
 

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.joins import FADE_SAMPLES
 from gateway.router import Router
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import gateway_pb2
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 
 from fake_token_server import FakeTokenService, PCM, collect, gateway, in_order, run, token_server
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.orpheus import SAMPLES_PER_FRAME
 from chorus.proto.tts.v1 import codec_pb2_grpc, gateway_pb2, gateway_pb2_grpc, token_server_pb2_grpc
-from chorus.serving import new_server, serve_with_health
+from chorus.rpc.serving import new_server, serve_with_health
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
 from gateway.server import start_server as start_gateway
 from fake_token_server import FakeTokenService

@@ -29,8 +29,8 @@ import openai
 import pytest
 import soundfile
 
-from chorus.audio_formats import FORMATS
-from chorus.orpheus import SAMPLES_PER_FRAME
+from chorus.speech.audio_formats import FORMATS
+from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from fake_token_server import FakeTokenService, wait_until
 from gateway.encoding import whole_file
 from test_gateway_http import (  # noqa: F401 (keys_file: a fixture)

@@ -95,4 +95,4 @@ def test_a_missing_command_or_module_is_found_missing(built):
         assert chart.missing_in(root, image_env, ["sleep", "5"]) is None
         assert "not on the image's PATH" in chart.missing_in(root, image_env, ["chorus-no-such-command"])
         assert "not in the image's site-packages" in chart.missing_in(root, image_env, ["python", "-m", "torch"])
-        assert chart.missing_in(root, image_env, ["python", "-m", "chorus.probe"]) is None
+        assert chart.missing_in(root, image_env, ["python", "-m", "chorus.rpc.probe"]) is None

@@ -294,15 +294,15 @@ def test_commands_resolve_inside_the_image_filesystem_not_the_hosts(tmp_path):
     (root / "usr" / "bin" / "not-executable").write_text("")
     (root / "bin").symlink_to("usr/bin")
     site = root / "opt" / "chorus" / "lib" / "python3.11" / "site-packages"
-    (site / "chorus").mkdir(parents=True)
-    (site / "chorus" / "probe.py").write_text("")
+    (site / "chorus" / "rpc").mkdir(parents=True)
+    (site / "chorus" / "rpc" / "probe.py").write_text("")
     path = "/opt/chorus/bin:/usr/bin:/bin"
 
     assert resolve_command(root, "python", path) == python
     assert resolve_command(root, "/bin/python3", path) == python
     assert resolve_command(root, "not-executable", path) is None
     assert resolve_command(root, "sh", path) is None  # the host has one; the image does not
-    assert missing_in(root, {"PATH": path}, ["python", "-m", "chorus.probe"]) is None
+    assert missing_in(root, {"PATH": path}, ["python", "-m", "chorus.rpc.probe"]) is None
     assert "site-packages" in missing_in(root, {"PATH": path}, ["python", "-m", "tools.fetch_models"])
     assert "PATH" in missing_in(root, {"PATH": path}, ["sleep", "5"])
 

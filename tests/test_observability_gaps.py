@@ -26,10 +26,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chorus import telemetry
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
-from chorus.serving import new_channel, new_server
+from chorus.rpc.serving import new_channel, new_server
+from chorus.telemetry import tracing
 from fake_token_server import PCM, FakeTokenService
 from gateway import metrics
 from otlp_receiver import Receiver, running_receiver
@@ -117,7 +117,7 @@ class _Handlers:
 
 
 def test_cancelled_and_expired_calls_are_errors_on_both_ends(receiver):
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
 
     async def scenario():
         server = new_server(None)
@@ -165,7 +165,7 @@ def test_cancelled_and_expired_calls_are_errors_on_both_ends(receiver):
             await server.stop(None)
 
     asyncio.run(scenario())
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     spans = {(s.name.rpartition("/")[2], s.kind): s for _, s in _spans(receiver)}
     want = {"UnaryExpires": grpc.StatusCode.DEADLINE_EXCEEDED, "StreamExpires": grpc.StatusCode.DEADLINE_EXCEEDED,
             "UnaryCancelled": grpc.StatusCode.CANCELLED, "StreamCancelled": grpc.StatusCode.CANCELLED,
@@ -188,7 +188,7 @@ def _http_spans(receiver, trace_id: str) -> dict[str, object]:
 
 def _wait_for(receiver, trace_id: str, names: set[str]) -> dict[str, object]:
     for _ in range(100):
-        telemetry.flush_tracing(10_000)
+        tracing.flush_tracing(10_000)
         spans = _http_spans(receiver, trace_id)
         if names <= set(spans):
             return spans
@@ -197,7 +197,7 @@ def _wait_for(receiver, trace_id: str, names: set[str]) -> dict[str, object]:
 
 
 def test_http_spans_carry_http_attributes_and_the_request_id(receiver):
-    telemetry.setup_tracing(telemetry.GATEWAY, receiver.endpoint)
+    tracing.setup_tracing(tracing.GATEWAY, receiver.endpoint)
 
     async def scenario():
         async with http_gateway(FakeTokenService()) as (client, _):
@@ -240,7 +240,7 @@ def test_http_spans_carry_http_attributes_and_the_request_id(receiver):
 
 def test_an_http_stream_that_fails_after_its_200_is_an_error(receiver):
     """The status said 200; the span must not."""
-    telemetry.setup_tracing(telemetry.GATEWAY, receiver.endpoint)
+    tracing.setup_tracing(tracing.GATEWAY, receiver.endpoint)
 
     async def scenario():
         async with http_gateway(FakeTokenService(fail_after_frames=1)) as (client, _):
@@ -256,7 +256,7 @@ def test_an_http_stream_that_fails_after_its_200_is_an_error(receiver):
 
 
 def test_an_http_request_cut_off_by_its_client_is_an_error(receiver):
-    telemetry.setup_tracing(telemetry.GATEWAY, receiver.endpoint)
+    tracing.setup_tracing(tracing.GATEWAY, receiver.endpoint)
     before = _count("openai", "POST /v1/audio/speech", "CANCELLED")
 
     async def scenario():
@@ -304,7 +304,7 @@ def _header_receiver():
         try:
             yield servicer
         finally:
-            telemetry.shutdown_tracing()
+            tracing.shutdown_tracing()
 
 
 def test_standard_otel_variables_are_honoured(monkeypatch):
@@ -314,10 +314,10 @@ def test_standard_otel_variables_are_honoured(monkeypatch):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=chorus-test,authorization=Bearer%20t0ken")
         monkeypatch.setenv("OTEL_SERVICE_NAME", "chorus-gateway-eu")
         monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,k8s.pod.name=gw-0")
-        telemetry.setup_tracing(telemetry.GATEWAY, None)
-        with telemetry.span("via OTEL variables"):
+        tracing.setup_tracing(tracing.GATEWAY, None)
+        with tracing.span("via OTEL variables"):
             pass
-        assert telemetry.flush_tracing(10_000)
+        assert tracing.flush_tracing(10_000)
         ((resource, _),) = [(r, s) for r, s in _spans(standard) if s.name == "via OTEL variables"]
         assert resource["service.name"] == "chorus-gateway-eu"
         assert (resource["deployment.environment"], resource["k8s.pod.name"]) == ("staging", "gw-0")
@@ -328,13 +328,13 @@ def test_standard_otel_variables_are_honoured(monkeypatch):
         # OTEL_SERVICE_NAME the service keeps its own name, with the other attributes.
         monkeypatch.delenv("OTEL_SERVICE_NAME")
         with running_receiver() as own:
-            telemetry.setup_tracing(telemetry.GATEWAY, own.endpoint)
-            with telemetry.span("via Chorus's endpoint"):
+            tracing.setup_tracing(tracing.GATEWAY, own.endpoint)
+            with tracing.span("via Chorus's endpoint"):
                 pass
-            assert telemetry.flush_tracing(10_000)
-            telemetry.shutdown_tracing()
+            assert tracing.flush_tracing(10_000)
+            tracing.shutdown_tracing()
             ((resource, _),) = [(r, s) for r, s in _spans(own) if s.name == "via Chorus's endpoint"]
-        assert resource["service.name"] == telemetry.GATEWAY
+        assert resource["service.name"] == tracing.GATEWAY
         assert resource["deployment.environment"] == "staging"
         assert "via Chorus's endpoint" not in {s.name for _, s in _spans(standard)}
 
@@ -389,10 +389,10 @@ def test_chorus_serve_spreads_metrics_ports_and_every_service_has_process_metric
         services = set()
         for _ in range(150):
             services = {resource.get("service.name") for resource, _ in _spans(receiver)}
-            if {telemetry.GATEWAY, telemetry.TOKEN_SERVER, telemetry.CODEC_WORKER} <= services:
+            if {tracing.GATEWAY, tracing.TOKEN_SERVER, tracing.CODEC_WORKER} <= services:
                 break
             time.sleep(0.2)
-        assert services == {telemetry.GATEWAY, telemetry.TOKEN_SERVER, telemetry.CODEC_WORKER}
+        assert services == {tracing.GATEWAY, tracing.TOKEN_SERVER, tracing.CODEC_WORKER}
     finally:
         serve.send_signal(signal.SIGINT)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chorus import orpheus
+from chorus.speech import orpheus
 
 
 def test_vocabulary_layout():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chorus.playback import PlaybackClock, urgency
+from chorus.realtime.playback import PlaybackClock, urgency
 
 RATE = 1000  # samples a second: one sample is a millisecond
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chorus import protogen
+from chorus.rpc import protogen
 
 ROOT = Path(__file__).resolve().parent.parent
 

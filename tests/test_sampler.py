@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chorus import orpheus
+from chorus.speech import orpheus
 from services.token_server.sampler import EOS_COLUMN, SamplingParams, SequenceSampler, gather_legal_logits, sample
 
 
@@ -107,7 +107,7 @@ def test_bad_parameters_are_refused(bad):
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chorus.sampling_limits import SAMPLING_RANGES
+from chorus.speech.limits import SAMPLING_RANGES
 
 F32 = np.finfo(np.float32)
 N_LEGAL = orpheus.CODEBOOK_SIZE + 1

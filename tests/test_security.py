@@ -22,11 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from certs import CertificateAuthority, TlsFolder
-from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
-from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.serving import GRPC_OPTIONS
-from chorus.telemetry import CODEC_WORKER, GATEWAY, TOKEN_SERVER
-from chorus.tls import TlsFiles
+from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
+from chorus.rpc.serving import GRPC_OPTIONS
+from chorus.security.tls import TlsFiles
+from chorus.telemetry.tiers import CODEC_WORKER, GATEWAY, TOKEN_SERVER
 from gateway.config import GatewayConfig
 from gateway.server import start_server as start_gateway
 from otlp_receiver import running_receiver
@@ -376,7 +375,7 @@ def test_a_pod_probes_its_own_mtls_port_with_its_own_certificate(stack, pki, tie
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_TLS_")}
 
     def probe(extra_env):
-        return subprocess.run([sys.executable, "-m", "chorus.probe", "--tier", tier, "--port", port],
+        return subprocess.run([sys.executable, "-m", "chorus.rpc.probe", "--tier", tier, "--port", port],
                               env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
 
     own = pki[tier]

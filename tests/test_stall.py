@@ -1,4 +1,4 @@
-"""The stall watch (chorus.stall) over calls that are stand-ins for a peer's: when it
+"""The stall watch (chorus.rpc.stall) over calls that are stand-ins for a peer's: when it
 takes a peer for hung, when it never does, and whose time counts.
 
 The real peers, stopped mid-stream, are in tests/test_failover_hung.py.
@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from chorus.stall import StallPolicy, watched
+from chorus.rpc.stall import StallPolicy, watched
 
 
 async def responses(*items, then_hang: bool = False, gap_s: float = 0.0):

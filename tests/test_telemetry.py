@@ -30,8 +30,8 @@ import pytest
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from chorus import telemetry
-from chorus.serving import log_handler, new_channel, new_server, serve_with_health
+from chorus.rpc.serving import log_handler, new_channel, new_server, serve_with_health
+from chorus.telemetry import tracing
 
 SERVICE = "chorus-test-service"
 OTLP_SPAN_KIND = {SpanKind.CLIENT: 3, SpanKind.SERVER: 2}
@@ -49,9 +49,9 @@ class Echo:
         self.cleaned_up = 0
 
     async def trace_id(self, request: bytes, context) -> bytes:
-        telemetry.tag_request("r-1", **{"test.attr": "server"})
+        tracing.tag_request("r-1", **{"test.attr": "server"})
         logging.getLogger("chorus.test").info("serving %s", request.decode())
-        return telemetry.current_trace_id().encode()
+        return tracing.current_trace_id().encode()
 
     async def fail(self, request: bytes, context) -> bytes:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame 3 is malformed")
@@ -113,20 +113,20 @@ def _by_kind(receiver, name: str) -> dict[int, object]:
 
 
 def test_one_trace_across_a_grpc_call_has_standard_client_and_server_spans(receiver):
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
 
     async def client() -> tuple[str, str]:
         async with echo_server() as (_, channel):
-            with telemetry.span("client work"):
-                with telemetry.call_attributes(**{"chorus.retry": True}):
+            with tracing.span("client work"):
+                with tracing.call_attributes(**{"chorus.retry": True}):
                     returned = await channel.unary_unary(f"/{ECHO}/TraceId")(b"hello", timeout=10)
-                return telemetry.current_trace_id(), returned.decode()
+                return tracing.current_trace_id(), returned.decode()
 
     client_trace_id, server_trace_id = asyncio.run(client())
     # What a response's summary would carry is the caller's trace.
     assert server_trace_id == client_trace_id
 
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     calls = _by_kind(receiver, f"/{ECHO}/TraceId")
     client, server = calls[OTLP_SPAN_KIND[SpanKind.CLIENT]], calls[OTLP_SPAN_KIND[SpanKind.SERVER]]
     _, root = receiver.spans()["client work"]
@@ -141,12 +141,12 @@ def test_one_trace_across_a_grpc_call_has_standard_client_and_server_spans(recei
     assert "chorus.retry" not in _attributes(server)
     assert _attributes(server)["chorus.request_id"] == "r-1"
     assert _attributes(server)["test.attr"] == "server"
-    assert telemetry.REQUEST_ID.get() == ""  # the request id never leaks out of its request
+    assert tracing.REQUEST_ID.get() == ""  # the request id never leaks out of its request
 
 
 def test_invalid_argument_is_an_error_with_its_message_and_is_counted(receiver):
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
-    metrics = telemetry.RpcMetrics("chorus-test-service", CollectorRegistry())
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
+    metrics = tracing.RpcMetrics("chorus-test-service", CollectorRegistry())
 
     async def call():
         async with echo_server(metrics) as (_, channel):
@@ -156,7 +156,7 @@ def test_invalid_argument_is_an_error_with_its_message_and_is_counted(receiver):
         asyncio.run(call())
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     calls = _by_kind(receiver, f"/{ECHO}/Fail")
     server = calls[OTLP_SPAN_KIND[SpanKind.SERVER]]
     assert server.parent_span_id == calls[OTLP_SPAN_KIND[SpanKind.CLIENT]].span_id
@@ -176,8 +176,8 @@ def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog
     """grpc.aio ends such calls by cancelling the handler's task, which the standard
     interceptor alone exported as OK; and a stream dropped at a yield must not log
     "Failed to detach context" (many at once, as under load)."""
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
-    metrics = telemetry.RpcMetrics("chorus-test-service", CollectorRegistry())
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
+    metrics = tracing.RpcMetrics("chorus-test-service", CollectorRegistry())
     streams = 12
 
     async def scenario():
@@ -205,7 +205,7 @@ def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog
     assert cleaned_up == streams + 1
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
 
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     server_spans = [s for request in receiver.requests for rs in request.resource_spans
                     for ss in rs.scope_spans for s in ss.spans
                     if s.name == f"/{ECHO}/Stream" and s.kind == OTLP_SPAN_KIND[SpanKind.SERVER]]
@@ -223,29 +223,29 @@ def test_deadline_and_cancel_end_server_spans_with_error_status(receiver, caplog
 def test_health_checks_are_neither_traced_nor_counted(receiver):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
     registry = CollectorRegistry()
-    metrics = telemetry.RpcMetrics("chorus-test-service", registry)
+    metrics = tracing.RpcMetrics("chorus-test-service", registry)
 
     async def scenario():
         running = await serve_with_health(new_server(metrics), [ECHO], 0)
         await running.set_serving(True)
         channel = new_channel(running.address)
         try:
-            with telemetry.span("probe"):
+            with tracing.span("probe"):
                 return await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         finally:
             await channel.close()
             await running.stop(None)
 
     assert asyncio.run(scenario()).status == health_pb2.HealthCheckResponse.SERVING
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     assert set(receiver.spans()) == {"probe"}
     assert "Check" not in generate_latest(registry).decode()
 
 
 def test_json_log_lines_carry_the_trace_and_request_ids(receiver):
-    telemetry.setup_tracing(SERVICE, receiver.endpoint)
+    tracing.setup_tracing(SERVICE, receiver.endpoint)
     out = io.StringIO()
     handler = log_handler("json", SERVICE, stream=out)
     logger = logging.getLogger("chorus.test")
@@ -333,35 +333,35 @@ def test_reflection_answers_v1_and_v1alpha():
 
 
 def test_without_endpoint_trace_ids_are_real_but_nothing_is_exported(receiver):
-    assert telemetry.current_trace_id() == ""
-    telemetry.setup_tracing(SERVICE, None)
-    assert telemetry.current_trace_id() == ""
-    with telemetry.span("stage"):
-        trace_id = telemetry.current_trace_id()
+    assert tracing.current_trace_id() == ""
+    tracing.setup_tracing(SERVICE, None)
+    assert tracing.current_trace_id() == ""
+    with tracing.span("stage"):
+        trace_id = tracing.current_trace_id()
         assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and trace_id != "0" * 32
-        with telemetry.span("inner"):
-            assert telemetry.current_trace_id() == trace_id
-    assert telemetry.current_trace_id() == ""
-    assert telemetry.flush_tracing(1_000)
+        with tracing.span("inner"):
+            assert tracing.current_trace_id() == trace_id
+    assert tracing.current_trace_id() == ""
+    assert tracing.flush_tracing(1_000)
     assert receiver.requests == []
 
 
 def test_setup_is_idempotent_and_can_be_repointed(receiver):
-    first = telemetry.setup_tracing(SERVICE, None)
-    assert telemetry.setup_tracing(SERVICE, None) is first
-    assert telemetry.setup_tracing(SERVICE, "") is first
+    first = tracing.setup_tracing(SERVICE, None)
+    assert tracing.setup_tracing(SERVICE, None) is first
+    assert tracing.setup_tracing(SERVICE, "") is first
 
-    second = telemetry.setup_tracing("chorus-other", receiver.endpoint)
+    second = tracing.setup_tracing("chorus-other", receiver.endpoint)
     assert second is not first
-    with telemetry.span("after re-point"):
+    with tracing.span("after re-point"):
         pass
-    assert telemetry.flush_tracing(10_000)
+    assert tracing.flush_tracing(10_000)
     resource, _ = receiver.spans()["after re-point"]
     assert resource["service.name"] == "chorus-other"
 
-    telemetry.shutdown_tracing()
-    with telemetry.span("after shutdown"):
-        assert telemetry.current_trace_id() == ""
+    tracing.shutdown_tracing()
+    with tracing.span("after shutdown"):
+        assert tracing.current_trace_id() == ""
 
 
 def _samples(registry) -> set[str]:
@@ -418,13 +418,13 @@ def _free_port() -> int:
 def test_metrics_server_serves_the_service_registry_on_its_address():
     registry = CollectorRegistry()
     gauge = Gauge("chorus_test_streams", "test", registry=registry)
-    assert telemetry.start_metrics_server(0, registry) is None
-    assert telemetry.start_metrics_server(None, registry) is None
+    assert tracing.start_metrics_server(0, registry) is None
+    assert tracing.start_metrics_server(None, registry) is None
 
     port = _free_port()
-    server = telemetry.start_metrics_server(port, registry, addr="127.0.0.1")
+    server = tracing.start_metrics_server(port, registry, addr="127.0.0.1")
     assert server is not None
-    assert telemetry.start_metrics_server(port, registry, addr="127.0.0.1") is server
+    assert tracing.start_metrics_server(port, registry, addr="127.0.0.1") is server
     gauge.set(3)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()

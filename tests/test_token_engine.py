@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from chorus import orpheus
-from chorus.capacity import RECOUNT_EVERY, RealTimeCapacity
-from chorus.playback import PlaybackClock
+from chorus.realtime.capacity import RECOUNT_EVERY, RealTimeCapacity
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from services.token_server import engine as engine_module
 from services.token_server.engine import (
     TOKEN_SECONDS,

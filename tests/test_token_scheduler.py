@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
-from chorus.playback import PlaybackClock
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from services.token_server.engine import TOKEN_SECONDS
 from services.token_server.sampler import SamplingParams, SequenceSampler
 from services.token_server.scheduler import Scheduler, Sequence
@@ -21,7 +21,7 @@ def capacity_of(streams_held: int, slots: int = 8) -> RealTimeCapacity:
     capacity = RealTimeCapacity(TOKEN_SECONDS, slots, margin=0.0, smoothing=1.0)
     for size in range(1, slots + 1):
         # Under the budget up to streams_held, over it beyond; in proportion to the size,
-        # as a real step may be (chorus.capacity bounds a batch by its smaller sizes).
+        # as a real step may be (chorus.realtime.capacity bounds a batch by its smaller sizes).
         capacity.record(size, TOKEN_SECONDS * size / (streams_held + 0.5))
     assert capacity.streams() == streams_held
     return capacity

@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from chorus import orpheus
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, token_server_pb2, token_server_pb2_grpc
-from chorus.serving import new_server, serve_with_health
+from chorus.rpc.serving import new_server, serve_with_health
+from chorus.speech import orpheus
 from services.token_server.config import TokenServerConfig
 from services.token_server.server import start_server
 
@@ -348,9 +348,9 @@ def test_bad_replay_fields_are_invalid_argument(gguf_path, fields, message):
 def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
     """Each attempt on a codec worker is a CLIENT span of the request's trace; the one
     that resumes the stream says it is a failover, from where, and who failed."""
-    from chorus import telemetry
+    from chorus.telemetry import tracing
 
-    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+    tracing.setup_tracing(tracing.TOKEN_SERVER, receiver.endpoint)
 
     async def scenario():
         dying, healthy = FakeCodec(die_after_frames=5), FakeCodec()
@@ -361,9 +361,9 @@ def test_codec_failover_is_a_client_span_of_its_own(gguf_path, receiver):
 
     try:
         failed, resumed, summary = asyncio.run(scenario())
-        assert telemetry.flush_tracing()
+        assert tracing.flush_tracing()
     finally:
-        telemetry.shutdown_tracing()
+        tracing.shutdown_tracing()
     spans = [s for r in receiver.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
              if s.trace_id.hex() == summary.trace_id]
     (generate,) = [s for s in spans if s.name == "/tts.v1.TokenService/Generate" and s.kind == 2]
@@ -398,9 +398,9 @@ def test_no_codec_worker_is_unavailable(gguf_path):
 
 
 def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
-    from chorus import telemetry
+    from chorus.telemetry import tracing
 
-    telemetry.setup_tracing(telemetry.TOKEN_SERVER, receiver.endpoint)
+    tracing.setup_tracing(tracing.TOKEN_SERVER, receiver.endpoint)
 
     async def scenario():
         async with token_server(gguf_path) as (_, stub):
@@ -408,16 +408,16 @@ def test_request_stages_are_spans_of_one_trace(gguf_path, receiver):
 
     try:
         _, _, summary = asyncio.run(scenario())
-        assert telemetry.flush_tracing()
+        assert tracing.flush_tracing()
     finally:
-        telemetry.shutdown_tracing()
+        tracing.shutdown_tracing()
     spans = receiver.spans()
     assert len(summary.trace_id) == 32
     for name in ("/tts.v1.TokenService/Generate", "token_server.queue_wait", "token_server.prefill",
                  "token_server.first_frame", "token_server.decode"):
         resource, span = spans[name]
         assert span.trace_id.hex() == summary.trace_id, name
-        assert resource["service.name"] == telemetry.TOKEN_SERVER
+        assert resource["service.name"] == tracing.TOKEN_SERVER
     root = spans["/tts.v1.TokenService/Generate"][1]
     prefill = spans["token_server.prefill"][1]
     assert prefill.parent_span_id == root.span_id

@@ -26,8 +26,8 @@ from typing import BinaryIO
 import grpc
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from chorus.serving import GRPC_OPTIONS
-from chorus.audio_formats import (
+from chorus.rpc.serving import GRPC_OPTIONS
+from chorus.speech.audio_formats import (
     FORMATS, NATIVE_RATE, AudioFormat, for_extension, known_extensions, write_stream_lengths,
 )
 

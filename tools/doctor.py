@@ -6,7 +6,7 @@ hypervisor advertises AMX or AVX-512 and faults on it); a pod sees 64 cores but 
 2; torch runs with another thread count or MKL numeric mode than the one measured; the
 models are not the ones meant. "It crashed" is not enough to tell these apart, and
 asking for each fact in turn costs a round trip per fact. This prints them all: the CPU
-and the ISA flags it advertises, cores and cgroup quota (as chorus/cpu_budget.py sees
+and the ISA flags it advertises, cores and cgroup quota (as chorus/realtime/cpu_budget.py sees
 them), llama.cpp's version, build record and system info, torch's version, threads and
 numeric mode, GPUs, the models found, and whether a one-step backbone decode and a
 one-frame SNAC decode run, with their times.
@@ -41,7 +41,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from chorus.cpu_budget import cpu_budget, split_for_stack
+from chorus.realtime.cpu_budget import cpu_budget, split_for_stack
 from tools.demo_models.build import MANIFEST, DemoModels
 from tools.llama_wheel import cpu
 from tools.llama_wheel.cache import RECORD_NAME, installed_record
@@ -389,7 +389,7 @@ def _child_snac(snac_dir: str) -> None:
         return
     import numpy as np
 
-    from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
+    from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME
     from services.codec_worker.model import load_snac
     from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from chorus.cpu_budget import cpu_budget, split_for_stack
+from chorus.realtime.cpu_budget import cpu_budget, split_for_stack
 from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError
 
 DEFAULT_GATEWAY_PORT = 50051

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chorus.cpu_budget import cpu_budget, split_for_stack
+from chorus.realtime.cpu_budget import cpu_budget, split_for_stack
 from tools.llama_wheel.cache import installed_record
 from tools.llama_wheel.smoke import describe_death, signal_text
 
@@ -195,7 +195,7 @@ class Stack:
     token_servers: int = 1
     codec_workers: int = 1
     # Compute threads per token server / codec worker; None: this machine's CPU budget
-    # divided between them (chorus.cpu_budget.split_for_stack), never each taking all.
+    # divided between them (chorus.realtime.cpu_budget.split_for_stack), never each taking all.
     llama_threads: int | None = None
     torch_threads: int | None = None
     # The codec workers' --decoder-precision (auto, fp32, bf16); None: their default (auto).

@@ -50,5 +50,5 @@ EXPOSE 50051 8080 9090
 # For docker and compose (Kubernetes ignores it: the chart probes each container
 # itself); the port the gateway listens on is CHORUS_PORT when set.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-  CMD ["/bin/sh", "-c", "exec python -m chorus.probe --tier chorus-gateway --port \"${CHORUS_PORT:-50051}\""]
+  CMD ["/bin/sh", "-c", "exec python -m chorus.rpc.probe --tier chorus-gateway --port \"${CHORUS_PORT:-50051}\""]
 ENTRYPOINT ["chorus-gateway"]

@@ -1,4 +1,4 @@
-"""The HTTP door of `chorus.access`: the gateway's AccessPolicy asked about every call
+"""The HTTP door of `chorus.security.access`: the gateway's AccessPolicy asked about every call
 on the HTTP port, as CallGuard asks it on the gRPC port, and those calls counted in
 the same request metrics.
 
@@ -33,8 +33,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chorus.access import AccessPolicy, Knock, Refusal, presented_key
-from chorus.telemetry import OPENAI, RpcMetrics
+from chorus.security.access import AccessPolicy, Knock, Refusal, presented_key
+from chorus.telemetry.tracing import OPENAI, RpcMetrics
 from gateway.openai_http.errors import refusal_response
 
 SPEECH = "/v1/audio/speech"

@@ -58,11 +58,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from chorus import telemetry
-from chorus.access import AccessPolicy
 from chorus.proto.tts.v1 import common_pb2
-from chorus.telemetry import RpcMetrics
-from chorus.tls import TlsFiles, certificate_identities
+from chorus.security.access import AccessPolicy
+from chorus.security.tls import TlsFiles, certificate_identities
+from chorus.telemetry import tracing
+from chorus.telemetry.tracing import RpcMetrics
 from gateway import voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded, whole_file
@@ -114,7 +114,7 @@ class SpeechEndpoint:
     def app(self, policy: AccessPolicy, metrics: RpcMetrics):
         """The routes behind the access policy, and CORS outside it (a browser's
         preflight carries no key) when origins are allowed; all of it traced
-        (`tracing.traced`: a SERVER span per request, refusals included)."""
+        (`gateway.openai_http.tracing.traced`: a SERVER span per request, refusals included)."""
         self._policy = policy
         middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
         if self._config.cors_origins:
@@ -226,8 +226,8 @@ class SpeechEndpoint:
             return error_response(err)
         # The request's id on its HTTP SERVER span (tracing.py) and log lines, under the
         # gRPC doors' attribute name; the synthesis is a child of that span.
-        telemetry.tag_request(parsed.options.spec.request_id)
-        span = telemetry.get_tracer().start_span(
+        tracing.tag_request(parsed.options.spec.request_id)
+        span = tracing.get_tracer().start_span(
             "gateway.openai.speech",
             attributes={"chorus.request_id": parsed.options.spec.request_id, "chorus.text_chars": len(parsed.text),
                         **request.state[CALLER].attributes},

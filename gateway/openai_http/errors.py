@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 from starlette.responses import JSONResponse
 
-from chorus.access import Refusal
+from chorus.security.access import Refusal
 from gateway.errors import GatewayError
 
 HTTP_STATUS = {

@@ -20,8 +20,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-from chorus.audio_formats import FORMATS, NATIVE_RATE
 from chorus.proto.tts.v1 import gateway_pb2
+from chorus.speech.audio_formats import FORMATS, NATIVE_RATE
 from gateway import validation, voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import MAX_TEMPO, MIN_TEMPO

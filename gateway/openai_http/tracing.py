@@ -27,7 +27,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.util.http import ExcludeList
 from starlette.types import ASGIApp, Scope
 
-from chorus.instrumentation import current_tracer_provider
+from chorus.telemetry.grpc_instrumentation import current_tracer_provider
 from gateway.openai_http.access import OPEN_PATHS, ROUTES
 
 _SCOPE = "opentelemetry.instrumentation.asgi"

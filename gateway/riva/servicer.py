@@ -34,10 +34,10 @@ import time
 
 import grpc
 
-from chorus import telemetry
-from chorus.audio_formats import FORMATS
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2
+from chorus.speech.audio_formats import FORMATS
+from chorus.telemetry import tracing
 from gateway import validation, voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded, whole_file
@@ -92,7 +92,7 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
         try:
             validation.check_text(request.text, self._config)
             options = self._options(request, context.time_remaining())
-            telemetry.tag_request(options.spec.request_id, **{"chorus.text_chars": len(request.text)})
+            tracing.tag_request(options.spec.request_id, **{"chorus.text_chars": len(request.text)})
             feed = await TextFeed.of_text(request.text, self._segmenter())
             audio, samples = [], 0
             async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:
@@ -119,7 +119,7 @@ class RivaSynthesisServicer(riva_tts_pb2_grpc.RivaSpeechSynthesisServicer):
             if first is None:
                 raise invalid("the stream closed before its first request")
             options = self._options(first, context.time_remaining())
-            telemetry.tag_request(options.spec.request_id)
+            tracing.tag_request(options.spec.request_id)
             feed = TextFeed(self._segmenter())
             reader = asyncio.create_task(self._read_texts(first, requests, feed))
             async with contextlib.aclosing(synthesize(self._pipeline, feed, options, arrived)) as items:

@@ -6,9 +6,9 @@ import argparse
 import logging
 import os
 
-from chorus import telemetry
-from chorus.cpu_budget import cpu_budget, shared_cores_notice, sleep_idle_threads
-from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.realtime.cpu_budget import cpu_budget, shared_cores_notice, sleep_idle_threads
+from chorus.rpc.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode
 from services.codec_worker.config import (
     CODEC_CAPACITY_MARGIN, DECODER_PRECISION_DEFAULT, DECODER_PRECISIONS, DEVICES, NUMERIC_MODE_DEFAULT,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Before torch's first MKL call, which fixes MKL's mode for the process.
     numeric_mode.select(args.numeric_mode)
-    run(telemetry.CODEC_WORKER, args, build_config, "services.codec_worker.server:start_server",
+    run(tracing.CODEC_WORKER, args, build_config, "services.codec_worker.server:start_server",
         metrics.REGISTRY,         fatal=(ValueError, ModelLoadError))
 
 

@@ -1,15 +1,15 @@
 """Codec worker configuration: typed, validated once, set from flags/env only in __main__
-(the flags every service shares, drain time included, live in chorus.entrypoint)."""
+(the flags every service shares, drain time included, live in chorus.rpc.entrypoint)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chorus.capacity import ADMISSION_MARGIN
-from chorus.cpu_budget import cpu_budget
-from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
-from chorus.telemetry import CODEC_WORKER
+from chorus.realtime.capacity import ADMISSION_MARGIN
+from chorus.realtime.cpu_budget import cpu_budget
+from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.telemetry.tiers import CODEC_WORKER
 from services.codec_worker.numeric_mode import DEFAULT as NUMERIC_MODE_DEFAULT
 from services.codec_worker.numeric_mode import MODES as NUMERIC_MODES
 from services.codec_worker.precision import CHOICES as DECODER_PRECISIONS
@@ -24,7 +24,7 @@ GPU_BATCH_WAIT_MS = 2.0
 CPU_BATCH_WAIT_MS = 5.0
 
 
-# The headroom N* is defined with (chorus.capacity.ADMISSION_MARGIN): a worker that
+# The headroom N* is defined with (chorus.realtime.capacity.ADMISSION_MARGIN): a worker that
 # kept 30% back admitted N*-1 streams wherever the decoder's headroom at N* was 15-30%.
 CODEC_CAPACITY_MARGIN = ADMISSION_MARGIN
 

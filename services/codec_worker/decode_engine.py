@@ -3,7 +3,7 @@
 Decoding on the asyncio loop would stall every other stream's network I/O for the
 length of a step, and torch gains nothing from several Python threads sharing its
 intra-op pool. So the gRPC handlers only post frames to this engine's thread (through
-`chorus.engine_thread`, the bridge the token engine uses too) and await PCM on an
+`chorus.realtime.engine_thread`, the bridge the token engine uses too) and await PCM on an
 asyncio queue; each step takes what is pending across all streams and decodes it,
 streams of the same shape in one forward.
 
@@ -27,7 +27,7 @@ open stream is already in it. It pays even on CPU: a step of one frame is bound 
 reading the weights, not by arithmetic, so sharing forwards more than doubled
 throughput at 8 streams on 2 cores (docs/benchmarks.md).
 
-Step times feed a real-time capacity model (chorus.capacity: how many streams this
+Step times feed a real-time capacity model (chorus.realtime.capacity: how many streams this
 worker can decode at real time), which token servers read through GetLoad to admit
 requests, together with the worker's busy ratio and its lag behind real time. With no
 stream open and capacity below its limit, the engine probes the next size up now and
@@ -45,10 +45,10 @@ from typing import Callable, Iterable, Union
 import numpy as np
 import torch
 
-from chorus import orpheus
-from chorus.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
-from chorus.engine_thread import EngineThread
-from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
+from chorus.realtime.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
+from chorus.realtime.engine_thread import EngineThread
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
+from chorus.speech import orpheus
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,19 @@ URGENT_LEAD_S = 0.3
 # stream about to run dry (a new stream ramping up beside others at full capacity ran
 # late in its first second when every stream was decoded every step).
 AMPLE_LEAD_S = 1.0
+# A stream at least this far ahead of its listener, and not finishing, waits until a
+# full pass (max_frames_per_step frames) is pending instead of decoding each frame as
+# it arrives: a forward pays a fixed part per pass, so one frame a pass decoded 7.9
+# audio s/s on one thread where four a pass decoded 9.6-10.7 (docs/benchmarks.md,
+# "One stream"), and on a machine the token engine shares, the decoder's saved time is
+# the engine's. With this much in hand, the wait (at most a full pass of frame times
+# at real time) costs its listener nothing; a stream whose lead falls to it is decoded.
+THRIFT_LEAD_S = AMPLE_LEAD_S
+# The shortest wait a deferred pass asks of the bridge (no busy loop near the edge).
+THRIFT_MIN_WAIT_S = 0.002
 # Busy ratio and decode rate are averaged over about this much recent time.
 LOAD_WINDOW_S = 5.0
-# An idle probe (chorus.capacity.CapacityProbe) measures this many one-frame steps, and
+# An idle probe (chorus.realtime.capacity.CapacityProbe) measures this many one-frame steps, and
 # the idle loop looks this often whether one is due.
 PROBE_STEPS = 3
 PROBE_POLL_S = 0.5
@@ -127,6 +137,20 @@ def frames_per_stream(leads: Iterable[float | None], max_frames: int) -> int:
         return max_frames
     within_half_the_lead = int(min(started) / (2.0 * orpheus.FRAME_SECONDS))
     return max(min(MIN_FRAMES_PER_STEP, max_frames), min(max_frames, within_half_the_lead))
+
+
+def defer_short_passes(ready: list, now: float, full_pass: int) -> tuple[list, float | None]:
+    """(the streams to decode now, seconds until a deferred one must be decoded or None):
+    a stream with THRIFT_LEAD_S in hand that is not finishing waits while fewer than
+    `full_pass` frames are pending."""
+    now_ready, waits = [], []
+    for stream in ready:
+        lead = stream.lead(now)
+        if lead is not None and lead >= THRIFT_LEAD_S and not stream.finishing and stream.pending_frames() < full_pass:
+            waits.append(lead - THRIFT_LEAD_S)
+        else:
+            now_ready.append(stream)
+    return now_ready, (max(THRIFT_MIN_WAIT_S, min(waits)) if waits else None)
 
 
 def plan_step(ready: list, now: float, max_batch: int) -> tuple[list, list]:
@@ -191,6 +215,9 @@ class EngineStream:
 
     def lead(self, now: float) -> float | None:
         return self.clock.lead(now)
+
+    def pending_frames(self) -> int:
+        return sum(len(frames) for frames in self.pending)
 
     def take(self, limit: int) -> np.ndarray | None:
         if not self.pending:
@@ -284,7 +311,7 @@ class DecodeEngine:
         self._streams: list[EngineStream] = []  # engine thread only
         self._open_count = 0  # streams holding decoder state, readable from any thread
         self.lag_seconds = 0.0
-        # Re-measures the size capacity lost while no stream is open (chorus.capacity);
+        # Re-measures the size capacity lost while no stream is open (chorus.realtime.capacity);
         # None: never. The idle loop looks twice a second whether one is due.
         self.probe = CapacityProbe(self.capacity, probe_interval_s, clock, "decode engine")
         self._probe_rng = np.random.default_rng(0)
@@ -357,21 +384,21 @@ class DecodeEngine:
             if isinstance(command, _Open) and id(command.stream) not in failed:
                 self._emit(command.stream, DecodeFailed(message))
 
-    def step(self, commands: list[Command]) -> None:
+    def step(self, commands: list[Command]) -> float | None:
         for command in commands:
             self._apply(command)
         if not commands and self._probe_due():
             self.probe.run(lambda size: self._measure(size, PROBE_STEPS, self._probe_rng))
-            return
+            return None
         now = self._clock()
-        ready = [s for s in self._streams if s.pending]
+        ready, deferred_s = defer_short_passes([s for s in self._streams if s.pending], now, self.max_frames_per_step)
         if ready and self.batch_wait_s > 0:
             ready = self._wait_for_company(ready, now)
             now = self._clock()
         flush = [s for s in self._streams if s.finishing and not s.pending]
         self._update_lag(now)
         if not ready and not flush:
-            return
+            return deferred_s
         self.stats.steps += 1
         failed: set[EngineStream] = set()
         for tier in plan_step(ready, now, self.max_batch):
@@ -383,6 +410,7 @@ class DecodeEngine:
         for stream in flush:
             if stream not in failed:
                 self._flush(stream)
+        return None
 
     # -- commands ----------------------------------------------------------------
 
@@ -497,7 +525,7 @@ class DecodeEngine:
     def calibrate(self, sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16), steps: int = 3) -> dict[int, float]:
         """Measures one-frame steps at several batch sizes (before serving, on the
         thread that will decode), so that capacity is known before the first stream: in
-        interleaved rounds whose median each size keeps (chorus.capacity.calibrate)."""
+        interleaved rounds whose median each size keeps (chorus.realtime.capacity.calibrate)."""
         rng = np.random.default_rng(0)
         measured = calibrate_capacity(
             self.capacity, lambda size: self._measure(size, steps, rng), [s for s in sizes if s <= self.max_batch]

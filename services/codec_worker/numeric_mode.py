@@ -41,7 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from chorus import cpuinfo
+from chorus.realtime import cpuinfo
 
 ENV = "MKL_CBWR"
 MODES = ("vendor", "compatible")

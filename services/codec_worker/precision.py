@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from chorus import cpuinfo
+from chorus.realtime import cpuinfo
 
 PRECISIONS = ("fp32", "bf16")
 CHOICES = ("auto", *PRECISIONS)

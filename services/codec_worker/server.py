@@ -17,13 +17,14 @@ import grpc
 import torch
 from opentelemetry import trace
 
-from chorus import orpheus, telemetry
-from chorus.access import AccessPolicy, Share
-from chorus.capacity import RealTimeCapacity
-from chorus.engine_thread import EngineDead, EngineStopped
-from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
-from chorus.serving import RunningServer, new_server, serve_with_health
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.engine_thread import EngineDead, EngineStopped
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.rpc.serving import RunningServer, new_server, serve_with_health
+from chorus.security.access import AccessPolicy, Share
+from chorus.speech import orpheus
+from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode, precision
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
@@ -149,7 +150,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             watch.started()
             start = first.start
-            telemetry.tag_request(start.request_id, **{
+            tracing.tag_request(start.request_id, **{
                 "chorus.first_frame_index": start.first_frame_index,
                 "chorus.resume_from_sample": start.resume_from_sample,
             })
@@ -217,7 +218,7 @@ def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
     attributes = {"chorus.frames_received": check.frames_received}
     if check.last_frames_at is not None:
         attributes["chorus.after_last_frame_ms"] = (now - check.last_frames_at) * 1000
-    telemetry.record_stage("codec_worker.first_audio", opened_at, now, attributes)
+    tracing.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
 def playback_clock(start: codec_pb2.DecodeStart) -> PlaybackClock:

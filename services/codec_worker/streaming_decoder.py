@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, Snake1d
 from torch import nn
 
-from chorus.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
+from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
 from services.codec_worker import keyed_noise
 from services.codec_worker import numeric_mode
 from services.codec_worker.channel_mix import ChannelMix, mix_rows

@@ -6,11 +6,11 @@ import argparse
 import logging
 import os
 
-from chorus import telemetry
-from chorus.cpu_budget import shared_cores_notice, sleep_idle_threads
-from chorus.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
-from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
-from chorus.voices import VOICES_FLAG_HELP, parse_voices
+from chorus.realtime.cpu_budget import shared_cores_notice, sleep_idle_threads
+from chorus.rpc.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.speech.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.speech.voices import VOICES_FLAG_HELP, parse_voices
+from chorus.telemetry import tracing
 from services.token_server import metrics
 from services.token_server.config import TokenServerConfig, default_llama_threads, default_slots
 
@@ -83,7 +83,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     sleep_idle_threads()  # before llama.cpp loads its OpenMP runtime (start_server imports it)
-    run(telemetry.TOKEN_SERVER, parse_args(argv), build_config, "services.token_server.server:start_server",
+    run(tracing.TOKEN_SERVER, parse_args(argv), build_config, "services.token_server.server:start_server",
         metrics.REGISTRY,         fatal=(ValueError, RuntimeError))
 
 

@@ -10,7 +10,7 @@ so that much context makes the resumed samples the same as if nothing had happen
 to the last bit: the decoder is bit-exact across a resume and its noise is keyed by
 the request's seed and sample position) and the new worker drops the samples already
 relayed. No admitted stream loses audio, and none hears a seam. A worker that hangs
-(stopped, wedged) ends no call, so each Decode call is watched (chorus.stall): a
+(stopped, wedged) ends no call, so each Decode call is watched (chorus.rpc.stall): a
 worker that owes audio (frames past the decoder's lookahead, or the tail) and sends
 none for CODEC_STALL's floor, or until the listener's lead is down to its margin,
 is taken for dead and the stream resumes on another worker the same way.
@@ -30,12 +30,13 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
-from chorus import orpheus, telemetry
-from chorus.discovery import PEER_RETURN_WAIT_S, EndpointSet
-from chorus.playback import PlaybackClock
-from chorus.stall import CODEC_STALL, StallPolicy, watched
-from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
+from chorus.realtime.playback import PlaybackClock
+from chorus.rpc.discovery import PEER_RETURN_WAIT_S, EndpointSet
+from chorus.rpc.stall import CODEC_STALL, StallPolicy, watched
+from chorus.security.tls import ChannelSecurity
+from chorus.speech import orpheus
+from chorus.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ class CodecRelay:
             attempts += 1
             first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
             # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
-            with telemetry.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
+            with tracing.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
                 call = self._pool.open(address)
             self._sent = first_frame
             writer = asyncio.create_task(self._write(call, first_frame))

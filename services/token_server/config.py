@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chorus.cpu_budget import cpu_budget
-from chorus.orpheus import DEFAULT_BUDGET_HEADROOM
-from chorus.telemetry import TOKEN_SERVER
-from chorus.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
-from chorus.voices import ORPHEUS_VOICES, voice_problems
+from chorus.realtime.cpu_budget import cpu_budget
+from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.speech.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.speech.voices import ORPHEUS_VOICES, voice_problems
+from chorus.telemetry.tiers import TOKEN_SERVER
 
 
 def default_llama_threads() -> int:
@@ -36,7 +36,7 @@ class TokenServerConfig:
     queue_size: int = 32
     host: str = "127.0.0.1"
     # Headroom of the generation budget over ~6 tokens a character, for requests that
-    # set no max_tokens (see chorus.orpheus.default_max_tokens).
+    # set no max_tokens (see chorus.speech.orpheus.default_max_tokens).
     budget_headroom: float = DEFAULT_BUDGET_HEADROOM
     # A stream this far ahead of its listener (seconds of audio) sits steps out while
     # others need them; None never paces.

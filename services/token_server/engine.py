@@ -1,6 +1,6 @@
 """The token engine: executes the scheduler's plan on llama.cpp, one step at a time.
 
-One thread owns the llama context (through `chorus.engine_thread`, the bridge the
+One thread owns the llama context (through `chorus.realtime.engine_thread`, the bridge the
 codec worker's decode engine uses too). Each step it takes the commands the event loop
 posted (submit, cancel), asks the scheduler (scheduler.py) for a plan, and runs it:
 one `llama_decode` with a token for every generating slot, sampling, then each prefill
@@ -14,7 +14,7 @@ sequences in that call. Anything else is an engine bug: the bridge marks the eng
 dead, fails every request it holds and refuses new ones, and the server reports
 NOT_SERVING.
 
-Step times feed the real-time capacity model (chorus.capacity) that admission reads;
+Step times feed the real-time capacity model (chorus.realtime.capacity) that admission reads;
 `calibrate` measures every batch size at start (interleaved rounds, medians) so that
 admission knows the machine before the first request, and an idle engine below its
 slot count probes the next size up now and then, so that capacity lost to a transient
@@ -33,10 +33,10 @@ from typing import Callable
 
 import numpy as np
 
-from chorus import orpheus
-from chorus.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
-from chorus.engine_thread import EngineThread
-from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
+from chorus.realtime.engine_thread import EngineThread
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.speech import orpheus
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.sampler import EOS_COLUMN, SamplingParams, SequenceSampler, gather_legal_logits, sample
 from services.token_server.scheduler import Scheduler, Sequence, StepPlan
@@ -44,7 +44,7 @@ from services.token_server.scheduler import Scheduler, Sequence, StepPlan
 log = logging.getLogger(__name__)
 
 TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND
-# Steps an idle probe of the next batch size measures (chorus.capacity.CapacityProbe).
+# Steps an idle probe of the next batch size measures (chorus.realtime.capacity.CapacityProbe).
 PROBE_STEPS = 3
 # The longest the engine thread waits, with requests it cannot run yet, before it looks
 # again: codec room changes with no command to say so (the pool is polled), so this is
@@ -519,7 +519,7 @@ class Engine:
 
     def calibrate(self, steps: int = 4) -> dict[int, float]:
         """Measures a generating step at every batch size (engine thread only, before
-        serving), in interleaved rounds whose median each size keeps (chorus.capacity.
+        serving), in interleaved rounds whose median each size keeps (chorus.realtime.capacity.
         calibrate says why). Returns seconds per step by batch size."""
         if self.scheduler.has_work() or self.scheduler.has_waiting():
             raise RuntimeError("calibrate only an idle engine")

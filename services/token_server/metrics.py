@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from chorus.telemetry import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name, service_registry
+from chorus.telemetry.tracing import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name, service_registry
 
 # With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
 REGISTRY = service_registry()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chorus import orpheus
-from chorus.sampling_limits import sampling_problems
+from chorus.speech import orpheus
+from chorus.speech.limits import sampling_problems
 
 N_CODES = orpheus.CODEBOOK_SIZE
 # Log-probability buckets for the top-p threshold search (see nucleus_pick): 1/8 nat

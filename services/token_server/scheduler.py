@@ -11,7 +11,7 @@ Three decisions, each for real time rather than for throughput alone:
   slots are fewer than the real-time capacity (`RealTimeCapacity`, learned from this
   engine's step times) and the codec pool has room for one more stream. Past that it
   waits: admitting it would slow every running stream below real time, so that all of
-  them stall instead of none. At the capacity model's margin (chorus.capacity.
+  them stall instead of none. At the capacity model's margin (chorus.realtime.capacity.
   ADMISSION_MARGIN, the 15% of N*'s definition) that is N* streams admitted at once on
   a machine whose ceiling gives N*, and the next one waiting in the bounded queue.
 - Pacing. A generating stream whose lead (audio generated beyond what its listener has
@@ -35,9 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from chorus import orpheus
-from chorus.capacity import RealTimeCapacity
-from chorus.playback import PlaybackClock
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from services.token_server.sampler import SequenceSampler
 
 

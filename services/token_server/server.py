@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from chorus.capacity import RealTimeCapacity
-from chorus.access import AccessPolicy
-from chorus.telemetry import CODEC_WORKER
-from chorus.tls import ChannelSecurity
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.serving import RunningServer, new_server, serve_with_health
+from chorus.realtime.capacity import RealTimeCapacity
+from chorus.rpc.serving import RunningServer, new_server, serve_with_health
+from chorus.security.access import AccessPolicy
+from chorus.security.tls import ChannelSecurity
+from chorus.telemetry.tiers import CODEC_WORKER
 from services.token_server import metrics
 from services.token_server.codec_relay import CodecPool
 from services.token_server.config import TokenServerConfig

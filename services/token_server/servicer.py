@@ -15,16 +15,17 @@ import uuid
 
 import grpc
 
-from chorus import orpheus, telemetry
-from chorus.request_limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
-from chorus.voices import unknown_voice
+from chorus.speech import orpheus
+from chorus.speech.limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
+from chorus.speech.voices import unknown_voice
+from chorus.telemetry import tracing
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.code_digest import CodeDigest
 from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
 from services.token_server.config import TokenServerConfig
-from chorus.engine_thread import EngineDead, EngineStopped
-from chorus.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.engine_thread import EngineDead, EngineStopped
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from services.token_server.engine import (
     Engine,
     Finished,
@@ -74,11 +75,11 @@ def record_stages(stats: RequestStats) -> None:
     """Queue wait, prefill, first frame and decode as spans of the request's trace,
     and the queue wait in its histogram."""
     metrics.QUEUE_WAIT.observe(stats.queue_wait_s)
-    telemetry.record_stage("token_server.queue_wait", stats.submitted_at, stats.admitted_at)
-    telemetry.record_stage("token_server.prefill", stats.admitted_at, stats.first_token_at,
+    tracing.record_stage("token_server.queue_wait", stats.submitted_at, stats.admitted_at)
+    tracing.record_stage("token_server.prefill", stats.admitted_at, stats.first_token_at,
                            {"chorus.prompt_tokens": stats.prompt_tokens})
-    telemetry.record_stage("token_server.first_frame", stats.first_token_at, stats.first_frame_at)
-    telemetry.record_stage("token_server.decode", stats.first_token_at, stats.finished_at,
+    tracing.record_stage("token_server.first_frame", stats.first_token_at, stats.first_frame_at)
+    tracing.record_stage("token_server.decode", stats.first_token_at, stats.finished_at,
                            {"chorus.tokens": stats.generated_tokens, "chorus.frames": stats.frames,
                             "chorus.paced_steps": stats.paced_steps})
 
@@ -91,7 +92,7 @@ def summary_of(
     audio_seconds = samples / orpheus.SAMPLE_RATE
     return common_pb2.SynthesisSummary(
         request_id=request_id,
-        trace_id=telemetry.current_trace_id(),
+        trace_id=tracing.current_trace_id(),
         tokens=stats.generated_tokens,
         frames=stats.frames,
         audio_seconds=audio_seconds,
@@ -144,7 +145,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         # Before anything records it: an id of any length would be exported and logged.
         if (problem := request_id_problem(request_id, MAX_REQUEST_ID_CHARS + PIECE_SUFFIX_CHARS)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        telemetry.tag_request(request_id)
+        tracing.tag_request(request_id)
         gen_request = await self._to_generation_request(request, request_id, started, context)
         if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
             remaining = context.time_remaining()

@@ -25,7 +25,7 @@ the median of its trials' ceilings, and the ceiling at B is the combination with
 best median. Each figure is reported as median [min-max] over the repeats.
 
 Thread splits cover the (llama threads, torch threads) pairs that fit the CPUs this
-process may use (`chorus.cpu_budget`), or `--cpus N` of them (both processes pinned to
+process may use (`chorus.realtime.cpu_budget`), or `--cpus N` of them (both processes pinned to
 N CPUs, as `taskset` would, to measure a smaller deployment's split on a larger
 machine). Splits whose two pools together take more threads than there are CPUs are
 skipped unless `--oversubscribed` (on one CPU 1+1 stays: no pool has fewer than one
@@ -56,8 +56,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chorus import orpheus
-from chorus.cpu_budget import cpu_budget
+from chorus.realtime.cpu_budget import cpu_budget
+from chorus.speech import orpheus
 from tools.bench.stats import Spread
 
 TEXT = "Benchmarks speak the same sentence, so that every request costs the same."
@@ -82,7 +82,7 @@ class Run:
 def _start_side(conn, start) -> object:
     """Runs a side's setup, telling the parent why it failed instead of leaving it a
     closed pipe to guess from."""
-    from chorus.cpu_budget import sleep_idle_threads
+    from chorus.realtime.cpu_budget import sleep_idle_threads
 
     sleep_idle_threads()  # before llama.cpp or torch loads OpenMP, as the services' entry points do
     try:

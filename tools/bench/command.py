@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from chorus.playback import DEFAULT_START_BUFFER_S
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S
 from tools.bench.ceiling import add_common_arguments
 
 LOOPBACK_NAMES = {"localhost"}

@@ -21,9 +21,9 @@ from typing import Callable
 
 import grpc
 
-from chorus import orpheus
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from chorus.serving import GRPC_OPTIONS
+from chorus.rpc.serving import GRPC_OPTIONS
+from chorus.speech import orpheus
 
 TEXT = "Benchmarks speak the same sentence, so that every request costs the same."
 

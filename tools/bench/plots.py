@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from chorus import orpheus
+from chorus.speech import orpheus
 from tools.bench.load import LevelRun
 from tools.bench.report import LevelRuns
 from tools.bench.stats import Spread

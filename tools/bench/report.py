@@ -1,7 +1,7 @@
 """Figures of a load level, as its listeners lived it.
 
 Each request's chunk arrivals are replayed through a listener's playback clock
-(chorus.playback: playback starts `start_buffer_s` after the first audio; a late
+(chorus.realtime.playback: playback starts `start_buffer_s` after the first audio; a late
 chunk is an underrun and the listener waits for it). A stream is held real time when
 not one sample came late. Refused requests (RESOURCE_EXHAUSTED) are counted apart:
 they were never admitted, so they cannot be late.
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from chorus import orpheus
-from chorus.playback import PlaybackClock
+from chorus.realtime.playback import PlaybackClock
+from chorus.speech import orpheus
 from tools.bench.load import LevelRun, RequestRecord
 from tools.bench.stats import Spread, median_index
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chorus import orpheus
+from chorus.speech import orpheus
 
 
 @dataclass(frozen=True)

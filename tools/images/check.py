@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from chorus import cpuinfo
+from chorus.realtime import cpuinfo
 
 from tools.images import base as base_image
 from tools.images import build, run, scan, sizes

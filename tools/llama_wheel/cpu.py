@@ -13,7 +13,7 @@ import re
 import subprocess
 from functools import lru_cache
 
-from chorus import cpuinfo
+from chorus.realtime import cpuinfo
 
 CPUINFO = cpuinfo.CPUINFO
 

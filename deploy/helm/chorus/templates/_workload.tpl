@@ -18,7 +18,7 @@ _helpers.tpl plus:
 How the kubelet asks a service's gRPC health: dict tls, tier, port, timeout (the
 probe's timeoutSeconds). The kubelet's own grpc probe speaks plaintext only, and a
 TLS port fails its handshake (UNAVAILABLE), so with TLS the pod checks itself with
-python -m chorus.probe, which reads the pod's CHORUS_TLS_* and presents the pod's
+python -m chorus.rpc.probe, which reads the pod's CHORUS_TLS_* and presents the pod's
 own certificate; --tier is the name the certificate is checked against. Its own
 deadline is a second under the kubelet's, so a slow answer reports why instead of
 being killed.
@@ -26,7 +26,7 @@ being killed.
 {{- define "chorus.probeHandler" -}}
 {{- if .tls -}}
 exec:
-  command: [python, -m, chorus.probe, --tier, {{ .tier }}, --port, {{ .port | quote }},
+  command: [python, -m, chorus.rpc.probe, --tier, {{ .tier }}, --port, {{ .port | quote }},
             --timeout, {{ sub .timeout 1 | quote }}]
 {{- else -}}
 grpc:

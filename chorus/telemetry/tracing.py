@@ -4,7 +4,7 @@ the codec workers.
 One request must read as one trace across three processes, so every service builds
 its tracer here. The RPC spans themselves (SERVER on every call a service answers,
 CLIENT on every call it makes, W3C `traceparent` in the metadata between them) come
-from the standard OpenTelemetry gRPC instrumentation, wired in `chorus.instrumentation`;
+from the standard OpenTelemetry gRPC instrumentation, wired in `chorus.telemetry.grpc_instrumentation`;
 Chorus adds the stages of a request (`record_stage`, `span`) under them, attributes
 for retries and failovers (`call_attributes`) and the request id (`tag_request`).
 Where spans go: Chorus's own `--otlp-endpoint` / `CHORUS_OTLP_ENDPOINT` when set, else
@@ -50,12 +50,11 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import start_http_server as _prometheus_http_server
 
+from chorus.rpc.errors import StartupError
+from chorus.telemetry.tiers import CODEC_WORKER, GATEWAY, SERVICES, TOKEN_SERVER
+
 log = logging.getLogger(__name__)
 
-GATEWAY = "chorus-gateway"
-TOKEN_SERVER = "chorus-token-server"
-CODEC_WORKER = "chorus-codec-worker"
-SERVICES = (GATEWAY, TOKEN_SERVER, CODEC_WORKER)
 
 INSTRUMENTATION_SCOPE = "chorus"
 
@@ -195,7 +194,7 @@ def span(
 ) -> Iterator[trace.Span]:
     """A span that is current for the block: a stage of a request, or the root of a
     client's own trace (tools, tests). Exceptions mark it as an error. Not for a block
-    that spans a `yield`: see chorus.instrumentation on contexts across generators."""
+    that spans a `yield`: see chorus.telemetry.grpc_instrumentation on contexts across generators."""
     with get_tracer().start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
         yield current
 
@@ -266,7 +265,7 @@ _metrics_servers: dict[tuple[str, int], object] = {}
 
 class RpcMetrics:
     """The RPC metrics every service exports under its own names, recorded by the
-    server interceptor of `chorus.instrumentation` for every call but health checks
+    server interceptor of `chorus.telemetry.grpc_instrumentation` for every call but health checks
     and reflection, and by the gateway's HTTP door (`gateway.openai_http.access`):
 
     - `chorus_<service>_requests_total{api, method, code}`: finished calls by gRPC status
@@ -344,8 +343,6 @@ def start_metrics_server(port: int | None, registry: CollectorRegistry, addr: st
             try:
                 server, _thread = _prometheus_http_server(port, addr=addr, registry=registry)
             except OSError as err:
-                from chorus.serving import StartupError  # here: chorus.serving imports this module
-
                 raise StartupError(
                     f"cannot serve metrics on {addr}:{port}: {err.strerror or err} "
                     "(the port is in use, or the address is not this host's; choose another --metrics-port)"

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import grpc
 
-from chorus.telemetry import CODEC_WORKER, GATEWAY, TOKEN_SERVER
+from chorus.telemetry.tiers import CODEC_WORKER, GATEWAY, TOKEN_SERVER
 
 # A tier's identity is its service name, so traces and certificates say the same.
 TIERS = (GATEWAY, TOKEN_SERVER, CODEC_WORKER)

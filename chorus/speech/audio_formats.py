@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from chorus import orpheus
 from chorus.proto.tts.v1 import gateway_pb2
+from chorus.speech import orpheus
 
 # Telephony, wideband, the CD family and the model's own rate.
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)

@@ -16,9 +16,10 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
-from chorus import telemetry
-from chorus.serving import LOG_FORMATS, StartupError, configure_logging, run_until_signalled, write_ready_file
-from chorus.tls import TlsFiles
+from chorus.rpc.errors import StartupError
+from chorus.rpc.serving import LOG_FORMATS, configure_logging, run_until_signalled, write_ready_file
+from chorus.security.tls import TlsFiles
+from chorus.telemetry import tracing
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -140,11 +141,11 @@ def run(
 
 
 async def _serve(service: str, start, config, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
-    telemetry.setup_tracing(service, args.otlp_endpoint)
-    telemetry.start_metrics_server(args.metrics_port, metrics, args.host)
+    tracing.setup_tracing(service, args.otlp_endpoint)
+    tracing.start_metrics_server(args.metrics_port, metrics, args.host)
     try:
         running = await start(config, port=args.port)
         write_ready_file(args.ready_file, running)
         await run_until_signalled(running, args.drain_seconds)
     finally:
-        telemetry.shutdown_tracing()
+        tracing.shutdown_tracing()

@@ -11,7 +11,7 @@ INVALID_ARGUMENT, whatever task was reading (an abort sends the status from any 
 and cancels the handler).
 
 Who may call, and the drain's count of calls in flight, are the AccessPolicy's
-(`chorus.access`), asked by the CallGuard in front of this gate.
+(`chorus.security.access`), asked by the CallGuard in front of this gate.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ async def _responses(outcome) -> AsyncIterator[Any]:
 
 
 class RequestGate(grpc.aio.ServerInterceptor):
-    """One per server (`chorus.serving.new_server`); see the module's docstring."""
+    """One per server (`chorus.rpc.serving.new_server`); see the module's docstring."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -18,11 +18,13 @@ import grpc
 from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from chorus import instrumentation, reflection, telemetry
-from chorus.access import AccessPolicy
-from chorus.auth import CallGuard
-from chorus.request_gate import RequestGate
-from chorus.tls import ChannelSecurity
+from chorus.rpc import reflection
+from chorus.rpc.errors import StartupError
+from chorus.rpc.request_gate import RequestGate
+from chorus.security.access import AccessPolicy
+from chorus.security.auth import CallGuard
+from chorus.security.tls import ChannelSecurity
+from chorus.telemetry import grpc_instrumentation, tracing
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,6 @@ def host_port(host: str, port: int) -> str:
     """host:port, with an IPv6 host in brackets ("::1:0" is not an address)."""
     host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class StartupError(Exception):
-    """A server cannot start for a reason its operator must fix (a port in use)."""
 
 
 @dataclass
@@ -176,7 +174,7 @@ async def serve_with_health(
 
 
 def new_server(
-    metrics: telemetry.RpcMetrics | None = None, policy: AccessPolicy | None = None
+    metrics: tracing.RpcMetrics | None = None, policy: AccessPolicy | None = None
 ) -> grpc.aio.Server:
     """A server whose every call gets a standard SERVER span and, with the service's
     `metrics`, is counted by method and status; inside that span the CallGuard asks
@@ -187,7 +185,7 @@ def new_server(
     options.append(("grpc.max_receive_message_length", policy.max_request_bytes))
     server = grpc.aio.server(
         options=options,
-        interceptors=[*instrumentation.server_interceptors(metrics), CallGuard(policy), RequestGate()],
+        interceptors=[*grpc_instrumentation.server_interceptors(metrics), CallGuard(policy), RequestGate()],
     )
     server.chorus_access = policy  # serve_with_health hands it to the RunningServer
     return server
@@ -196,7 +194,7 @@ def new_server(
 def new_channel(target: str, security: ChannelSecurity | None = None) -> grpc.aio.Channel:
     """A channel whose every call gets a standard CLIENT span and carries the trace,
     secured as `security` says (plaintext by default)."""
-    return (security or ChannelSecurity()).aio_channel(target, CHANNEL_OPTIONS, instrumentation.client_interceptors())
+    return (security or ChannelSecurity()).aio_channel(target, CHANNEL_OPTIONS, grpc_instrumentation.client_interceptors())
 
 
 async def run_until_signalled(running: RunningServer, grace: float) -> None:
@@ -221,7 +219,7 @@ class _RequestFields(logging.Filter):
         span = trace.get_current_span().get_span_context()
         record.trace_id = trace.format_trace_id(span.trace_id) if span.is_valid else ""
         record.span_id = trace.format_span_id(span.span_id) if span.is_valid else ""
-        record.request_id = telemetry.REQUEST_ID.get()
+        record.request_id = tracing.REQUEST_ID.get()
         return True
 
 

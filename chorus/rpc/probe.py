@@ -1,4 +1,4 @@
-"""`python -m chorus.probe --tier chorus-token-server --port 50052`: a health check
+"""`python -m chorus.rpc.probe --tier chorus-token-server --port 50052`: a health check
 that speaks the service's own TLS, for Kubernetes exec probes.
 
 The kubelet's built-in gRPC probe cannot do TLS, and once a token server or codec
@@ -19,13 +19,13 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.serving import host_port
-from chorus.tls import TIERS, TlsFiles
+from chorus.rpc.serving import host_port
+from chorus.security.tls import TIERS, TlsFiles
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m chorus.probe", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m chorus.rpc.probe", description=__doc__.split("\n\n")[1])
     p.add_argument("--tier", choices=TIERS, required=True, help="the service probed: its certificate names it")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")

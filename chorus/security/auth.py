@@ -1,4 +1,4 @@
-"""The gRPC door of `chorus.access`: `CallGuard` describes each call to the server's
+"""The gRPC door of `chorus.security.access`: `CallGuard` describes each call to the server's
 AccessPolicy before its handler runs, aborts it with the policy's status when it is
 refused, and releases what it held when it ends.
 
@@ -17,8 +17,8 @@ import urllib.parse
 import grpc
 from opentelemetry import trace
 
-from chorus.access import AccessPolicy, Knock, Refusal, presented_key
-from chorus.tls import peer_identities
+from chorus.security.access import AccessPolicy, Knock, Refusal, presented_key
+from chorus.security.tls import peer_identities
 
 OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",
@@ -54,7 +54,7 @@ def peer_connection(peer: str) -> str:
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
-    """One per server (`chorus.serving.new_server`), around its AccessPolicy."""
+    """One per server (`chorus.rpc.serving.new_server`), around its AccessPolicy."""
 
     def __init__(self, policy: AccessPolicy) -> None:
         self.policy = policy

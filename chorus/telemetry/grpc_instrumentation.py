@@ -18,7 +18,7 @@ outgoing call. Chorus changes three things on the server side, in
   collector, which closes it from another task: the context token attached in the
   RPC's task is then detached in a different one ("Failed to detach context" under
   load). Attaching around each step of the handler keeps attach and detach in one task.
-- **Request metrics** (`telemetry.RpcMetrics`) are counted from the same outcome,
+- **Request metrics** (`tracing.RpcMetrics`) are counted from the same outcome,
   labelled with the call's API (`tts.v1`, `riva`) and method.
 
 On the client side, the library ends a CLIENT span, and reads its status, only where
@@ -51,7 +51,7 @@ from opentelemetry.instrumentation.grpc._aio_server import OpenTelemetryAioServe
 from opentelemetry.semconv._incubating.attributes.rpc_attributes import RPC_GRPC_STATUS_CODE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from chorus import telemetry
+from chorus.telemetry import tracing
 
 __all__ = ["ServerInterceptor", "server_interceptors", "client_interceptors", "rpc_outcome", "current_tracer_provider"]
 
@@ -100,7 +100,7 @@ class _UnattachedTracer:
     step and ends it when the call is over."""
 
     def start_as_current_span(self, name, kind=SpanKind.INTERNAL, attributes=None, **_ignored):
-        return contextlib.nullcontext(telemetry.get_tracer(_SCOPE).start_span(name, kind=kind, attributes=attributes))
+        return contextlib.nullcontext(tracing.get_tracer(_SCOPE).start_span(name, kind=kind, attributes=attributes))
 
 
 def _server_filter(details: grpc.HandlerCallDetails) -> bool:
@@ -117,7 +117,7 @@ class ServerInterceptor(OpenTelemetryAioServerInterceptor):
     """The standard aio server interceptor, with the changes the module docstring
     lists; records into `metrics` (the service's `RpcMetrics`) when given."""
 
-    def __init__(self, metrics: telemetry.RpcMetrics | None = None) -> None:
+    def __init__(self, metrics: tracing.RpcMetrics | None = None) -> None:
         super().__init__(_UnattachedTracer(), filter_=_server_filter)
         self._metrics = metrics
 
@@ -126,7 +126,7 @@ class ServerInterceptor(OpenTelemetryAioServerInterceptor):
             with self._start_span(handler_call_details, context) as span:
                 current = trace.set_span_in_context(span)
         service, name = _split(handler_call_details.method or "")
-        labels = (telemetry.api_of(service), name)
+        labels = (tracing.api_of(service), name)
         if self._metrics is not None:
             self._metrics.in_flight.labels(*labels).inc()
         return span, current, labels, time.monotonic()
@@ -192,20 +192,20 @@ class ServerInterceptor(OpenTelemetryAioServerInterceptor):
 
 
 class _CurrentTracer:
-    """The tracer of the provider `telemetry.setup_tracing` installed last, looked up
+    """The tracer of the provider `tracing.setup_tracing` installed last, looked up
     at each call (a process may be re-pointed; channels outlive that), and the place
-    where `telemetry.call_attributes` reach the CLIENT spans."""
+    where `tracing.call_attributes` reach the CLIENT spans."""
 
     def __init__(self, scope: str = _SCOPE) -> None:
         self._scope = scope
 
     def start_as_current_span(self, name, kind=SpanKind.INTERNAL, attributes=None, **kwargs):
         if kind == SpanKind.CLIENT:
-            attributes = {**(attributes or {}), **telemetry.pending_call_attributes()}
-        return telemetry.get_tracer(self._scope).start_as_current_span(name, kind=kind, attributes=attributes, **kwargs)
+            attributes = {**(attributes or {}), **tracing.pending_call_attributes()}
+        return tracing.get_tracer(self._scope).start_as_current_span(name, kind=kind, attributes=attributes, **kwargs)
 
     def start_span(self, name, kind=SpanKind.INTERNAL, attributes=None, **kwargs):
-        return telemetry.get_tracer(self._scope).start_span(name, kind=kind, attributes=attributes, **kwargs)
+        return tracing.get_tracer(self._scope).start_span(name, kind=kind, attributes=attributes, **kwargs)
 
 
 class _CurrentTracerProvider:
@@ -218,7 +218,7 @@ class _CurrentTracerProvider:
 
 def current_tracer_provider(scope: str) -> _CurrentTracerProvider:
     """A tracer provider for a standard instrumentation (the HTTP port's ASGI one):
-    its spans come from the provider `telemetry.setup_tracing` installed last, under
+    its spans come from the provider `tracing.setup_tracing` installed last, under
     `scope`."""
     return _CurrentTracerProvider(scope)
 
@@ -325,6 +325,6 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return [kind(tracer, filter_=_client_filter) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
 
-def server_interceptors(metrics: telemetry.RpcMetrics | None) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(metrics: tracing.RpcMetrics | None) -> list[grpc.aio.ServerInterceptor]:
     return [ServerInterceptor(metrics)]
 

@@ -7,8 +7,8 @@ would need protos/ on sys.path; they are rewritten to live under chorus.proto.
 Two packages are generated: Chorus's own `tts.v1`, and `riva/` (NVIDIA Riva's TTS
 API, third party, restated for the gateway's Riva front end).
 
-    python -m chorus.protogen          # regenerate
-    python -m chorus.protogen --check  # exit 1 when committed stubs differ
+    python -m chorus.rpc.protogen          # regenerate
+    python -m chorus.rpc.protogen --check  # exit 1 when committed stubs differ
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "chorus" / "proto"
 _IMPORT = re.compile(r"^from (tts\.v1|riva) import ", re.MULTILINE)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print("stale generated stubs in chorus/proto (run `python -m chorus.protogen`):", *stale, sep="\n  ")
+            print("stale generated stubs in chorus/proto (run `python -m chorus.rpc.protogen`):", *stale, sep="\n  ")
             return 1
         print("generated stubs are up to date")
         return 0

@@ -19,8 +19,8 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.serving import new_channel
-from chorus.tls import ChannelSecurity
+from chorus.rpc.serving import new_channel
+from chorus.security.tls import ChannelSecurity
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ endpoint and the browser page over HTTP). Each transport has an adapter that
 describes a call as a `Knock` and asks `AccessPolicy.admit`; the policy knows no
 transport, so a rule cannot be enforced on one door and forgotten on another
 (the HTTP port once served audio to callers the gRPC port refused). The adapters
-are `chorus.auth.CallGuard` (gRPC) and the gateway's ASGI middleware.
+are `chorus.security.auth.CallGuard` (gRPC) and the gateway's ASGI middleware.
 
 `admit` checks, in this order:
 
@@ -52,7 +52,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from chorus.api_keys import ApiKeys
+from chorus.security.api_keys import ApiKeys
 
 log = logging.getLogger(__name__)
 

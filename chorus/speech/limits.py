@@ -1,7 +1,12 @@
-"""The legal ranges of the sampling parameters, for every service that checks them.
+"""The limits every service checks a request against: the legal ranges of the sampling
+parameters, and bounds on the identifiers a request carries.
 
 The gateway rejects bad values before any work starts, the token server checks again
-(it is also called directly); both read this table, so they cannot disagree.
+(it is also called directly); both read these tables, so they cannot disagree.
+
+A request id travels into logs, spans and downstream calls, so the gateway and the
+token server bound it alike: a megabyte of id, or a newline that forges a log line,
+stops at the first service that reads it.
 """
 
 from __future__ import annotations
@@ -9,7 +14,26 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from chorus import orpheus
+from chorus.speech import orpheus
+
+# --------------------------------------------------------------------------- request ids
+
+MAX_REQUEST_ID_CHARS = 128
+# The gateway names each piece of a long text "<id>.<index>"; the token server
+# accepts that suffix on top of a client's longest id.
+PIECE_SUFFIX_CHARS = 12
+
+
+def request_id_problem(request_id: str, limit: int = MAX_REQUEST_ID_CHARS) -> str | None:
+    """Why `request_id` is refused, or None."""
+    if len(request_id) > limit:
+        return f"request_id is {len(request_id)} characters; at most {limit}"
+    if not request_id.isprintable():
+        return "request_id has control characters (newlines, tabs, ...); use printable text"
+    return None
+
+
+# --------------------------------------------------------------------------- sampling
 
 # field -> (lowest, highest, brackets ("[]" closed, "(]" open below, "[)" open above), note)
 SAMPLING_RANGES = {
