@@ -207,6 +207,7 @@ class Simulation:
         `requests` ran."""
         self.token_now = 0.0
         self.codec_now = 0.0
+        self.codec_wake = 0.0  # when a step that deferred its streams looks again
         # Each step costs its model's time times a factor in [1 - jitter, 1 + jitter].
         self._jitter = jitter
         self._rng = np.random.default_rng(seed)
@@ -309,8 +310,11 @@ class Simulation:
                 stream.codec.submit(np.zeros((1, orpheus.CODES_PER_FRAME), dtype=np.int64))
             else:
                 stream.codec.finish()
-        self.codec.step(self.codec.bridge.wait_for_commands(0))
+        wait_s = self.codec.step(self.codec.bridge.wait_for_commands(0))
         self.codec.bridge.flush_events()  # as the bridge does after every step
+        # A step that deferred its streams (waiting for a full pass) asks the bridge to
+        # wait: until then, or until the next frame arrives, it has nothing to do.
+        self.codec_wake = now + wait_s if wait_s else now
 
     def _open(self, stream: Stream):
         stream.codec = handle = self.codec.open_stream(clock=PlaybackClock(orpheus.SAMPLE_RATE))
@@ -343,7 +347,8 @@ class Simulation:
                 else:
                     token_at = max(self.token_now, self._to_token[0].at) if self._to_token else math.inf
                 if self.codec.has_work():
-                    codec_at = self.codec_now
+                    arrival = self._to_codec[0].at if self._to_codec else math.inf
+                    codec_at = max(self.codec_now, min(self.codec_wake, arrival))
                 else:
                     codec_at = max(self.codec_now, self._to_codec[0].at) if self._to_codec else math.inf
                 if min(token_at, codec_at) > until:
