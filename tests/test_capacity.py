@@ -12,7 +12,7 @@ UNIT = 0.010  # each stream needs a step every 10 ms to keep real time
 
 def test_unmeasured_capacity_is_the_limit():
     capacity = RealTimeCapacity(UNIT, limit=8)
-    assert capacity.streams() == 8 and not capacity.measured
+    assert capacity.streams() == 8 and capacity.step_seconds(1) is None
 
 
 def test_capacity_is_the_largest_batch_that_keeps_real_time_with_the_margin():
@@ -20,7 +20,7 @@ def test_capacity_is_the_largest_batch_that_keeps_real_time_with_the_margin():
     for size, seconds in {1: 0.004, 2: 0.005, 3: 0.006, 4: 0.0075, 5: 0.0085, 6: 0.0095}.items():
         capacity.record(size, seconds)
     assert capacity.streams() == 4
-    assert capacity.per_stream_speed(4) == pytest.approx(UNIT / 0.0075)
+    assert capacity.step_seconds(4) == pytest.approx(0.0075)  # the fourth stream's step keeps real time
 
 
 def test_without_margin_the_same_machine_holds_more():

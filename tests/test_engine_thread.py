@@ -59,10 +59,9 @@ def test_commands_posted_together_reach_one_step_and_events_come_back_in_one_bat
         engine.loop = asyncio.get_running_loop()
         got = []
         engine.listeners.append(got.append)
-        engine.gate.clear()  # hold the first step until everything is posted
+        for command in (1, 2, 3):  # posted before the thread starts: its first step takes them all
+            engine.bridge.post(command)
         engine.bridge.start()
-        engine.bridge.post_many([1, 2, 3])
-        engine.gate.set()
         for _ in range(200):
             if len(got) == 3:
                 break
@@ -95,7 +94,7 @@ def test_a_dead_engine_refuses_work_tells_its_listeners_and_fails_what_it_held()
         engine.bridge.on_death(lambda error: (errors.append(error), died.set()))
         engine.gate.clear()
         engine.bridge.start()
-        engine.bridge.post_many(["boom"])
+        engine.bridge.post("boom")
         engine.bridge.post(7)  # still in the inbox when the step breaks
         engine.gate.set()
         await asyncio.wait_for(died.wait(), 30)

@@ -137,10 +137,6 @@ class RealTimeCapacity:
         with self._lock:
             return self._estimate(streams)
 
-    @property
-    def measured(self) -> bool:
-        return bool(self._step_seconds)
-
     def streams(self) -> int:
         """Streams that may run: those held at real time with the margin (at least 1;
         `limit` before any step or when not enforced)."""
@@ -149,11 +145,6 @@ class RealTimeCapacity:
     def estimated_streams(self) -> int:
         """Streams held at real time with the margin, enforced or not."""
         return self._streams
-
-    def per_stream_speed(self, streams: int) -> float | None:
-        """How many times real time each of `streams` streams runs."""
-        seconds = self.step_seconds(streams)
-        return None if seconds is None else self.unit_seconds / seconds
 
     def _make_consistent(self) -> None:
         """Lowers every size to the tightest bound another size's measurement sets

@@ -142,12 +142,6 @@ class EngineThread(Generic[Command]):
             self._inbox.append(command)
             self._cond.notify()
 
-    def post_many(self, commands: list[Command]) -> None:
-        with self._cond:
-            self._refuse_if_closed()
-            self._inbox.extend(commands)
-            self._cond.notify()
-
     def post_if_alive(self, command: Command) -> bool:
         """Like `post`, for commands that may come after the end (a late cancel)."""
         with self._cond:
