@@ -9,7 +9,7 @@ from chorus.telemetry.tracing import GATEWAY, LATENCY_BUCKETS, RpcMetrics, metri
 # With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
 REGISTRY = service_registry()
 
-# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, their durations and refusals (telemetry.RpcMetrics).
 RPC = RpcMetrics(GATEWAY, REGISTRY)
 
 # Below 1 is faster than real time; the interesting region is 0.3..1.5.
@@ -39,10 +39,4 @@ IN_FLIGHT_STREAMS = Gauge(
     metric_name(GATEWAY, "in_flight_streams"),
     "Synthesis streams the gateway is serving now. The signal gateways autoscale on.",
     registry=REGISTRY,
-)
-REFUSED_CALLS = Counter(
-    metric_name(GATEWAY, "refused_calls"),
-    "Calls refused before any work, by reason: no_api_key, bad_api_key, not_allowed (client certificate "
-    "not allowed), client_limit and key_limit (the client or API key already holds its most streams).",
-    ["reason"], registry=REGISTRY,
 )

@@ -29,20 +29,12 @@ from chorus.speech import orpheus
 from gateway.errors import GatewayError
 from gateway.feed import TextFeed
 from gateway.joins import JoinSmoother
+from gateway.request_types import GenerationSpec
 from gateway.router import Router
 
 log = logging.getLogger(__name__)
 
 _END = object()
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """What every piece of one request shares."""
-
-    request_id: str
-    voice: str
-    sampling: common_pb2.SamplingParams | None = None
 
 
 @dataclass

@@ -30,10 +30,10 @@ regenerating the codes already relayed, may legitimately take long.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import grpc
 
@@ -44,6 +44,7 @@ from chorus.telemetry import tracing
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.rpc.discovery import PEER_RETURN_WAIT_S, EndpointSet
+from chorus.rpc.peer_pool import NotServing, Peer, PeerPool
 from chorus.security.tls import ChannelSecurity
 from gateway.errors import GatewayError
 
@@ -58,25 +59,14 @@ MAX_DUE_IN_S = 3600.0  # the most a token server accepts in playback.first_sampl
 TOKEN_SERVICE = token_server_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
 
 
-@dataclass
-class _Server:
-    address: str
-    channel: grpc.aio.Channel
-    stub: token_server_pb2_grpc.TokenServiceStub
-    slots_total: int = 0
-    capacity_streams: int = 0
-    slots_busy: int = 0
-    queue_depth: int = 0
-    reachable: bool = True  # and SERVING; optimistic until a poll or a call says otherwise
-    sent_since_poll: int = 0
-
-    def load(self) -> float:
-        """Work per stream it can hold at real time (its capacity, or its slots before it
-        reports one); unreachable servers sort last but stay candidates (they may be back)."""
-        work = self.slots_busy + self.queue_depth + self.sent_since_poll
-        room = self.capacity_streams or self.slots_total
-        per_stream = work / room if room else float(work)
-        return per_stream + (1e9 if not self.reachable else 0.0)
+def _per_stream_load(status: token_server_pb2.GetStatusResponse | None, sent_since_poll: int) -> float:
+    """Work per stream a server can hold at real time (its capacity, or its slots
+    before it reports one), counting the calls sent there since its last poll."""
+    if status is None:
+        return float(sent_since_poll)
+    work = status.slots_busy + status.queue_depth + sent_since_poll
+    room = status.capacity_streams or status.slots_total
+    return work / room if room else float(work)
 
 
 class Router:
@@ -89,10 +79,11 @@ class Router:
     ) -> None:
         # A name may stand for many token servers (a headless Service): route over
         # every address it resolves to, as they come and go.
-        self._endpoints = EndpointSet(addresses, security)
-        self._servers: list[_Server] = []
-        self._interval = status_interval_s
-        self._poller: asyncio.Task | None = None
+        self._servers: PeerPool[token_server_pb2.GetStatusResponse] = PeerPool(
+            EndpointSet(addresses, security), self._status_of, self._load_of,
+            kind="token server", interval_s=status_interval_s, on_polled=self._polled,
+        )
+        self._sent_since_poll: collections.Counter[str] = collections.Counter()
         self._turn = 0  # round-robin among equally loaded servers
         self._stall = stall
         # Told after every poll whether any server is reachable and SERVING (available()).
@@ -100,38 +91,22 @@ class Router:
 
     async def start(self) -> None:
         """Resolves and polls once (so the first requests are routed on facts), then keeps polling."""
-        await self._endpoints.start()
-        await self.poll()
-        self._poller = asyncio.create_task(self._poll_forever(), name="token-server-status")
+        await self._servers.start()
 
     async def close(self) -> None:
-        if self._poller:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-        await self._endpoints.close()
-
-    async def poll(self) -> None:
-        known = {s.address: s for s in self._servers}
-        self._servers = [known.get(a) or self._new_server(a) for a in self._endpoints.endpoints()]
-        await asyncio.gather(*(self._poll_one(s) for s in self._servers))
-        if self.on_availability is not None:
-            await self.on_availability(self.available())
+        await self._servers.close()
 
     def available(self) -> bool:
         """Whether a token server was reachable and SERVING at the last poll."""
-        return any(s.reachable for s in self._servers)
+        return self._servers.available()
 
-    def _new_server(self, address: str) -> _Server:
-        channel = self._endpoints.channel(address)
-        return _Server(address, channel, token_server_pb2_grpc.TokenServiceStub(channel))
+    def ranked(self, turn: int = 0) -> list[Peer[token_server_pb2.GetStatusResponse]]:
+        """Servers, least loaded first (unreachable ones last, but still candidates: they
+        may be back); equally loaded ones rotated by `turn`. Reads only."""
+        return self._servers.ranked(turn)
 
-    def ranked(self, turn: int = 0) -> list[_Server]:
-        """Servers, least loaded first; equally loaded ones rotated by `turn`. Reads only."""
-        n = len(self._servers)
-        if n == 0:
-            return []  # nothing resolved yet: generate() reports UNAVAILABLE
-        rotated = [self._servers[(turn + i) % n] for i in range(n)]
-        return sorted(rotated, key=_Server.load)  # stable: equals keep the rotation
+    def _load_of(self, server: Peer[token_server_pb2.GetStatusResponse]) -> tuple[bool, float]:
+        return not server.reachable, _per_stream_load(server.load, self._sent_since_poll[server.address])
 
     def _next_turn(self) -> int:
         """Each request starts the rotation one further, so ties are shared round-robin."""
@@ -153,12 +128,12 @@ class Router:
                     raise GatewayError(
                         grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before generation started"
                     )
-                server.sent_since_poll += 1
+                self._sent_since_poll[server.address] += 1
                 attempt = relayed.replay(time.monotonic()) if relayed.replayable else request
                 relayed.sending(time.monotonic())
                 # A retry's CLIENT span says so, and which servers refused before it.
                 with tracing.call_attributes(**_retry_attributes(attempt_number, failures, attempt is not request)):
-                    call = server.stub.Generate(attempt, timeout=remaining)
+                    call = self._stub(server.address).Generate(attempt, timeout=remaining)
                 responded = False
                 try:
                     responses = watched(
@@ -176,7 +151,7 @@ class Router:
                     failures.append((server.address, grpc.StatusCode.UNAVAILABLE, str(err)))
                 except grpc.aio.AioRpcError as err:
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
-                        server.reachable = False
+                        self._servers.mark_unreachable(server.address)
                     if relayed.replayable and err.code() in RETRYABLE | FAILOVER:
                         log.warning("token server %s failed %s at sample %d (%s: %s); replaying on another",
                                     server.address, request.request_id, relayed.samples, err.code().name, err.details())
@@ -196,39 +171,24 @@ class Router:
         so that the call tries again."""
         if not failures or any(code != grpc.StatusCode.UNAVAILABLE for _, code, _ in failures):
             return False
-        return await self._endpoints.wait_until_any_ready(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S))
+        return await self._servers.wait_for_room(min(deadline - time.monotonic(), PEER_RETURN_WAIT_S)) is not None
 
-    async def _poll_forever(self) -> None:
-        # A poll that fails in a way _poll_one does not expect must not end polling: a
-        # router that stops polling never sees a restarted token server again.
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.poll()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("polling token servers failed; polling goes on")
+    def _stub(self, address: str) -> token_server_pb2_grpc.TokenServiceStub:
+        return token_server_pb2_grpc.TokenServiceStub(self._servers.endpoints.channel(address))
 
-    async def _poll_one(self, server: _Server) -> None:
-        try:
-            status, serving = await asyncio.gather(
-                server.stub.GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S),
-                self._endpoints.serving(server.address, TOKEN_SERVICE, STATUS_TIMEOUT_S),
-            )
-        except grpc.aio.AioRpcError as err:
-            if server.reachable:
-                log.warning("token server %s is unreachable: %s", server.address, err.code().name)
-            server.reachable = False
-            return
-        if serving != server.reachable:
-            log.info("token server %s is %s", server.address, "serving again" if serving else "not serving")
-        server.reachable = serving
-        server.slots_total = status.slots_total
-        server.capacity_streams = status.capacity_streams
-        server.slots_busy = status.slots_busy
-        server.queue_depth = status.queue_depth
-        server.sent_since_poll = 0
+    async def _status_of(self, address: str) -> token_server_pb2.GetStatusResponse:
+        status, serving = await asyncio.gather(
+            self._stub(address).GetStatus(token_server_pb2.GetStatusRequest(), timeout=STATUS_TIMEOUT_S),
+            self._servers.endpoints.serving(address, TOKEN_SERVICE, STATUS_TIMEOUT_S),
+        )
+        self._sent_since_poll[address] = 0  # the status counts them now
+        if not serving:
+            raise NotServing("not serving")
+        return status
+
+    async def _polled(self) -> None:
+        if self.on_availability is not None:
+            await self.on_availability(self.available())
 
 
 def _retry_attributes(

@@ -1,6 +1,6 @@
 """One synthesis as the client sees it: pieces of audio in its encoding, then a summary.
 
-Both client calls end here: the pipeline's PCM goes through the client's encoder,
+Every door's calls end here: the pipeline's PCM goes through the client's encoder,
 and the summary is measured at the gateway (arrival to first audio sent, wall time
 over audio delivered), because that is the latency the client lives with.
 
@@ -15,30 +15,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.playback import PlaybackClock
 from chorus.telemetry import tracing
 from gateway import metrics
 from chorus.proto.tts.v1 import common_pb2
-from chorus.speech.audio_formats import AudioFormat
 from gateway.encoding import Encoded, OffloadedEncoder, StreamEncoder
 from gateway.errors import invalid
 from gateway.feed import TextFeed
-from gateway.pipeline import GenerationSpec, Pipeline, PipelineStats
-
-
-@dataclass(frozen=True)
-class SynthesisOptions:
-    spec: GenerationSpec
-    format: AudioFormat
-    sample_rate: int
-    # Seconds the whole call may take (the client's deadline, or the gateway's default).
-    timeout_s: float
-    # Audio the listener buffers before playback starts (the playback clock).
-    start_buffer_s: float = DEFAULT_START_BUFFER_S
-    # Playback speed by time-stretching (the OpenAI endpoint's `speed`); 1 keeps the audio as generated.
-    tempo: float = 1.0
+from gateway.pipeline import Pipeline, PipelineStats
+from gateway.request_types import SynthesisOptions
 
 
 async def synthesize(

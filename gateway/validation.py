@@ -19,9 +19,8 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from chorus.speech.limits import request_id_problem, sampling_problems
 from chorus.speech.voices import unknown_voice
-from gateway.pipeline import GenerationSpec
+from gateway.request_types import GenerationSpec, SynthesisOptions
 from gateway.segmenter import has_speech
-from gateway.synthesis import SynthesisOptions
 
 
 def check_text(text: str, config: GatewayConfig) -> None:

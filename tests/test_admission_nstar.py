@@ -525,10 +525,10 @@ def test_our_own_streams_opened_or_closed_during_a_load_poll_never_take_our_code
     half second to the next poll it kept an N*-th request waiting. One closed meanwhile,
     which the worker may still count, stays ours as before."""
     from chorus.proto.tts.v1 import codec_pb2
-    from services.token_server import codec_relay
+    from services.token_server import codec_pool
 
     worker = "127.0.0.1:1"
-    pool = codec_relay.CodecPool([worker])
+    pool = codec_pool.CodecPool([worker])
     during_poll = {"change": None, "worker_still_has": 0}
 
     class Stub:
@@ -543,7 +543,7 @@ def test_our_own_streams_opened_or_closed_during_a_load_poll_never_take_our_code
         def Decode(self):  # the call a stream opens (never used here)
             return None
 
-    monkeypatch.setattr(codec_relay.codec_pb2_grpc, "CodecServiceStub", Stub)
+    monkeypatch.setattr(codec_pool.codec_pb2_grpc, "CodecServiceStub", Stub)
 
     async def scenario():
         try:

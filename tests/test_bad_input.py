@@ -50,6 +50,7 @@ class Addresses:
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory):
     with Stack(
+        calibrate=False,  # measures no capacity: start without calibrating
         models_dir=demo_models.root, slots=2, work_dir=tmp_path_factory.mktemp("bad-input-stack"),
         extra_args={"gateway": ["--request-deadline", str(GATEWAY_DEADLINE_S)]},
     ) as running:

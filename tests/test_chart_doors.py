@@ -209,8 +209,8 @@ def _assert_routed_over_http(objects, name, service, service_port):
 
 
 def test_the_grpc_route_carries_every_grpc_api_the_gateway_serves():
-    from gateway.riva.servicer import SERVICE_NAME as RIVA
-    from gateway.server import SERVICE_NAME as TTS
+    from gateway.frontends.riva.servicer import SERVICE_NAME as RIVA
+    from gateway.frontends.tts_v1 import SERVICE_NAME as TTS
 
     (route,) = _objects(MATRIX["tls-off-http-on"])["GRPCRoute"].values()
     matched = {m["method"]["service"] for m in route["spec"]["rules"][0]["matches"]}

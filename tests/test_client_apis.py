@@ -39,7 +39,7 @@ RIVA_SCRIPT = Path(__file__).parent / "riva_client_run.py"
 
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory):
-    with Stack(models_dir=demo_models.root, slots=4, work_dir=tmp_path_factory.mktemp("client-apis")) as running:
+    with Stack(calibrate=False, models_dir=demo_models.root, slots=4, work_dir=tmp_path_factory.mktemp("client-apis")) as running:
         yield running
 
 

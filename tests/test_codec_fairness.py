@@ -25,7 +25,8 @@ from test_codec_server import decode, frames, good_requests, hold_open, random_c
 
 @contextlib.asynccontextmanager
 async def worker_with_two_clients(snac_dir, **overrides):
-    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", host="localhost", **overrides)
+    # calibrate=False: nothing here measures capacity (start with the limits, seconds sooner).
+    config = CodecWorkerConfig(model_dir=snac_dir, device="cpu", host="localhost", **{"calibrate": False, **overrides})
     running = await start_server(config, port=0)
     ipv4 = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     ipv6 = grpc.aio.insecure_channel(f"[::1]:{running.port}")

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
-from services.token_server.codec_relay import CodecPool, NoCodecWorkerError
+from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
 from tools.llama_wheel import cpu, preload
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import pytest
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2, gateway_pb2
 from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from fake_token_server import free_port_address
-from services.token_server.codec_relay import LOAD_POLL_INTERVAL_S
+from services.token_server.codec_pool import LOAD_POLL_INTERVAL_S
 from tools.supervisor import Stack
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def stack(demo_models, tmp_path_factory):
     # Idle streams stay until the test ends them: this is about the share, not the timeouts.
     metrics_port = int(free_port_address().rpartition(":")[2])
     worker_flags = ["--max-streams", str(MAX_STREAMS), "--start-timeout", "600", "--metrics-port", str(metrics_port)]
-    with Stack(models_dir=demo_models.root, slots=1, gateway_http_port=None,
+    with Stack(calibrate=False, models_dir=demo_models.root, slots=1, gateway_http_port=None,
                work_dir=tmp_path_factory.mktemp("codec-share"), extra_args={"codec_worker": worker_flags}) as running:
         running.codec_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         yield running

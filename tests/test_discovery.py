@@ -7,7 +7,7 @@ import asyncio
 import socket
 
 from chorus.rpc.discovery import EndpointSet
-from services.token_server.codec_relay import CodecPool
+from services.token_server.codec_pool import CodecPool
 
 
 def test_literal_addresses_are_kept_and_an_unresolvable_name_gives_no_endpoint():

@@ -69,6 +69,7 @@ def stack(demo_models, tmp_path_factory, otlp):
         codec_workers=1,
         work_dir=tmp_path_factory.mktemp("stack"),
         llama_threads=1,
+        calibrate=False,  # nothing here measures capacity; test_a_stack_without_calibration_says_so checks it
         # Export spans within 0.2 s instead of the SDK's 5 s batching delay.
         env={"CHORUS_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"},
     ) as running:
@@ -399,3 +400,16 @@ def test_deadline_exceeded_and_cancelled_requests_are_errors_in_every_service(ga
     for service in services:
         assert gone[service].status.code == OTLP_ERROR, service
         assert gone[service].status.message.startswith("CANCELLED: "), (service, gone[service].status.message)
+
+
+def test_a_stack_without_calibration_says_so_and_serves(stack, gateway):
+    """`Stack(calibrate=False)` passes --no-calibrate: each service logs that it skipped
+    measuring its step times (and at what capacity it starts), and synthesis works."""
+    logs = {path.name: path.read_text() for path in stack.work_dir.glob("*.log")}
+    services = [name for name in logs if name.startswith(("token-server", "codec-worker"))]
+    assert len(services) == 3, sorted(logs)  # two token servers, one codec worker
+    for name in services:
+        assert "calibration skipped (--no-calibrate)" in logs[name], name
+        assert "step seconds by batch size" not in logs[name], name
+    pcm, summary = collect(gateway.Synthesize(gateway_pb2.SynthesizeRequest(text="Calibrated or not."), timeout=120))
+    assert pcm and summary.audio_seconds > 0

@@ -176,3 +176,30 @@ def test_an_empty_plan_with_streams_in_slots_waits_until_a_paced_stream_needs_th
     assert engine._idle_wait(StepPlan(paced=[far, almost]), NOW) == pytest.approx(0.005)
     assert engine._idle_wait(StepPlan(paced=[far]), NOW) == IDLE_POLL_S
     assert engine._idle_wait(StepPlan(), NOW) == IDLE_POLL_S
+
+
+def test_every_request_is_counted_out_once_whether_it_ends_at_its_budget_or_is_cancelled():
+    """A request counts in the engine (against its queue bound) from submit to its end:
+    the frames of its last step and its Finished leave it once, a cancel once."""
+    pool = FakeCodecPool(limit=SLOTS)
+    engine = fake_engine(pool)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine.start()
+        ended = [engine.submit(request(f"short{i}", frames=2, due_in_s=None), loop) for i in range(2)]
+        doomed = engine.submit(request("doomed", frames=100, due_in_s=None), loop)
+        results = await asyncio.wait_for(asyncio.gather(*(collect(h) for h in ended)), 30)
+        async for _ in doomed.events():
+            break  # its first frame: then cancel it
+        doomed.cancel()
+        await asyncio.wrap_future(engine.run_in_engine(lambda e: None))  # the cancel is handled
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert [frames for frames, _ in results] == [2, 2]
+    assert (engine._in_system, engine._in_system_codec) == (0, 0)
+    assert engine.load() == (0, 0)

@@ -38,6 +38,7 @@ REQUEST = gateway_pb2.SynthesizeRequest(
 @pytest.fixture(scope="module")
 def stack(demo_models, tmp_path_factory):
     with Stack(
+        calibrate=False,  # measures no capacity: start without calibrating
         models_dir=demo_models.root,
         slots=2,
         token_servers=2,

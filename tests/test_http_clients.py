@@ -187,7 +187,7 @@ def test_fields_of_other_servers_are_ignored_with_one_warning(caplog):
                 response_format="pcm", language="English", lang_code="a", request_id="others-1"))
             return fake, reply
 
-    with caplog.at_level(logging.WARNING, logger="gateway.openai_http.request"):
+    with caplog.at_level(logging.WARNING, logger="gateway.frontends.openai_http.request"):
         fake, reply = asyncio.run(scenario())
     assert reply.status_code == 200 and len(reply.content) // 2 == native_samples(fake, "Hello there.")
     warnings = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]

@@ -27,6 +27,8 @@ PACKAGES = ("chorus", "services", "gateway", "tools")
 ENGINE_MODULES = (
     "services/token_server/engine.py",
     "services/token_server/scheduler.py",
+    "services/token_server/request.py",
+    "services/token_server/request_mapping.py",
     "services/codec_worker/streaming_decoder.py",
     "services/codec_worker/decode_engine.py",
 )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chorus.realtime.playback import PlaybackClock, urgency
+from chorus.proto.tts.v1 import common_pb2
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
 
 RATE = 1000  # samples a second: one sample is a millisecond
 
@@ -58,3 +59,32 @@ def test_urgency_orders_streams_without_audio_first_then_least_lead():
 def test_bad_clock_settings_are_refused(bad):
     with pytest.raises(ValueError):
         PlaybackClock(**{"sample_rate": RATE, **bad})
+
+
+def test_from_wire_without_a_schedule_starts_at_the_first_audio():
+    clock = PlaybackClock.from_wire(common_pb2.PlaybackClock(), RATE, now=100.0)
+    assert not clock.started
+    assert clock.start_buffer_s == DEFAULT_START_BUFFER_S  # 0 on the wire: the default
+    clock = PlaybackClock.from_wire(common_pb2.PlaybackClock(start_buffer_s=0.5), RATE, now=100.0)
+    clock.deliver(10, 200.0)
+    assert clock.due_at(0) == pytest.approx(200.5)
+
+
+def test_from_wire_with_a_schedule_runs_on_this_hops_clock_from_first_sample():
+    wire = common_pb2.PlaybackClock(start_buffer_s=0.2, first_sample_due_in_s=-1.5)
+    clock = PlaybackClock.from_wire(wire, RATE, now=100.0, first_sample=3000)
+    assert clock.started and clock.delivered == 3000
+    assert clock.due_at(3000) == pytest.approx(98.5)  # already 1.5 s late: a replay behind its listener
+    assert clock.due_at(0) == pytest.approx(95.5)
+    assert clock.start_buffer_s == 0.2
+
+
+@pytest.mark.parametrize("wire, field", [
+    (common_pb2.PlaybackClock(start_buffer_s=61.0), "playback.start_buffer_s is 61"),
+    (common_pb2.PlaybackClock(start_buffer_s=-0.5), "playback.start_buffer_s is -0.5"),
+    (common_pb2.PlaybackClock(first_sample_due_in_s=3601.0), "playback.first_sample_due_in_s is 3601"),
+    (common_pb2.PlaybackClock(first_sample_due_in_s=-4000.0), "playback.first_sample_due_in_s is -4000"),
+])
+def test_from_wire_refuses_a_schedule_out_of_range_naming_the_field(wire, field):
+    with pytest.raises(ValueError, match=field):
+        PlaybackClock.from_wire(wire, RATE, now=100.0)

@@ -45,6 +45,7 @@ def stack(demo_models, tmp_path_factory):
     base = free_port_run(3)
     ports = {"gateway": base, "token_server": base + 1, "codec_worker": base + 2}
     with Stack(
+        calibrate=False,  # measures no capacity: start without calibrating
         models_dir=demo_models.root, slots=2, token_servers=1, codec_workers=1,
         work_dir=tmp_path_factory.mktemp("prometheus-stack"), metrics_port=base,
     ) as running:

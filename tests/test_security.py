@@ -100,6 +100,7 @@ def secured_stack(models_root: Path, work_dir: Path, pki: dict[str, TlsFolder], 
     """The three services as processes, each with its tier's certificate (TLS and
     mutual TLS), the gateway with `gateway_flags` too, all tracing to `otlp`."""
     return Stack(
+        calibrate=False,  # measures no capacity: start without calibrating
         models_dir=models_root,
         slots=2,
         work_dir=work_dir,

@@ -10,8 +10,9 @@ from chorus.realtime.capacity import RealTimeCapacity
 from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
 from services.token_server.engine import TOKEN_SECONDS
-from services.token_server.sampler import SamplingParams, SequenceSampler
-from services.token_server.scheduler import Scheduler, Sequence
+from services.token_server.request import Finished, Frame, SampledToken, Sequence, SequenceStatus
+from services.token_server.sampler import EOS_COLUMN, SamplingParams, SequenceSampler
+from services.token_server.scheduler import Scheduler
 
 NOW = 1000.0
 
@@ -210,3 +211,87 @@ def test_pace_resume_is_when_the_least_ahead_paced_stream_needs_the_step_again()
     assert scheduler.pace_resume_s([farther, far], NOW) == pytest.approx(3.0)
     assert scheduler.pace_resume_s([far], NOW + 4.0) == 0.0
     assert scheduler.pace_resume_s([], NOW) is None
+
+
+def picked(seq: Sequence, column: int, at: float = NOW) -> SampledToken:
+    """What the engine would hand back for `seq` after sampling `column`."""
+    return SampledToken(seq, seq.generated % orpheus.CODES_PER_FRAME, column, at)
+
+
+def test_a_sequence_status_follows_it_from_waiting_through_prefill_generation_and_pacing_to_its_budget():
+    scheduler = Scheduler(slots=3, n_batch=8, capacity=capacity_of(3))
+    seq = sequence("walk", prompt_tokens=10)
+    seq.token_budget = 2 * orpheus.CODES_PER_FRAME
+    scheduler.add(seq)
+    assert seq.status is SequenceStatus.WAITING
+
+    plan = scheduler.schedule(NOW)  # admitted, its prompt in chunks of the batch
+    assert plan.admitted == [seq] and plan.prefill == [(seq, 8)]
+    assert seq.status is SequenceStatus.PREFILLING and seq.stats.admitted_at == NOW
+    seq.prefilled += 8
+    assert scheduler.update_from_output(plan, []) == []
+    assert seq.status is SequenceStatus.PREFILLING
+
+    plan = scheduler.schedule(NOW + 0.1)
+    assert plan.prefill == [(seq, 2)]
+    seq.prefilled += 2  # the prompt's last chunk samples the first token
+    assert scheduler.update_from_output(plan, [picked(seq, 5, NOW + 0.2)]) == []
+    assert seq.status is SequenceStatus.RUNNING
+    assert seq.stats.first_token_at == NOW + 0.2
+    assert seq.last_token == orpheus.audio_token_id(5, 0)
+
+    outputs = []
+    for code in range(6):  # the rest of the first frame
+        plan = scheduler.schedule(NOW + 0.3)
+        assert plan.decode == [seq] and seq.status is SequenceStatus.RUNNING
+        outputs += scheduler.update_from_output(plan, [picked(seq, code, NOW + 0.3)])
+    assert [o.event for o in outputs] == [Frame(0, (5, 0, 1, 2, 3, 4, 5))]
+    assert seq.stats.first_frame_at == NOW + 0.3 and seq.stats.frames == 1
+
+    # Far ahead of its listener while another stream needs the step: it sits out.
+    behind = sequence("behind", generating=True)
+    place(scheduler, behind)
+    seq.clock = ahead_by(5.0)  # the engine's copy, replaced as the event loop hands it over
+    plan = scheduler.schedule(NOW)
+    assert plan.paced == [seq] and plan.decode == [behind]
+    assert seq.status is SequenceStatus.PACED and behind.status is SequenceStatus.RUNNING
+    scheduler.update_from_output(plan, [picked(behind, 0)])
+    assert seq.stats.paced_steps == 1 and behind.stats.paced_steps == 0
+
+    seq.clock = ahead_by(0.5)  # its listener caught up
+    slot = seq.slot
+    outputs = []
+    for code in range(7):
+        plan = scheduler.schedule(NOW)
+        assert seq in plan.decode and seq.status is SequenceStatus.RUNNING
+        outputs += scheduler.update_from_output(plan, [picked(seq, code, NOW + 1.0)])
+    assert [type(o.event) for o in outputs] == [Frame, Finished]
+    assert outputs[1].event.reason == "max_tokens" and outputs[1].freed_slot == slot
+    assert seq.status is SequenceStatus.FINISHED_LENGTH_CAPPED and seq.status.finished
+    assert seq.stats.finished_at == NOW + 1.0 and scheduler.slots[slot] is None
+
+
+def test_every_way_a_sequence_ends_sets_its_finished_status():
+    scheduler = Scheduler(slots=2, n_batch=64, capacity=capacity_of(2))
+    speaking, cancelled, queued, shed = (sequence(name) for name in ("speaking", "cancelled", "queued", "shed"))
+    for seq in (speaking, cancelled, queued, shed):
+        scheduler.add(seq)
+    plan = scheduler.schedule(NOW)
+    assert plan.admitted == [speaking, cancelled]
+    assert [s.status for s in (queued, shed)] == [SequenceStatus.WAITING] * 2
+
+    # End of speech is legal only at a frame boundary: after one whole frame.
+    speaking.prefilled = len(speaking.prompt)
+    outputs = scheduler.update_from_output(plan, [picked(speaking, code) for code in range(7)])
+    assert speaking.status is SequenceStatus.RUNNING and [type(o.event) for o in outputs] == [Frame]
+    slot = speaking.slot
+    outputs = scheduler.update_from_output(plan, [picked(speaking, EOS_COLUMN, NOW + 2)])
+    assert [(o.event.reason, o.freed_slot) for o in outputs] == [("end_of_speech", slot)]
+    assert speaking.status is SequenceStatus.FINISHED_STOPPED and speaking.stats.generated_tokens == 7
+
+    assert scheduler.remove(cancelled)  # the caller cancelled it in its slot
+    assert cancelled.status is SequenceStatus.FINISHED_ABORTED
+    assert scheduler.over_queue(1) == [shed]  # capacity fell: the newest waiting one goes
+    assert shed.status is SequenceStatus.FINISHED_FAILED
+    assert not scheduler.remove(queued, SequenceStatus.FINISHED_FAILED)  # a failure while it waited
+    assert queued.status is SequenceStatus.FINISHED_FAILED and not scheduler.has_waiting()

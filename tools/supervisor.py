@@ -200,6 +200,10 @@ class Stack:
     torch_threads: int | None = None
     # The codec workers' --decoder-precision (auto, fp32, bf16); None: their default (auto).
     decoder_precision: str | None = None
+    # Measure step times at start (token servers and codec workers); False passes
+    # --no-calibrate: capacity starts at the limits and is learned from live steps, for
+    # stacks that do not measure capacity (most tests) and so start seconds sooner.
+    calibrate: bool = True
     gateway_port: int = 0
     # The gateway's HTTP port (OpenAI endpoint, browser page); 0 picks one, None: off.
     gateway_http_port: int | None = 0
@@ -265,6 +269,9 @@ class Stack:
             return None
         return self.metrics_port + {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers}[key]
 
+    def _calibration_args(self) -> list[str]:
+        return [] if self.calibrate else ["--no-calibrate"]
+
     def _common_args(self) -> list[str]:
         return ["--otlp-endpoint", self.otlp_endpoint] if self.otlp_endpoint else []
 
@@ -277,13 +284,15 @@ class Stack:
             self.codec_worker_processes = self._launch_all(
                 "codec worker", self.CODEC_WORKER, self.codec_workers,
                 ["--model-dir", str(models.snac_dir), "--torch-threads", str(self.torch_threads),
-                 *(["--decoder-precision", self.decoder_precision] if self.decoder_precision else [])], "codec_worker",
+                 *(["--decoder-precision", self.decoder_precision] if self.decoder_precision else []),
+                 *self._calibration_args()], "codec_worker",
             )
             codec_addresses = ",".join(p.address for p in self.codec_worker_processes)
             self.token_server_processes = self._launch_all(
                 "token server", self.TOKEN_SERVER, self.token_servers,
                 ["--model", str(models.gguf), "--codec-workers", codec_addresses,
-                 "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else [])],
+                 "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else []),
+                 *self._calibration_args()],
                 "token_server",
             )
             token_addresses = ",".join(p.address for p in self.token_server_processes)

@@ -22,6 +22,10 @@ yet) has no lead: it is the most urgent of all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chorus.proto.tts.v1 import common_pb2
 
 DEFAULT_START_BUFFER_S = 0.15
 # Audio this close to its time is on time: the rounding of the clock's arithmetic.
@@ -63,6 +67,23 @@ class PlaybackClock:
         clock.start_at = first_sample_due_at - first_sample / sample_rate
         clock.delivered = first_sample
         return clock
+
+    @classmethod
+    def from_wire(cls, playback: common_pb2.PlaybackClock, sample_rate: int, now: float,
+                  first_sample: int = 0) -> PlaybackClock:
+        """The schedule a hop received (tts.v1.PlaybackClock) on this hop's clock: running
+        already when the sender knew when a sample is due (`first_sample`, the first this
+        hop produces, is due `first_sample_due_in_s` after `now`), else starting at the
+        first audio plus the start buffer. ValueError names the field out of range."""
+        start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
+        if not 0.0 <= start_buffer <= 60.0:
+            raise ValueError(f"playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
+        if not playback.HasField("first_sample_due_in_s"):
+            return cls(sample_rate, start_buffer)
+        due_in = playback.first_sample_due_in_s
+        if not -3600.0 <= due_in <= 3600.0:
+            raise ValueError(f"playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
+        return cls.scheduled(sample_rate, now + due_in, first_sample=first_sample, start_buffer_s=start_buffer)
 
     @property
     def started(self) -> bool:

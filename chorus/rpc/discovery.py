@@ -19,6 +19,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chorus.rpc.addresses import dial_address
 from chorus.rpc.serving import new_channel
 from chorus.security.tls import ChannelSecurity
 
@@ -44,10 +45,6 @@ def _is_literal(host: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class EndpointSet:
@@ -113,7 +110,7 @@ class EndpointSet:
                 log.warning("could not resolve %s (%s); keeping %d known endpoints",
                             target, err, len(self._resolved.get(target, ())))
                 continue
-            found = tuple(sorted({_endpoint(info[4][0], port) for info in infos}))
+            found = tuple(sorted({dial_address(info[4][0], port) for info in infos}))
             if found != self._resolved.get(target):
                 log.info("%s -> %s", target, ", ".join(found))
                 self._resolved[target] = found

@@ -19,7 +19,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chorus.rpc.serving import host_port
+from chorus.rpc.addresses import dial_address
 from chorus.security.tls import TIERS, TlsFiles
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> str:
     """The service's health status name; raises grpc.RpcError or ValueError."""
-    target = host_port(args.host, args.port)
+    target = dial_address(args.host, args.port)
     tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     if tls is None:
         channel = grpc.insecure_channel(target)

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chorus.rpc import reflection
+from chorus.rpc.addresses import dial_address, listen_address
 from chorus.rpc.errors import StartupError
 from chorus.rpc.request_gate import RequestGate
 from chorus.security.access import AccessPolicy
@@ -44,16 +45,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-# Hosts that mean "every interface" to a listener.
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
-
-
-def host_port(host: str, port: int) -> str:
-    """host:port, with an IPv6 host in brackets ("::1:0" is not an address)."""
-    host = host.strip("[]")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -84,13 +75,8 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        """Where a client on this machine dials it: its own interface, or IPv4 loopback
-        when it listens on every interface or on "localhost" (a wildcard is not an
-        address to dial, and "localhost" may resolve to either family)."""
-        host = self.host.strip("[]")
-        if host in WILDCARD_HOSTS or host == "localhost":
-            host = "::1" if host == "::" else "127.0.0.1"
-        return host_port(host, self.port)
+        """Where a client on this machine dials it (see `addresses.dial_address`)."""
+        return dial_address(self.host, self.port)
 
     async def set_serving(self, serving: bool) -> None:
         """The server's own readiness (warm-up done); SERVING also needs every condition."""
@@ -156,7 +142,7 @@ async def serve_with_health(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-    address = host_port(host, port)
+    address = listen_address(host, port)
     try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc says only "Failed to bind"

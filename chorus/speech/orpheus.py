@@ -1,7 +1,9 @@
 """The Orpheus TTS protocol: vocabulary layout, prompt format, and how audio tokens
 become SNAC codes.
 
-Every part of Chorus that touches token ids or code frames goes through here, so the
+The serving code reaches token ids and code frames only through here (the token
+server's sampler reads the legal columns of a position with `audio_token_range`, its
+scheduler turns a sampled code into the next input with `audio_token_id`), so the
 facts live in one place.
 """
 
@@ -17,15 +19,24 @@ CUSTOM_TOKEN_BASE = 128_256
 N_CUSTOM_TOKENS = 28_684
 VOCAB_SIZE = TEXT_VOCAB_SIZE + N_CUSTOM_TOKENS  # 156,940
 
+
+
+def custom_token_id(n: int) -> int:
+    """Id of `<custom_token_n>`."""
+    if not 0 <= n < N_CUSTOM_TOKENS:
+        raise ValueError(f"custom token index {n} outside 0..{N_CUSTOM_TOKENS - 1}")
+    return CUSTOM_TOKEN_BASE + n
+
+
 BOS = 128_000
 END_OF_TEXT = 128_009
-START_OF_SPEECH = 128_257
-END_OF_SPEECH = 128_258
-START_OF_HUMAN = 128_259
-END_OF_HUMAN = 128_260
-START_OF_AI = 128_261
-END_OF_AI = 128_262
-AUDIO_TOKEN_BASE = 128_266
+START_OF_SPEECH = custom_token_id(1)  # 128_257
+END_OF_SPEECH = custom_token_id(2)
+START_OF_HUMAN = custom_token_id(3)
+END_OF_HUMAN = custom_token_id(4)
+START_OF_AI = custom_token_id(5)
+END_OF_AI = custom_token_id(6)
+AUDIO_TOKEN_BASE = custom_token_id(10)  # 128_266: 7 x 4096 audio tokens from here
 
 # SNAC 24 kHz: one frame is 7 codes (1 + 2 + 4 over three layers) and 2048 samples.
 CODES_PER_FRAME = 7
@@ -44,13 +55,6 @@ DECODER_LOOKAHEAD_FRAMES = 3
 LAYER_POSITIONS = ((0,), (1, 4), (2, 3, 5, 6))
 
 DEFAULT_VOICE = "tara"
-
-
-def custom_token_id(n: int) -> int:
-    """Id of `<custom_token_n>`."""
-    if not 0 <= n < N_CUSTOM_TOKENS:
-        raise ValueError(f"custom token index {n} outside 0..{N_CUSTOM_TOKENS - 1}")
-    return CUSTOM_TOKEN_BASE + n
 
 
 def prompt_text(text: str, voice: str | None) -> str:
@@ -76,16 +80,6 @@ def audio_token_id(code: int, position: int) -> int:
     if not 0 <= code < CODEBOOK_SIZE:
         raise ValueError(f"code {code} outside 0..{CODEBOOK_SIZE - 1}")
     return audio_token_range(position)[0] + code
-
-
-def token_to_code(token_id: int, index: int) -> int:
-    """Code carried by the `index`-th audio token of a stream (index counts audio tokens only)."""
-    code = token_id - AUDIO_TOKEN_BASE - (index % CODES_PER_FRAME) * CODEBOOK_SIZE
-    if not 0 <= code < CODEBOOK_SIZE:
-        raise ValueError(
-            f"token {token_id} is not a legal audio token at frame position {index % CODES_PER_FRAME}"
-        )
-    return code
 
 
 def frames_to_layers(codes: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

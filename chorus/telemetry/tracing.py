@@ -266,14 +266,16 @@ _metrics_servers: dict[tuple[str, int], object] = {}
 class RpcMetrics:
     """The RPC metrics every service exports under its own names, recorded by the
     server interceptor of `chorus.telemetry.grpc_instrumentation` for every call but health checks
-    and reflection, and by the gateway's HTTP door (`gateway.openai_http.access`):
+    and reflection, and by the gateway's HTTP door (`gateway.frontends.openai_http.access`):
 
     - `chorus_<service>_requests_total{api, method, code}`: finished calls by gRPC status
       (`code="OK"`, `"INVALID_ARGUMENT"`, `"DEADLINE_EXCEEDED"`, `"CANCELLED"`...),
       so the error rate is the non-OK share;
     - `chorus_<service>_in_flight_requests{api, method}`: calls being served now;
     - `chorus_<service>_request_duration_seconds{api, method}`: from arrival to the status,
-      a stream's whole length for streaming calls.
+      a stream's whole length for streaming calls;
+    - `chorus_<service>_refused_calls_total{reason}`: calls the access policy turned
+      away before any work (`chorus.security.access` names the reasons).
 
     `api` is the door a call came through (`api_of`): `tts.v1` (Chorus's own API, the
     gateway's and the services' between them), `riva` (NVIDIA Riva's TTS API on the
@@ -295,6 +297,13 @@ class RpcMetrics:
             metric_name(service, "request_duration_seconds"),
             "Request duration from arrival to status, by API and method (a stream's whole length).",
             ["api", "method"], buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0), registry=registry,
+        )
+        self.refused_calls = Counter(
+            metric_name(service, "refused_calls"),
+            "Calls refused before any work, by reason: not_allowed (client certificate not allowed), "
+            "client_limit (the client already holds its most streams); on the gateway also no_api_key, "
+            "bad_api_key and key_limit (the API key already holds its most streams).",
+            ["reason"], registry=registry,
         )
 
 

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the decoder's channel mixes in fp32 or bf16; auto (default) is bf16 where the CPU has "
                         "native bf16 (AVX512-BF16, AMX) or CUDA takes it, else fp32. Each gives its own bits; "
                         "a stream fails over only to workers of its mode [CHORUS_DECODER_PRECISION]")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   default=env("CHORUS_NO_CALIBRATE", "") != "1",
+                   help="skip measuring the decoder's step time at every batch size at start: the capacity it "
+                        "reports then starts at its batch limit and is learned from live steps (tests and demos that do not "
+                        "measure capacity start seconds sooner) [CHORUS_NO_CALIBRATE=1]")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)
     if not args.model_dir:
@@ -74,6 +79,7 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         logging.getLogger("services.codec_worker").warning(
             shared_cores_notice(torch_threads, "--torch-threads", "CHORUS_TORCH_THREADS"))
     return CodecWorkerConfig(
+        calibrate=args.calibrate,
         model_dir=args.model_dir,
         device=args.device,
         half=args.half,

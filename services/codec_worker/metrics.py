@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge, Histogram
 
 from chorus.telemetry.tracing import CODEC_WORKER, RpcMetrics, metric_name, service_registry
 
 # With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
 REGISTRY = service_registry()
 
-# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, their durations and refusals (telemetry.RpcMetrics).
 RPC = RpcMetrics(CODEC_WORKER, REGISTRY)
 
 _BATCH_STREAM_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -34,10 +34,4 @@ LAG_SECONDS = Gauge(
     "Largest time any open stream's audio is behind its listener's playback clock; 0 when all are ahead. "
     "The signal the codec pool autoscales on.",
     registry=REGISTRY,
-)
-REFUSED_CALLS = Counter(
-    metric_name(CODEC_WORKER, "refused_calls"),
-    "Calls refused before any work, by reason: not_allowed (client certificate of another tier), "
-    "client_limit (the client already holds its share of streams).",
-    ["reason"], registry=REGISTRY,
 )

@@ -21,7 +21,7 @@ channel-mix test at 2 threads), where MKL's own default held. Hence two modes.
 `vendor` (the default) is AVX2+STRICT on Intel CPUs and MKL's default elsewhere:
 the fast kernels of each vendor, every bit-exactness promise within a vendor, and
 workers of different vendors report different modes so that a stream fails over
-only within its mode (codec_relay.py). `compatible` gives every x86 CPU the same bits for a pool that must
+only within its mode (codec_pool.py). `compatible` gives every x86 CPU the same bits for a pool that must
 move streams across vendors, at the cost above.
 
 MKL reads its mode once, at its first call, so the entry point sets MKL_CBWR before

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 from chorus.realtime.capacity import RealTimeCapacity
 from chorus.realtime.engine_thread import EngineDead, EngineStopped
-from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.playback import PlaybackClock
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy, Share
 from chorus.speech import orpheus
@@ -155,9 +155,10 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 "chorus.resume_from_sample": start.resume_from_sample,
             })
             try:
-                clock = playback_clock(start)
+                clock = PlaybackClock.from_wire(
+                    start.playback, orpheus.SAMPLE_RATE, time.monotonic(), start.resume_from_sample)
             except ValueError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"start: {err}")
             try:
                 stream = self._engine.open_stream(
                     start.first_frame_index, start.resume_from_sample, start.deterministic, clock, seed=start.seed
@@ -221,22 +222,6 @@ def _record_first_audio(opened_at: float, check: StreamCheck) -> None:
     tracing.record_stage("codec_worker.first_audio", opened_at, now, attributes)
 
 
-def playback_clock(start: codec_pb2.DecodeStart) -> PlaybackClock:
-    """The listener's schedule for this stream, on this worker's clock."""
-    playback = start.playback
-    start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
-    if not 0.0 <= start_buffer <= 60.0:
-        raise ValueError(f"start: playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
-    if not playback.HasField("first_sample_due_in_s"):
-        return PlaybackClock(orpheus.SAMPLE_RATE, start_buffer)
-    due_in = playback.first_sample_due_in_s
-    if not -3600.0 <= due_in <= 3600.0:
-        raise ValueError(f"start: playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
-    return PlaybackClock.scheduled(
-        orpheus.SAMPLE_RATE, time.monotonic() + due_in, start.resume_from_sample, start_buffer
-    )
-
-
 async def _read(
     requests: AsyncIterator[codec_pb2.DecodeRequest], check: StreamCheck, stream: EngineStream, watch: IdleWatch
 ) -> None:
@@ -261,7 +246,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
         share=Share.CONNECTION,
-        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+        on_refused=lambda reason: metrics.RPC.refused_calls.labels(reason).inc(),
     )
     server = new_server(metrics.RPC, policy)
     trimmer = HeapTrimmer()
@@ -285,6 +270,9 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
             measured = await asyncio.to_thread(engine.calibrate)
             log.info("step seconds by batch size: %s; real-time capacity %d streams",
                      ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in measured.items()), engine.capacity.streams())
+        else:
+            log.info("calibration skipped (--no-calibrate): real-time capacity starts at %d streams and is "
+                     "learned from live steps", engine.capacity.streams())
     except BaseException:
         await running.stop(grace=None)
         raise

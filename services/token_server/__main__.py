@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most Generate streams one client (a gateway) may hold; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   default=env("CHORUS_NO_CALIBRATE", "") != "1",
+                   help="skip measuring the backbone's step time at every batch size at start: admission then "
+                        "starts at the slot limit and learns capacity from live steps (tests and demos that do not "
+                        "measure capacity start seconds sooner) [CHORUS_NO_CALIBRATE=1]")
     add_common_flags(p, default_port=50052)
     args = parse_flags(p, argv)
     if not args.model:
@@ -62,6 +67,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         logging.getLogger("services.token_server").warning(
             shared_cores_notice(llama_threads, "--llama-threads", "CHORUS_LLAMA_THREADS"))
     return TokenServerConfig(
+        calibrate=args.calibrate,
         model_path=args.model,
         codec_workers=tuple(args.codec_workers.split(",")) if args.codec_workers else (),
         slots=args.slots,
@@ -84,7 +90,7 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
 def main(argv: list[str] | None = None) -> None:
     sleep_idle_threads()  # before llama.cpp loads its OpenMP runtime (start_server imports it)
     run(tracing.TOKEN_SERVER, parse_args(argv), build_config, "services.token_server.server:start_server",
-        metrics.REGISTRY,         fatal=(ValueError, RuntimeError))
+        metrics.REGISTRY, fatal=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ One thread owns the llama context (through `chorus.realtime.engine_thread`, the 
 codec worker's decode engine uses too). Each step it takes the commands the event loop
 posted (submit, cancel), asks the scheduler (scheduler.py) for a plan, and runs it:
 one `llama_decode` with a token for every generating slot, sampling, then each prefill
-chunk in its own `llama_decode`. It delivers complete frames to the requests' handles,
-all of a step's events in one hand-over to the loop. Nothing here knows about gRPC: the
-RPC layer submits requests and awaits their events.
+chunk in its own `llama_decode`. What it sampled goes back to the scheduler
+(`update_from_output`), which keeps every sequence's state and returns the events; the
+engine delivers them to the requests' handles, all of a step's events in one hand-over
+to the loop. Nothing here knows about gRPC: the RPC layer submits requests and awaits
+their events.
 
 A request's own bad luck fails that request alone: a sampling error is retried row by
 row and only the rows that fail end (Failed), and a llama_decode that fails ends the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import threading
 import time
@@ -35,11 +38,30 @@ import numpy as np
 
 from chorus.realtime.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCapacity, calibrate as calibrate_capacity
 from chorus.realtime.engine_thread import EngineThread
-from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
+from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock, Stall
 from chorus.speech import orpheus
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
-from services.token_server.sampler import EOS_COLUMN, SamplingParams, SequenceSampler, gather_legal_logits, sample
-from services.token_server.scheduler import Scheduler, Sequence, StepPlan
+from services.token_server.request import (
+    EngineEvent,
+    Finished,
+    Frame,
+    GenerationFailed,
+    GenerationRequest,
+    PromptTooLongError,
+    QueueFullError,
+    RequestStats,
+    SampledToken,
+    Sequence,
+    SequenceOutput,
+    SequenceStatus,
+)
+from services.token_server.sampler import SamplingParams, SequenceSampler, gather_legal_logits, sample
+from services.token_server.scheduler import Scheduler, StepPlan
+
+__all__ = [  # the engine's API, its request and event types included (request.py holds them)
+    "Engine", "EngineEvent", "Finished", "Frame", "GenerationFailed", "GenerationRequest", "PromptTooLongError",
+    "QueueFullError", "RequestHandle", "RequestStats", "IDLE_POLL_S", "TOKEN_SECONDS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,78 +74,16 @@ PROBE_STEPS = 3
 IDLE_POLL_S = 0.02
 
 
-class QueueFullError(Exception):
-    """The engine holds as many requests as its capacity and queue allow."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt and its token budget do not fit a slot's context."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A complete 7-code frame."""
-
-    index: int
-    codes: tuple[int, ...]
-
-
-@dataclass
-class RequestStats:
-    """Monotonic timestamps (time.monotonic) and counts of one request."""
-
-    submitted_at: float
-    prompt_tokens: int = 0
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    first_frame_at: float | None = None
-    # When the frames the codec needs for its first samples were complete.
-    decodable_at: float | None = None
-    finished_at: float | None = None
-    generated_tokens: int = 0
-    frames: int = 0
-    paced_steps: int = 0  # steps this request sat out, ahead of its listener
-
-    @property
-    def queue_wait_s(self) -> float:
-        return (self.admitted_at or self.submitted_at) - self.submitted_at
-
-
-@dataclass(frozen=True)
-class Finished:
-    """Last event of a request that ran to its end."""
-
-    reason: str  # "end_of_speech" | "max_tokens"
-    stats: RequestStats
-
-
-@dataclass(frozen=True)
-class GenerationFailed:
-    """Last event of a request the engine could not finish."""
-
-    message: str
-
-
-EngineEvent = Frame | Finished | GenerationFailed
-
-
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt: list[int]
-    sampling: SamplingParams
-    # The budget the engine obeys: generation stops after this many tokens (whole frames).
-    token_budget: int
-    # Generate exactly token_budget (benchmarks: a fixed batch size for the whole run).
-    ignore_end_of_speech: bool = False
-    # The listener's schedule; the RPC layer advances it as audio is relayed.
-    playback: PlaybackClock | None = None
-    # Holds a codec stream while it runs (audio mode); codes-only requests do not.
-    needs_codec: bool = True
-
-
 class RequestHandle:
-    """The asyncio side of a request: its event stream, its clock, and a way to cancel it."""
+    """The asyncio side of a request: its event stream, its clock, and a way to cancel it.
+
+    `clock` belongs to the event loop, which advances it as audio is relayed (`deliver`);
+    the engine thread paces by its own copy (Sequence.clock). A clock shared by the two
+    threads would be read mid-update; instead the loop hands the engine a fresh copy
+    with its commands, the same ordered channel as submit and cancel, and only when the
+    copy would differ in what the engine reads: pacing reads when playback starts
+    (lead counts the frames generated itself), and that moves only at the first audio
+    and at a stall, so a handover is a command or two per request, not one per chunk."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.request = request
@@ -133,6 +93,20 @@ class RequestHandle:
         self._engine = engine
         self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._done = False
+        self._handed_start_at = self.clock.start_at
+
+    def engine_clock(self) -> PlaybackClock:
+        """A copy of the clock for the engine thread, which the loop never touches again."""
+        self._handed_start_at = self.clock.start_at
+        return copy.copy(self.clock)
+
+    def deliver(self, samples: int, now: float) -> Stall | None:
+        """`samples` more reached the listener at `now` (the event loop's side); the
+        engine gets the new schedule if its start moved."""
+        stall = self.clock.deliver(samples, now)
+        if self.clock.start_at != self._handed_start_at and not self._done:
+            self._engine._bridge.post_if_alive(_Playback(self, self.engine_clock()))
+        return stall
 
     def _put(self, event: EngineEvent) -> None:
         self._events.put_nowait(event)
@@ -155,6 +129,13 @@ class RequestHandle:
 @dataclass(frozen=True)
 class _Submit:
     handle: RequestHandle
+    clock: PlaybackClock  # the engine's copy of handle.clock
+
+
+@dataclass(frozen=True)
+class _Playback:
+    handle: RequestHandle
+    clock: PlaybackClock  # replaces the engine's copy
 
 
 @dataclass(frozen=True)
@@ -168,7 +149,7 @@ class _Call:
     future: concurrent.futures.Future
 
 
-Command = _Submit | _Cancel | _Call
+Command = _Submit | _Playback | _Cancel | _Call
 
 
 class Engine:
@@ -227,11 +208,11 @@ class Engine:
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queues a request; raises QueueFullError, PromptTooLongError, or the bridge's
         EngineStopped/EngineDead at once."""
-        needed = len(request.prompt) + request.token_budget + 1
-        if needed > self.ctx_per_slot:
+        if request.token_budget > self.token_room(len(request.prompt)):
             raise PromptTooLongError(
-                f"prompt of {len(request.prompt)} tokens plus a budget of {request.token_budget} tokens "
-                f"needs {needed} positions, more than a slot's context of {self.ctx_per_slot}; "
+                f"text is too long for one request: its prompt of {len(request.prompt)} tokens plus a budget of "
+                f"{request.token_budget} tokens needs {len(request.prompt) + request.token_budget + 1} positions, "
+                f"more than a slot's context of {self.ctx_per_slot}; "
                 "send shorter text (the gateway splits long text into sentences)"
             )
         handle = RequestHandle(self, request, loop or asyncio.get_running_loop(), self._clock())
@@ -245,11 +226,16 @@ class Engine:
             self._in_system += 1
             self._in_system_codec += request.needs_codec
         try:
-            self._bridge.post(_Submit(handle))
+            self._bridge.post(_Submit(handle, handle.engine_clock()))
         except Exception:
             self._leave(request.needs_codec)
             raise
         return handle
+
+    def token_room(self, prompt_tokens: int) -> int:
+        """The most tokens a request with this prompt may generate in a slot (the last
+        sampled token needs a position too). submit refuses a budget over it."""
+        return self.ctx_per_slot - prompt_tokens - 1
 
     def run_in_engine(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
         """Runs fn(engine) on the engine thread between two steps (calibration, inspection)."""
@@ -310,18 +296,16 @@ class Engine:
         now = self._clock()
         plan = self.scheduler.schedule(now)
         for seq in plan.admitted:
-            seq.owner.stats.admitted_at = seq.admitted_at
             self.backbone.clear_sequence(seq.slot)
         for seq in self.scheduler.over_queue(self.queue_size):
-            self._end(seq, GenerationFailed(
-                "this token server's real-time capacity fell while this request waited, and its queue is over "
-                f"its bound of {self.queue_size}: try another token server"))
+            self._finish_failed(
+                seq, "this token server's real-time capacity fell while this request waited, and its queue is over "
+                f"its bound of {self.queue_size}: try another token server")
         if plan.empty:
             return self._idle_wait(plan, now)
-        for seq in plan.paced:
-            seq.owner.stats.paced_steps += 1
         self.paced_steps += len(plan.paced)
-        self._run(plan)
+        for output in self.scheduler.update_from_output(plan, self._run(plan)):
+            self._deliver(output)
         self.steps += 1
         self.busy_seconds += time.perf_counter() - started
         return None
@@ -341,7 +325,7 @@ class Engine:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._failed_handles.add(seq.owner)
             try:
-                self._end(seq, GenerationFailed(message))
+                self._finish_failed(seq, message)
             except Exception:  # the backbone may be what broke: the request still ends
                 self._emit(seq.owner, GenerationFailed(message))
         for command in commands:
@@ -363,17 +347,22 @@ class Engine:
                 sampler=SequenceSampler(req.sampling),
                 token_budget=req.token_budget,
                 ignore_end_of_speech=req.ignore_end_of_speech,
-                clock=handle.clock,
+                clock=command.clock,
                 submitted_at=handle.stats.submitted_at,
                 needs_codec=req.needs_codec,
                 owner=handle,
+                stats=handle.stats,
             )
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
+        elif isinstance(command, _Playback):
+            seq = self._by_handle.get(command.handle)
+            if seq is not None:
+                seq.clock = command.clock
         elif isinstance(command, _Cancel):
             seq = self._by_handle.pop(command.handle, None)
             if seq is not None:  # else it already ended: nothing holds resources
-                self._free(seq)
+                self._free(seq, SequenceStatus.FINISHED_ABORTED)
         elif isinstance(command, _Call):
             try:
                 command.future.set_result(command.fn(self))
@@ -382,14 +371,15 @@ class Engine:
 
     # -- running a plan ----------------------------------------------------------
 
-    def _run(self, plan: StepPlan) -> None:
+    def _run(self, plan: StepPlan) -> list[SampledToken]:
         """A token for every generating slot in the plan (one llama_decode), then each
-        prefill chunk in its own llama_decode.
+        prefill chunk in its own llama_decode; returns what was sampled.
 
         With a KV stream per sequence llama.cpp splits a mixed batch into ubatches of
         equal tokens per sequence anyway (so the passes over the weights are the same),
         and separate calls keep a prompt's chunking independent of what else runs."""
         batch = self._batch
+        sampled: list[SampledToken] = []
         if plan.decode:
             started = time.perf_counter()
             batch.clear()
@@ -398,12 +388,12 @@ class Engine:
                 rows.append((seq, batch.add([seq.last_token], seq.next_pos, seq.slot, True)))
                 seq.next_pos += 1
             if self._decode(batch, plan.decode):
-                self._sample(rows)
+                sampled += self._sample(rows)
             # Only steps of generating tokens measure real-time capacity; prefill is
             # paid once per request and covered by the margin.
             self.capacity.record(len(plan.decode), time.perf_counter() - started)
         for seq, take in plan.prefill:
-            if seq.slot < 0:  # ended earlier in this step
+            if seq.status.finished:  # ended earlier in this step
                 continue
             done = seq.prefilled + take == len(seq.prompt)
             batch.clear()
@@ -413,7 +403,8 @@ class Engine:
                 continue
             if done:
                 seq.next_pos = len(seq.prompt)
-                self._sample([(seq, index)])
+                sampled += self._sample([(seq, index)])
+        return sampled
 
     def _decode(self, batch: TokenBatch, members: list[Sequence]) -> bool:
         """One llama_decode; on failure the sequences in it end, the engine goes on."""
@@ -431,7 +422,7 @@ class Engine:
             self._on_decode(batch.n_tokens)
         return True
 
-    def _sample(self, rows: list[tuple[Sequence, int]]) -> None:
+    def _sample(self, rows: list[tuple[Sequence, int]]) -> list[SampledToken]:
         seqs = [s for s, _ in rows]
         generated = np.array([s.generated for s in seqs])
         positions = generated % orpheus.CODES_PER_FRAME
@@ -455,55 +446,30 @@ class Engine:
                     log.exception("sampling failed for %s", seq.request_id)
                     self._finish_failed(seq, f"sampling failed for this request: {err}")
         now = self._clock()
-        for seq, position, choice in picked:
-            self._advance(seq, position, choice, now)
+        return [SampledToken(seq, position, choice, now) for seq, position, choice in picked]
 
-    def _advance(self, seq: Sequence, position: int, choice: int, now: float) -> None:
-        stats = seq.owner.stats
-        if stats.first_token_at is None:
-            stats.first_token_at = now
-        if choice == EOS_COLUMN:
-            self._finish(seq, "end_of_speech", now)
-            return
-        seq.sampler.record(position, choice)
-        seq.last_token = orpheus.AUDIO_TOKEN_BASE + position * orpheus.CODEBOOK_SIZE + choice
-        seq.generated += 1
-        stats.generated_tokens = seq.generated
-        seq.frame.append(choice)
-        if len(seq.frame) < orpheus.CODES_PER_FRAME:
-            return
-        if stats.first_frame_at is None:
-            stats.first_frame_at = now
-        self._emit(seq.owner, Frame(seq.frames, tuple(seq.frame)))
-        seq.frames += 1
-        stats.frames = seq.frames
-        if seq.frames == orpheus.DECODER_LOOKAHEAD_FRAMES:
-            stats.decodable_at = now
-        seq.frame = []
-        if seq.generated >= seq.token_budget:
-            self._finish(seq, "max_tokens", now)
+    # -- delivery and endings --------------------------------------------------------
 
-    # -- endings -----------------------------------------------------------------
-
-    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
-        stats = seq.owner.stats
-        stats.finished_at = now
-        if stats.decodable_at is None:  # shorter than the lookahead: the end flushes it
-            stats.decodable_at = now
-        self._end(seq, Finished(reason, stats))
+    def _deliver(self, output: SequenceOutput) -> None:
+        seq = output.seq
+        if output.final:
+            self._by_handle.pop(seq.owner, None)
+            self._release(seq, output.freed_slot)
+        self._emit(seq.owner, output.event)
 
     def _finish_failed(self, seq: Sequence, message: str) -> None:
-        self._end(seq, GenerationFailed(message))
-
-    def _end(self, seq: Sequence, event: EngineEvent) -> None:
         self._by_handle.pop(seq.owner, None)
-        self._free(seq)
-        self._emit(seq.owner, event)
+        self._free(seq, SequenceStatus.FINISHED_FAILED)
+        self._emit(seq.owner, GenerationFailed(message))
 
-    def _free(self, seq: Sequence) -> None:
-        """Takes the sequence out of the scheduler and clears its KV before the next step."""
+    def _free(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Ends the sequence in the scheduler and clears its KV before the next step."""
         slot = seq.slot
-        if self.scheduler.remove(seq):
+        held = self.scheduler.remove(seq, status)
+        self._release(seq, slot if held else None)
+
+    def _release(self, seq: Sequence, slot: int | None) -> None:
+        if slot is not None:
             self.backbone.clear_sequence(slot)
         self._leave(seq.needs_codec)
 
@@ -541,7 +507,7 @@ class Engine:
         for step in range(steps + 1):
             started = time.perf_counter()
             self._batch.clear()
-            indices = [self._batch.add([orpheus.AUDIO_TOKEN_BASE + (step % 7) * orpheus.CODEBOOK_SIZE],
+            indices = [self._batch.add([orpheus.audio_token_id(0, step % orpheus.CODES_PER_FRAME)],
                                        len(prompt) + step, slot, True) for slot in range(size)]
             self.backbone.decode(self._batch)
             positions = np.full(size, step % orpheus.CODES_PER_FRAME)

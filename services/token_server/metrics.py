@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge, Histogram
 
 from chorus.telemetry.tracing import LATENCY_BUCKETS, RpcMetrics, TOKEN_SERVER, metric_name, service_registry
 
 # With the process metrics (CPU seconds, resident memory, open fds) beside the service's own.
 REGISTRY = service_registry()
 
-# Requests by API, method and status, in flight, and their durations (telemetry.RpcMetrics).
+# Requests by API, method and status, in flight, their durations and refusals (telemetry.RpcMetrics).
 RPC = RpcMetrics(TOKEN_SERVER, REGISTRY)
 
 # llama_decode batch sizes: one token per generating slot plus chunked prefill.
@@ -51,10 +51,4 @@ CAPACITY_HEADROOM = Gauge(
     "Capacity minus active and queued streams; negative when requests wait for capacity. "
     "The signal token servers autoscale on.",
     registry=REGISTRY,
-)
-REFUSED_CALLS = Counter(
-    metric_name(TOKEN_SERVER, "refused_calls"),
-    "Calls refused before any work, by reason: not_allowed (client certificate of another tier), "
-    "client_limit (the client already holds its most streams).",
-    ["reason"], registry=REGISTRY,
 )

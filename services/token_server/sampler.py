@@ -68,10 +68,10 @@ class SequenceSampler:
 def gather_legal_logits(rows: list[np.ndarray], positions: np.ndarray) -> np.ndarray:
     """(n, 4097) float32: from each full-vocabulary row, the audio columns legal at its
     frame position, then EOS."""
-    starts = orpheus.AUDIO_TOKEN_BASE + positions * N_CODES
     out = np.empty((len(rows), N_CODES + 1), dtype=np.float32)
-    for i, (row, start) in enumerate(zip(rows, starts)):
-        out[i, :N_CODES] = row[start : start + N_CODES]
+    for i, (row, position) in enumerate(zip(rows, positions.tolist())):
+        first, end = orpheus.audio_token_range(position)
+        out[i, :N_CODES] = row[first:end]
         out[i, EOS_COLUMN] = row[orpheus.END_OF_SPEECH]
     return out
 

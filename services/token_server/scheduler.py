@@ -1,15 +1,19 @@
 """Decides each step of the token engine: who joins, who generates, who prefills.
 
 The split follows vLLM v1 (a scheduler plans a step, the engine core executes it): the
-scheduler owns the waiting queue and the slots and returns a `StepPlan`; the engine
-(engine.py) runs the plan on llama.cpp and reports back what finished. Nothing here
-touches llama.cpp, so every decision is testable with a fake clock.
+scheduler owns the waiting queue and the slots and returns a `StepPlan` from
+`schedule`; the engine (engine.py) runs the plan on llama.cpp, samples, and hands the
+picks to `update_from_output`, which advances every sequence (frames, end of speech,
+budget, timestamps, status) and returns the events the engine delivers. Nothing here
+touches llama.cpp, so every decision and every token's bookkeeping is testable with a
+fake clock.
 
 Three decisions, each for real time rather than for throughput alone:
 
 - Admission by capacity. A waiting request gets a slot only while the streams in
   slots are fewer than the real-time capacity (`RealTimeCapacity`, learned from this
-  engine's step times) and the codec pool has room for one more stream. Past that it
+  engine's step times) and, if it needs a codec stream (codes-only requests do not),
+  the codec pool has room for one more. Past that it
   waits: admitting it would slow every running stream below real time, so that all of
   them stall instead of none. At the capacity model's margin (chorus.realtime.capacity.
   ADMISSION_MARGIN, the 15% of N*'s definition) that is N* streams admitted at once on
@@ -33,45 +37,18 @@ import collections
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from chorus.realtime.capacity import RealTimeCapacity
-from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
-from services.token_server.sampler import SequenceSampler
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the engine: what the scheduler decides on and what the engine
-    advances. `owner` is the engine's handle for delivering events."""
-
-    request_id: str
-    prompt: np.ndarray
-    sampler: SequenceSampler
-    token_budget: int  # generation stops after this many tokens (whole frames)
-    ignore_end_of_speech: bool
-    clock: PlaybackClock
-    submitted_at: float
-    needs_codec: bool = True
-    owner: object = None
-    slot: int = -1
-    admitted_at: float | None = None
-    prefilled: int = 0
-    next_pos: int = 0
-    last_token: int = -1
-    generated: int = 0
-    frame: list[int] = field(default_factory=list)
-    frames: int = 0  # complete frames delivered
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.prompt)
-
-    def lead(self, now: float) -> float | None:
-        """Seconds of audio generated beyond what the listener has played; None before
-        its first audio (the clock starts there)."""
-        return self.clock.lead(now, delivered=self.frames * orpheus.SAMPLES_PER_FRAME)
+from services.token_server.request import (
+    FINISH_REASONS,
+    Finished,
+    Frame,
+    SampledToken,
+    Sequence,
+    SequenceOutput,
+    SequenceStatus,
+)
+from services.token_server.sampler import EOS_COLUMN
 
 
 @dataclass
@@ -112,10 +89,13 @@ class Scheduler:
     # -- membership ------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> bool:
-        """Drops a sequence wherever it is; True if it held a slot (its KV must go)."""
+    def remove(self, seq: Sequence, status: SequenceStatus = SequenceStatus.FINISHED_ABORTED) -> bool:
+        """Ends a sequence wherever it is, with `status`; True if it held a slot (its KV
+        must go)."""
+        seq.status = status
         if seq.slot >= 0 and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
             seq.slot = -1
@@ -137,7 +117,9 @@ class Scheduler:
         return bool(self.waiting)
 
     def admission_limit(self) -> int:
-        """Streams that may hold slots now: slots, real-time capacity, codec room."""
+        """Streams that may hold slots now: slots and real-time capacity. Codec room is
+        not in it (startable_limit and _can_admit add it, for requests that need it):
+        GetStatus reports this as the server's own capacity."""
         return min(self.n_slots, self.capacity.streams())
 
     def startable_limit(self) -> int:
@@ -157,6 +139,7 @@ class Scheduler:
         shed: list[Sequence] = []
         while len(self.waiting) > queue_size:
             shed.append(self.waiting.pop())
+            shed[-1].status = SequenceStatus.FINISHED_FAILED
         shed.reverse()
         return shed
 
@@ -168,6 +151,10 @@ class Scheduler:
         generating = [s for s in running if not s.prefilling]
         prefilling = sorted((s for s in running if s.prefilling), key=lambda s: s.admitted_at or 0.0)
         plan.decode, plan.paced = self._pace(generating, bool(prefilling), now)
+        for seq in plan.decode:
+            seq.status = SequenceStatus.RUNNING
+        for seq in plan.paced:
+            seq.status = SequenceStatus.PACED
         budget = self.n_batch - len(plan.decode)
         for seq in prefilling:
             remaining = len(seq.prompt) - seq.prefilled
@@ -190,7 +177,8 @@ class Scheduler:
         while self._can_admit(len(running) + len(admitted), with_codec, len(free)):
             seq = self.waiting.popleft()
             seq.slot = free.pop(0)
-            seq.admitted_at = now
+            seq.admitted_at = seq.stats.admitted_at = now
+            seq.status = SequenceStatus.PREFILLING
             self.slots[seq.slot] = seq
             admitted.append(seq)
             with_codec += seq.needs_codec
@@ -237,3 +225,54 @@ class Scheduler:
             return None
         leads = [lead for lead in (s.lead(now) for s in paced) if lead is not None]
         return max(0.0, min(leads) - self.pace_lead_s) if leads else None
+
+    # -- the outcome -------------------------------------------------------------
+
+    def update_from_output(self, plan: StepPlan, sampled: list[SampledToken]) -> list[SequenceOutput]:
+        """Advances the sequences of an executed `plan` by what the engine sampled for
+        them (in order), ending those that reached end of speech or their budget: the
+        events for their handles, a frame whenever 7 codes complete it, and a final
+        Finished. Sequences the engine ended itself (a failed decode or sampling) are
+        not in `sampled`."""
+        for seq in plan.paced:
+            seq.stats.paced_steps += 1
+        outputs: list[SequenceOutput] = []
+        for token in sampled:
+            self._advance(token, outputs)
+        return outputs
+
+    def _advance(self, token: SampledToken, outputs: list[SequenceOutput]) -> None:
+        seq, position, column, at = token.seq, token.position, token.column, token.at
+        stats = seq.stats
+        seq.status = SequenceStatus.RUNNING  # the prompt's last chunk samples the first token
+        if stats.first_token_at is None:
+            stats.first_token_at = at
+        if column == EOS_COLUMN:
+            outputs.append(self._finish(seq, SequenceStatus.FINISHED_STOPPED, at))
+            return
+        seq.sampler.record(position, column)
+        seq.last_token = orpheus.audio_token_id(column, position)
+        seq.generated += 1
+        stats.generated_tokens = seq.generated
+        seq.frame.append(column)
+        if len(seq.frame) < orpheus.CODES_PER_FRAME:
+            return
+        if stats.first_frame_at is None:
+            stats.first_frame_at = at
+        outputs.append(SequenceOutput(seq, Frame(seq.frames, tuple(seq.frame))))
+        seq.frames += 1
+        stats.frames = seq.frames
+        if seq.frames == orpheus.DECODER_LOOKAHEAD_FRAMES:
+            stats.decodable_at = at
+        seq.frame = []
+        if seq.generated >= seq.token_budget:
+            outputs.append(self._finish(seq, SequenceStatus.FINISHED_LENGTH_CAPPED, at))
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, at: float) -> SequenceOutput:
+        stats = seq.stats
+        stats.finished_at = at
+        if stats.decodable_at is None:  # shorter than the lookahead: the end flushes it
+            stats.decodable_at = at
+        slot = seq.slot
+        held = self.remove(seq, status)
+        return SequenceOutput(seq, Finished(FINISH_REASONS[status], stats), slot if held else None)

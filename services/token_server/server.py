@@ -15,7 +15,7 @@ from chorus.security.access import AccessPolicy
 from chorus.security.tls import ChannelSecurity
 from chorus.telemetry.tiers import CODEC_WORKER
 from services.token_server import metrics
-from services.token_server.codec_relay import CodecPool
+from services.token_server.codec_pool import CodecPool
 from services.token_server.config import TokenServerConfig
 from services.token_server.engine import TOKEN_SECONDS, Engine
 from services.token_server.llama_backend import LlamaBackbone
@@ -53,11 +53,14 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         measured = await asyncio.wrap_future(engine.run_in_engine(lambda e: e.calibrate()))
         log.info("step seconds by batch size: %s; real-time capacity %d streams",
                  ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
+    else:
+        log.info("calibration skipped (--no-calibrate): real-time capacity starts at %d streams and is learned "
+                 "from live steps", engine.capacity.streams())
 
     policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
-        on_refused=lambda reason: metrics.REFUSED_CALLS.labels(reason).inc(),
+        on_refused=lambda reason: metrics.RPC.refused_calls.labels(reason).inc(),
     )
     server = new_server(metrics.RPC, policy)
     token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)

@@ -1,9 +1,10 @@
 """tts.v1.TokenService: adapts RPCs to the engine and the codec relay.
 
-Validation and status codes live here; scheduling lives in the engine and its
-scheduler, transport of frames and PCM in the codec relay. Each request's playback
-clock is made here from the caller's schedule and advanced as audio is relayed, so
-that the scheduler knows how far ahead of its listener every stream is.
+Status codes and streams live here; what a request may ask for lives in
+request_mapping, scheduling in the engine and its scheduler, transport of frames and
+PCM in the codec relay. Each request's playback clock (made by request_mapping from
+the caller's schedule) is advanced here as audio is relayed, through the request's
+handle, so that the scheduler knows how far ahead of its listener every stream is.
 """
 
 from __future__ import annotations
@@ -17,59 +18,26 @@ import grpc
 
 from chorus.speech import orpheus
 from chorus.speech.limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
-from chorus.speech.voices import unknown_voice
 from chorus.telemetry import tracing
 from services.token_server import metrics
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.code_digest import CodeDigest
-from services.token_server.codec_relay import CodecPool, CodecRelay, NoCodecWorkerError
+from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
+from services.token_server.codec_relay import CodecRelay
 from services.token_server.config import TokenServerConfig
 from chorus.realtime.engine_thread import EngineDead, EngineStopped
-from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock
 from services.token_server.engine import (
     Engine,
     Finished,
     Frame,
     GenerationFailed,
-    GenerationRequest,
     PromptTooLongError,
     QueueFullError,
     RequestStats,
 )
-from services.token_server.sampler import SamplingParams
+from services.token_server.request_mapping import InvalidRequest, to_generation_request
 
 log = logging.getLogger(__name__)
-
-MAX_TEXT_CHARS = 20_000
-
-
-def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
-    """Proto sampling fields (each optional) over the defaults; ValueError on bad values."""
-    defaults = SamplingParams()
-    values = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
-        values[name] = getattr(request, name) if request.HasField(name) else getattr(defaults, name)
-    if not request.HasField("seed"):
-        values["seed"] = uuid.uuid4().int & (2**63 - 1)
-    return SamplingParams(**values)
-
-
-def playback_clock(playback: common_pb2.PlaybackClock, now: float, first_sample: int = 0) -> PlaybackClock:
-    """The caller's schedule on this server's clock: running already (a later piece of
-    a long text, or a replay from `first_sample`), or starting at the first audio plus
-    the start buffer."""
-    start_buffer = playback.start_buffer_s or DEFAULT_START_BUFFER_S
-    if not 0.0 <= start_buffer <= 60.0:
-        raise ValueError(f"playback.start_buffer_s is {start_buffer:g}; it must be in [0, 60]")
-    if playback.HasField("first_sample_due_in_s"):
-        due_in = playback.first_sample_due_in_s
-        if not -3600.0 <= due_in <= 3600.0:
-            raise ValueError(f"playback.first_sample_due_in_s is {due_in:g}; it must be within an hour of now")
-        return PlaybackClock.scheduled(
-            orpheus.SAMPLE_RATE, now + due_in, first_sample=first_sample, start_buffer_s=start_buffer
-        )
-    return PlaybackClock(orpheus.SAMPLE_RATE, start_buffer)
-
 
 def record_stages(stats: RequestStats) -> None:
     """Queue wait, prefill, first frame and decode as spans of the request's trace,
@@ -111,28 +79,6 @@ def _ms(at: float | None, since: float) -> float:
     return (at - since) * 1000 if at is not None else 0.0
 
 
-async def _check_replay(request, max_tokens: int, context) -> None:
-    """resume_from_sample and verify_frames: within what the request can generate."""
-    if not (request.resume_from_sample or request.verify_frames):
-        return
-    if request.codes_only:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "resume_from_sample and verify_frames replay audio; codes_only has none"
-        )
-    frames = max_tokens // orpheus.CODES_PER_FRAME
-    if not 0 <= request.resume_from_sample <= frames * orpheus.SAMPLES_PER_FRAME:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"resume_from_sample {request.resume_from_sample} is outside 0..{frames * orpheus.SAMPLES_PER_FRAME}, "
-            f"the audio of this request's {frames} frames at most",
-        )
-    if not 0 <= request.verify_frames <= frames:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"verify_frames {request.verify_frames} is outside 0..{frames}, this request's frames at most",
-        )
-
-
 class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     def __init__(self, config: TokenServerConfig, engine: Engine, pool: CodecPool) -> None:
         self._config = config
@@ -146,7 +92,13 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         if (problem := request_id_problem(request_id, MAX_REQUEST_ID_CHARS + PIECE_SUFFIX_CHARS)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         tracing.tag_request(request_id)
-        gen_request = await self._to_generation_request(request, request_id, started, context)
+        try:
+            gen_request = to_generation_request(
+                request, request_id, started, self._config.voices, self._config.budget_headroom,
+                self._engine.backbone.tokenize, self._engine.token_room,
+            )
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
             remaining = context.time_remaining()
             if not await self._pool.wait_for_return(remaining if remaining is not None else 1e9):
@@ -155,7 +107,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             handle = self._engine.submit(gen_request)
         except QueueFullError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except PromptTooLongError as err:
+        except PromptTooLongError as err:  # the engine alone decides what fits a slot
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except (EngineStopped, EngineDead) as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
@@ -169,63 +121,13 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         finally:
             handle.cancel()
 
-    async def _to_generation_request(self, request, request_id: str, now: float, context) -> GenerationRequest:
-        text = request.text.strip()
-        if not text:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text is empty: send the words to speak")
-        if len(text) > MAX_TEXT_CHARS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}; split it (the gateway does)",
-            )
-        voice = request.voice or self._config.voices[0]
-        if (problem := unknown_voice(voice, self._config.voices)) is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        try:
-            sampling = resolve_sampling(request.sampling)
-            clock = playback_clock(request.playback, now, max(0, request.resume_from_sample))
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {err}")
-        requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
-        fixed_length = request.sampling.ignore_end_of_speech
-        if fixed_length and not requested:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "sampling.ignore_end_of_speech needs sampling.max_tokens: it generates exactly that many tokens",
-            )
-        prompt = orpheus.wrap_prompt(
-            self._engine.backbone.tokenize(orpheus.prompt_text(text, voice))
-        )
-        room = self._config.ctx_per_slot - len(prompt) - 1
-        if room < orpheus.CODES_PER_FRAME:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"text is too long for one request: its prompt of {len(prompt)} tokens leaves no room for audio "
-                f"in a slot of {self._config.ctx_per_slot} tokens",
-            )
-        budget = requested or orpheus.default_max_tokens(text, self._config.budget_headroom)
-        # Never more than the slot's context allows, and whole frames only.
-        budget = min(budget, room)
-        budget -= budget % orpheus.CODES_PER_FRAME
-        if budget < orpheus.CODES_PER_FRAME:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"sampling.max_tokens is {requested}; it must be 0 (a budget from the text) or at least "
-                f"{orpheus.CODES_PER_FRAME} (one frame of audio)",
-            )
-        await _check_replay(request, budget, context)
-        return GenerationRequest(
-            request_id, prompt, sampling, budget,
-            ignore_end_of_speech=fixed_length, playback=clock, needs_codec=not request.codes_only,
-        )
-
     async def _stream_codes(self, handle, request_id, started, context):
         first_at = None
         async for event in handle.events():
             if isinstance(event, Frame):
                 now = time.monotonic()
                 first_at = first_at or now
-                handle.clock.deliver(orpheus.SAMPLES_PER_FRAME, now)
+                handle.deliver(orpheus.SAMPLES_PER_FRAME, now)
                 yield token_server_pb2.GenerateResponse(
                     frames=common_pb2.CodeFrames(first_frame_index=event.index, codes=event.codes)
                 )
@@ -279,7 +181,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                     checkpoint = None
                 now = time.monotonic()
                 first_audio_at = first_audio_at or now
-                handle.clock.deliver(len(chunk.pcm) // 2, now)
+                handle.deliver(len(chunk.pcm) // 2, now)
                 yield token_server_pb2.GenerateResponse(audio=chunk, codes=digest.message())
         except NoCodecWorkerError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))

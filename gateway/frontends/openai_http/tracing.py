@@ -28,7 +28,7 @@ from opentelemetry.util.http import ExcludeList
 from starlette.types import ASGIApp, Scope
 
 from chorus.telemetry.grpc_instrumentation import current_tracer_provider
-from gateway.openai_http.access import OPEN_PATHS, ROUTES
+from gateway.frontends.openai_http.access import OPEN_PATHS, ROUTES
 
 _SCOPE = "opentelemetry.instrumentation.asgi"
 _ROUTES = frozenset({*ROUTES, *(f"GET {path}" for path in OPEN_PATHS)})

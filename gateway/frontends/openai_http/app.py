@@ -67,13 +67,12 @@ from gateway import voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded, whole_file
 from gateway.errors import GatewayError, invalid
-from gateway.feed import TextFeed
-from gateway.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
-from gateway.openai_http.errors import HTTP_STATUS, error_response
-from gateway.openai_http.request import LISTED_MODELS, OPENAI_FORMATS, SpeechRequest, parse
-from gateway.openai_http.tracing import traced
+from gateway.frontends import shell
+from gateway.frontends.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
+from gateway.frontends.openai_http.errors import error_response
+from gateway.frontends.openai_http.request import LISTED_MODELS, OPENAI_FORMATS, SpeechRequest, parse
+from gateway.frontends.openai_http.tracing import traced
 from gateway.pipeline import Pipeline
-from gateway.segmenter import Segmenter
 from gateway.synthesis import synthesize
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ class SpeechEndpoint:
     def app(self, policy: AccessPolicy, metrics: RpcMetrics):
         """The routes behind the access policy, and CORS outside it (a browser's
         preflight carries no key) when origins are allowed; all of it traced
-        (`gateway.openai_http.tracing.traced`: a SERVER span per request, refusals included)."""
+        (`gateway.frontends.openai_http.tracing.traced`: a SERVER span per request, refusals included)."""
         self._policy = policy
         middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
         if self._config.cors_origins:
@@ -224,9 +223,9 @@ class SpeechEndpoint:
             parsed = parse(_json_body(raw), self._config)
         except GatewayError as err:
             return error_response(err)
-        # The request's id on its HTTP SERVER span (tracing.py) and log lines, under the
-        # gRPC doors' attribute name; the synthesis is a child of that span.
-        tracing.tag_request(parsed.options.spec.request_id)
+        # The request's id, voice and output on its HTTP SERVER span (tracing.py) and log
+        # lines, under the gRPC doors' attribute names; the synthesis is a child of that span.
+        shell.tag(parsed.options)
         span = tracing.get_tracer().start_span(
             "gateway.openai.speech",
             attributes={"chorus.request_id": parsed.options.spec.request_id, "chorus.text_chars": len(parsed.text),
@@ -236,12 +235,12 @@ class SpeechEndpoint:
         # token servers' spans join this trace.
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            feed = await TextFeed.of_text(parsed.text, Segmenter(self._config.segment_target_chars))
+            feed = await shell.whole_text_feed(parsed.text, self._config)
             items = synthesize(self._pipeline, feed, parsed.options, arrived)
             with self._cuttable():
                 first = await self._next(items)
         except GatewayError as err:
-            span.set_attribute("http.response.status_code", HTTP_STATUS.get(err.code, 500))
+            span.set_attribute("http.response.status_code", shell.http_status(err.code))
             span.end()
             return error_response(err)
         finally:
@@ -249,7 +248,7 @@ class SpeechEndpoint:
         span_context = span.get_span_context()
         trace_id = trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
         request_id = parsed.options.spec.request_id
-        headers = {"X-Request-Id": request_id} if request_id.isascii() and request_id.isprintable() else {}
+        headers = {"X-Request-Id": request_id} if shell.printable_ascii(request_id) else {}
         if trace_id:
             headers["X-Trace-Id"] = trace_id
         if not parsed.stream:
@@ -281,7 +280,7 @@ class SpeechEndpoint:
                     item = await self._next(items)
         except GatewayError as err:
             log.warning("speech %s failed: %s", parsed.options.spec.request_id, err)
-            span.set_attribute("http.response.status_code", HTTP_STATUS.get(err.code, 500))
+            span.set_attribute("http.response.status_code", shell.http_status(err.code))
             span.set_status(Status(StatusCode.ERROR, f"{err.code.name}: {err.message}"))
             return error_response(err)
         except asyncio.CancelledError:

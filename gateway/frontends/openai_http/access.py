@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chorus.security.access import AccessPolicy, Knock, Refusal, presented_key
 from chorus.telemetry.tracing import OPENAI, RpcMetrics
-from gateway.openai_http.errors import refusal_response
+from gateway.frontends import shell
+from gateway.frontends.openai_http.errors import refusal_response
 
 SPEECH = "/v1/audio/speech"
 ROUTES = (f"POST {SPEECH}", "GET /v1/audio/voices", "GET /v1/models")
@@ -48,23 +49,6 @@ OPEN_PATHS = frozenset({"/", "/health"})
 CALLER = "chorus_caller"
 IDENTITIES = "chorus_identities"
 OUTCOME = "chorus_outcome"
-
-_CODE_OF_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def _code_of(status: int | None) -> grpc.StatusCode:
-    if status is None:
-        return grpc.StatusCode.CANCELLED
-    if 200 <= status < 400:
-        return grpc.StatusCode.OK
-    return _CODE_OF_STATUS.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.UNKNOWN)
-
 
 class _Exchange:
     """One request's response as it goes out: its status and whether the body ended."""
@@ -117,7 +101,7 @@ class HttpGuard:
         labels = (OPENAI, route if route in ROUTES else "other")
         span = trace.get_current_span()
         state = scope.setdefault("state", {})
-        exchange = _Exchange(send, lambda status: _mark_span(span, state.get(OUTCOME) or _code_of(status), status))
+        exchange = _Exchange(send, lambda status: _mark_span(span, state.get(OUTCOME) or shell.code_of_http_status(status), status))
         started = time.monotonic()
         self.metrics.in_flight.labels(*labels).inc()
         code = None
@@ -131,7 +115,7 @@ class HttpGuard:
             raise
         finally:
             if code is None:
-                code = _code_of(exchange.status if exchange.finished else None)
+                code = shell.code_of_http_status(exchange.status if exchange.finished else None)
             self.metrics.in_flight.labels(*labels).dec()
             self.metrics.requests.labels(*labels, code.name).inc()
             self.metrics.duration.labels(*labels).observe(time.monotonic() - started)

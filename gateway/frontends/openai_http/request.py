@@ -26,8 +26,8 @@ from gateway import validation, voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import MAX_TEMPO, MIN_TEMPO
 from gateway.errors import invalid
+from gateway.request_types import SynthesisOptions
 from gateway.sampling_fields import sampling_from_mapping
-from gateway.synthesis import SynthesisOptions
 
 # OpenAI's formats only: mulaw and alaw (which tts.v1 and Riva take) are not
 # documented for this door, so they are refused here rather than silently accepted.

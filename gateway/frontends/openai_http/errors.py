@@ -8,22 +8,15 @@ from starlette.responses import JSONResponse
 
 from chorus.security.access import Refusal
 from gateway.errors import GatewayError
+from gateway.frontends import shell
 
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-}
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error"}
 
 
 def error_response(err: GatewayError, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    status = status or HTTP_STATUS.get(err.code, 500)
+    status = status or shell.http_status(err.code)
     return JSONResponse(
         {"error": {"message": err.message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
                    "code": err.code.name.lower()}},
