@@ -13,7 +13,7 @@ steps, noise on and seeded, as served) on --threads torch threads. Arms:
   modes; on Intel its bits changed with chunking).
 
 --other-vendor also runs both arms with MKL taking the other vendor's kernels (a
-preloaded stub of MKL's vendor check, as tests/test_codec_numeric_mode.py does),
+preloaded stub of MKL's vendor check, as tests/codec_worker/test_codec_numeric_mode.py does),
 which prices the mode for the other kind of CPU on this one.
 
     python benchmarks/numeric_mode_cost.py [--snac-dir models/demo/snac] [--repeats 5] [--threads 1] [--other-vendor]

@@ -3,7 +3,7 @@ while a codec worker, a token server and the gateway are each SIGKILLed mid-stre
 and started again.
 
     python benchmarks/soak.py [--requests 500] [--concurrency 8] [--out soak-out]
-    python benchmarks/soak.py --quick      # the CI run (tests/test_soak.py): 48 requests
+    python benchmarks/soak.py --quick      # the CI run (tests/system/test_soak.py): 48 requests
 
 Bounded in count (--requests) and time (--max-seconds; past it nothing new starts),
 loopback only. The stack is 2 codec workers, 2 token servers and a gateway

@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import grpc
 import pytest
-from otlp_receiver import receiver  # noqa: F401 (an OTLP receiver fixture for any test)
+
+# Tests live in a folder per tier (tests/chorus/, tests/token_server/, ...) and share
+# helpers from tests/support/ and fixtures from each other's modules by module name:
+# every folder is importable from any test, whichever folder pytest collects first.
+_TESTS = Path(__file__).resolve().parent
+for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and (p.name == "support" or any(p.glob("test_*.py")))):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+from otlp_receiver import receiver  # noqa: E402,F401 (an OTLP receiver fixture for any test)
 
 # MKL fixes its numeric mode at its first call, in whichever test that is: importing
 # the codec package first asks for the mode the codec's bits are tested in.
@@ -30,6 +40,8 @@ from chorus.proto.tts.v1 import gateway_pb2_grpc
 def pytest_sessionstart(session) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         return  # a gateway-only install: no backbone to check
+    if hasattr(session.config, "workerinput"):
+        return  # a pytest-xdist worker: its controller checked before starting it
     from tools.demo_models.build import build_demo_models
     from tools.llama_wheel.cache import installed_record
     from tools.llama_wheel.smoke import describe_death, run_smoke, smoke_command

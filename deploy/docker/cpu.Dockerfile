@@ -7,7 +7,7 @@
 # and useradd (`--build-arg PYTHON_IMAGE=...`; tools/images builds one with
 # mmdebstrap). `python3`, not `python`: Debian's own python3 package has no `python`.
 # checkov cannot resolve build args and takes ${PYTHON_IMAGE} for an untagged image;
-# the default is tagged, and tests/test_images.py fails on an untagged default.
+# the default is tagged, and tests/deploy/test_images.py fails on an untagged default.
 # checkov:skip=CKV_DOCKER_7: the base is a build arg whose default carries a tag
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -33,7 +33,7 @@ back to float32, as do the bias and everything outside the mix. Measured the sam
 way (torch 2.13, oneDNN 3.12, AMD EPYC with AVX512-BF16, 1 to 3 threads), every
 layer shape of the 24 kHz decoder gave each element the same bits in any batch,
 with the padding above and also without it; the padding stays, one code path for
-both (tests/test_decoder_precision.py).
+both (tests/codec_worker/test_decoder_precision.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and AMD nodes. MKL picks its GEMM kernels by vendor and instruction set, and its
 Conditional Numerical Reproducibility (MKL_CBWR) pins a branch on Intel CPUs only.
 Measured with torch 2.13 (MKL 2024.2) on an AMD EPYC with AVX-512, the same decode
 with MKL made to take its Intel kernels (a preloaded stub of MKL's vendor check, as
-tests/test_codec_numeric_mode.py does) against its own:
+tests/codec_worker/test_codec_numeric_mode.py does) against its own:
 
 - default: other bits on the Intel path, where the chunking rules of channel_mix.py
   no longer held either (the Intel report: 8 of 21 determinism tests failed);

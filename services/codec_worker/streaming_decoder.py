@@ -33,7 +33,7 @@ its int16 PCM is the same sample for sample) however its frames are split into
 steps, whichever streams share its forwards, however many torch threads run them,
 and after a resume from zero state with at least 3 frames of context (the
 failover); on CPU (torch 2.13, MKL) this is measured, not assumed
-(tests/test_codec_determinism.py). It holds because every output element is
+(tests/codec_worker/test_codec_determinism.py). It holds because every output element is
 computed by arithmetic that does not depend on the shape around it:
 
 - channel mixes (1x1 convs, the transposed convs' products, the quantizer's

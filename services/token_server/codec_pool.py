@@ -43,7 +43,6 @@ class WorkerLoad:
     capacity_streams: int = 0
     open_streams: int = 0
     ours_when_polled: int = 0
-    lag_seconds: float = 0.0
     numeric_mode: str = ""  # "" until the worker said
 
     def room_for_us(self) -> int:
@@ -175,7 +174,6 @@ class CodecPool:
             capacity_streams=reply.capacity_streams,
             open_streams=reply.open_streams,
             ours_when_polled=max(self._in_flight_peak[address], self._in_flight[address]),
-            lag_seconds=reply.lag_seconds,
             numeric_mode=reply.numeric_mode,
         )
 
