@@ -100,7 +100,7 @@ def main() -> None:
         engine.stop()
     base = float(np.median(seconds["bare"]))
     rows = {}
-    print(f"| arm | ms a token | audio s/s | of bare |\n|---|---:|---:|---:|")
+    print("| arm | ms a token | audio s/s | of bare |\n|---|---:|---:|---:|")
     for name, values in seconds.items():
         med = float(np.median(values))
         speed = [TOKEN_SECONDS / v for v in values]

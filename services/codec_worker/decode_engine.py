@@ -70,10 +70,9 @@ URGENT_LEAD_S = 0.3
 AMPLE_LEAD_S = 1.0
 # A stream at least this far ahead of its listener, and not finishing, waits until a
 # full pass (max_frames_per_step frames) is pending instead of decoding each frame as
-# it arrives: a forward pays a fixed part per pass, so one frame a pass decoded 7.9
-# audio s/s on one thread where four a pass decoded 9.6-10.7 (docs/benchmarks.md,
-# "One stream"), and on a machine the token engine shares, the decoder's saved time is
-# the engine's. With this much in hand, the wait (at most a full pass of frame times
+# it arrives: a forward pays a fixed part per pass, so one frame a pass decoded 6.2
+# audio s/s on one thread where four a pass decoded 8.2 (docs/benchmarks.md, "Real-time
+# capacity", "One stream"), time the worker's other streams or neighbours can use. With this much in hand, the wait (at most a full pass of frame times
 # at real time) costs its listener nothing; a stream whose lead falls to it is decoded.
 THRIFT_LEAD_S = AMPLE_LEAD_S
 # The shortest wait a deferred pass asks of the bridge (no busy loop near the edge).

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import grpc
 import numpy as np
 import pysbd
 

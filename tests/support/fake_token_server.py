@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import socket
 
 import grpc
 import numpy as np
-import pytest
-import soundfile as sf
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, token_server_pb2, token_server_pb2_grpc
 from chorus.speech.orpheus import SAMPLES_PER_FRAME
 from gateway.config import GatewayConfig
-from gateway.joins import FADE_SAMPLES
-from gateway.segmenter import split_text
 from gateway.server import start_server
 
 PCM = gateway_pb2.AudioConfig(encoding=gateway_pb2.AUDIO_ENCODING_PCM_S16LE)

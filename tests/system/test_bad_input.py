@@ -19,7 +19,6 @@ import httpx2 as httpx
 import pytest
 
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
-from chorus.speech import orpheus
 from chorus.proto.tts.v1 import (
     codec_pb2,
     codec_pb2_grpc,
