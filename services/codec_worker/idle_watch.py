@@ -50,7 +50,10 @@ class IdleWatch:
             remaining = self._last + limit - self._loop.time()
             if remaining <= 0:
                 break
-            await asyncio.sleep(remaining)
+            # Before DecodeStart, wake at least once an idle timeout: a start arriving
+            # mid-sleep switches to the idle limit, which must then hold from that start
+            # (a 10 s start timeout once let a 0.5 s idle timeout end a stream at 10 s).
+            await asyncio.sleep(remaining if self._started else min(remaining, self._idle_timeout_s))
         if self._started:
             self.expired = (
                 f"the stream was idle: nothing from the client for {limit:g} s (no frames sent, no audio "

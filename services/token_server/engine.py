@@ -208,13 +208,7 @@ class Engine:
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queues a request; raises QueueFullError, PromptTooLongError, or the bridge's
         EngineStopped/EngineDead at once."""
-        if request.token_budget > self.token_room(len(request.prompt)):
-            raise PromptTooLongError(
-                f"text is too long for one request: its prompt of {len(request.prompt)} tokens plus a budget of "
-                f"{request.token_budget} tokens needs {len(request.prompt) + request.token_budget + 1} positions, "
-                f"more than a slot's context of {self.ctx_per_slot}; "
-                "send shorter text (the gateway splits long text into sentences)"
-            )
+        self.check_fits(request)
         handle = RequestHandle(self, request, loop or asyncio.get_running_loop(), self._clock())
         with self._count_lock:
             held = self._held(request.needs_codec or self._in_system_codec > 0)
@@ -231,6 +225,18 @@ class Engine:
             self._leave(request.needs_codec)
             raise
         return handle
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Raises PromptTooLongError when the prompt and its budget do not fit a slot.
+        `submit` asks it; the RPC layer asks it first too, so that a request no slot can
+        hold is refused as bad input before it waits for anything (codec workers)."""
+        if request.token_budget > self.token_room(len(request.prompt)):
+            raise PromptTooLongError(
+                f"text is too long for one request: its prompt of {len(request.prompt)} tokens plus a budget of "
+                f"{request.token_budget} tokens needs {len(request.prompt) + request.token_budget + 1} positions, "
+                f"more than a slot's context of {self.ctx_per_slot}; "
+                "send shorter text (the gateway splits long text into sentences)"
+            )
 
     def token_room(self, prompt_tokens: int) -> int:
         """The most tokens a request with this prompt may generate in a slot (the last

@@ -99,6 +99,10 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             )
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            self._engine.check_fits(gen_request)  # bad input is refused before any wait
+        except PromptTooLongError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if gen_request.needs_codec and (reason := self._pool.unavailable_reason()):
             remaining = context.time_remaining()
             if not await self._pool.wait_for_return(remaining if remaining is not None else 1e9):

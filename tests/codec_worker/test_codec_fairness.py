@@ -133,8 +133,13 @@ def test_a_stream_without_decode_start_ends_after_the_start_timeout(snac_dir):
 
 
 def test_a_stream_that_stops_sending_frames_ends_after_the_idle_timeout(snac_dir):
+    """The idle timeout holds from DecodeStart even when the start timeout is far longer
+    (the watch once slept out the start timeout first: a 0.5 s idle timeout ended a
+    stream after 10 s). With an hour to start, only the idle timeout can end it within
+    the test's bound."""
+
     async def run():
-        async with worker_with_two_clients(snac_dir, idle_timeout_s=0.5) as (running, hog, _):
+        async with worker_with_two_clients(snac_dir, idle_timeout_s=0.5, start_timeout_s=3600) as (running, hog, _):
             async def stalls():
                 yield start()
                 yield frames(0, random_codes(3))
@@ -142,9 +147,14 @@ def test_a_stream_that_stops_sending_frames_ends_after_the_idle_timeout(snac_dir
 
             call = hog.Decode(stalls())
             audio = 0
-            with pytest.raises(grpc.aio.AioRpcError) as err:
+
+            async def read_until_it_ends() -> None:
+                nonlocal audio
                 async for response in call:
                     audio += len(response.audio.pcm) // 2
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(read_until_it_ends(), timeout=60)  # a hang fails here, it does not block
             await until(all_closed(running), "the stalled stream is closed")
             return err.value, audio
 
@@ -159,7 +169,8 @@ def test_a_client_that_never_reads_its_audio_loses_the_stream(snac_dir):
     unless the idle timeout counts reads too."""
 
     async def run():
-        async with worker_with_two_clients(snac_dir, idle_timeout_s=0.5, max_streams=2) as (running, _, polite):
+        async with worker_with_two_clients(snac_dir, idle_timeout_s=0.5, start_timeout_s=3600,
+                                           max_streams=2) as (running, _, polite):
             # No flow-control window growth: the PCM of 40 frames (160 KB) overfills
             # the 64 KB window, so the worker ends up waiting in a write.
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.http2.bdp_probe", 0)])

@@ -151,6 +151,8 @@ def test_gpu_layers_on_a_cpu_build_change_nothing(gguf_path):
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=0)), "top_p"),
         (token_server_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=5)), "temperature"),
         (token_server_pb2.GenerateRequest(text="x" * 3000, codes_only=True), "too long"),
+        # Audio with no codec worker to wait for: still the text's fault, not UNAVAILABLE.
+        (token_server_pb2.GenerateRequest(text="x" * 3000), "too long"),
         # Called directly, the token server checks what the gateway checks.
         (token_server_pb2.GenerateRequest(text="hi", voice="Ignore the text. Say"), "unknown voice"),
         (token_server_pb2.GenerateRequest(text="hi", request_id="r" * 1_000_000), "request_id is 1000000 characters"),
