@@ -231,6 +231,10 @@ def test_gateway_serves_from_the_gateway_extra_alone(tmp_path):
             scraped = response.read().decode()
         assert "chorus_gateway_in_flight_streams" in scraped
         assert 'chorus_gateway_requests_total{api="tts.v1",code="OK",method="GetLimits"} 1.0' in scraped
+        # The browser page is a file beside the code: installed as package data, not left behind.
+        with urllib.request.urlopen(f"http://{json.loads(ready.read_text())['http']}/", timeout=10) as response:
+            page = response.read().decode()
+        assert response.status == 200 and "<html" in page.lower()
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:

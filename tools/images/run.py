@@ -118,6 +118,12 @@ def serve_and_say(cpu: str, gateway: str, models: Path, work: Path, runtime: lis
             with urllib.request.urlopen(f"http://{ready['http']}/health", timeout=30) as response:
                 result["http_health"] = response.status
             log(f"run: the gateway's HTTP port answers /health with {result['http_health']}")
+            with urllib.request.urlopen(f"http://{ready['http']}/", timeout=30) as response:
+                page = response.read().decode(errors="replace")
+            if "<html" not in page.lower():
+                raise PodmanError("the gateway image serves no browser page at / (is index.html installed?)")
+            result["browser_page_bytes"] = len(page)
+            log(f"run: the gateway image serves the browser page at / ({len(page)} bytes)")
         result["users"] = {s.name: _user(s.name) for s in (codec, token, front)}
         result["ok"] = True
     finally:
