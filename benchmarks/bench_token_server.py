@@ -25,7 +25,8 @@ from pathlib import Path
 
 from chorus.realtime.capacity import RealTimeCapacity
 from chorus.speech import orpheus
-from services.token_server.engine import TOKEN_SECONDS, Engine, Finished, GenerationRequest
+from services.token_server.engine import Engine, TOKEN_SECONDS
+from services.token_server.request import Finished, GenerationRequest
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.sampler import SamplingParams
 

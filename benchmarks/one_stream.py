@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from chorus.speech import orpheus
-from services.token_server.engine import TOKEN_SECONDS, Engine, Finished, GenerationRequest
+from services.token_server.engine import Engine, TOKEN_SECONDS
+from services.token_server.request import Finished, GenerationRequest
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.sampler import SamplingParams, SequenceSampler, gather_legal_logits, sample
 

@@ -187,6 +187,16 @@ class RealTimeCapacity:
         return max(value, floor)
 
 
+def calibration_summary(measured: dict[int, float] | None, capacity: RealTimeCapacity) -> str:
+    """The start-up line of a service's capacity: what calibration measured, or that it
+    was skipped (`measured` None: --no-calibrate) and capacity starts at the limit."""
+    if measured is None:
+        return (f"calibration skipped (--no-calibrate): real-time capacity starts at {capacity.streams()} streams "
+                "and is learned from live steps")
+    steps = ", ".join(f"{size}: {seconds * 1000:.1f} ms" for size, seconds in measured.items())
+    return f"step seconds by batch size: {steps}; real-time capacity {capacity.streams()} streams"
+
+
 def calibrate(
     capacity: RealTimeCapacity, measure: Callable[[int], float], sizes: Iterable[int], rounds: int = CALIBRATION_ROUNDS
 ) -> dict[int, float]:

@@ -67,6 +67,16 @@ def log_level(value: str) -> str:
     return value.upper()
 
 
+def add_calibration_flag(parser: argparse.ArgumentParser, measured: str, then: str) -> None:
+    """--no-calibrate (CHORUS_NO_CALIBRATE=1) into `calibrate`: skip measuring `measured`'s
+    step time at every batch size at start; `then` says where capacity starts instead."""
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        default=os.environ.get("CHORUS_NO_CALIBRATE", "") != "1",
+                        help=f"skip measuring the {measured}'s step time at every batch size at start: {then} and "
+                             "is learned from live steps (tests and demos that do not measure capacity start "
+                             "seconds sooner) [CHORUS_NO_CALIBRATE=1]")
+
+
 def add_common_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     env = os.environ.get
     parser.add_argument("--host", default=env("CHORUS_HOST", "127.0.0.1"), help="address to bind [CHORUS_HOST]")

@@ -7,7 +7,15 @@ import logging
 import os
 
 from chorus.realtime.cpu_budget import cpu_budget, shared_cores_notice, sleep_idle_threads
-from chorus.rpc.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.rpc.entrypoint import (
+    add_calibration_flag,
+    add_common_flags,
+    allowed_clients,
+    from_env,
+    parse_flags,
+    run,
+    tls_files,
+)
 from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode
 from services.codec_worker.config import (
@@ -60,11 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the decoder's channel mixes in fp32 or bf16; auto (default) is bf16 where the CPU has "
                         "native bf16 (AVX512-BF16, AMX) or CUDA takes it, else fp32. Each gives its own bits; "
                         "a stream fails over only to workers of its mode [CHORUS_DECODER_PRECISION]")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   default=env("CHORUS_NO_CALIBRATE", "") != "1",
-                   help="skip measuring the decoder's step time at every batch size at start: the capacity it "
-                        "reports then starts at its batch limit and is learned from live steps (tests and demos that do not "
-                        "measure capacity start seconds sooner) [CHORUS_NO_CALIBRATE=1]")
+    add_calibration_flag(p, "decoder", "the capacity it reports then starts at its stream limit")
     add_common_flags(p, default_port=DEFAULT_PORT)
     args = parse_flags(p, argv)
     if not args.model_dir:

@@ -18,7 +18,7 @@ import torch
 from opentelemetry import trace
 
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc, common_pb2
-from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.capacity import RealTimeCapacity, calibration_summary
 from chorus.realtime.engine_thread import EngineDead, EngineStopped
 from chorus.realtime.playback import PlaybackClock
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
@@ -266,13 +266,8 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
             capacity=RealTimeCapacity(orpheus.FRAME_SECONDS, config.max_streams, config.capacity_margin),
         )
         await asyncio.to_thread(decoder.warm_up)
-        if config.calibrate:
-            measured = await asyncio.to_thread(engine.calibrate)
-            log.info("step seconds by batch size: %s; real-time capacity %d streams",
-                     ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in measured.items()), engine.capacity.streams())
-        else:
-            log.info("calibration skipped (--no-calibrate): real-time capacity starts at %d streams and is "
-                     "learned from live steps", engine.capacity.streams())
+        measured = await asyncio.to_thread(engine.calibrate) if config.calibrate else None
+        log.info("%s", calibration_summary(measured, engine.capacity))
     except BaseException:
         await running.stop(grace=None)
         raise

@@ -7,7 +7,15 @@ import logging
 import os
 
 from chorus.realtime.cpu_budget import shared_cores_notice, sleep_idle_threads
-from chorus.rpc.entrypoint import add_common_flags, allowed_clients, from_env, parse_flags, run, tls_files
+from chorus.rpc.entrypoint import (
+    add_calibration_flag,
+    add_common_flags,
+    allowed_clients,
+    from_env,
+    parse_flags,
+    run,
+    tls_files,
+)
 from chorus.speech.orpheus import DEFAULT_BUDGET_HEADROOM
 from chorus.speech.voices import VOICES_FLAG_HELP, parse_voices
 from chorus.telemetry import tracing
@@ -48,11 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most Generate streams one client (a gateway) may hold; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   default=env("CHORUS_NO_CALIBRATE", "") != "1",
-                   help="skip measuring the backbone's step time at every batch size at start: admission then "
-                        "starts at the slot limit and learns capacity from live steps (tests and demos that do not "
-                        "measure capacity start seconds sooner) [CHORUS_NO_CALIBRATE=1]")
+    add_calibration_flag(p, "backbone", "real-time capacity then starts at the slot limit")
     add_common_flags(p, default_port=50052)
     args = parse_flags(p, argv)
     if not args.model:

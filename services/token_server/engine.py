@@ -44,7 +44,6 @@ from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.request import (
     EngineEvent,
     Finished,
-    Frame,
     GenerationFailed,
     GenerationRequest,
     PromptTooLongError,
@@ -57,11 +56,6 @@ from services.token_server.request import (
 )
 from services.token_server.sampler import SamplingParams, SequenceSampler, gather_legal_logits, sample
 from services.token_server.scheduler import Scheduler, StepPlan
-
-__all__ = [  # the engine's API, its request and event types included (request.py holds them)
-    "Engine", "EngineEvent", "Finished", "Frame", "GenerationFailed", "GenerationRequest", "PromptTooLongError",
-    "QueueFullError", "RequestHandle", "RequestStats", "IDLE_POLL_S", "TOKEN_SECONDS",
-]
 
 log = logging.getLogger(__name__)
 

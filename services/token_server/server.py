@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
-from chorus.realtime.capacity import RealTimeCapacity
+from chorus.realtime.capacity import RealTimeCapacity, calibration_summary
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy
 from chorus.security.tls import ChannelSecurity
@@ -49,13 +49,8 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         codec_streams_open=pool.open_streams,
     )
     engine.start()
-    if config.calibrate:
-        measured = await asyncio.wrap_future(engine.run_in_engine(lambda e: e.calibrate()))
-        log.info("step seconds by batch size: %s; real-time capacity %d streams",
-                 ", ".join(f"{b}: {s * 1000:.1f} ms" for b, s in measured.items()), engine.capacity.streams())
-    else:
-        log.info("calibration skipped (--no-calibrate): real-time capacity starts at %d streams and is learned "
-                 "from live steps", engine.capacity.streams())
+    measured = await asyncio.wrap_future(engine.run_in_engine(lambda e: e.calibrate())) if config.calibrate else None
+    log.info("%s", calibration_summary(measured, engine.capacity))
 
     policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),

@@ -26,8 +26,8 @@ from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
 from services.token_server.codec_relay import CodecRelay
 from services.token_server.config import TokenServerConfig
 from chorus.realtime.engine_thread import EngineDead, EngineStopped
-from services.token_server.engine import (
-    Engine,
+from services.token_server.engine import Engine
+from services.token_server.request import (
     Finished,
     Frame,
     GenerationFailed,

@@ -33,7 +33,8 @@ from chorus.speech import orpheus
 from services.codec_worker.decode_engine import (
     AMPLE_LEAD_S, MAX_FRAMES_PER_STEP, MIN_FRAMES_PER_STEP, Audio, DecodeEngine, End, frames_per_stream,
 )
-from services.token_server.engine import IDLE_POLL_S, TOKEN_SECONDS, Engine, GenerationRequest, QueueFullError
+from services.token_server.engine import Engine, IDLE_POLL_S, TOKEN_SECONDS
+from services.token_server.request import GenerationRequest, QueueFullError
 from services.token_server.sampler import SamplingParams, SequenceSampler
 from services.token_server.scheduler import Scheduler, Sequence
 from test_engine_idle import FakeBackbone

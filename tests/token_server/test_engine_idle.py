@@ -16,7 +16,8 @@ import pytest
 from chorus.realtime.capacity import RealTimeCapacity
 from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
-from services.token_server.engine import IDLE_POLL_S, TOKEN_SECONDS, Engine, Finished, Frame, GenerationRequest
+from services.token_server.engine import Engine, IDLE_POLL_S, TOKEN_SECONDS
+from services.token_server.request import Finished, Frame, GenerationRequest
 from services.token_server.sampler import SamplingParams
 from services.token_server.scheduler import StepPlan
 from test_token_scheduler import NOW, ahead_by, place, sequence

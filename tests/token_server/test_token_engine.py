@@ -11,12 +11,11 @@ from chorus.realtime.capacity import RECOUNT_EVERY, RealTimeCapacity
 from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
 from services.token_server import engine as engine_module
-from services.token_server.engine import (
-    TOKEN_SECONDS,
-    Engine,
-    GenerationFailed,
+from services.token_server.engine import Engine, TOKEN_SECONDS
+from services.token_server.request import (
     Finished,
     Frame,
+    GenerationFailed,
     GenerationRequest,
     PromptTooLongError,
     QueueFullError,
