@@ -18,9 +18,12 @@ export CHORUS_TEST_MODELS=${CHORUS_TEST_MODELS:-$PWD/models/demo}
 # real time, CHORUS_TEST_WORKERS at a time (default 2), each test file on one worker so
 # that a module's stack starts once; then the tests that judge real time (deadlines,
 # timeouts, stalls, capacity, CPU share), alone, as the whole suite once ran.
+# --no-loadscope-reorder keeps tests/conftest.py's order (modules marked slow first)
+# instead of pytest-xdist's largest-test-count-first, which left the longest file,
+# one test, to run alone at the end.
 workers=${CHORUS_TEST_WORKERS:-2}
 set +e
-python -m pytest -q -n "$workers" --dist loadfile -m "not serial" "$@"
+python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder -m "not serial" "$@"
 parallel=$?
 python -m pytest -q -m serial "$@"
 serial=$?

@@ -61,6 +61,24 @@ def pytest_sessionstart(session) -> None:
     pytest.exit(f"The backbone smoke check failed (exit code {result.returncode}):\n{result.output}", returncode=3)
 
 
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """`-m serial` alone (./scripts/test.sh's second phase) imports only the test files
+    that mark something serial, instead of importing every file to deselect it."""
+    if (config.getoption("markexpr", "") == "serial" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_") and "mark.serial" not in collection_path.read_text()):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules marked `slow` run first. pytest-xdist hands test files to its workers in
+    this order as each one frees up, so the longest files start early and the workers
+    finish together, instead of one worker starting a long file as the other runs out
+    of work. The order inside a module is kept."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory):
     from tools.demo_models.build import build_demo_models

@@ -25,6 +25,8 @@ from services.codec_worker.decode_engine import Audio, DecodeEngine, End, to_pcm
 from services.codec_worker.model import load_snac
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 N_FRAMES = 16
 SEED = 2**64 - 12345  # a seed above 2^63 too
 

@@ -24,6 +24,8 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
 from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
 from tools.llama_wheel import cpu, preload
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""

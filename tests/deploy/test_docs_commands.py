@@ -4,17 +4,22 @@ as written, against a real stack, so a newcomer's first commands work.
 The commands are read from the documents (shell code blocks; NOTES.txt rendered by
 the chart), so this test follows the docs as they change. Each block runs in order,
 and servers a block starts (`chorus serve`, `python -m services...`) are stopped at
-its end. Three things differ from a reader's machine, and only these:
+its end. Four things differ from a reader's machine, and only these:
 
 - The documented ports (50051, 50052, 50053, 8080) are swapped for free ones in each
   command, and CHORUS_GATEWAY / CHORUS_HTTP_PORT point at them, because other stacks
   may run on this machine.
+- The services skip their start-up capacity calibration (CHORUS_NO_CALIBRATE=1): it
+  measures this machine's speed while other tests load it, which this test does not
+  judge; tests/system/test_capacity_stack.py and tests/chorus/test_capacity.py do.
 - Commands that need a Kubernetes cluster are checked with the tools that exist here:
   `helm install/upgrade` renders the chart with the same values and validates the
   objects; `kubectl apply -f` validates the files; `kubectl port-forward` to the
   gateway is stood in for by a local stack on the forwarded port, so the commands
   after it run against a real gateway.
-- `./scripts/test.sh` is this suite itself and is not run from inside it.
+- `./scripts/test.sh` is this suite itself and is not run from inside it, and a
+  `python -m pytest ...` command names tests this suite runs anyway: it is collected
+  (the files exist, import and hold tests) instead of run a second time.
 
 The test prints what ran, what was checked and how, and what could not run and why.
 """
@@ -105,6 +110,7 @@ class Report:
     ran: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class BlockRunner:
@@ -122,8 +128,11 @@ class BlockRunner:
         text = command.text
         label = f"{command.where}: {text}"
         words = shlex.split(text)
+        started = time.monotonic()
         if text.startswith("./scripts/test.sh"):
             self.report.not_run.append(f"{label} -- the test suite itself, which runs this test")
+        elif words[:3] == ["python", "-m", "pytest"]:
+            self.collect(self.remap(text), label)
         elif words[0] == "kubectl":
             self.kubectl(words, label)
         elif words[0] == "helm":
@@ -134,6 +143,16 @@ class BlockRunner:
             self.start_server(self.remap(text), label)
         else:
             self.shell(self.remap(text), label)
+        self.report.seconds[label] = time.monotonic() - started
+
+    def collect(self, text: str, label: str) -> None:
+        done = subprocess.run(["bash", "-c", f"{text} --collect-only -p no:cacheprovider"], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{label}\nexit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+        collected = re.search(r"(\d+) tests? collected", done.stdout)
+        assert collected and int(collected.group(1)) > 0, f"{label}: collected no test\n{done.stdout[-2000:]}"
+        self.report.checked.append(f"{label} -- tests this suite runs itself; collected {collected.group(1)} "
+                                   "here instead of running them twice")
 
     def shell(self, text: str, label: str) -> None:
         done = subprocess.run(["bash", "-c", text], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -157,7 +176,8 @@ class BlockRunner:
             service = next(w for w in words if w.startswith("svc/"))
             assert service == "svc/chorus-gateway", f"{label}: only the gateway is stood in for"
             forwarded = int(self.remap(words[-1]))
-            stack = Stack(models_dir=self.demo_models.root, slots=2, gateway_port=forwarded, gateway_http_port=None,
+            stack = Stack(calibrate=False, models_dir=self.demo_models.root, slots=2, gateway_port=forwarded,
+                          gateway_http_port=None,
                           work_dir=self.work / f"stand-in-{len(self.stand_ins)}")
             stack.start()
             self.stand_ins.append(stack)
@@ -253,7 +273,7 @@ def test_every_documented_command_runs_as_written(demo_models, tmp_path, capsys)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "VIRTUAL_ENV": str(Path(bin_dir).parent), "CHORUS_GATEWAY": f"127.0.0.1:{ports[50051]}",
-           "CHORUS_HTTP_PORT": str(ports[8080]), "PYTHONUNBUFFERED": "1"}
+           "CHORUS_HTTP_PORT": str(ports[8080]), "PYTHONUNBUFFERED": "1", "CHORUS_NO_CALIBRATE": "1"}
     before = {p.name for p in ROOT.iterdir()}
     report = Report()
     try:
@@ -272,4 +292,5 @@ def test_every_documented_command_runs_as_written(demo_models, tmp_path, capsys)
             print(f"\n[docs] ports {ports}")
             for title, lines in (("ran", report.ran), ("checked", report.checked), ("not run", report.not_run)):
                 print(f"[docs] {title}:", *(f"  {line}" for line in lines), sep="\n")
+            print("[docs] seconds:", *(f"  {s:6.1f}  {label}" for label, s in report.seconds.items()), sep="\n")
     assert report.ran and report.checked

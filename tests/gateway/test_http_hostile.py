@@ -33,6 +33,8 @@ from hypothesis import strategies as st
 from fake_token_server import FakeTokenService, token_server, wait_until
 from test_gateway_http import JSON, http_gateway, speech
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -30,6 +30,8 @@ from chorus.proto.tts.v1 import (
 )
 from tools.supervisor import Stack
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GATEWAY_DEADLINE_S = 5  # --request-deadline: calls that never close end here

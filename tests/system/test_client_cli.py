@@ -21,6 +21,8 @@ from audio_check import assert_decoded_length, decode
 from fake_token_server import FakeTokenService, token_server
 from tools.supervisor import StackError, locate_models
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 

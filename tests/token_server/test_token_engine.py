@@ -23,6 +23,8 @@ from services.token_server.request import (
 from services.token_server.llama_backend import LlamaBackbone
 from services.token_server.sampler import SamplingParams
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 SLOTS = 4
 CTX_PER_SLOT = 1024
 

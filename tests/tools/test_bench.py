@@ -21,6 +21,8 @@ from tools.bench.load import LevelRun, RequestRecord
 from tools.bench.report import LevelRuns, figures, listen, max_playing, table
 from tools.bench.stats import Spread, median_index
 
+pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
+
 FRAME = orpheus.SAMPLES_PER_FRAME
 FRAME_S = orpheus.FRAME_SECONDS
 
