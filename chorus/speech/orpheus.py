@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from chorus.speech import codecs
+
 # Vocabulary: 128,256 Llama-3 tokens, then 28,684 `<custom_token_N>` at 128256 + N.
 TEXT_VOCAB_SIZE = 128_256
 CUSTOM_TOKEN_BASE = 128_256
@@ -39,6 +41,7 @@ END_OF_AI = custom_token_id(6)
 AUDIO_TOKEN_BASE = custom_token_id(10)  # 128_266: 7 x 4096 audio tokens from here
 
 # SNAC 24 kHz: one frame is 7 codes (1 + 2 + 4 over three layers) and 2048 samples.
+CODEC = codecs.SNAC_24KHZ  # what the token server's streams ask codec workers for
 CODES_PER_FRAME = 7
 CODEBOOK_SIZE = 4096
 SAMPLE_RATE = 24_000

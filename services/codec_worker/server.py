@@ -23,7 +23,7 @@ from chorus.realtime.engine_thread import EngineDead, EngineStopped
 from chorus.realtime.playback import PlaybackClock
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy, Share
-from chorus.speech import orpheus
+from chorus.speech import codecs, orpheus
 from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode, precision
 from services.codec_worker.config import CodecWorkerConfig
@@ -36,6 +36,8 @@ from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = codec_pb2.DESCRIPTOR.services_by_name["CodecService"].full_name
+# What this worker's model decodes (GetLoadResponse.codecs): it loads SNAC at 24 kHz.
+LOADED_CODECS = frozenset({codecs.SNAC_24KHZ})
 
 
 class BadRequest(Exception):
@@ -111,15 +113,17 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._engine: DecodeEngine | None = None
         self._device = ""
         self._numeric_mode = ""
+        self._codecs: frozenset[str] = frozenset()
         self._open = 0  # calls, against max_streams
         self._decoding = 0  # streams past DecodeStart, reported by GetLoad
 
-    def attach(self, engine: DecodeEngine, device: str, numeric_mode: str) -> None:
-        self._engine, self._device, self._numeric_mode = engine, device, numeric_mode
+    def attach(self, engine: DecodeEngine, device: str, numeric_mode: str, decodes: frozenset[str]) -> None:
+        self._engine, self._device, self._numeric_mode, self._codecs = engine, device, numeric_mode, decodes
 
     async def GetLoad(self, request, context):
         reply = codec_pb2.GetLoadResponse(open_streams=self._decoding, max_streams=self._max_streams,
-                                          device=self._device, numeric_mode=self._numeric_mode)
+                                          device=self._device, numeric_mode=self._numeric_mode,
+                                          codecs=sorted(self._codecs))
         if self._engine is not None:
             reply.decode_rate = self._engine.load.decode_rate
             reply.busy_ratio = self._engine.load.busy_ratio
@@ -150,6 +154,12 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             watch.started()
             start = first.start
+            if codecs.requested(start.codec) not in self._codecs:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"start: this codec worker decodes {', '.join(sorted(self._codecs))}, not {start.codec!r}; "
+                    "a token server opens streams only on workers whose GetLoad lists its codec",
+                )
             tracing.tag_request(start.request_id, **{
                 "chorus.first_frame_index": start.first_frame_index,
                 "chorus.resume_from_sample": start.resume_from_sample,
@@ -277,7 +287,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     reported_mode = numeric_mode.with_precision(loaded.numeric_mode, decoder.precision, loaded.device_name)
-    servicer.attach(engine, loaded.device_name, reported_mode)
+    servicer.attach(engine, loaded.device_name, reported_mode, LOADED_CODECS)
 
     def engine_died(error: BaseException) -> None:
         log.error("the decode engine died (%s): NOT_SERVING", error)

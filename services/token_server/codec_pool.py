@@ -5,7 +5,9 @@ resolves to every pod), polled for their load (GetLoad) by a `chorus.rpc.peer_po
 pool. Together with the streams this server opened since, a worker's load gives the
 codec streams admission may count on (`streams_limit`). Least in-flight streams wins
 a new stream; a worker that just failed sits out a cooldown so that new streams avoid
-it while Kubernetes replaces it.
+it while Kubernetes replaces it. Only workers that list this server's codec in their
+load (`chorus.speech.codecs`) count for room or get a stream: a pool may hold workers
+of other model families.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
 from chorus.rpc.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.rpc.peer_pool import Peer, PeerPool
 from chorus.security.tls import ChannelSecurity
+from chorus.speech import codecs, orpheus
 
 FAILED_WORKER_COOLDOWN_S = 5.0
 LOAD_POLL_INTERVAL_S = 0.5
@@ -44,6 +47,7 @@ class WorkerLoad:
     open_streams: int = 0
     ours_when_polled: int = 0
     numeric_mode: str = ""  # "" until the worker said
+    codecs: frozenset[str] = frozenset()  # what the worker decodes (codecs.declared)
 
     def room_for_us(self) -> int:
         """Streams this server may hold on the worker: its real-time capacity (never
@@ -60,10 +64,14 @@ class CodecPool:
     server's own health).
     """
 
-    def __init__(self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity()) -> None:
+    def __init__(
+        self, addresses: Sequence[str], security: ChannelSecurity = ChannelSecurity(), codec: str = orpheus.CODEC
+    ) -> None:
+        self.codec = codec
         self._workers: PeerPool[WorkerLoad] = PeerPool(
             EndpointSet(addresses, security), self._load_of, self._pick_order,
             kind="codec worker", interval_s=LOAD_POLL_INTERVAL_S, on_polled=self._polled,
+            has_room=lambda load: codec in load.codecs,
         )
         self.endpoints = self._workers.endpoints
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -99,6 +107,10 @@ class CodecPool:
             return NO_WORKERS
         if not self._workers.available():
             return f"this token server reaches none of its codec workers ({', '.join(workers)}); try another"
+        answering = [w for w in self._workers.peers() if w.reachable and w.load is not None]
+        if answering and not any(self.codec in w.load.codecs for w in answering):
+            return (f"none of this token server's codec workers decodes {self.codec} (they decode "
+                    f"{', '.join(sorted(set().union(*(w.load.codecs for w in answering))))}); try another")
         return None
 
     def available(self) -> bool:
@@ -127,6 +139,13 @@ class CodecPool:
         if not ranked:
             raise NoCodecWorkerError(NO_WORKERS)
         candidates = [w.address for w in ranked if w.address not in exclude]
+        others = candidates
+        candidates = [w for w in candidates if self._decodes_ours(w)]
+        if others and not candidates:
+            raise NoCodecWorkerError(
+                f"no other codec worker decodes {self.codec} (those left decode "
+                f"{', '.join(sorted({c for w in others for c in self._codecs_of(w)}) or ['nothing they said yet'])})"
+            )
         if numeric_mode:
             others = candidates
             candidates = [w for w in candidates if self.numeric_mode(w) == numeric_mode]
@@ -139,6 +158,13 @@ class CodecPool:
         if not candidates:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return candidates[0]
+
+    def _codecs_of(self, address: str) -> frozenset[str]:
+        load = self._workers.peer(address).load
+        return load.codecs if load is not None else frozenset()
+
+    def _decodes_ours(self, address: str) -> bool:
+        return self.codec in self._codecs_of(address)
 
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
@@ -175,9 +201,11 @@ class CodecPool:
             open_streams=reply.open_streams,
             ours_when_polled=max(self._in_flight_peak[address], self._in_flight[address]),
             numeric_mode=reply.numeric_mode,
+            codecs=codecs.declared(reply.codecs),
         )
 
     async def _polled(self) -> None:
-        self._limit = sum(w.load.room_for_us() for w in self._workers.peers() if w.reachable)
+        self._limit = sum(w.load.room_for_us() for w in self._workers.peers()
+                          if w.reachable and self.codec in w.load.codecs)
         if self.on_availability is not None:
             await self.on_availability(self.available())

@@ -46,6 +46,9 @@ RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED,
+    # The worker does not decode this stream's codec (one restarted with another model
+    # at the same address since the last poll): another worker that lists it can.
+    grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -215,6 +218,7 @@ class CodecRelay:
             deterministic=self._deterministic,
             seed=self._seed,
             playback=self._playback(),
+            codec=self._pool.codec,
         )
         await call.write(codec_pb2.DecodeRequest(start=start))
         while True:

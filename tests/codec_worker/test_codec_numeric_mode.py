@@ -11,18 +11,18 @@ different bits, which also shows the stand-in took effect).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
-from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
+from services.token_server.codec_pool import NoCodecWorkerError
 from tools.llama_wheel import cpu, preload
+
+from codec_load_servers import pool_over
 
 pytestmark = pytest.mark.slow  # over 15 s: started first (tests/conftest.py)
 
@@ -118,25 +118,10 @@ class _Load(codec_pb2_grpc.CodecServiceServicer):
         return codec_pb2.GetLoadResponse(max_streams=8, device="cpu", numeric_mode=self.mode)
 
 
-@contextlib.asynccontextmanager
-async def _pool_of_workers_in(modes):
+def _pool_of_workers_in(modes):
     """A started CodecPool over real gRPC servers that answer GetLoad with `modes`, and
     their addresses."""
-    servers, addresses = [], []
-    for mode in modes:
-        server = grpc.aio.server()
-        codec_pb2_grpc.add_CodecServiceServicer_to_server(_Load(mode), server)
-        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-        await server.start()
-        servers.append(server)
-    pool = CodecPool(addresses)
-    try:
-        await pool.start()
-        yield pool, addresses
-    finally:
-        await pool.close()
-        for server in servers:
-            await server.stop(None)
+    return pool_over([_Load(mode) for mode in modes])
 
 
 def test_a_stream_fails_over_only_to_a_worker_of_its_numeric_mode():

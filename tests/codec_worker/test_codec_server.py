@@ -269,3 +269,25 @@ def test_concurrent_streams_cancelled_mid_audio_detach_cleanly(snac_dir, receive
 def test_config_rejects_bad_values(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         CodecWorkerConfig(model_dir=tmp_path, **overrides)
+
+
+def test_the_worker_lists_its_codec_and_refuses_a_stream_of_another(snac_dir):
+    """GetLoad lists what the worker decodes; a DecodeStart naming another codec is
+    FAILED_PRECONDITION with both names, and the worker goes on decoding its own,
+    named or left empty (a token server from before DecodeStart.codec)."""
+    async def run():
+        async with codec_worker(snac_dir) as (_, stub, _):
+            load = await stub.GetLoad(codec_pb2.GetLoadRequest())
+            # The start alone: frames behind a start the worker refuses race the refusal
+            # inside grpc's client (INTERNAL "Internal error from Core").
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await decode(stub, iter([start(codec="neucodec_24khz")]))
+            named = await decode(stub, good_requests(2, codec="snac_24khz"))
+            unnamed = await decode(stub, good_requests(2))
+            return list(load.codecs), refused.value, named, unnamed
+
+    codecs, refused, named, unnamed = asyncio.run(run())
+    assert codecs == ["snac_24khz"]
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "snac_24khz" in refused.details() and "'neucodec_24khz'" in refused.details()
+    assert named == unnamed == (0, 2 * SAMPLES_PER_FRAME, True)

@@ -281,7 +281,7 @@ def chained_digests(frames) -> list[int]:
     return chain
 
 
-def test_the_seed_reaches_the_codec_and_each_chunk_carries_the_code_digest(gguf_path):
+def test_the_seed_and_codec_reach_the_codec_worker_and_each_chunk_carries_the_code_digest(gguf_path):
     async def scenario():
         codec = FakeCodec()
         async with fake_codec(codec) as worker:
@@ -292,6 +292,7 @@ def test_the_seed_reaches_the_codec_and_each_chunk_carries_the_code_digest(gguf_
 
     codec, frames, messages = asyncio.run(scenario())
     assert [s.seed for s in codec.starts] == [42]
+    assert [s.codec for s in codec.starts] == ["snac_24khz"]  # the stream names its codec
     chain = chained_digests(frames)
     audio = [m for m in messages if m.WhichOneof("payload") == "audio"]
     assert len(audio) == 8

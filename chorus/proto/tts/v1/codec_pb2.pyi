@@ -1,26 +1,29 @@
 from chorus.proto.tts.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeStart(_message.Message):
-    __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic", "seed", "playback")
+    __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic", "seed", "playback", "codec")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PLAYBACK_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_frame_index: int
     resume_from_sample: int
     deterministic: bool
     seed: int
     playback: _common_pb2.PlaybackClock
-    def __init__(self, request_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., resume_from_sample: _Optional[int] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ...) -> None: ...
+    codec: str
+    def __init__(self, request_id: _Optional[str] = ..., first_frame_index: _Optional[int] = ..., resume_from_sample: _Optional[int] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., playback: _Optional[_Union[_common_pb2.PlaybackClock, _Mapping]] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("start", "frames")
@@ -43,7 +46,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds", "capacity_streams", "numeric_mode")
+    __slots__ = ("open_streams", "max_streams", "device", "decode_rate", "busy_ratio", "lag_seconds", "capacity_streams", "numeric_mode", "codecs")
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +55,7 @@ class GetLoadResponse(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_STREAMS_FIELD_NUMBER: _ClassVar[int]
     NUMERIC_MODE_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     open_streams: int
     max_streams: int
     device: str
@@ -60,4 +64,5 @@ class GetLoadResponse(_message.Message):
     lag_seconds: float
     capacity_streams: int
     numeric_mode: str
-    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., capacity_streams: _Optional[int] = ..., numeric_mode: _Optional[str] = ...) -> None: ...
+    codecs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, open_streams: _Optional[int] = ..., max_streams: _Optional[int] = ..., device: _Optional[str] = ..., decode_rate: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., capacity_streams: _Optional[int] = ..., numeric_mode: _Optional[str] = ..., codecs: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,28 @@
+"""The audio codecs Chorus decodes, by the names the wire uses for them.
+
+A token server writes the codes of one codec (its model family's) and may open a
+decode stream only on a codec worker that loads that codec: frames of another codec
+would decode to noise, or not at all. Workers list what they load in
+`GetLoadResponse.codecs`; a stream names its codec in `DecodeStart.codec`. Both fields
+came after the first codec, so an empty one means that codec: a worker or token server
+from before them keeps working with one from after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# SNAC at 24 kHz: 7 codes a frame (Orpheus's layout, chorus.speech.orpheus).
+SNAC_24KHZ = "snac_24khz"
+# What an empty field means: the only codec before the fields existed.
+UNNAMED = SNAC_24KHZ
+
+
+def declared(codecs: Iterable[str]) -> frozenset[str]:
+    """The codecs a worker decodes, from its GetLoadResponse.codecs."""
+    return frozenset(codecs) or frozenset({UNNAMED})
+
+
+def requested(codec: str) -> str:
+    """The codec a stream carries, from its DecodeStart.codec."""
+    return codec or UNNAMED
