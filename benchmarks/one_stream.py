@@ -12,6 +12,9 @@ interleaved, then the engine's rounds, as the engine takes the context's thread)
 - engine: one request of the same length through the token engine in process
   (scheduler, sampling, frames, events to an asyncio loop; no gRPC).
 
+Then the sampler's own time a token two ways: inside the bare + sampling loop (right
+after each decode) and alone, the same calls on one row in a tight loop (warm caches).
+
     python benchmarks/one_stream.py [--model models/demo/backbone.gguf] [--tokens 420] [--rounds 5]
 """
 
@@ -50,11 +53,30 @@ def bare(backbone: LlamaBackbone, batch: TokenBatch, prompt: list[int], tokens: 
         backbone.decode(batch)
         position = np.array([i % orpheus.CODES_PER_FRAME])
         if sampled:
-            legal = gather_legal_logits([backbone.logits_at(index)], position)
-            code = int(sample(legal, [sampler], position, np.zeros(1, dtype=bool))[0])
-            sampler.record(int(position[0]), code)
+            sampling_started = time.perf_counter()
+            code = sample_one(backbone.logits_at(index), sampler, position)
+            SAMPLER_SECONDS.append(time.perf_counter() - sampling_started)
             token = orpheus.audio_token_id(code, (i + 1) % orpheus.CODES_PER_FRAME)
     return (time.perf_counter() - started) / tokens
+
+
+SAMPLER_SECONDS: list[float] = []  # each sampled step of the bare + sampling arm
+
+
+def sample_one(row: np.ndarray, sampler: SequenceSampler, position: np.ndarray) -> int:
+    legal = gather_legal_logits([row], position)
+    code = int(sample(legal, [sampler], position, np.zeros(1, dtype=bool))[0])
+    sampler.record(int(position[0]), code)
+    return code
+
+
+def sampler_warm(row: np.ndarray, steps: int = 3000) -> float:
+    """Seconds a token of the same sampling calls on one row, back to back."""
+    sampler = SequenceSampler(SamplingParams(seed=1))
+    started = time.perf_counter()
+    for i in range(steps):
+        sample_one(row, sampler, np.array([i % orpheus.CODES_PER_FRAME]))
+    return (time.perf_counter() - started) / steps
 
 
 def engine_request(engine: Engine, prompt: list[int], tokens: int, seed: int) -> float:
@@ -91,6 +113,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, arm in arms.items():
             seconds[name].append(arm())
+    row = backbone.logits_at(batch.n_tokens - 1).copy()  # the last step's logits, kept past the next decode
     batch.free()
     engine = Engine(backbone, slots=1, n_batch=512, queue_size=1, ctx_per_slot=ctx, probe_interval_s=None)
     engine.start()
@@ -109,6 +132,9 @@ def main() -> None:
                           audio_per_s_range=[min(speed), max(speed)], of_bare=base / med)
         print(f"| {name} | {med * 1000:.3f} | {TOKEN_SECONDS / med:.2f} [{min(speed):.2f}-{max(speed):.2f}] "
               f"| {base / med:.0%} |")
+    in_loop, warm = float(np.median(SAMPLER_SECONDS)), sampler_warm(row)
+    print(f"sampler a token: {in_loop * 1000:.3f} ms in the loop (median step), {warm * 1000:.3f} ms alone, warm")
+    rows["sampler"] = dict(in_loop_ms=in_loop * 1000, warm_ms=warm * 1000)
     print(json.dumps(rows))
 
 
