@@ -16,6 +16,7 @@ inside a function counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import re
 from collections import deque
 from pathlib import Path
 
@@ -230,3 +231,24 @@ def test_an_import_cycle_is_caught():
     assert import_cycles(import_graph(sources)) == []
     # A longer cycle reads as the whole path.
     assert import_cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z", "x"]]
+
+
+def test_readme_layout_names_every_room_and_every_module_of_chorus():
+    """A newcomer finds the room for a concern from README's layout table: each room of
+    chorus/ has a row, and the row names each of its modules (as `name.py` or as the
+    `python -m chorus.room.name` that runs it), so a new module cannot go unlisted."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cell = re.match(r"^\| `(chorus/\w+/)` \|(.*)\|$", line)
+        if cell:
+            rows[cell.group(1)] = cell.group(2)
+    rooms = sorted(p for p in (ROOT / "chorus").iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert len(rooms) >= 6
+    missing_rooms = [f"chorus/{room.name}/" for room in rooms if f"chorus/{room.name}/" not in rows]
+    assert missing_rooms == [], f"rooms without a row in README's layout table: {missing_rooms}"
+    unnamed = [f"chorus/{room.name}/{module.name}" for room in rooms if room.name != "proto"
+               for module in sorted(room.glob("*.py")) if module.name != "__init__.py"
+               and f"`{module.name}`" not in rows[f"chorus/{room.name}/"]
+               and f"chorus.{room.name}.{module.stem}`" not in rows[f"chorus/{room.name}/"]
+               and module.stem not in rows[f"chorus/{room.name}/"].split()]
+    assert unnamed == [], f"modules their room's row in README's layout table does not name: {unnamed}"
