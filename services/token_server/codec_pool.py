@@ -6,8 +6,8 @@ pool. Together with the streams this server opened since, a worker's load gives 
 codec streams admission may count on (`streams_limit`). Least in-flight streams wins
 a new stream; a worker that just failed sits out a cooldown so that new streams avoid
 it while Kubernetes replaces it. Only workers that list this server's codec in their
-load (`chorus.speech.codecs`) count for room or get a stream: a pool may hold workers
-of other model families.
+load (`chorus.speech.codecs`) count for room, and a worker that lists only others never
+gets a stream: a pool may hold workers of other model families.
 """
 
 from __future__ import annotations
@@ -164,7 +164,11 @@ class CodecPool:
         return load.codecs if load is not None else frozenset()
 
     def _decodes_ours(self, address: str) -> bool:
-        return self.codec in self._codecs_of(address)
+        """False only for a worker that said it decodes other codecs: one not heard from
+        yet may still be tried, as any unanswered worker is (it refuses a stream of a
+        codec it does not load, and the stream fails over)."""
+        load = self._workers.peer(address).load
+        return load is None or self.codec in load.codecs
 
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
