@@ -28,6 +28,7 @@ EOS_COLUMN = N_CODES  # column of END_OF_SPEECH in a gathered row
 # smallest normal float32 samples the same as that smallest normal one (both keep
 # only the top logits), so it is raised to it.
 _SMALLEST_TEMPERATURE = np.finfo(np.float32).tiny
+_FLOAT32_MAX = np.finfo(np.float32).max
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ def sample(
     legal[~eos_allowed, EOS_COLUMN] = -np.inf
     # A row with nothing possible (a model that emitted NaN or -inf everywhere) samples
     # its codes uniformly: the frame stays legal and the request ends at its budget.
-    dead = np.isneginf(legal.max(axis=1))
-    legal[dead, :N_CODES] = 0.0
+    dead = legal.max(axis=1) == -np.inf
+    if dead.any():
+        legal[dead, :N_CODES] = 0.0
 
     choice = np.empty(n, dtype=np.int64)
     temps = np.array([s.params.temperature for s in samplers], dtype=np.float32)
@@ -114,7 +116,7 @@ def sample(
     params = [samplers[i].params for i in idx]
     # Each request's generator advances once a step, whatever else is in the batch.
     draws = np.array([samplers[i].rng.random() for i in idx], dtype=np.float32)
-    rows = legal[idx]
+    rows = legal if idx.size == n else legal[idx]  # nucleus_pick only reads it
     args = (
         temps[idx],
         np.array([p.top_k for p in params]),
@@ -129,8 +131,10 @@ def sample(
 def make_finite(legal: np.ndarray) -> None:
     """In place: NaN logits become impossible (-inf), +inf the largest float32, so that
     every later step works on ordered numbers (a NaN once reached np.bincount as a
-    negative bucket)."""
-    np.nan_to_num(legal, copy=False, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
+    negative bucket). Two calls rather than np.nan_to_num's ten: right after a decode
+    the sampler runs on cold caches, where each numpy call costs (docs/benchmarks.md)."""
+    np.copyto(legal, -np.inf, where=np.isnan(legal))
+    np.minimum(legal, _FLOAT32_MAX, out=legal)  # +inf; -inf and finite values stay
 
 
 def nucleus_pick(
@@ -159,10 +163,12 @@ def nucleus_pick(
         probs = np.exp(logp)
         # Bucket b holds log probabilities in (-(b+1)/S, -b/S]; the last takes the tail.
         bucket = np.minimum(-logp * _BUCKETS_PER_NAT, _N_BUCKETS - 1).astype(np.int64)
-    for k in np.nonzero((top_k > 0) & (top_k < n_cols))[0]:
-        kth = np.partition(probs[k], -top_k[k])[-top_k[k]]
-        probs[k][probs[k] < kth] = 0.0
-    probs[probs < min_p[:, None]] = 0.0
+    if top_k.any():
+        for k in np.nonzero((top_k > 0) & (top_k < n_cols))[0]:
+            kth = np.partition(probs[k], -top_k[k])[-top_k[k]]
+            probs[k][probs[k] < kth] = 0.0
+    if min_p.any():  # probabilities are never below a min_p of 0
+        probs[probs < min_p[:, None]] = 0.0
     flat = bucket + (np.arange(n_rows) * _N_BUCKETS)[:, None]
     mass = np.bincount(flat.ravel(), weights=probs.ravel(), minlength=n_rows * _N_BUCKETS).reshape(n_rows, -1)
     cum = np.cumsum(mass, axis=1)
