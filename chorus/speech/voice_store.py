@@ -58,8 +58,8 @@ class StoredVoice:
 
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name or ""):
-        raise VoiceStoreError(f"voice name {name!r} is not allowed: use 1-64 lowercase letters, digits, '-' "
-                              "or '_', starting with a letter or digit")
+        raise VoiceStoreError(f"voice name {(name or '')[:70]!r} is not allowed: use 1-64 lowercase letters, "
+                              "digits, '-' or '_', starting with a letter or digit")
     return name
 
 

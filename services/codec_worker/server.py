@@ -154,10 +154,12 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             watch.started()
             start = first.start
+            # The name is echoed cut short: a long one in the status trailer would turn
+            # the refusal into RESOURCE_EXHAUSTED with no message.
             if codecs.requested(start.codec) not in self._codecs:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"start: this codec worker decodes {', '.join(sorted(self._codecs))}, not {start.codec!r}; "
+                    f"start: this codec worker decodes {', '.join(sorted(self._codecs))}, not {start.codec[:70]!r}; "
                     "a token server opens streams only on workers whose GetLoad lists its codec",
                 )
             tracing.tag_request(start.request_id, **{

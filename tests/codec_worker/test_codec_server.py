@@ -282,12 +282,16 @@ def test_the_worker_lists_its_codec_and_refuses_a_stream_of_another(snac_dir):
             # inside grpc's client (INTERNAL "Internal error from Core").
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await decode(stub, iter([start(codec="neucodec_24khz")]))
+            with pytest.raises(grpc.aio.AioRpcError) as huge:
+                await decode(stub, iter([start(codec="x" * 100_000)]))
             named = await decode(stub, good_requests(2, codec="snac_24khz"))
             unnamed = await decode(stub, good_requests(2))
-            return list(load.codecs), refused.value, named, unnamed
+            return list(load.codecs), refused.value, huge.value, named, unnamed
 
-    codecs, refused, named, unnamed = asyncio.run(run())
+    codecs, refused, huge, named, unnamed = asyncio.run(run())
     assert codecs == ["snac_24khz"]
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "snac_24khz" in refused.details() and "'neucodec_24khz'" in refused.details()
+    # A name of any length is refused the same way, its echo cut short.
+    assert huge.code() == grpc.StatusCode.FAILED_PRECONDITION and len(huge.details()) < 400
     assert named == unnamed == (0, 2 * SAMPLES_PER_FRAME, True)
