@@ -56,9 +56,9 @@ class StoredVoice:
     registered_at: float = 0.0
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "voice name") -> str:
     if not NAME.fullmatch(name or ""):
-        raise VoiceStoreError(f"voice name {(name or '')[:70]!r} is not allowed: use 1-64 lowercase letters, "
+        raise VoiceStoreError(f"{what} {(name or '')[:70]!r} is not allowed: use 1-64 lowercase letters, "
                               "digits, '-' or '_', starting with a letter or digit")
     return name
 
@@ -89,7 +89,7 @@ class VoiceStore:
             registered_at=time.time(),
         )
         for codec in voice.codes:
-            check_name(codec)
+            check_name(codec, "codec name")
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.root / voice.name
         if target.exists():
@@ -125,7 +125,7 @@ class VoiceStore:
                 name=description["name"], family=description["family"], transcript=description["transcript"],
                 reference_rate=int(description["reference_rate"]),
                 reference=_read_array(folder / REFERENCE),
-                codes={codec: _read_array(folder / f"codes-{check_name(codec)}.npy")
+                codes={codec: _read_array(folder / f"codes-{check_name(codec, 'codec name')}.npy")
                        for codec in description["codecs"]},
                 registered_at=float(description["registered_at"]),
             )

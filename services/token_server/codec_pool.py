@@ -49,6 +49,9 @@ class WorkerLoad:
     numeric_mode: str = ""  # "" until the worker said
     codecs: frozenset[str] = frozenset()  # what the worker decodes (codecs.declared)
 
+    def decodes(self, codec: str) -> bool:
+        return codec in self.codecs
+
     def room_for_us(self) -> int:
         """Streams this server may hold on the worker: its real-time capacity (never
         above its stream cap) minus what other token servers hold there."""
@@ -71,7 +74,7 @@ class CodecPool:
         self._workers: PeerPool[WorkerLoad] = PeerPool(
             EndpointSet(addresses, security), self._load_of, self._pick_order,
             kind="codec worker", interval_s=LOAD_POLL_INTERVAL_S, on_polled=self._polled,
-            has_room=lambda load: codec in load.codecs,
+            has_room=lambda load: load.decodes(codec),
         )
         self.endpoints = self._workers.endpoints
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -108,9 +111,9 @@ class CodecPool:
         if not self._workers.available():
             return f"this token server reaches none of its codec workers ({', '.join(workers)}); try another"
         answering = [w for w in self._workers.peers() if w.reachable and w.load is not None]
-        if answering and not any(self.codec in w.load.codecs for w in answering):
+        if answering and not any(w.load.decodes(self.codec) for w in answering):
             return (f"none of this token server's codec workers decodes {self.codec} (they decode "
-                    f"{', '.join(sorted(set().union(*(w.load.codecs for w in answering))))}); try another")
+                    f"{_codecs_listed(answering)}); try another")
         return None
 
     def available(self) -> bool:
@@ -138,14 +141,14 @@ class CodecPool:
         ranked = self._workers.ranked()
         if not ranked:
             raise NoCodecWorkerError(NO_WORKERS)
-        candidates = [w.address for w in ranked if w.address not in exclude]
-        others = candidates
-        candidates = [w for w in candidates if self._decodes_ours(w)]
-        if others and not candidates:
-            raise NoCodecWorkerError(
-                f"no other codec worker decodes {self.codec} (those left decode "
-                f"{', '.join(sorted({c for w in others for c in self._codecs_of(w)}) or ['nothing they said yet'])})"
-            )
+        left = [w for w in ranked if w.address not in exclude]
+        # A worker not heard from yet may still be tried, as any unanswered worker is (it
+        # refuses a stream of a codec it does not load, and the stream fails over).
+        ours = [w for w in left if w.load is None or w.load.decodes(self.codec)]
+        if left and not ours:
+            raise NoCodecWorkerError(f"no other codec worker decodes {self.codec} (those left decode "
+                                     f"{_codecs_listed(left)})")
+        candidates = [w.address for w in ours]
         if numeric_mode:
             others = candidates
             candidates = [w for w in candidates if self.numeric_mode(w) == numeric_mode]
@@ -158,17 +161,6 @@ class CodecPool:
         if not candidates:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return candidates[0]
-
-    def _codecs_of(self, address: str) -> frozenset[str]:
-        load = self._workers.peer(address).load
-        return load.codecs if load is not None else frozenset()
-
-    def _decodes_ours(self, address: str) -> bool:
-        """False only for a worker that said it decodes other codecs: one not heard from
-        yet may still be tried, as any unanswered worker is (it refuses a stream of a
-        codec it does not load, and the stream fails over)."""
-        load = self._workers.peer(address).load
-        return load is None or self.codec in load.codecs
 
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
@@ -210,6 +202,11 @@ class CodecPool:
 
     async def _polled(self) -> None:
         self._limit = sum(w.load.room_for_us() for w in self._workers.peers()
-                          if w.reachable and self.codec in w.load.codecs)
+                          if w.reachable and w.load.decodes(self.codec))
         if self.on_availability is not None:
             await self.on_availability(self.available())
+
+
+def _codecs_listed(workers: list[Peer[WorkerLoad]]) -> str:
+    """What the given workers (each heard from) decode, for a message."""
+    return ", ".join(sorted(set().union(*(w.load.codecs for w in workers))))
