@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from chorus.speech import codecs
+from chorus.speech.family import SpeechFamily
 
 # Vocabulary: 128,256 Llama-3 tokens, then 28,684 `<custom_token_N>` at 128256 + N.
 TEXT_VOCAB_SIZE = 128_256
@@ -72,17 +73,12 @@ def wrap_prompt(text_ids: Sequence[int]) -> list[int]:
 
 def audio_token_range(position: int) -> tuple[int, int]:
     """[first, last+1) token ids that are legal at `position` (0..6) of a frame."""
-    if not 0 <= position < CODES_PER_FRAME:
-        raise ValueError(f"frame position {position} outside 0..6")
-    first = AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE
-    return first, first + CODEBOOK_SIZE
+    return FAMILY.code_token_range(position)
 
 
 def audio_token_id(code: int, position: int) -> int:
     """Token id that carries `code` at `position` of a frame."""
-    if not 0 <= code < CODEBOOK_SIZE:
-        raise ValueError(f"code {code} outside 0..{CODEBOOK_SIZE - 1}")
-    return audio_token_range(position)[0] + code
+    return FAMILY.code_token_id(code, position)
 
 
 def frames_to_layers(codes: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,11 +116,17 @@ def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndar
 DEFAULT_BUDGET_HEADROOM = 1.5
 
 
-def default_max_tokens(text: str, headroom: float = DEFAULT_BUDGET_HEADROOM, minimum: int = 7 * 24) -> int:
-    """A generation budget from the text length, a whole number of frames.
+# Speech runs at roughly 14 characters a second and ~82 tokens a second, so about 6
+# tokens a character; a budget from the text allows `headroom` times that, plus two
+# seconds, and at least 24 frames.
+FAMILY = SpeechFamily(
+    name="orpheus", codec=CODEC, codes_per_frame=CODES_PER_FRAME, codebook_size=CODEBOOK_SIZE,
+    sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, code_token_base=AUDIO_TOKEN_BASE,
+    end_of_speech=END_OF_SPEECH, decoder_lookahead_frames=DECODER_LOOKAHEAD_FRAMES,
+    tokens_per_char=6, minimum_budget=7 * 24,
+)
 
-    Speech runs at roughly 14 characters a second and ~82 tokens a second, so about
-    6 tokens a character; the budget allows `headroom` times that, plus two seconds.
-    """
-    budget = max(minimum, int(len(text) * 6 * headroom) + 2 * 82)
-    return budget - budget % CODES_PER_FRAME
+
+def default_max_tokens(text: str, headroom: float = DEFAULT_BUDGET_HEADROOM) -> int:
+    """A generation budget from the text length, a whole number of frames."""
+    return FAMILY.default_max_tokens(text, headroom)

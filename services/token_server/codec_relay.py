@@ -33,6 +33,7 @@ from chorus.realtime.playback import PlaybackClock
 from chorus.rpc.discovery import PEER_RETURN_WAIT_S
 from chorus.rpc.stall import CODEC_STALL, StallPolicy, watched
 from chorus.speech import orpheus
+from chorus.speech.family import SpeechFamily
 from chorus.telemetry import tracing
 from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
 
@@ -76,7 +77,9 @@ class CodecRelay:
         resume_from_sample: int = 0,  # samples before it were relayed by an earlier attempt
         deadline: float | None = None,  # time.monotonic() of the request's deadline
         stall: StallPolicy = CODEC_STALL,
+        family: SpeechFamily = orpheus.FAMILY,
     ) -> None:
+        self._family = family
         self._pool = pool
         self._deadline = deadline
         self._request_id = request_id
@@ -106,7 +109,7 @@ class CodecRelay:
         """PCM chunks with absolute sample offsets, contiguous from 0, until the tail."""
         # Hold nothing downstream before there is audio to make: the first frame, or on
         # a replay the first frame of the resumed decode's context.
-        first_needed = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
+        first_needed = self._first_frame()
         while len(self._frames) <= first_needed:
             if self._finished:
                 return
@@ -128,7 +131,7 @@ class CodecRelay:
                 address = self._pool.pick(failed, self._numeric_mode)
             self._numeric_mode = self._numeric_mode or self._pool.numeric_mode(address)
             attempts += 1
-            first_frame = max(0, self.relayed_samples // orpheus.SAMPLES_PER_FRAME - orpheus.DECODER_LOOKAHEAD_FRAMES)
+            first_frame = self._first_frame()
             # A resumed stream's CLIENT span says so: the failover is its own span in the trace.
             with tracing.call_attributes(**_failover_attributes(failed, self.relayed_samples)):
                 call = self._pool.open(address)
@@ -169,11 +172,17 @@ class CodecRelay:
                 call.cancel()
                 self._pool.release(address)
 
+    def _first_frame(self) -> int:
+        """The first frame a (re)started decode needs: the decoder's lookahead before the
+        first sample not yet relayed."""
+        family = self._family
+        return max(0, self.relayed_samples // family.samples_per_frame - family.decoder_lookahead_frames)
+
     def _hung_at(self) -> float | None:
         """When the current worker, owing audio and sending none, is taken for hung;
         None while it owes none. It owes audio once it holds frames past the decoder's
         lookahead beyond the samples relayed, or every frame and the end of input (the tail)."""
-        decodable = (self._sent - orpheus.DECODER_LOOKAHEAD_FRAMES) * orpheus.SAMPLES_PER_FRAME
+        decodable = (self._sent - self._family.decoder_lookahead_frames) * self._family.samples_per_frame
         done_writing = self._finished and self._sent >= len(self._frames)
         if decodable <= self.relayed_samples and not done_writing:
             self._owed_since = None

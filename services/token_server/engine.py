@@ -40,6 +40,7 @@ from chorus.realtime.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCa
 from chorus.realtime.engine_thread import EngineThread
 from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock, Stall
 from chorus.speech import orpheus
+from chorus.speech.family import SpeechFamily
 from services.token_server.llama_backend import LlamaBackbone, TokenBatch
 from services.token_server.request import (
     EngineEvent,
@@ -59,13 +60,18 @@ from services.token_server.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
-TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND
+TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND  # Orpheus's; a family's own: token_seconds(family)
 # Steps an idle probe of the next batch size measures (chorus.realtime.capacity.CapacityProbe).
 PROBE_STEPS = 3
 # The longest the engine thread waits, with requests it cannot run yet, before it looks
 # again: codec room changes with no command to say so (the pool is polled), so this is
 # how late a freed codec seat can be seen; a wait costs a step of Python, not a core.
 IDLE_POLL_S = 0.02
+
+
+def token_seconds(family: SpeechFamily) -> float:
+    """Audio seconds one token of the family carries: the unit real-time capacity counts in."""
+    return 1.0 / family.tokens_per_audio_second
 
 
 class RequestHandle:
@@ -82,7 +88,7 @@ class RequestHandle:
     def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, now: float) -> None:
         self.request = request
         self.stats = RequestStats(submitted_at=now, prompt_tokens=len(request.prompt))
-        self.clock = request.playback or PlaybackClock(orpheus.SAMPLE_RATE, DEFAULT_START_BUFFER_S)
+        self.clock = request.playback or PlaybackClock(engine.family.sample_rate, DEFAULT_START_BUFFER_S)
         self.loop = loop
         self._engine = engine
         self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
@@ -163,17 +169,20 @@ class Engine:
         codec_streams_open: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
         probe_interval_s: float | None = PROBE_INTERVAL_S,
+        family: SpeechFamily = orpheus.FAMILY,
     ) -> None:
+        self.family = family
         self.backbone = backbone
         self.n_slots = slots
         self.n_batch = n_batch
         self.queue_size = queue_size
         self.ctx_per_slot = ctx_per_slot
-        self.capacity = capacity or RealTimeCapacity(TOKEN_SECONDS, slots)
+        self.capacity = capacity or RealTimeCapacity(token_seconds(family), slots)
         if self.capacity.limit > slots:
             # Calibration and probes measure sizes up to the limit in real slots.
             raise ValueError(f"capacity limit {self.capacity.limit} is more than the {slots} slots")
-        self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit, codec_streams_open)
+        self.scheduler = Scheduler(slots, n_batch, self.capacity, pace_lead_s, codec_streams_limit, codec_streams_open,
+                                   family)
         self._clock = clock
         self._batch = TokenBatch(n_batch, slots)
         self._bridge: EngineThread[Command] = EngineThread("token-engine", self, idle_poll_s=IDLE_POLL_S)
@@ -344,7 +353,7 @@ class Engine:
             seq = Sequence(
                 request_id=req.request_id,
                 prompt=np.asarray(req.prompt, dtype=np.int32),
-                sampler=SequenceSampler(req.sampling),
+                sampler=SequenceSampler(req.sampling, self.family),
                 token_budget=req.token_budget,
                 ignore_end_of_speech=req.ignore_end_of_speech,
                 clock=command.clock,
@@ -352,6 +361,7 @@ class Engine:
                 needs_codec=req.needs_codec,
                 owner=handle,
                 stats=handle.stats,
+                samples_per_frame=self.family.samples_per_frame,
             )
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
@@ -425,12 +435,14 @@ class Engine:
     def _sample(self, rows: list[tuple[Sequence, int]]) -> list[SampledToken]:
         seqs = [s for s, _ in rows]
         generated = np.array([s.generated for s in seqs])
-        positions = generated % orpheus.CODES_PER_FRAME
+        family = self.family
+        positions = generated % family.codes_per_frame
         eos_allowed = (positions == 0) & (generated > 0)
         eos_allowed &= np.array([not s.ignore_end_of_speech for s in seqs])
         logits = [self.backbone.logits_at(i) for _, i in rows]
         try:
-            choices = sample(gather_legal_logits(logits, positions), [s.sampler for s in seqs], positions, eos_allowed)
+            choices = sample(gather_legal_logits(logits, positions, family), [s.sampler for s in seqs], positions,
+                             eos_allowed)
             picked = list(zip(seqs, positions.tolist(), choices.tolist()))
         except Exception:
             # One request's numbers broke the batch: sample row by row and fail only
@@ -439,7 +451,7 @@ class Engine:
             picked = []
             for k, seq in enumerate(seqs):
                 try:
-                    choice = sample(gather_legal_logits([logits[k]], positions[k : k + 1]), [seq.sampler],
+                    choice = sample(gather_legal_logits([logits[k]], positions[k : k + 1], family), [seq.sampler],
                                     positions[k : k + 1], eos_allowed[k : k + 1])
                     picked.append((seq, int(positions[k]), int(choice[0])))
                 except Exception as err:
@@ -496,8 +508,10 @@ class Engine:
     def _measure(self, size: int, steps: int) -> float:
         """Median seconds of `steps` decode-and-sample steps over `size` slots (the engine
         must be idle: it borrows the first `size` slots and clears them after)."""
-        prompt = np.asarray(orpheus.wrap_prompt([orpheus.BOS] + [1] * 8), dtype=np.int32)
-        samplers = [SequenceSampler(SamplingParams(seed=0)) for _ in range(size)]
+        family = self.family
+        # Any prompt of a typical length serves: a step's time depends on the context's length, not its tokens.
+        prompt = np.full(15, family.code_token_id(1, 0), dtype=np.int32)
+        samplers = [SequenceSampler(SamplingParams(seed=0), family) for _ in range(size)]
         for slot in range(size):
             self.backbone.clear_sequence(slot)
             self._batch.clear()
@@ -507,11 +521,12 @@ class Engine:
         for step in range(steps + 1):
             started = time.perf_counter()
             self._batch.clear()
-            indices = [self._batch.add([orpheus.audio_token_id(0, step % orpheus.CODES_PER_FRAME)],
-                                       len(prompt) + step, slot, True) for slot in range(size)]
+            position = step % family.codes_per_frame
+            indices = [self._batch.add([family.code_token_id(0, position)], len(prompt) + step, slot, True)
+                       for slot in range(size)]
             self.backbone.decode(self._batch)
-            positions = np.full(size, step % orpheus.CODES_PER_FRAME)
-            legal = gather_legal_logits([self.backbone.logits_at(i) for i in indices], positions)
+            positions = np.full(size, position)
+            legal = gather_legal_logits([self.backbone.logits_at(i) for i in indices], positions, family)
             sample(legal, samplers, positions, np.zeros(size, dtype=bool))
             if step:  # the first step of a size warms caches
                 elapsed.append(time.perf_counter() - started)

@@ -136,6 +136,7 @@ class Sequence:
     generated: int = 0
     frame: list[int] = field(default_factory=list)
     frames: int = 0  # complete frames delivered
+    samples_per_frame: int = orpheus.SAMPLES_PER_FRAME  # its family's
 
     def __post_init__(self) -> None:
         if self.stats is None:
@@ -148,7 +149,7 @@ class Sequence:
     def lead(self, now: float) -> float | None:
         """Seconds of audio generated beyond what the listener has played; None before
         its first audio (the clock starts there)."""
-        return self.clock.lead(now, delivered=self.frames * orpheus.SAMPLES_PER_FRAME)
+        return self.clock.lead(now, delivered=self.frames * self.samples_per_frame)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Callable
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2
 from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
+from chorus.speech.family import SpeechFamily
 from chorus.speech.voices import unknown_voice
 from services.token_server.request import GenerationRequest
 from services.token_server.sampler import SamplingParams
@@ -37,34 +38,39 @@ def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def check_replay(request: token_server_pb2.GenerateRequest, token_budget: int) -> None:
+def check_replay(
+    request: token_server_pb2.GenerateRequest, token_budget: int, family: SpeechFamily = orpheus.FAMILY
+) -> None:
     """resume_from_sample and verify_frames: within what the request can generate."""
     if not (request.resume_from_sample or request.verify_frames):
         return
     if request.codes_only:
         raise InvalidRequest("resume_from_sample and verify_frames replay audio; codes_only has none")
-    frames = token_budget // orpheus.CODES_PER_FRAME
-    if not 0 <= request.resume_from_sample <= frames * orpheus.SAMPLES_PER_FRAME:
+    frames = token_budget // family.codes_per_frame
+    if not 0 <= request.resume_from_sample <= frames * family.samples_per_frame:
         raise InvalidRequest(
-            f"resume_from_sample {request.resume_from_sample} is outside 0..{frames * orpheus.SAMPLES_PER_FRAME}, "
+            f"resume_from_sample {request.resume_from_sample} is outside 0..{frames * family.samples_per_frame}, "
             f"the audio of this request's {frames} frames at most"
         )
     if not 0 <= request.verify_frames <= frames:
         raise InvalidRequest(f"verify_frames {request.verify_frames} is outside 0..{frames}, this request's frames at most")
 
 
-def token_budget(sampling: common_pb2.SamplingParams, text: str, room: int, headroom: float) -> int:
+def token_budget(
+    sampling: common_pb2.SamplingParams, text: str, room: int, headroom: float, family: SpeechFamily = orpheus.FAMILY
+) -> int:
     """Tokens to generate: sampling.max_tokens or a budget from the text, no more than
     `room` (what a slot leaves after the prompt), in whole frames. With less than a
     frame of room it is one frame, which the engine refuses as too long: the refusal
     and its message are the engine's."""
     requested = sampling.max_tokens if sampling.HasField("max_tokens") else 0
-    budget = min(requested or orpheus.default_max_tokens(text, headroom), max(room, orpheus.CODES_PER_FRAME))
-    budget -= budget % orpheus.CODES_PER_FRAME
-    if budget < orpheus.CODES_PER_FRAME:
+    per_frame = family.codes_per_frame
+    budget = min(requested or family.default_max_tokens(text, headroom), max(room, per_frame))
+    budget -= budget % per_frame
+    if budget < per_frame:
         raise InvalidRequest(
             f"sampling.max_tokens is {requested}; it must be 0 (a budget from the text) or at least "
-            f"{orpheus.CODES_PER_FRAME} (one frame of audio)"
+            f"{per_frame} (one frame of audio)"
         )
     return budget
 
@@ -73,6 +79,7 @@ def to_generation_request(
     request: token_server_pb2.GenerateRequest, request_id: str, now: float,
     voices: tuple[str, ...], budget_headroom: float,
     tokenize: Callable[[str], list[int]], token_room: Callable[[int], int],
+    family: SpeechFamily = orpheus.FAMILY,
 ) -> GenerationRequest:
     """The engine's request; InvalidRequest on anything the caller must change.
     `token_room` is Engine.token_room: tokens a slot leaves after a prompt."""
@@ -86,7 +93,7 @@ def to_generation_request(
         raise InvalidRequest(problem)
     try:
         sampling = resolve_sampling(request.sampling)
-        clock = PlaybackClock.from_wire(request.playback, orpheus.SAMPLE_RATE, now, max(0, request.resume_from_sample))
+        clock = PlaybackClock.from_wire(request.playback, family.sample_rate, now, max(0, request.resume_from_sample))
     except ValueError as err:
         raise InvalidRequest(f"bad request: {err}") from err
     fixed_length = request.sampling.ignore_end_of_speech
@@ -95,8 +102,8 @@ def to_generation_request(
             "sampling.ignore_end_of_speech needs sampling.max_tokens: it generates exactly that many tokens"
         )
     prompt = orpheus.wrap_prompt(tokenize(orpheus.prompt_text(text, voice)))
-    budget = token_budget(request.sampling, text, token_room(len(prompt)), budget_headroom)
-    check_replay(request, budget)
+    budget = token_budget(request.sampling, text, token_room(len(prompt)), budget_headroom, family)
+    check_replay(request, budget, family)
     return GenerationRequest(
         request_id, prompt, sampling, budget,
         ignore_end_of_speech=fixed_length, playback=clock, needs_codec=not request.codes_only,

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from chorus.speech import orpheus
+from chorus.speech.family import SpeechFamily
 from chorus.speech.limits import sampling_problems
 
-N_CODES = orpheus.CODEBOOK_SIZE
+N_CODES = orpheus.CODEBOOK_SIZE  # Orpheus's; a family's own is family.codebook_size
 # Log-probability buckets for the top-p threshold search (see nucleus_pick): 1/8 nat
 # wide, down to 64 nats below the best column.
 _BUCKETS_PER_NAT = 8
 _N_BUCKETS = 512
-EOS_COLUMN = N_CODES  # column of END_OF_SPEECH in a gathered row
+EOS_COLUMN = orpheus.FAMILY.eos_column  # Orpheus's column of end of speech in a gathered row: its last
 # Validation accepts any temperature above 0, float32 denormals (1e-40) included.
 # Dividing by a denormal overflows, and on a thread that flushes denormals to zero
 # (a BLAS or torch may set that) it divides by zero; a temperature below the
@@ -55,25 +56,28 @@ class SequenceSampler:
 
     __slots__ = ("params", "rng", "seen")
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, family: SpeechFamily = orpheus.FAMILY) -> None:
         self.params = params
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         # seen[p, c]: code c was generated at frame position p; the penalty applies to
         # generated tokens, and a token id is (position, code).
-        self.seen = np.zeros((orpheus.CODES_PER_FRAME, N_CODES), dtype=bool)
+        self.seen = np.zeros((family.codes_per_frame, family.codebook_size), dtype=bool)
 
     def record(self, position: int, code: int) -> None:
         self.seen[position, code] = True
 
 
-def gather_legal_logits(rows: list[np.ndarray], positions: np.ndarray) -> np.ndarray:
-    """(n, 4097) float32: from each full-vocabulary row, the audio columns legal at its
-    frame position, then EOS."""
-    out = np.empty((len(rows), N_CODES + 1), dtype=np.float32)
+def gather_legal_logits(
+    rows: list[np.ndarray], positions: np.ndarray, family: SpeechFamily = orpheus.FAMILY
+) -> np.ndarray:
+    """(n, codebook + 1) float32 (4097 for Orpheus): from each full-vocabulary row, the
+    code columns legal at its frame position, then end of speech."""
+    codes = family.codebook_size
+    out = np.empty((len(rows), codes + 1), dtype=np.float32)
     for i, (row, position) in enumerate(zip(rows, positions.tolist())):
-        first, end = orpheus.audio_token_range(position)
-        out[i, :N_CODES] = row[first:end]
-        out[i, EOS_COLUMN] = row[orpheus.END_OF_SPEECH]
+        first, end = family.code_token_range(position)
+        out[i, :codes] = row[first:end]
+        out[i, codes] = row[family.end_of_speech]
     return out
 
 
@@ -83,7 +87,7 @@ def sample(
     positions: np.ndarray,
     eos_allowed: np.ndarray,
 ) -> np.ndarray:
-    """Picks one column per row: a code (0..4095) or EOS_COLUMN.
+    """Picks one column per row: a code, or the last column (end of speech).
 
     `legal` is modified in place. Each row uses only its own parameters and random
     generator, so a request samples the same tokens whatever else is in the batch.
@@ -98,12 +102,12 @@ def sample(
                 values = legal[i, cols]
                 legal[i, cols] = np.where(values > 0, values / penalty, values * penalty)
     make_finite(legal)
-    legal[~eos_allowed, EOS_COLUMN] = -np.inf
+    legal[~eos_allowed, -1] = -np.inf
     # A row with nothing possible (a model that emitted NaN or -inf everywhere) samples
     # its codes uniformly: the frame stays legal and the request ends at its budget.
     dead = legal.max(axis=1) == -np.inf
     if dead.any():
-        legal[dead, :N_CODES] = 0.0
+        legal[dead, :-1] = 0.0
 
     choice = np.empty(n, dtype=np.int64)
     temps = np.array([s.params.temperature for s in samplers], dtype=np.float32)

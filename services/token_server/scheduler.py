@@ -39,6 +39,7 @@ from typing import Callable
 
 from chorus.realtime.capacity import RealTimeCapacity
 from chorus.speech import orpheus
+from chorus.speech.family import SpeechFamily
 from services.token_server.request import (
     FINISH_REASONS,
     Finished,
@@ -48,7 +49,6 @@ from services.token_server.request import (
     SequenceOutput,
     SequenceStatus,
 )
-from services.token_server.sampler import EOS_COLUMN
 
 
 @dataclass
@@ -72,7 +72,9 @@ class Scheduler:
         pace_lead_s: float | None = 2.0,
         codec_streams_limit: Callable[[], int | float] = lambda: float("inf"),
         codec_streams_open: Callable[[], int] = lambda: 0,
+        family: SpeechFamily = orpheus.FAMILY,
     ) -> None:
+        self.family = family
         self.n_slots = slots
         self.n_batch = n_batch
         self.capacity = capacity
@@ -247,22 +249,23 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING  # the prompt's last chunk samples the first token
         if stats.first_token_at is None:
             stats.first_token_at = at
-        if column == EOS_COLUMN:
+        family = self.family
+        if column == family.eos_column:
             outputs.append(self._finish(seq, SequenceStatus.FINISHED_STOPPED, at))
             return
         seq.sampler.record(position, column)
-        seq.last_token = orpheus.audio_token_id(column, position)
+        seq.last_token = family.code_token_id(column, position)
         seq.generated += 1
         stats.generated_tokens = seq.generated
         seq.frame.append(column)
-        if len(seq.frame) < orpheus.CODES_PER_FRAME:
+        if len(seq.frame) < family.codes_per_frame:
             return
         if stats.first_frame_at is None:
             stats.first_frame_at = at
         outputs.append(SequenceOutput(seq, Frame(seq.frames, tuple(seq.frame))))
         seq.frames += 1
         stats.frames = seq.frames
-        if seq.frames == orpheus.DECODER_LOOKAHEAD_FRAMES:
+        if seq.frames == family.decoder_lookahead_frames:
             stats.decodable_at = at
         seq.frame = []
         if seq.generated >= seq.token_budget:

@@ -12,12 +12,13 @@ from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.realtime.capacity import RealTimeCapacity, calibration_summary
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy
+from chorus.speech import orpheus
 from chorus.security.tls import ChannelSecurity
 from chorus.telemetry.tiers import CODEC_WORKER
 from services.token_server import metrics
 from services.token_server.codec_pool import CodecPool
 from services.token_server.config import TokenServerConfig
-from services.token_server.engine import TOKEN_SECONDS, Engine
+from services.token_server.engine import Engine, token_seconds
 from services.token_server.llama_backend import LlamaBackbone
 from services.token_server.servicer import TokenServicer, capacity_streams
 
@@ -37,16 +38,18 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         threads=config.llama_threads,
         gpu_layers=config.gpu_layers,
     )
-    pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER))
+    family = orpheus.FAMILY
+    pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER), codec=family.codec)
     await pool.start()
     engine = Engine(
         backbone, config.slots, config.n_batch, config.queue_size, config.ctx_per_slot,
         on_decode=metrics.BATCH_TOKENS.observe,
-        capacity=RealTimeCapacity(TOKEN_SECONDS, config.slots, config.capacity_margin,
+        capacity=RealTimeCapacity(token_seconds(family), config.slots, config.capacity_margin,
                                   enforce=config.realtime_admission),
         pace_lead_s=config.pace_lead_s,
         codec_streams_limit=pool.streams_limit,
         codec_streams_open=pool.open_streams,
+        family=family,
     )
     engine.start()
     measured = await asyncio.wrap_future(engine.run_in_engine(lambda e: e.calibrate())) if config.calibrate else None

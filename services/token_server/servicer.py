@@ -54,10 +54,10 @@ def record_stages(stats: RequestStats) -> None:
 
 def summary_of(
     request_id: str, stats: RequestStats, reason: str, started: float, first_audio_at: float | None,
-    samples: int, seed: int,
+    samples: int, seed: int, sample_rate: int = orpheus.SAMPLE_RATE,
 ) -> common_pb2.SynthesisSummary:
     now = time.monotonic()
-    audio_seconds = samples / orpheus.SAMPLE_RATE
+    audio_seconds = samples / sample_rate
     return common_pb2.SynthesisSummary(
         request_id=request_id,
         trace_id=tracing.current_trace_id(),
@@ -95,7 +95,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         try:
             gen_request = to_generation_request(
                 request, request_id, started, self._config.voices, self._config.budget_headroom,
-                self._engine.backbone.tokenize, self._engine.token_room,
+                self._engine.backbone.tokenize, self._engine.token_room, self._engine.family,
             )
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -131,16 +131,16 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             if isinstance(event, Frame):
                 now = time.monotonic()
                 first_at = first_at or now
-                handle.deliver(orpheus.SAMPLES_PER_FRAME, now)
+                handle.deliver(self._engine.family.samples_per_frame, now)
                 yield token_server_pb2.GenerateResponse(
                     frames=common_pb2.CodeFrames(first_frame_index=event.index, codes=event.codes)
                 )
             elif isinstance(event, Finished):
                 record_stages(event.stats)
-                samples = event.stats.frames * orpheus.SAMPLES_PER_FRAME
+                samples = event.stats.frames * self._engine.family.samples_per_frame
                 yield token_server_pb2.GenerateResponse(
                     summary=summary_of(request_id, event.stats, event.reason, started, first_at, samples,
-                                       handle.request.sampling.seed)
+                                       handle.request.sampling.seed, self._engine.family.sample_rate)
                 )
             elif isinstance(event, GenerationFailed):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
@@ -151,7 +151,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
         relay = CodecRelay(
             self._pool, request_id, handle.clock, deterministic=request.deterministic_audio,
             seed=handle.request.sampling.seed, resume_from_sample=request.resume_from_sample,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=None if remaining is None else time.monotonic() + remaining, family=self._engine.family,
         )
         outcome: dict[str, object] = {}
         digest = CodeDigest()
@@ -204,7 +204,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             record_stages(event.stats)
             yield token_server_pb2.GenerateResponse(
                 summary=summary_of(request_id, event.stats, event.reason, started, first_audio_at,
-                                   relay.relayed_samples, handle.request.sampling.seed)
+                                   relay.relayed_samples, handle.request.sampling.seed, self._engine.family.sample_rate)
             )
 
     async def GetStatus(self, request, context):
