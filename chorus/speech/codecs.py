@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 # SNAC at 24 kHz: 7 codes a frame (Orpheus's layout, chorus.speech.orpheus).
 SNAC_24KHZ = "snac_24khz"
+# NeuCodec at 24 kHz: 1 code a frame, 50 frames a second (NeuTTS-Air, chorus.speech.neutts).
+NEUCODEC_24KHZ = "neucodec_24khz"
 # What an empty field means: the only codec before the fields existed.
 UNNAMED = SNAC_24KHZ
 

@@ -17,6 +17,7 @@ from chorus.rpc.entrypoint import (
     tls_files,
 )
 from chorus.speech.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.speech.phonemes import DEFAULT_LANGUAGE
 from chorus.speech.voices import VOICES_FLAG_HELP, parse_voices
 from chorus.telemetry import tracing
 from services.token_server import metrics
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most Generate streams one client (a gateway) may hold; 0 no limit "
                         "[CHORUS_MAX_STREAMS_PER_CLIENT]")
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
+    p.add_argument("--voice-store", default=env("CHORUS_VOICE_STORE"),
+                   help="folder of voices registered from reference audio, which a NeuTTS backbone speaks "
+                        "[CHORUS_VOICE_STORE]")
+    p.add_argument("--phoneme-language", default=env("CHORUS_PHONEME_LANGUAGE", DEFAULT_LANGUAGE),
+                   help="espeak-ng language of the text, for a backbone that reads phonemes "
+                        "[CHORUS_PHONEME_LANGUAGE]")
     add_calibration_flag(p, "backbone", "real-time capacity then starts at the slot limit")
     add_common_flags(p, default_port=50052)
     args = parse_flags(p, argv)
@@ -84,6 +91,8 @@ def build_config(args: argparse.Namespace) -> TokenServerConfig:
         budget_headroom=args.budget_headroom,
         gpu_layers=args.gpu_layers,
         voices=parse_voices(args.voices),
+        voice_store=args.voice_store or None,
+        phoneme_language=args.phoneme_language,
         host=args.host,
         tls=tls_files(args),
         max_streams_per_client=args.max_streams_per_client,

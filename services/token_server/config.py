@@ -8,6 +8,7 @@ from pathlib import Path
 from chorus.realtime.cpu_budget import cpu_budget
 from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.speech.orpheus import DEFAULT_BUDGET_HEADROOM
+from chorus.speech.phonemes import DEFAULT_LANGUAGE
 from chorus.speech.voices import ORPHEUS_VOICES, voice_problems
 from chorus.telemetry.tiers import TOKEN_SERVER
 
@@ -60,11 +61,18 @@ class TokenServerConfig:
     max_streams_per_client: int = 0
     # Voices a request may name, the default (for requests that name none) first.
     voices: tuple[str, ...] = tuple(ORPHEUS_VOICES)
+    # Voices registered from reference audio (chorus.speech.voice_store), what a NeuTTS
+    # backbone speaks; None: none (an Orpheus backbone needs none).
+    voice_store: Path | None = None
+    # espeak-ng's language for the text, for a backbone that reads phonemes (NeuTTS-Air).
+    phoneme_language: str = DEFAULT_LANGUAGE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
         object.__setattr__(self, "codec_workers", tuple(w for w in self.codec_workers if w))
         object.__setattr__(self, "voices", tuple(self.voices))
+        if self.voice_store is not None:
+            object.__setattr__(self, "voice_store", Path(self.voice_store))
         problems = []
         if not self.model_path.is_file():
             problems.append(f"model file {self.model_path} does not exist (build one with `chorus models demo`)")
@@ -95,5 +103,7 @@ class TokenServerConfig:
         for worker in self.codec_workers:
             if ":" not in worker:
                 problems.append(f"codec worker address {worker!r} must be host:port")
+        if self.voice_store is not None and self.voice_store.exists() and not self.voice_store.is_dir():
+            problems.append(f"voice store {self.voice_store} is not a folder")
         if problems:
             raise ValueError("invalid token server config: " + "; ".join(problems))

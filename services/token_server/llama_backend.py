@@ -143,6 +143,17 @@ class LlamaBackbone:
             raise ValueError(f"tokenizer needed {-n} tokens, more than {capacity}")
         return list(buf[:n])
 
+    def token_text(self, token: int) -> str:
+        """The vocabulary's text of a token id, as the GGUF spells it."""
+        raw = llama.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, None when the file has no such key."""
+        buf = ctypes.create_string_buffer(1024)
+        n = llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", errors="replace")
+
     def decode(self, batch: TokenBatch) -> None:
         rc = llama.llama_decode(self.ctx, batch.raw)
         if rc != 0:

@@ -16,7 +16,7 @@ from chorus.proto.tts.v1 import common_pb2, token_server_pb2
 from chorus.realtime.playback import PlaybackClock
 from chorus.speech import orpheus
 from chorus.speech.family import SpeechFamily
-from chorus.speech.voices import unknown_voice
+from services.token_server.prompts import PromptError, Prompts
 from services.token_server.request import GenerationRequest
 from services.token_server.sampler import SamplingParams
 
@@ -77,20 +77,17 @@ def token_budget(
 
 def to_generation_request(
     request: token_server_pb2.GenerateRequest, request_id: str, now: float,
-    voices: tuple[str, ...], budget_headroom: float,
-    tokenize: Callable[[str], list[int]], token_room: Callable[[int], int],
-    family: SpeechFamily = orpheus.FAMILY,
+    prompts: Prompts, budget_headroom: float, token_room: Callable[[int], int],
 ) -> GenerationRequest:
     """The engine's request; InvalidRequest on anything the caller must change.
-    `token_room` is Engine.token_room: tokens a slot leaves after a prompt."""
+    `token_room` is Engine.token_room: tokens a slot leaves after a prompt. With a
+    blocking `prompts` (Prompts.blocking), call it off the event loop."""
+    family = prompts.family
     text = request.text.strip()
     if not text:
         raise InvalidRequest("text is empty: send the words to speak")
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidRequest(f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}; split it (the gateway does)")
-    voice = request.voice or voices[0]
-    if (problem := unknown_voice(voice, voices)) is not None:
-        raise InvalidRequest(problem)
     try:
         sampling = resolve_sampling(request.sampling)
         clock = PlaybackClock.from_wire(request.playback, family.sample_rate, now, max(0, request.resume_from_sample))
@@ -101,7 +98,10 @@ def to_generation_request(
         raise InvalidRequest(
             "sampling.ignore_end_of_speech needs sampling.max_tokens: it generates exactly that many tokens"
         )
-    prompt = orpheus.wrap_prompt(tokenize(orpheus.prompt_text(text, voice)))
+    try:
+        prompt = prompts.build(text, request.voice)
+    except PromptError as err:
+        raise InvalidRequest(str(err)) from None
     budget = token_budget(request.sampling, text, token_room(len(prompt)), budget_headroom, family)
     check_replay(request, budget, family)
     return GenerationRequest(

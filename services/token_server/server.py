@@ -12,7 +12,6 @@ from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
 from chorus.realtime.capacity import RealTimeCapacity, calibration_summary
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy
-from chorus.speech import orpheus
 from chorus.security.tls import ChannelSecurity
 from chorus.telemetry.tiers import CODEC_WORKER
 from services.token_server import metrics
@@ -20,6 +19,7 @@ from services.token_server.codec_pool import CodecPool
 from services.token_server.config import TokenServerConfig
 from services.token_server.engine import Engine, token_seconds
 from services.token_server.llama_backend import LlamaBackbone
+from services.token_server.prompts import prompts_for
 from services.token_server.servicer import TokenServicer, capacity_streams
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,10 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         threads=config.llama_threads,
         gpu_layers=config.gpu_layers,
     )
-    family = orpheus.FAMILY
+    # Which family the GGUF is, read from its vocabulary (a scan of every token).
+    prompts = await asyncio.to_thread(prompts_for, backbone, config.voices, config.voice_store, config.phoneme_language)
+    family = prompts.family
+    log.info("backbone family: %s (codec %s)", family.name, family.codec)
     pool = CodecPool(config.codec_workers, ChannelSecurity(config.tls, CODEC_WORKER), codec=family.codec)
     await pool.start()
     engine = Engine(
@@ -61,7 +64,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
         on_refused=lambda reason: metrics.RPC.refused_calls.labels(reason).inc(),
     )
     server = new_server(metrics.RPC, policy)
-    token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool), server)
+    token_server_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(config, engine, pool, prompts), server)
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     running.components.update(engine=engine, backbone=backbone, codec_pool=pool)

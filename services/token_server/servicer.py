@@ -10,6 +10,7 @@ handle, so that the scheduler knows how far ahead of its listener every stream i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from services.token_server.request import (
     QueueFullError,
     RequestStats,
 )
+from services.token_server.prompts import Prompts
 from services.token_server.request_mapping import InvalidRequest, to_generation_request
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,9 @@ def _ms(at: float | None, since: float) -> float:
 
 
 class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
-    def __init__(self, config: TokenServerConfig, engine: Engine, pool: CodecPool) -> None:
+    def __init__(self, config: TokenServerConfig, engine: Engine, pool: CodecPool, prompts: Prompts) -> None:
         self._config = config
+        self._prompts = prompts
         self._engine = engine
         self._pool = pool
 
@@ -93,10 +96,10 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         tracing.tag_request(request_id)
         try:
-            gen_request = to_generation_request(
-                request, request_id, started, self._config.voices, self._config.budget_headroom,
-                self._engine.backbone.tokenize, self._engine.token_room, self._engine.family,
-            )
+            build = functools.partial(to_generation_request, request, request_id, started, self._prompts,
+                                      self._config.budget_headroom, self._engine.token_room)
+            # Phonemizing long text or reading the voice store would stall every stream on this loop.
+            gen_request = await asyncio.to_thread(build) if self._prompts.blocking else build()
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         try:

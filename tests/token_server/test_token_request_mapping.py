@@ -7,6 +7,7 @@ import pytest
 
 from chorus.proto.tts.v1 import common_pb2, token_server_pb2
 from chorus.speech import orpheus
+from services.token_server.prompts import OrpheusPrompts
 from services.token_server.request_mapping import (
     InvalidRequest,
     check_replay,
@@ -19,7 +20,7 @@ VOICES = ("tara", "leo")
 
 
 def mapped(request: token_server_pb2.GenerateRequest, room: int = 1000):
-    return to_generation_request(request, "r1", 100.0, VOICES, 1.5, tokenize=lambda text: [orpheus.BOS, 1, 2],
+    return to_generation_request(request, "r1", 100.0, OrpheusPrompts(VOICES, lambda text: [orpheus.BOS, 1, 2]), 1.5,
                                  token_room=lambda prompt_tokens: room)
 
 

@@ -126,6 +126,28 @@ def llama3_rope_factors(shape: BackboneShape) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
+def write_blocks(writer, shape: BackboneShape, add_matrix, qkv_bias: bool = False) -> None:
+    """The final norm and the transformer blocks (Llama's tensor names, which Qwen2
+    shares; Qwen2 adds biases to q, k and v). `add_matrix(name, rows, cols)` writes a
+    random quantized matrix."""
+    writer.add_tensor("output_norm.weight", np.ones(shape.hidden, dtype=np.float32))
+    kv_dim = shape.kv_heads * shape.head_dim
+    for i in range(shape.layers):
+        blk = f"blk.{i}"
+        writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(shape.hidden, dtype=np.float32))
+        add_matrix(f"{blk}.attn_q.weight", shape.hidden, shape.hidden)
+        add_matrix(f"{blk}.attn_k.weight", kv_dim, shape.hidden)
+        add_matrix(f"{blk}.attn_v.weight", kv_dim, shape.hidden)
+        if qkv_bias:
+            for name, size in (("attn_q", shape.hidden), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                writer.add_tensor(f"{blk}.{name}.bias", np.zeros(size, dtype=np.float32))
+        add_matrix(f"{blk}.attn_output.weight", shape.hidden, shape.hidden)
+        writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(shape.hidden, dtype=np.float32))
+        add_matrix(f"{blk}.ffn_gate.weight", shape.ffn, shape.hidden)
+        add_matrix(f"{blk}.ffn_up.weight", shape.ffn, shape.hidden)
+        add_matrix(f"{blk}.ffn_down.weight", shape.hidden, shape.ffn)
+
+
 def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = BackboneShape()) -> Path:
     """Writes the GGUF and returns its path. Same seed, same bytes."""
     import gguf
@@ -167,19 +189,7 @@ def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = Backbo
     # Tied embeddings: no output.weight, llama.cpp reuses token_embd.
     add_matrix("token_embd.weight", orpheus.VOCAB_SIZE, shape.hidden)
     writer.add_tensor("rope_freqs.weight", llama3_rope_factors(shape))
-    writer.add_tensor("output_norm.weight", np.ones(shape.hidden, dtype=np.float32))
-    kv_dim = shape.kv_heads * shape.head_dim
-    for i in range(shape.layers):
-        blk = f"blk.{i}"
-        writer.add_tensor(f"{blk}.attn_norm.weight", np.ones(shape.hidden, dtype=np.float32))
-        add_matrix(f"{blk}.attn_q.weight", shape.hidden, shape.hidden)
-        add_matrix(f"{blk}.attn_k.weight", kv_dim, shape.hidden)
-        add_matrix(f"{blk}.attn_v.weight", kv_dim, shape.hidden)
-        add_matrix(f"{blk}.attn_output.weight", shape.hidden, shape.hidden)
-        writer.add_tensor(f"{blk}.ffn_norm.weight", np.ones(shape.hidden, dtype=np.float32))
-        add_matrix(f"{blk}.ffn_gate.weight", shape.ffn, shape.hidden)
-        add_matrix(f"{blk}.ffn_up.weight", shape.ffn, shape.hidden)
-        add_matrix(f"{blk}.ffn_down.weight", shape.hidden, shape.ffn)
+    write_blocks(writer, shape, add_matrix)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,0 +1,178 @@
+"""NeuTTS-Air as the second family: its vocabulary read by name, its prompt, and the
+token server serving the demo NeuTTS backbone (real llama.cpp, Qwen2 architecture)
+with the engine, scheduler and sampler Orpheus uses, unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import numpy as np
+import pytest
+
+from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
+from chorus.speech import codecs, neutts, orpheus
+from chorus.speech.voice_store import VoiceStore
+from services.token_server.config import TokenServerConfig
+from services.token_server.prompts import NeuTtsPrompts, OrpheusPrompts, PromptError
+from services.token_server.server import start_server
+from tools.demo_models.neutts_gguf import neutts_vocabulary, write_demo_neutts_backbone
+
+REFERENCE_CODES = [5, 65535, 0, 1234, 42]
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return neutts_vocabulary()[0]
+
+
+@pytest.fixture(scope="module")
+def neutts_gguf(tmp_path_factory):
+    return write_demo_neutts_backbone(tmp_path_factory.mktemp("neutts") / "backbone.gguf")
+
+
+@pytest.fixture()
+def voice_store(tmp_path):
+    store = VoiceStore(tmp_path / "voices")
+    store.register("anna", neutts.NAME, "Hello, this is my voice.", np.zeros(16_000, np.float32), 16_000,
+                   codes={codecs.NEUCODEC_24KHZ: np.array(REFERENCE_CODES)})
+    store.register("tara-snac", "orpheus", "Hi.", np.zeros(16_000, np.float32), 16_000, codes={"snac_24khz": [1, 2]})
+    return store
+
+
+def resolve(tokens: list[str], input_format: str | None = neutts.PHONEMES) -> neutts.NeuTtsVocabulary:
+    return neutts.resolve(lambda i: tokens[i], len(tokens), input_format)
+
+
+def test_the_vocabulary_is_read_by_name_wherever_its_tokens_sit(vocabulary):
+    found = resolve(vocabulary)
+    family = found.family
+    assert family.codes_per_frame == 1 and family.codebook_size == 65_536
+    assert vocabulary[family.code_token_id(0, 0)] == "<|speech_0|>"
+    assert vocabulary[family.code_token_id(65_535, 0)] == "<|speech_65535|>"
+    assert vocabulary[family.end_of_speech] == neutts.SPEECH_GENERATION_END
+    assert family.tokens_per_audio_second == 50.0 and family.codec == "neucodec_24khz"
+    # Moved by 7 ids (a checkpoint with other added tokens): found all the same.
+    shifted = resolve([f"<|pad_{i}|>" for i in range(7)] + vocabulary)
+    assert shifted.family.code_token_base == family.code_token_base + 7
+
+
+def test_a_vocabulary_that_is_not_neutts_or_is_broken_is_named(vocabulary):
+    with pytest.raises(neutts.NotNeuTts):
+        resolve(["a", "b", "<custom_token_10>"])
+    no_end = [t if t != neutts.SPEECH_GENERATION_END else "x" for t in vocabulary]
+    with pytest.raises(neutts.VocabularyError, match="no <.SPEECH_GENERATION_END.>"):
+        resolve(no_end)
+    gap = list(vocabulary)
+    i, j = gap.index("<|speech_100|>"), gap.index("<|speech_101|>")
+    gap[i], gap[j] = gap[j], gap[i]  # code order broken: a code's slice would read the wrong logits
+    with pytest.raises(neutts.VocabularyError, match="consecutive ids"):
+        resolve(gap)
+    with pytest.raises(neutts.VocabularyError, match="Chorus reads"):
+        resolve(vocabulary, "graphemes")
+
+
+def test_the_prompt_frames_phonemes_or_text_as_neutts_does(vocabulary):
+    def tokenize(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    found = resolve(vocabulary)
+    ids = found.specials
+    prompt = found.prompt(tokenize, "ref", [3, 4], "new")
+    expected = [*tokenize("user: Convert the text to speech:"), ids[neutts.TEXT_PROMPT_START], *tokenize("ref new"),
+                ids[neutts.TEXT_PROMPT_END], *tokenize("\nassistant:"), ids[neutts.SPEECH_GENERATION_START],
+                found.family.code_token_id(3, 0), found.family.code_token_id(4, 0)]
+    assert prompt == expected
+    bpe = resolve(vocabulary, neutts.BPE).prompt(tokenize, "ref", [3], "new")
+    assert bpe == [ids[neutts.TEXT_PROMPT_START], *tokenize("ref new"), ids[neutts.TEXT_PROMPT_END],
+                   ids[neutts.SPEECH_GENERATION_START], found.family.code_token_id(3, 0)]
+
+
+def test_neutts_prompts_speak_only_registered_neutts_voices(vocabulary, voice_store):
+    found = resolve(vocabulary)
+    prompts = NeuTtsPrompts(found, voice_store, lambda text: [ord(c) for c in text], str.upper)
+    prompt = prompts.build("hi there", "anna")
+    assert prompt[-len(REFERENCE_CODES):] == [found.family.code_token_id(c, 0) for c in REFERENCE_CODES]
+    assert [ord(c) for c in "HELLO, THIS IS MY VOICE. HI THERE"] == \
+        prompt[prompt.index(found.specials[neutts.TEXT_PROMPT_START]) + 1: prompt.index(found.specials[neutts.TEXT_PROMPT_END])]
+    for voice, message in [("", "name a voice.*anna"), ("nobody", "no voice named 'nobody'"),
+                           ("tara-snac", "registered for orpheus"), ("../etc", "not allowed")]:
+        with pytest.raises(PromptError, match=message):
+            prompts.build("hi", voice)
+    with pytest.raises(PromptError, match="no voice store"):
+        NeuTtsPrompts(found, None, lambda text: [], str.upper).build("hi", "anna")
+    with pytest.raises(PromptError, match="no words"):  # phonemes of nothing speakable
+        NeuTtsPrompts(found, voice_store, lambda text: [], lambda text: "").build("...", "anna")
+    assert OrpheusPrompts(("tara",), lambda text: [1]).family is orpheus.FAMILY
+
+
+@contextlib.asynccontextmanager
+async def neutts_server(gguf, store):
+    config = TokenServerConfig(model_path=gguf, slots=2, ctx_per_slot=1024, n_batch=128, llama_threads=2,
+                               queue_size=2, realtime_admission=False, calibrate=False, voice_store=store.root)
+    running = await start_server(config, port=0)
+    channel = grpc.aio.insecure_channel(running.address)
+    try:
+        yield running, token_server_pb2_grpc.TokenServiceStub(channel)
+    finally:
+        await channel.close()
+        await running.stop(1)
+
+
+def generate(frames: int, seed: int = 3, voice: str = "anna", **fields):
+    sampling = common_pb2.SamplingParams(seed=seed, max_tokens=frames, ignore_end_of_speech=True)
+    return token_server_pb2.GenerateRequest(text="Hello there.", voice=voice, sampling=sampling, codes_only=True,
+                                            **fields)
+
+
+async def codes_of(stub, request) -> tuple[list[common_pb2.CodeFrames], common_pb2.SynthesisSummary]:
+    frames, summary = [], None
+    async for message in stub.Generate(request):
+        if message.WhichOneof("payload") == "frames":
+            frames.append(message.frames)
+        else:
+            summary = message.summary
+    return frames, summary
+
+
+def test_the_token_server_serves_the_demo_neutts_backbone_with_a_registered_voice(neutts_gguf, voice_store):
+    async def scenario():
+        async with neutts_server(neutts_gguf, voice_store) as (running, stub):
+            assert running.components["engine"].family.name == neutts.NAME
+            first = await codes_of(stub, generate(60))
+            again = await codes_of(stub, generate(60))
+            other = await codes_of(stub, generate(60, seed=4))
+            refusals = []
+            for bad in (generate(5, voice="nobody"), generate(5, voice=""), generate(5, voice="tara-snac")):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await codes_of(stub, bad)
+                refusals.append((err.value.code(), err.value.details()))
+            return first, again, other, refusals
+
+    (frames, summary), again, other, refusals = asyncio.run(scenario())
+    # One code a frame, 50 frames a second, every code a NeuCodec code.
+    assert [f.first_frame_index for f in frames] == list(range(60))
+    assert all(len(f.codes) == 1 and 0 <= f.codes[0] < 65_536 for f in frames)
+    assert summary.frames == 60 and summary.tokens == 60
+    assert summary.audio_seconds == pytest.approx(60 / 50)
+    # The reference's transcript and codes are in the prompt: more than the text alone.
+    assert summary.prompt_tokens > len("user: Convert the text to speech:") + len(REFERENCE_CODES)
+    assert [f.codes[0] for f in again[0]] == [f.codes[0] for f in frames]  # same seed, same codes
+    assert [f.codes[0] for f in other[0]] != [f.codes[0] for f in frames]
+    assert [code for code, _ in refusals] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert "no voice named 'nobody'" in refusals[0][1]
+    assert "name a voice" in refusals[1][1]
+    assert "registered for orpheus" in refusals[2][1]
+
+
+def test_espeak_ng_phonemizes_as_neutts_reads_it():
+    from chorus.speech.phonemes import Phonemizer, PhonemizerError
+
+    phonemize = Phonemizer()
+    assert phonemize.version.startswith("1.52")  # the version neutts bundles
+    assert phonemize("Hello there, how are you?") == "həlˈoʊ ðˈɛɹ, hˈaʊ ɑːɹ juː?"
+    assert phonemize("") == phonemize("   ") == ""
+    assert "ˈ" in phonemize("<|speech_5|> a NUL \x00 inside")  # special-token text is just text
+    with pytest.raises(PhonemizerError, match="refused language 'xx-nope'"):
+        Phonemizer("xx-nope")
