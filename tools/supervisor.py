@@ -177,10 +177,17 @@ class ServiceProcess:
         return f"{self.name}{where} died of {signal_text(sig)}{when}."
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` of the log, or after a native crash faulthandler's dump from
+        its start (at most 80 lines): its first frames say where the process died, and
+        a dump of many threads pushed them out of a fixed tail."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            logged = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
+        dumps = [i for i, line in enumerate(logged) if line.startswith("Fatal Python error")]
+        if dumps:
+            return "\n".join(logged[dumps[-1] : dumps[-1] + 80])
+        return "\n".join(logged[-lines:])
 
 
 @dataclass

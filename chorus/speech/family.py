@@ -34,6 +34,10 @@ class SpeechFamily:
     # to speak, and the least budget.
     tokens_per_char: float
     minimum_budget: int
+    # A stream resumed on another codec worker resends every frame from the first
+    # (its decoder's output depends on context a few frames cannot restore), rather
+    # than decoder_lookahead_frames of context.
+    resume_from_start: bool = False
 
     def __post_init__(self) -> None:
         if min(self.codes_per_frame, self.codebook_size, self.sample_rate, self.samples_per_frame) <= 0:

@@ -30,9 +30,10 @@ NAME = "neutts-air"
 CODEBOOK_SIZE = 65_536
 SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 480  # 50 frames a second
-# The streaming NeuCodec decoder's first audio waits for its first chunk (8 frames)
-# and lookahead (4): services/codec_worker/neucodec_streaming.py.
-DECODER_LOOKAHEAD_FRAMES = 12
+# The most frames the streaming NeuCodec decoder holds before it gives audio: a chunk
+# (24) and its lookahead (4); the first audio comes sooner, after 8 + 4
+# (services/codec_worker/neucodec_streaming.py).
+DECODER_LOOKAHEAD_FRAMES = 28
 
 TEXT_PROMPT_START = "<|TEXT_PROMPT_START|>"
 TEXT_PROMPT_END = "<|TEXT_PROMPT_END|>"
@@ -112,5 +113,5 @@ def family(code_token_base: int, end_of_speech: int) -> SpeechFamily:
         name=NAME, codec=codecs.NEUCODEC_24KHZ, codes_per_frame=1, codebook_size=CODEBOOK_SIZE,
         sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, code_token_base=code_token_base,
         end_of_speech=end_of_speech, decoder_lookahead_frames=DECODER_LOOKAHEAD_FRAMES,
-        tokens_per_char=3.6, minimum_budget=100,
+        tokens_per_char=3.6, minimum_budget=100, resume_from_start=True,
     )

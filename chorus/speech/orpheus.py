@@ -95,20 +95,7 @@ def validate_frames(codes: Sequence[int], first_frame_index: int = 0) -> np.ndar
 
     Raises ValueError naming the first bad frame, so that callers can report it.
     """
-    flat = np.asarray(codes, dtype=np.int64)
-    if flat.size == 0 or flat.size % CODES_PER_FRAME:
-        raise ValueError(
-            f"frame {first_frame_index}: got {flat.size} codes, expected a non-zero multiple of 7"
-        )
-    frames = flat.reshape(-1, CODES_PER_FRAME)
-    bad = np.nonzero(((frames < 0) | (frames >= CODEBOOK_SIZE)).any(axis=1))[0]
-    if bad.size:
-        row = int(bad[0])
-        value = int(frames[row][(frames[row] < 0) | (frames[row] >= CODEBOOK_SIZE)][0])
-        raise ValueError(
-            f"frame {first_frame_index + row}: code {value} outside 0..{CODEBOOK_SIZE - 1}"
-        )
-    return frames
+    return codecs.check_frames(codes, first_frame_index, CODES_PER_FRAME, CODEBOOK_SIZE)
 
 
 # How much longer than the text's expected speech a generation may run before it is

@@ -16,11 +16,12 @@ from chorus.rpc.entrypoint import (
     run,
     tls_files,
 )
+from chorus.speech import codecs
 from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode
 from services.codec_worker.config import (
     CODEC_CAPACITY_MARGIN, DECODER_PRECISION_DEFAULT, DECODER_PRECISIONS, DEVICES, NUMERIC_MODE_DEFAULT,
-    NUMERIC_MODES, CodecWorkerConfig,
+    NUMERIC_MODES, SERVED_CODECS, CodecWorkerConfig,
 )
 
 DEFAULT_PORT = 50053
@@ -32,9 +33,11 @@ def _optional(kind):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="chorus-codec-worker", description="SNAC codec worker: code frames in, PCM out")
+    p = argparse.ArgumentParser(prog="chorus-codec-worker", description="codec worker: code frames in, PCM out")
     p.add_argument("--model-dir", default=env("CHORUS_SNAC_DIR"),
-                   help="SNAC directory with config.json and pytorch_model.bin [CHORUS_SNAC_DIR]")
+                   help="the codec's directory with config.json and pytorch_model.bin [CHORUS_SNAC_DIR]")
+    p.add_argument("--codec", choices=SERVED_CODECS, default=env("CHORUS_CODEC", codecs.SNAC_24KHZ),
+                   help="what --model-dir holds: SNAC (Orpheus) or NeuCodec (NeuTTS-Air) [CHORUS_CODEC]")
     p.add_argument("--device", choices=DEVICES, default=from_env("CHORUS_CODEC_DEVICE", "auto"),
                    help="auto picks CUDA when present [CHORUS_CODEC_DEVICE]")
     p.add_argument("--half", action="store_true", default=env("CHORUS_CODEC_HALF", "") == "1",
@@ -99,6 +102,7 @@ def build_config(args: argparse.Namespace) -> CodecWorkerConfig:
         tls=tls_files(args),
         numeric_mode=args.numeric_mode,
         decoder_precision=args.decoder_precision,
+        codec=args.codec,
         **allowed_clients(args),
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from chorus.realtime.capacity import ADMISSION_MARGIN
 from chorus.realtime.cpu_budget import cpu_budget
 from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
+from chorus.speech import codecs
 from chorus.telemetry.tiers import CODEC_WORKER
 from services.codec_worker.numeric_mode import DEFAULT as NUMERIC_MODE_DEFAULT
 from services.codec_worker.numeric_mode import MODES as NUMERIC_MODES
@@ -27,6 +28,7 @@ CPU_BATCH_WAIT_MS = 5.0
 # The headroom N* is defined with (chorus.realtime.capacity.ADMISSION_MARGIN): a worker that
 # kept 30% back admitted N*-1 streams wherever the decoder's headroom at N* was 15-30%.
 CODEC_CAPACITY_MARGIN = ADMISSION_MARGIN
+SERVED_CODECS = (codecs.SNAC_24KHZ, codecs.NEUCODEC_24KHZ)
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,19 @@ class CodecWorkerConfig:
     # bf16 where the CPU has native bf16 (or CUDA takes it), else fp32. Each gives its
     # own bits, and the worker's reported numeric mode says which.
     decoder_precision: str = DECODER_PRECISION_DEFAULT
+    # What model_dir holds, by its wire name (chorus.speech.codecs): SNAC for Orpheus,
+    # NeuCodec for NeuTTS-Air. A worker decodes one; a pool per codec scales apart.
+    codec: str = codecs.SNAC_24KHZ
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         problems = []
         if self.numeric_mode not in NUMERIC_MODES:
             problems.append(f"numeric_mode must be one of {', '.join(NUMERIC_MODES)}, got {self.numeric_mode!r}")
+        if self.codec not in SERVED_CODECS:
+            problems.append(f"codec must be one of {', '.join(SERVED_CODECS)}, got {self.codec[:70]!r}")
+        elif self.codec == codecs.NEUCODEC_24KHZ and (self.half or self.device == "cuda"):
+            problems.append("the NeuCodec decoder runs in float32 on the CPU for now: drop half and device cuda")
         if self.decoder_precision not in DECODER_PRECISIONS:
             problems.append(f"decoder_precision must be one of {', '.join(DECODER_PRECISIONS)}, "
                             f"got {self.decoder_precision!r}")

@@ -49,7 +49,7 @@ from chorus.realtime.capacity import PROBE_INTERVAL_S, CapacityProbe, RealTimeCa
 from chorus.realtime.engine_thread import EngineThread
 from chorus.realtime.playback import DEFAULT_START_BUFFER_S, PlaybackClock, urgency
 from chorus.speech import orpheus
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState, check_stream_start
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def is_urgent(lead: float | None) -> bool:
     return lead is None or lead < URGENT_LEAD_S
 
 
-def frames_per_stream(leads: Iterable[float | None], max_frames: int) -> int:
+def frames_per_stream(leads: Iterable[float | None], max_frames: int,
+                      frame_seconds: float = orpheus.FRAME_SECONDS) -> int:
     """Frames each stream may take in the next pass, given the leads of the open streams.
 
     A pass of f frames over streams this worker holds at real time (with the admission
@@ -134,7 +135,7 @@ def frames_per_stream(leads: Iterable[float | None], max_frames: int) -> int:
     started = [lead for lead in leads if lead is not None]
     if not started:
         return max_frames
-    within_half_the_lead = int(min(started) / (2.0 * orpheus.FRAME_SECONDS))
+    within_half_the_lead = int(min(started) / (2.0 * frame_seconds))
     return max(min(MIN_FRAMES_PER_STEP, max_frames), min(max_frames, within_half_the_lead))
 
 
@@ -303,7 +304,7 @@ class DecodeEngine:
         self.threads = threads or torch.get_num_threads()
         self.max_frames_per_step = max_frames_per_step
         self.on_forward = on_forward
-        self.capacity = capacity or RealTimeCapacity(orpheus.FRAME_SECONDS, max_batch)
+        self.capacity = capacity or RealTimeCapacity(decoder.frame_seconds, max_batch)
         self.stats = EngineStats()
         self.load = _LoadMeter()
         self._clock = clock
@@ -341,7 +342,7 @@ class DecodeEngine:
         """Must be called on the event loop that will await the stream's output.
         Raises ValueError when the decoder cannot start a stream there, the bridge's
         EngineStopped/EngineDead when the engine takes no work."""
-        check_stream_start(first_frame_index, resume_from_sample, seed)
+        self.decoder.check_start(first_frame_index, resume_from_sample, seed)
         stream = EngineStream(
             self,
             asyncio.get_running_loop(),
@@ -351,7 +352,7 @@ class DecodeEngine:
                 deterministic=deterministic,
                 seed=seed,
             ),
-            clock or PlaybackClock(orpheus.SAMPLE_RATE, DEFAULT_START_BUFFER_S),
+            clock or PlaybackClock(self.decoder.sample_rate, DEFAULT_START_BUFFER_S),
         )
         self.bridge.post(_Open(stream))
         return stream
@@ -404,7 +405,8 @@ class DecodeEngine:
             if tier:
                 # Leads now, after the pass before this one delivered its audio.
                 now = self._clock()
-                limit = frames_per_stream((s.lead(now) for s in self._streams), self.max_frames_per_step)
+                limit = frames_per_stream((s.lead(now) for s in self._streams), self.max_frames_per_step,
+                                          self.decoder.frame_seconds)
                 failed |= self._decode(tier, limit)
         for stream in flush:
             if stream not in failed:
@@ -484,7 +486,7 @@ class DecodeEngine:
         self.stats.streams_stepped += len(work)
         self.stats.frames += frames
         self.capacity.record(len(work), elapsed, units=max(1, round(frames / len(work))))
-        self.load.add(elapsed, frames * orpheus.FRAME_SECONDS, now)
+        self.load.add(elapsed, frames * self.decoder.frame_seconds, now)
         for (stream, _), chunk in zip(work, chunks):
             if chunk is not None:
                 self._deliver(stream, chunk, now)
@@ -533,14 +535,18 @@ class DecodeEngine:
         return measured
 
     def _measure(self, size: int, steps: int, rng: np.random.Generator) -> float:
-        """Median seconds of `steps` one-frame steps over `size` fresh streams."""
+        """Median seconds a frame of `steps` steps over `size` fresh streams. A step
+        takes the decoder's `calibration_frames` frames a stream (1 for SNAC; a
+        windowed decoder costs a window a chunk, so it steps a chunk)."""
         torch.set_num_threads(self.threads)  # a live step may have left fewer
-        states = [self.decoder.new_stream() for _ in range(size)]
+        decoder = self.decoder
+        per_step = getattr(decoder, "calibration_frames", 1)
+        states = [decoder.new_stream() for _ in range(size)]
         elapsed = []
         for step in range(steps + 1):
-            frames = rng.integers(0, orpheus.CODEBOOK_SIZE, (size, 1, orpheus.CODES_PER_FRAME))
+            frames = rng.integers(0, decoder.codebook_size, (size, per_step, decoder.codes_per_frame))
             started = time.perf_counter()
-            self.decoder.decode([(state, frames[i]) for i, state in enumerate(states)], self.max_batch)
+            decoder.decode([(state, frames[i]) for i, state in enumerate(states)], self.max_batch)
             if step:  # the first step of a stream primes its caches
-                elapsed.append(time.perf_counter() - started)
+                elapsed.append((time.perf_counter() - started) / per_step)
         return float(np.median(elapsed))

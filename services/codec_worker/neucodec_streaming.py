@@ -27,6 +27,7 @@ needs `first_chunk + lookahead` frames (or the whole stream if shorter). Nothing
 N frames give N * hop samples, as the one-pass decode does.
 
 This module knows nothing of gRPC or threads; torch runs on the caller's thread.
+`NeuCodecStreams` puts it behind the decode engine's decoder interface.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from services.codec_worker.neucodec_model import NeuCodecDecoder
+from services.codec_worker.streaming_decoder import Chunk
 
 # Chosen on the demo decoder (docs/benchmarks.md "NeuCodec"): first audio after 12
 # frames (240 ms of audio), about 3.2 frames through the model a frame of audio.
@@ -44,6 +46,8 @@ DEFAULT_FIRST_CHUNK = 8
 DEFAULT_CHUNK = 24
 DEFAULT_LOOKBACK = 48
 DEFAULT_LOOKAHEAD = 4
+# A day of audio: past it a resume point is nonsense, and refused as such.
+MAX_RESUME_SAMPLE = 24_000 * 86_400
 
 
 class OverlapAdd:
@@ -177,3 +181,85 @@ class StreamingNeuCodec:
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+class _EngineStream:
+    """A stream as the decode engine holds it: the decoder, where its audio stands,
+    and the samples a resumed stream already relayed (dropped, not sent again)."""
+
+    __slots__ = ("decoder", "emitted", "resume_from_sample")
+
+    def __init__(self, decoder: StreamingNeuCodec, resume_from_sample: int) -> None:
+        self.decoder = decoder
+        self.emitted = 0
+        self.resume_from_sample = resume_from_sample
+
+
+class NeuCodecStreams:
+    """StreamingNeuCodec behind the interface the decode engine drives (the SNAC
+    decoder's: new_stream, decode, flush), one stream per forward.
+
+    A resume starts again from frame 0 (the token server resends every frame: a
+    window's spectra depend on its context, so only the same windows give the same
+    bits) and drops the samples before `resume_from_sample`. Windows are decoded when
+    a chunk's lookahead is in, so most pushes cost nothing and one in a chunk costs a
+    window: calibration therefore steps a chunk of frames at a time
+    (`calibration_frames`) and counts the time per frame."""
+
+    codes_per_frame = 1
+
+    def __init__(self, model: NeuCodecDecoder, chunk: int = DEFAULT_CHUNK, lookback: int = DEFAULT_LOOKBACK,
+                 lookahead: int = DEFAULT_LOOKAHEAD, first_chunk: int = DEFAULT_FIRST_CHUNK) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.precision = "fp32"
+        self.codebook_size = model.shape.codebook_size
+        self.sample_rate = model.shape.sample_rate
+        self.frame_seconds = model.shape.hop / model.shape.sample_rate
+        self.calibration_frames = chunk
+        self._grid = dict(chunk=chunk, lookback=lookback, lookahead=lookahead, first_chunk=first_chunk)
+        self.last_batch_sizes: list[int] = []
+
+    @staticmethod
+    def check_start(first_frame_index: int, resume_from_sample: int, seed: int) -> None:
+        """ValueError, saying which, unless a stream can start there."""
+        if first_frame_index != 0:
+            raise ValueError(f"a NeuCodec stream starts at frame 0 (a resume resends every frame), "
+                             f"not {first_frame_index}")
+        if not 0 <= resume_from_sample <= MAX_RESUME_SAMPLE:
+            raise ValueError(f"resume_from_sample {resume_from_sample} is outside 0..{MAX_RESUME_SAMPLE}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed {seed} is outside 0..2^64-1")
+
+    def new_stream(self, first_frame_index: int = 0, resume_from_sample: int = 0, deterministic: bool = False,
+                   seed: int = 0) -> _EngineStream:
+        """NeuCodec has no noise, so `deterministic` and `seed` change nothing."""
+        self.check_start(first_frame_index, resume_from_sample, seed)
+        return _EngineStream(StreamingNeuCodec(self.model, **self._grid), resume_from_sample)
+
+    def decode(self, work: list[tuple[_EngineStream, np.ndarray]], max_batch: int = 1) -> list:
+        """Each stream's (n, 1) frames in; its new audio out (a Chunk, or None)."""
+        self.last_batch_sizes = []
+        chunks = []
+        for state, frames in work:
+            windows = state.decoder.windows
+            samples = state.decoder.push(np.asarray(frames).reshape(-1).tolist())
+            self.last_batch_sizes += [1] * (state.decoder.windows - windows)  # a forward a window
+            chunks.append(self._chunk(state, samples))
+        return chunks
+
+    def flush(self, state: _EngineStream):
+        return self._chunk(state, state.decoder.finish())
+
+    def warm_up(self, frames: int = 40) -> None:
+        state = self.new_stream()
+        self.decode([(state, np.zeros((frames, 1), dtype=np.int64))])
+        self.flush(state)
+
+    def _chunk(self, state: _EngineStream, samples: np.ndarray) -> Chunk | None:
+        start = state.emitted
+        state.emitted += samples.size
+        skip = max(0, min(samples.size, state.resume_from_sample - start))
+        if skip == samples.size:
+            return None
+        return Chunk(start + skip, samples[skip:])

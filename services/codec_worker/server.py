@@ -23,21 +23,23 @@ from chorus.realtime.engine_thread import EngineDead, EngineStopped
 from chorus.realtime.playback import PlaybackClock
 from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy, Share
-from chorus.speech import codecs, orpheus
+from chorus.speech import codecs
 from chorus.telemetry import tracing
 from services.codec_worker import metrics, numeric_mode, precision
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
 from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.memory import HeapTrimmer
-from services.codec_worker.model import LoadedSnac, load_snac
-from services.codec_worker.streaming_decoder import StreamingSnacDecoder, check_stream_start
+from services.codec_worker.model import LoadedSnac, ModelLoadError, load_snac
+from services.codec_worker.neucodec_model import NeuCodecLoadError, load_neucodec
+from services.codec_worker.neucodec_streaming import NeuCodecStreams
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = codec_pb2.DESCRIPTOR.services_by_name["CodecService"].full_name
-# What this worker's model decodes (GetLoadResponse.codecs): it loads SNAC at 24 kHz.
-LOADED_CODECS = frozenset({codecs.SNAC_24KHZ})
+# What a worker decodes (GetLoadResponse.codecs): the codec of the model it loads.
+LOADED_CODECS = frozenset({codecs.SNAC_24KHZ})  # the default: SNAC at 24 kHz
 
 
 class BadRequest(Exception):
@@ -48,7 +50,7 @@ class StreamCheck:
     """What a Decode stream has accepted so far, so that the next frames can be checked."""
 
     @classmethod
-    def opened_by(cls, first: codec_pb2.DecodeRequest | None) -> StreamCheck:
+    def opened_by(cls, first: codec_pb2.DecodeRequest | None, decoder) -> StreamCheck:
         if first is None:
             raise BadRequest("stream closed before DecodeStart")
         kind = first.WhichOneof("payload")
@@ -56,11 +58,13 @@ class StreamCheck:
             raise BadRequest(f"frame {first.frames.first_frame_index}: frames sent before DecodeStart")
         if kind != "start":
             raise BadRequest("the first DecodeRequest must carry DecodeStart; it was empty")
-        return cls(first.start)
+        return cls(first.start, decoder)
 
-    def __init__(self, start: codec_pb2.DecodeStart) -> None:
+    def __init__(self, start: codec_pb2.DecodeStart, decoder) -> None:
+        """`decoder`: the worker's streaming decoder, whose codec sets the rules."""
+        self._decoder = decoder
         try:
-            check_stream_start(start.first_frame_index, start.resume_from_sample, start.seed)
+            decoder.check_start(start.first_frame_index, start.resume_from_sample, start.seed)
         except ValueError as err:
             raise BadRequest(f"start: {err}") from err
         self.first_frame = self.next_frame = start.first_frame_index
@@ -80,7 +84,8 @@ class StreamCheck:
         if first != self.next_frame:
             raise BadRequest(f"frame {first}: expected frame {self.next_frame} (frames must be consecutive)")
         try:
-            frames = orpheus.validate_frames(request.frames.codes, first)
+            frames = codecs.check_frames(request.frames.codes, first, self._decoder.codes_per_frame,
+                                         self._decoder.codebook_size)
         except ValueError as err:
             raise BadRequest(str(err)) from err
         self.next_frame += len(frames)
@@ -149,7 +154,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         try:
             first = await anext(aiter(request_iterator), None)
             try:
-                check = StreamCheck.opened_by(first)
+                check = StreamCheck.opened_by(first, self._engine.decoder)
             except BadRequest as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             watch.started()
@@ -168,7 +173,7 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
             })
             try:
                 clock = PlaybackClock.from_wire(
-                    start.playback, orpheus.SAMPLE_RATE, time.monotonic(), start.resume_from_sample)
+                    start.playback, self._engine.decoder.sample_rate, time.monotonic(), start.resume_from_sample)
             except ValueError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"start: {err}")
             try:
@@ -188,7 +193,8 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
                     samples += item.samples
                     yield codec_pb2.DecodeResponse(
                         audio=common_pb2.PcmChunk(
-                            sample_offset=item.sample_offset, pcm=item.pcm, sample_rate_hz=orpheus.SAMPLE_RATE
+                            sample_offset=item.sample_offset, pcm=item.pcm,
+                            sample_rate_hz=self._engine.decoder.sample_rate,
                         )
                     )
                     watch.touch()  # the client read enough for this write to go out
@@ -267,15 +273,14 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
-        loaded = await asyncio.to_thread(load_snac, config.model_dir, config.device, config.half, config.numeric_mode)
-        decoder = StreamingSnacDecoder(loaded.model, precision=decoder_precision(config, loaded))
+        loaded, decoder = await asyncio.to_thread(_load_decoder, config)
         engine = DecodeEngine(
             decoder,
             max_batch=config.max_batch,
             batch_wait_ms=config.batch_wait_for(loaded.device_name),
             threads=config.torch_threads,
             on_forward=metrics.BATCH_STREAMS.observe,
-            capacity=RealTimeCapacity(orpheus.FRAME_SECONDS, config.max_streams, config.capacity_margin),
+            capacity=RealTimeCapacity(decoder.frame_seconds, config.max_streams, config.capacity_margin),
         )
         await asyncio.to_thread(decoder.warm_up)
         measured = await asyncio.to_thread(engine.calibrate) if config.calibrate else None
@@ -289,7 +294,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     reported_mode = numeric_mode.with_precision(loaded.numeric_mode, decoder.precision, loaded.device_name)
-    servicer.attach(engine, loaded.device_name, reported_mode, LOADED_CODECS)
+    servicer.attach(engine, loaded.device_name, reported_mode, frozenset({config.codec}))
 
     def engine_died(error: BaseException) -> None:
         log.error("the decode engine died (%s): NOT_SERVING", error)
@@ -306,6 +311,20 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     log.info("codec worker SERVING on %s:%d (%s, %s decoder, numeric mode %s)", config.host, running.port,
              loaded.device_name, decoder.precision, reported_mode)
     return running
+
+
+def _load_decoder(config: CodecWorkerConfig):
+    """The model of the configured codec and the streaming decoder over it."""
+    if config.codec == codecs.NEUCODEC_24KHZ:
+        try:
+            model = load_neucodec(config.model_dir)
+        except NeuCodecLoadError as err:
+            raise ModelLoadError(str(err)) from None
+        device = torch.device("cpu")
+        mode = numeric_mode.ensure(config.numeric_mode)
+        return LoadedSnac(model, device, mode), NeuCodecStreams(model)
+    loaded = load_snac(config.model_dir, config.device, config.half, config.numeric_mode)
+    return loaded, StreamingSnacDecoder(loaded.model, precision=decoder_precision(config, loaded))
 
 
 def decoder_precision(config: CodecWorkerConfig, loaded: LoadedSnac) -> str:

@@ -73,7 +73,14 @@ import torch.nn.functional as F
 from snac.layers import DecoderBlock, NoiseBlock, ResidualUnit, Snake1d
 from torch import nn
 
-from chorus.speech.orpheus import CODEBOOK_SIZE, CODES_PER_FRAME, SAMPLES_PER_FRAME, frames_to_layers
+from chorus.speech.orpheus import (
+    CODEBOOK_SIZE,
+    CODES_PER_FRAME,
+    FRAME_SECONDS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    frames_to_layers,
+)
 from services.codec_worker import keyed_noise
 from services.codec_worker import numeric_mode
 from services.codec_worker.channel_mix import ChannelMix, mix_rows
@@ -457,6 +464,13 @@ class StreamingSnacDecoder:
 
     Not thread-safe: the engine drives it from one thread.
     """
+
+    # The codec's facts, as the decode engine reads them from whichever decoder it drives.
+    codes_per_frame = CODES_PER_FRAME
+    codebook_size = CODEBOOK_SIZE
+    sample_rate = SAMPLE_RATE
+    frame_seconds = FRAME_SECONDS
+    check_start = staticmethod(check_stream_start)  # ValueError unless a stream can start there
 
     def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:

@@ -23,8 +23,10 @@ class CodeDigest:
         self.state = 0
 
     def update(self, codes: Sequence[int]) -> None:
-        """Chains one frame (7 codes, each 0..4095)."""
-        data = self.state.to_bytes(8, "little") + np.asarray(codes, dtype="<i2").tobytes()
+        """Chains one frame: its codes (each 0..65535) as 16-bit words. Unsigned, so
+        that NeuCodec's codes above 32767 fit; Orpheus's (0..4095) give the bytes they
+        gave as signed words, so digests agree across versions."""
+        data = self.state.to_bytes(8, "little") + np.asarray(codes, dtype="<u2").tobytes()
         self.state = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
         self.frames += 1
 

@@ -176,6 +176,8 @@ class CodecRelay:
         """The first frame a (re)started decode needs: the decoder's lookahead before the
         first sample not yet relayed."""
         family = self._family
+        if family.resume_from_start:
+            return 0
         return max(0, self.relayed_samples // family.samples_per_frame - family.decoder_lookahead_frames)
 
     def _hung_at(self) -> float | None:

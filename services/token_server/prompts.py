@@ -78,6 +78,9 @@ class NeuTtsPrompts:
         if stored.family != neutts.NAME or codes is None or codes.size == 0:
             raise PromptError(f"voice {voice!r} was registered for {stored.family}, without {self.family.codec} codes: "
                               f"register it again for {neutts.NAME}")
+        if int(codes.min()) < 0 or int(codes.max()) >= self.family.codebook_size:
+            raise PromptError(f"voice {voice!r} has damaged codes (outside 0..{self.family.codebook_size - 1}): "
+                              "register it again")
         reference_text, text = stored.transcript, text.replace("\x00", " ")
         if self.vocabulary.input_format == neutts.PHONEMES:
             reference_text, text = self.phonemize(reference_text), self.phonemize(text)

@@ -167,16 +167,22 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 checkpoint.set_result(digest.message())
 
         async def feed() -> None:
-            async for event in handle.events():
-                if isinstance(event, Frame):
-                    digest.update(event.codes)
-                    if digest.frames == request.verify_frames:
+            try:
+                async for event in handle.events():
+                    if isinstance(event, Frame):
+                        digest.update(event.codes)
+                        if digest.frames == request.verify_frames:
+                            settle_checkpoint()
+                        relay.push(event.codes)
+                    else:
+                        outcome["event"] = event
                         settle_checkpoint()
-                    relay.push(event.codes)
-                else:
-                    outcome["event"] = event
-                    settle_checkpoint()
-                    relay.finish()
+                        relay.finish()
+            except Exception as err:  # a bug here must end this stream, not leave it waiting for frames
+                log.exception("relaying frames failed for %s", request_id)
+                outcome["event"] = GenerationFailed(f"relaying frames to the codec worker failed: {err}")
+                settle_checkpoint()
+                relay.finish()
 
         feeder = asyncio.create_task(feed())
         feeder.add_done_callback(lambda _: settle_checkpoint())

@@ -33,6 +33,7 @@ from chorus.speech import orpheus
 from services.codec_worker.decode_engine import (
     AMPLE_LEAD_S, MAX_FRAMES_PER_STEP, MIN_FRAMES_PER_STEP, Audio, DecodeEngine, End, frames_per_stream,
 )
+from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 from services.token_server.engine import Engine, IDLE_POLL_S, TOKEN_SECONDS
 from services.token_server.request import GenerationRequest, QueueFullError
 from services.token_server.sampler import SamplingParams, SequenceSampler
@@ -127,6 +128,13 @@ class FakeChunk:
 class FakeDecoder:
     """The streaming decoder's contract (audio up to the decoder's reach behind the frames
     fed, the rest at flush) at the fake cost model's price, paid on the fake clock."""
+
+    # SNAC's facts, which the engine reads from its decoder.
+    codes_per_frame = StreamingSnacDecoder.codes_per_frame
+    codebook_size = StreamingSnacDecoder.codebook_size
+    sample_rate = StreamingSnacDecoder.sample_rate
+    frame_seconds = StreamingSnacDecoder.frame_seconds
+    check_start = staticmethod(StreamingSnacDecoder.check_start)
 
     def __init__(self, sim) -> None:
         self.sim = sim  # its fake clock (codec_now) and step-time jitter

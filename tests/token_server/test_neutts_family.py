@@ -38,6 +38,8 @@ def voice_store(tmp_path):
     store.register("anna", neutts.NAME, "Hello, this is my voice.", np.zeros(16_000, np.float32), 16_000,
                    codes={codecs.NEUCODEC_24KHZ: np.array(REFERENCE_CODES)})
     store.register("tara-snac", "orpheus", "Hi.", np.zeros(16_000, np.float32), 16_000, codes={"snac_24khz": [1, 2]})
+    store.register("damaged", neutts.NAME, "Hi.", np.zeros(16_000, np.float32), 16_000,
+                   codes={codecs.NEUCODEC_24KHZ: np.array([3, -1])})
     return store
 
 
@@ -97,7 +99,8 @@ def test_neutts_prompts_speak_only_registered_neutts_voices(vocabulary, voice_st
     assert [ord(c) for c in "HELLO, THIS IS MY VOICE. HI THERE"] == \
         prompt[prompt.index(found.specials[neutts.TEXT_PROMPT_START]) + 1: prompt.index(found.specials[neutts.TEXT_PROMPT_END])]
     for voice, message in [("", "name a voice.*anna"), ("nobody", "no voice named 'nobody'"),
-                           ("tara-snac", "registered for orpheus"), ("../etc", "not allowed")]:
+                           ("tara-snac", "registered for orpheus"), ("../etc", "not allowed"),
+                           ("damaged", "damaged codes")]:
         with pytest.raises(PromptError, match=message):
             prompts.build("hi", voice)
     with pytest.raises(PromptError, match="no voice store"):
@@ -108,9 +111,10 @@ def test_neutts_prompts_speak_only_registered_neutts_voices(vocabulary, voice_st
 
 
 @contextlib.asynccontextmanager
-async def neutts_server(gguf, store):
+async def neutts_server(gguf, store, codec_workers=()):
     config = TokenServerConfig(model_path=gguf, slots=2, ctx_per_slot=1024, n_batch=128, llama_threads=2,
-                               queue_size=2, realtime_admission=False, calibrate=False, voice_store=store.root)
+                               queue_size=2, realtime_admission=False, calibrate=False, voice_store=store.root,
+                               codec_workers=codec_workers)
     running = await start_server(config, port=0)
     channel = grpc.aio.insecure_channel(running.address)
     try:
@@ -120,10 +124,9 @@ async def neutts_server(gguf, store):
         await running.stop(1)
 
 
-def generate(frames: int, seed: int = 3, voice: str = "anna", **fields):
+def generate(frames: int, seed: int = 3, voice: str = "anna", codes_only: bool = True):
     sampling = common_pb2.SamplingParams(seed=seed, max_tokens=frames, ignore_end_of_speech=True)
-    return token_server_pb2.GenerateRequest(text="Hello there.", voice=voice, sampling=sampling, codes_only=True,
-                                            **fields)
+    return token_server_pb2.GenerateRequest(text="Hello there.", voice=voice, sampling=sampling, codes_only=codes_only)
 
 
 async def codes_of(stub, request) -> tuple[list[common_pb2.CodeFrames], common_pb2.SynthesisSummary]:
@@ -176,3 +179,130 @@ def test_espeak_ng_phonemizes_as_neutts_reads_it():
     assert "ˈ" in phonemize("<|speech_5|> a NUL \x00 inside")  # special-token text is just text
     with pytest.raises(PhonemizerError, match="refused language 'xx-nope'"):
         Phonemizer("xx-nope")
+
+
+@pytest.fixture(scope="module")
+def neucodec_dir(tmp_path_factory):
+    from tools.demo_models.neucodec_dir import write_demo_neucodec
+
+    return write_demo_neucodec(tmp_path_factory.mktemp("neucodec"), seed=1)
+
+
+@contextlib.asynccontextmanager
+async def neucodec_worker(model_dir, calibrate=False):
+    from services.codec_worker.config import CodecWorkerConfig
+    from services.codec_worker.server import start_server as start_worker
+
+    config = CodecWorkerConfig(model_dir=model_dir, device="cpu", codec=codecs.NEUCODEC_24KHZ, torch_threads=1,
+                               calibrate=calibrate)
+    running = await start_worker(config, port=0)
+    try:
+        yield running
+    finally:
+        await running.stop(1)
+
+
+def test_a_neutts_stream_is_decoded_by_a_neucodec_worker_to_the_streaming_decoders_audio(
+        neutts_gguf, neucodec_dir, voice_store):
+    """The whole second family through the token server and a codec worker: NeuTTS
+    codes from llama.cpp, NeuCodec audio from the worker, sample for sample the
+    streaming decoder's audio of the same codes, nothing lost (a frame, 480 samples)."""
+    from services.codec_worker.neucodec_model import load_neucodec
+    from services.codec_worker.neucodec_streaming import StreamingNeuCodec
+
+    async def scenario():
+        async with neucodec_worker(neucodec_dir) as worker, neutts_server(neutts_gguf, voice_store,
+                                                                         codec_workers=(worker.address,)) as (_, stub):
+            frames, _ = await codes_of(stub, generate(70))
+            audio, summary = [], None
+            async for message in stub.Generate(generate(70, codes_only=False)):
+                if message.WhichOneof("payload") == "audio":
+                    audio.append(message.audio)
+                elif message.WhichOneof("payload") == "summary":
+                    summary = message.summary
+            return frames, audio, summary
+
+    frames, audio, summary = asyncio.run(scenario())
+    codes = [f.codes[0] for f in frames]
+    assert [chunk.sample_offset for chunk in audio] == list(np.cumsum([0] + [len(c.pcm) // 2 for c in audio[:-1]]))
+    assert {chunk.sample_rate_hz for chunk in audio} == {24_000}
+    pcm = np.frombuffer(b"".join(chunk.pcm for chunk in audio), dtype="<i2")
+    assert pcm.size == 70 * 480 and summary.audio_seconds == pytest.approx(70 / 50)
+    decoder = StreamingNeuCodec(load_neucodec(neucodec_dir))
+    expected = np.concatenate([decoder.push(codes), decoder.finish()])
+    assert np.array_equal(pcm, np.clip(np.rint(expected * 32767.0), -32768, 32767).astype("<i2"))
+
+
+def test_a_neucodec_worker_lists_its_codec_refuses_snac_and_measures_its_capacity(neucodec_dir):
+    from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
+
+    async def scenario():
+        async with neucodec_worker(neucodec_dir, calibrate=True) as worker:
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = codec_pb2_grpc.CodecServiceStub(channel)
+                load = await stub.GetLoad(codec_pb2.GetLoadRequest())
+                refusals = []
+                for start in (codec_pb2.DecodeStart(codec=codecs.SNAC_24KHZ),
+                              codec_pb2.DecodeStart(codec=codecs.NEUCODEC_24KHZ, first_frame_index=3)):
+                    call = stub.Decode(iter([codec_pb2.DecodeRequest(start=start)]))
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        async for _ in call:
+                            pass
+                    refusals.append((err.value.code(), err.value.details()))
+                bad_code = stub.Decode(iter([
+                    codec_pb2.DecodeRequest(start=codec_pb2.DecodeStart(codec=codecs.NEUCODEC_24KHZ)),
+                    codec_pb2.DecodeRequest(frames=common_pb2.CodeFrames(first_frame_index=0, codes=[65_536])),
+                ]))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in bad_code:
+                        pass
+                refusals.append((err.value.code(), err.value.details()))
+                return load, refusals, worker.components["engine"].capacity
+
+    load, refusals, capacity = asyncio.run(scenario())
+    assert list(load.codecs) == [codecs.NEUCODEC_24KHZ]
+    assert refusals[0][0] == grpc.StatusCode.FAILED_PRECONDITION and "decodes neucodec_24khz" in refusals[0][1]
+    assert refusals[1][0] == grpc.StatusCode.INVALID_ARGUMENT and "starts at frame 0" in refusals[1][1]
+    assert refusals[2][0] == grpc.StatusCode.INVALID_ARGUMENT and "code 65536 outside 0..65535" in refusals[2][1]
+    assert 1 <= capacity.limit  # calibrated on chunk-long steps: some streams, not the slot cap by default
+
+
+def test_the_code_digest_takes_neucodec_codes_and_keeps_orpheus_digests():
+    """Codes above 32767 broke the digest (signed 16-bit words), which ended the
+    frame relay: a NeuTTS stream stopped after its first such code. Orpheus's codes
+    digest to what they did."""
+    import hashlib
+
+    from services.token_server.code_digest import CodeDigest
+
+    before = 0
+    frame = (0, 4095, 17, 2048, 1, 4000, 3)
+    before = int.from_bytes(hashlib.blake2b(before.to_bytes(8, "little") + np.asarray(frame, "<i2").tobytes(),
+                                            digest_size=8).digest(), "little")
+    digest = CodeDigest()
+    digest.update(frame)
+    assert digest.state == before
+    digest.update((65_535,))
+    assert digest.frames == 2
+
+
+def test_a_failure_relaying_frames_ends_the_stream_instead_of_stalling_it(neutts_gguf, neucodec_dir, voice_store,
+                                                                          monkeypatch):
+    from services.token_server import servicer
+
+    def broken(self, codes):
+        raise RuntimeError("digest broke")
+
+    monkeypatch.setattr(servicer.CodeDigest, "update", broken)
+
+    async def scenario():
+        async with neucodec_worker(neucodec_dir) as worker, neutts_server(neutts_gguf, voice_store,
+                                                                         codec_workers=(worker.address,)) as (_, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Generate(generate(30, codes_only=False), timeout=20):
+                    pass
+            return err.value
+
+    error = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "relaying frames to the codec worker failed: digest broke" in error.details()

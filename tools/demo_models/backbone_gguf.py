@@ -56,7 +56,7 @@ _LLAMA3_SPECIALS = {
 }
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2's byte-to-printable-character table, in vocabulary order.
 
     Byte-level BPE vocabularies (Llama-3's included) start with these 256
@@ -81,7 +81,7 @@ def orpheus_vocabulary() -> tuple[list[str], list[int], list[str]]:
     """Tokens, token types and merges of the demo tokenizer."""
     from gguf import TokenType
 
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     # One merge (two spaces) because llama.cpp requires a merges list for BPE.
     merged = byte_chars[ord(" ")] * 2  # 'ĠĠ'
     tokens = byte_chars + [merged]
@@ -148,8 +148,24 @@ def write_blocks(writer, shape: BackboneShape, add_matrix, qkv_bias: bool = Fals
         add_matrix(f"{blk}.ffn_down.weight", shape.hidden, shape.ffn)
 
 
-def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = BackboneShape()) -> Path:
-    """Writes the GGUF and returns its path. Same seed, same bytes."""
+@dataclass(frozen=True)
+class Tokenizer:
+    """A byte-level BPE tokenizer as GGUF metadata."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str  # llama.cpp's pre-tokenizer name
+    bos: int
+    eos: int
+    add_bos: bool
+
+
+def write_gguf(path: Path, arch: str, name: str, shape: BackboneShape, seed: int, tokenizer: Tokenizer,
+               tensors, extra: dict[str, str] | None = None) -> Path:
+    """Writes a demo GGUF: the hyperparameters, `extra` string keys, the tokenizer,
+    then `tensors(writer, add_matrix)`, where add_matrix(name, rows, cols) writes a
+    random Q8_0 matrix. Same seed, same bytes."""
     import gguf
 
     path = Path(path)
@@ -161,8 +177,8 @@ def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = Backbo
         writer.add_tensor(name, gguf.quants.quantize(weights, Q8_0), raw_dtype=Q8_0)
 
     Q8_0 = gguf.GGMLQuantizationType.Q8_0
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("chorus-demo-orpheus")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
     writer.add_context_length(shape.context_length)
     writer.add_embedding_length(shape.hidden)
     writer.add_block_count(shape.layers)
@@ -172,27 +188,38 @@ def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = Backbo
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(shape.rms_eps)
-    writer.add_vocab_size(orpheus.VOCAB_SIZE)
+    writer.add_vocab_size(len(tokenizer.tokens))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
 
-    tokens, types, merges = orpheus_vocabulary()
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(orpheus.BOS)
-    writer.add_eos_token_id(orpheus.END_OF_TEXT)
-    writer.add_add_bos_token(True)
+    writer.add_tokenizer_pre(tokenizer.pre)
+    writer.add_token_list(tokenizer.tokens)
+    writer.add_token_types(tokenizer.types)
+    writer.add_token_merges(tokenizer.merges)
+    writer.add_bos_token_id(tokenizer.bos)
+    writer.add_eos_token_id(tokenizer.eos)
+    writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(False)
 
-    # Tied embeddings: no output.weight, llama.cpp reuses token_embd.
-    add_matrix("token_embd.weight", orpheus.VOCAB_SIZE, shape.hidden)
-    writer.add_tensor("rope_freqs.weight", llama3_rope_factors(shape))
-    write_blocks(writer, shape, add_matrix)
-
+    tensors(writer, add_matrix)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_demo_backbone(path: Path, seed: int = 0, shape: BackboneShape = BackboneShape()) -> Path:
+    """Writes the GGUF and returns its path. Same seed, same bytes."""
+    tokens, types, merges = orpheus_vocabulary()
+
+    def tensors(writer, add_matrix) -> None:
+        # Tied embeddings: no output.weight, llama.cpp reuses token_embd.
+        add_matrix("token_embd.weight", orpheus.VOCAB_SIZE, shape.hidden)
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(shape))
+        write_blocks(writer, shape, add_matrix)
+
+    tokenizer = Tokenizer(tokens, types, merges, "llama-bpe", orpheus.BOS, orpheus.END_OF_TEXT, add_bos=True)
+    return write_gguf(path, "llama", "chorus-demo-orpheus", shape, seed, tokenizer, tensors)
