@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated host:port of token servers [CHORUS_TOKEN_SERVERS]")
     p.add_argument("--max-text-chars", type=int, default=from_env("CHORUS_MAX_TEXT_CHARS", 20_000))
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
+    p.add_argument("--voice-store", default=env("CHORUS_VOICE_STORE"),
+                   help="folder of voices registered from reference audio; each is routed to the token servers "
+                        "of its model family [CHORUS_VOICE_STORE]")
     p.add_argument("--segment-chars", type=int, default=from_env("CHORUS_SEGMENT_CHARS", 240),
                    help="long texts are spoken in pieces of about this many characters")
     p.add_argument("--lookahead", type=int, default=from_env("CHORUS_LOOKAHEAD", 1),
@@ -75,6 +78,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         stall=StallPolicy(args.stall_floor, args.stall_margin),
         voices=voices,
         default_voice=voices[0],
+        voice_store=args.voice_store or None,
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
         http_read_timeout_s=args.http_read_timeout,

@@ -11,6 +11,7 @@ from chorus.rpc.stall import GATEWAY_STALL, StallPolicy
 from chorus.security.access import MAX_REQUEST_BYTES
 from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.speech import orpheus
+from chorus.speech.voice_store import VoiceStore, VoiceStoreError
 from chorus.speech.voices import ORPHEUS_VOICES, description, voice_problems
 from chorus.telemetry.tiers import GATEWAY
 
@@ -28,6 +29,9 @@ class GatewayConfig:
     max_text_chars: int = 20_000
     voices: tuple[str, ...] = tuple(ORPHEUS_VOICES)
     default_voice: str = orpheus.DEFAULT_VOICE
+    # Voices registered from reference audio (chorus.speech.voice_store), spoken by the
+    # token servers of the family each was registered for; None: the fixed voices only.
+    voice_store: Path | None = None
     # Pieces of a long text are packed up to this many characters (about 15 s of
     # speech, some 1,300 tokens: well inside a slot's context).
     segment_target_chars: int = 240
@@ -75,6 +79,8 @@ class GatewayConfig:
         servers = tuple(s.strip() for s in self.token_servers if s and s.strip())
         object.__setattr__(self, "token_servers", servers)
         object.__setattr__(self, "voices", tuple(self.voices))
+        if self.voice_store is not None:
+            object.__setattr__(self, "voice_store", Path(self.voice_store))
         problems = []
         if not servers:
             problems.append("at least one token server address is needed (--token-servers host:port[,host:port])")
@@ -126,6 +132,17 @@ class GatewayConfig:
         return max(MAX_REQUEST_BYTES, 4 * self.max_text_chars + 64 * 1024)
 
     def listed_voices(self) -> list[tuple[str, str]]:
-        """(name, description) of every voice, the default first (as ListVoices promises)."""
+        """(name, description) of every voice, the default first (as ListVoices
+        promises), then the voices of the voice store with their family."""
         names = [self.default_voice, *(v for v in self.voices if v != self.default_voice)]
-        return [(name, description(name)) for name in names]
+        listed = [(name, description(name)) for name in names]
+        if self.voice_store is not None:
+            store = VoiceStore(self.voice_store)
+            for name in store.names():
+                if name in self.voices:
+                    continue  # the fixed voice of that name is the one spoken
+                try:
+                    listed.append((name, f"registered from reference audio ({store.family_of(name)})"))
+                except VoiceStoreError:
+                    continue  # unreadable: not offered (a request naming it is told why)
+        return listed

@@ -105,17 +105,20 @@ def _schedule(listener: PlaybackClock, relayed_samples: int) -> common_pb2.Playb
 class _Piece:
     """One piece's generation, running ahead into a buffer until its turn to be relayed."""
 
-    def __init__(self, router: Router, request: token_server_pb2.GenerateRequest, index: int, deadline: float) -> None:
+    def __init__(self, router: Router, request: token_server_pb2.GenerateRequest, index: int, deadline: float,
+                 family: str) -> None:
         self.index = index
         self.summary: common_pb2.SynthesisSummary | None = None
         self.first_audio_at: float | None = None
         self.started = asyncio.Event()  # first audio arrived, or the generation ended
         self._buffer: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(router, request, deadline), name=f"piece-{request.request_id}")
+        self._task = asyncio.create_task(self._pump(router, request, deadline, family),
+                                         name=f"piece-{request.request_id}")
 
-    async def _pump(self, router: Router, request: token_server_pb2.GenerateRequest, deadline: float) -> None:
+    async def _pump(self, router: Router, request: token_server_pb2.GenerateRequest, deadline: float,
+                    family: str) -> None:
         try:
-            async for response in router.generate(request, deadline):
+            async for response in router.generate(request, deadline, family):
                 if response.HasField("audio") and self.first_audio_at is None:
                     self.first_audio_at = time.monotonic()
                     self.started.set()
@@ -232,7 +235,7 @@ class Pipeline:
                     return
                 index = len(launched)
                 request = _piece_request(spec, index, text, listener, relayed[0])
-                previous = _Piece(self._router, request, index, deadline)
+                previous = _Piece(self._router, request, index, deadline, spec.family)
                 launched.append(previous)
                 ready.put_nowait(previous)
         except asyncio.CancelledError:

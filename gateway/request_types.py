@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from chorus.proto.tts.v1 import common_pb2
 from chorus.realtime.playback import DEFAULT_START_BUFFER_S
 from chorus.speech.audio_formats import AudioFormat
+from chorus.speech.family import ORPHEUS
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class GenerationSpec:
     request_id: str
     voice: str
     sampling: common_pb2.SamplingParams | None = None
+    # The model family of the voice: only token servers of that family may speak it.
+    family: str = ORPHEUS
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import grpc
 from chorus.realtime.playback import DEFAULT_START_BUFFER_S
 from chorus.rpc.stall import GATEWAY_STALL, StallPolicy, watched
 from chorus.speech import orpheus
+from chorus.speech.family import ORPHEUS, reported_family
 from chorus.telemetry import tracing
 
 from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
@@ -100,10 +101,12 @@ class Router:
         """Whether a token server was reachable and SERVING at the last poll."""
         return self._servers.available()
 
-    def ranked(self, turn: int = 0) -> list[Peer[token_server_pb2.GetStatusResponse]]:
-        """Servers, least loaded first (unreachable ones last, but still candidates: they
-        may be back); equally loaded ones rotated by `turn`. Reads only."""
-        return self._servers.ranked(turn)
+    def ranked(self, turn: int = 0, family: str = ORPHEUS) -> list[Peer[token_server_pb2.GetStatusResponse]]:
+        """Servers of `family`, least loaded first (unreachable ones last, but still
+        candidates: they may be back); equally loaded ones rotated by `turn`. A server
+        that has not said its family yet is a candidate for any. Reads only."""
+        return [server for server in self._servers.ranked(turn)
+                if server.load is None or reported_family(server.load.family) == family]
 
     def _load_of(self, server: Peer[token_server_pb2.GetStatusResponse]) -> tuple[bool, float]:
         return not server.reachable, _per_stream_load(server.load, self._sent_since_poll[server.address])
@@ -114,15 +117,19 @@ class Router:
         return self._turn
 
     async def generate(
-        self, request: token_server_pb2.GenerateRequest, deadline: float
+        self, request: token_server_pb2.GenerateRequest, deadline: float, family: str = ORPHEUS
     ) -> AsyncIterator[token_server_pb2.GenerateResponse]:
-        """Generate on the best server that takes it; `deadline` is time.monotonic() based."""
+        """Generate on the best server of `family` that takes it; `deadline` is
+        time.monotonic() based."""
+        if self._servers.ranked(0) and not self.ranked(0, family):  # with none at all, the usual message
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE,
+                               f"no token server here serves {family} voices: voice {request.voice!r} cannot be spoken")
         failures: list[tuple[str, grpc.StatusCode, str]] = []
         relayed = _Relayed(request)
         for round_number in range(2):
             if round_number and (relayed.samples or not await self._wait_for_return(failures, deadline)):
                 break
-            for attempt_number, server in enumerate(self.ranked(self._next_turn()), start=len(failures)):
+            for attempt_number, server in enumerate(self.ranked(self._next_turn(), family), start=len(failures)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GatewayError(

@@ -18,6 +18,9 @@ from chorus.speech.audio_formats import BY_WIRE, NATIVE_RATE, SAMPLE_RATES, Audi
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from chorus.speech.limits import request_id_problem, sampling_problems
+from chorus.speech.family import ORPHEUS
+from chorus.speech.voice_store import NAME as VOICE_NAME
+from chorus.speech.voice_store import VoiceNotFound, VoiceStore, VoiceStoreError
 from chorus.speech.voices import unknown_voice
 from gateway.request_types import GenerationSpec, SynthesisOptions
 from gateway.segmenter import has_speech
@@ -95,8 +98,7 @@ def options(
 ) -> SynthesisOptions:
     """Every front end's request in tts.v1's terms (the Riva and OpenAI ones map theirs first)."""
     voice = voice or config.default_voice
-    if (problem := unknown_voice(voice, config.voices)) is not None:
-        raise invalid(problem)
+    family = voice_family(config, voice)
     fmt = BY_WIRE.get(audio.encoding)
     if fmt is None:
         raise invalid(f"unsupported audio encoding {audio.encoding}; GetLimits lists the encodings")
@@ -108,13 +110,29 @@ def options(
         raise invalid(problem)
     timeout = config.request_deadline_s if time_remaining is None else min(time_remaining, config.request_deadline_s)
     return SynthesisOptions(
-        spec=GenerationSpec(request_id=request_id or uuid.uuid4().hex, voice=voice, sampling=sampling),
+        spec=GenerationSpec(request_id=request_id or uuid.uuid4().hex, voice=voice, sampling=sampling, family=family),
         format=fmt,
         sample_rate=rate,
         timeout_s=timeout,
         start_buffer_s=config.start_buffer_s,
         tempo=tempo,
     )
+
+
+def voice_family(config: GatewayConfig, voice: str) -> str:
+    """The model family that speaks `voice`: a fixed voice is Orpheus's, a voice of the
+    store the family it was registered for; INVALID_ARGUMENT for any other name."""
+    if voice in config.voices:
+        return ORPHEUS
+    if config.voice_store is not None and VOICE_NAME.fullmatch(voice):
+        try:
+            return VoiceStore(config.voice_store).family_of(voice)
+        except VoiceNotFound:
+            pass
+        except VoiceStoreError as err:
+            raise invalid(str(err)) from None
+    raise invalid(unknown_voice(voice, config.voices) + (" or a voice registered from reference audio"
+                                                           if config.voice_store is not None else ""))
 
 
 def sample_rate(requested: int, fmt: AudioFormat, field: str = "sample_rate_hz") -> int:

@@ -16,6 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ORPHEUS = "orpheus"  # the first family: what an empty family field means on the wire
+
+
+def reported_family(name: str) -> str:
+    """The family a peer reports (GetStatusResponse.family); empty from a peer older than the field."""
+    return name or ORPHEUS
+
 
 @dataclass(frozen=True)
 class SpeechFamily:

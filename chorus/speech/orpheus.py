@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from chorus.speech import codecs
+from chorus.speech import family
 from chorus.speech.family import SpeechFamily
 
 # Vocabulary: 128,256 Llama-3 tokens, then 28,684 `<custom_token_N>` at 128256 + N.
@@ -107,7 +108,7 @@ DEFAULT_BUDGET_HEADROOM = 1.5
 # tokens a character; a budget from the text allows `headroom` times that, plus two
 # seconds, and at least 24 frames.
 FAMILY = SpeechFamily(
-    name="orpheus", codec=CODEC, codes_per_frame=CODES_PER_FRAME, codebook_size=CODEBOOK_SIZE,
+    name=family.ORPHEUS, codec=CODEC, codes_per_frame=CODES_PER_FRAME, codebook_size=CODEBOOK_SIZE,
     sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, code_token_base=AUDIO_TOKEN_BASE,
     end_of_speech=END_OF_SPEECH, decoder_lookahead_frames=DECODER_LOOKAHEAD_FRAMES,
     tokens_per_char=6, minimum_budget=7 * 24,

@@ -112,6 +112,20 @@ class VoiceStore:
             shutil.rmtree(incoming, ignore_errors=True)
         return voice
 
+    def family_of(self, name: str) -> str:
+        """The family a voice was registered for, from its description alone (a
+        gateway routes by it per request; the reference and codes are not read)."""
+        try:
+            description = json.loads((self.root / check_name(name) / DESCRIPTION).read_bytes())
+        except FileNotFoundError:
+            raise VoiceNotFound(f"no voice named {name!r} is registered") from None
+        except (OSError, ValueError) as err:
+            raise VoiceStoreError(f"voice {name!r} cannot be read: {err}") from None
+        family = description.get("family") if isinstance(description, dict) else None
+        if not isinstance(family, str) or not family:
+            raise VoiceStoreError(f"voice {name!r} names no model family")
+        return family
+
     def get(self, name: str) -> StoredVoice:
         folder = self.root / check_name(name)
         try:

@@ -226,6 +226,7 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
             model=self._config.model_path.name,
             capacity_streams=capacity_streams(self._engine, self._pool),
             active_streams=busy,
+            family=self._engine.family.name,
         )
 
 

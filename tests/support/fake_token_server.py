@@ -31,12 +31,14 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
     """Emits `2 + len(text) // 20` frames of constant PCM per request, then a summary."""
 
     def __init__(
-        self, fail_with=None, fail_after_frames=None, frame_delay_s=0.0, reported_busy=0, endless=False, codes=None
+        self, fail_with=None, fail_after_frames=None, frame_delay_s=0.0, reported_busy=0, endless=False, codes=None,
+        family="",
     ):
         """`codes`: a model stand-in (an int): then each frame's PCM is piece value + frame,
         each audio chunk carries a code digest that depends on `codes`, and replays
         (resume_from_sample, verify_frames) are served as a token server does."""
         self.fail_with = fail_with
+        self.family = family  # what GetStatus reports ("" as a server from before the field)
         self.codes = codes
         self.fail_after_frames = fail_after_frames
         self.frame_delay_s = frame_delay_s
@@ -107,7 +109,8 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
 
     async def GetStatus(self, request, context):
         return token_server_pb2.GetStatusResponse(
-            slots_total=4, slots_busy=self.reported_busy + self.active, queue_depth=0, queue_capacity=8
+            slots_total=4, slots_busy=self.reported_busy + self.active, queue_depth=0, queue_capacity=8,
+            family=self.family,
         )
 
 

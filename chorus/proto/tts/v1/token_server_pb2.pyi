@@ -53,7 +53,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("slots_total", "slots_busy", "queue_depth", "queue_capacity", "model", "capacity_streams", "active_streams")
+    __slots__ = ("slots_total", "slots_busy", "queue_depth", "queue_capacity", "model", "capacity_streams", "active_streams", "family")
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_BUSY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class GetStatusResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_STREAMS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_busy: int
     queue_depth: int
@@ -68,4 +69,5 @@ class GetStatusResponse(_message.Message):
     model: str
     capacity_streams: int
     active_streams: int
-    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., model: _Optional[str] = ..., capacity_streams: _Optional[int] = ..., active_streams: _Optional[int] = ...) -> None: ...
+    family: str
+    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., model: _Optional[str] = ..., capacity_streams: _Optional[int] = ..., active_streams: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...
