@@ -35,6 +35,10 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--slots", type=int, default=None,
                    help="token server slots (most parallel streams; real-time capacity admits fewer when the "
                         "machine cannot hold them); default: the token server's")
+    p.add_argument("--neutts", action="store_true",
+                   help="also serve the NeuTTS-Air family from MODELS/neutts (demo models built there beside demo "
+                        "models): a NeuCodec worker, a NeuTTS token server, and its voice store, whose voices "
+                        "(the demo's: demo) the gateway routes to it")
     p.add_argument("--token-servers", type=int, default=1, help="token server processes")
     p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
     share = split_for_stack(cpu_budget())
@@ -88,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models_dir=args.models, demo_models=args.demo_models, slots=args.slots, token_servers=args.token_servers,
         codec_workers=args.codec_workers, llama_threads=args.llama_threads, torch_threads=args.torch_threads,
         gateway_port=_gateway_port(args.gateway_port), gateway_http_port=_http_port(args), log_level=args.log_level,
-        on_progress=progress, metrics_port=metrics_port,
+        on_progress=progress, metrics_port=metrics_port, neutts=args.neutts,
         otlp_endpoint=args.otlp_endpoint or os.environ.get("CHORUS_OTLP_ENDPOINT") or None,
         extra_args={"token_server": args.token_server_arg, "codec_worker": args.codec_worker_arg,
                     "gateway": args.gateway_arg},

@@ -228,6 +228,10 @@ class Stack:
     otlp_endpoint: str | None = None
     # Logs and ready files go here; a temporary folder (removed on stop) when None.
     work_dir: Path | None = None
+    # Also serve the NeuTTS-Air family from `<models_dir>/neutts` (demo models built
+    # there when it is missing or the builder's): a NeuCodec worker, a NeuTTS token
+    # server and the voice store, which the gateway routes registered voices to.
+    neutts: bool = False
     on_progress: Callable[[str], None] = lambda message: None
     # Children get SIGTERM when this process dies. That takes a fork with Python code
     # before exec, which can crash in a child forked while gRPC threads of this
@@ -245,6 +249,7 @@ class Stack:
         self.torch_threads = self.torch_threads or share.torch
         self.codec_worker_processes: list[ServiceProcess] = []
         self.token_server_processes: list[ServiceProcess] = []
+        self.neutts_processes: list[ServiceProcess] = []  # its codec worker, then its token server
         self.gateway_process: ServiceProcess | None = None
         self._launched: list[ServiceProcess] = []  # in launch order, stopped in reverse
         self._own_work_dir = self.work_dir is None
@@ -272,9 +277,10 @@ class Stack:
         return {name: f"127.0.0.1:{self.metrics_port + i}" for i, name in enumerate(names)}
 
     def _first_metrics_port(self, key: str) -> int | None:
-        if not self.metrics_port:
+        offsets = {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers}
+        if not self.metrics_port or key not in offsets:  # the NeuTTS-Air pair exports none yet
             return None
-        return self.metrics_port + {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers}[key]
+        return self.metrics_port + offsets[key]
 
     def _calibration_args(self) -> list[str]:
         return [] if self.calibrate else ["--no-calibrate"]
@@ -302,11 +308,15 @@ class Stack:
                  *self._calibration_args()],
                 "token_server",
             )
-            token_addresses = ",".join(p.address for p in self.token_server_processes)
+            gateway_args = []
+            if self.neutts:
+                voices = self._launch_neutts()
+                gateway_args = ["--voice-store", str(voices)]
+            token_addresses = ",".join(p.address for p in [*self.token_server_processes, *self.neutts_processes[1:]])
             http = "off" if self.gateway_http_port is None else str(self.gateway_http_port)
             [self.gateway_process] = self._launch_all(
-                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses, "--http-port", http], "gateway",
-                port=self.gateway_port,
+                "gateway", self.GATEWAY, 1, ["--token-servers", token_addresses, "--http-port", http, *gateway_args],
+                "gateway", port=self.gateway_port,
             )
         except BaseException as err:
             self._keep_logs = isinstance(err, StackError)
@@ -343,6 +353,34 @@ class Stack:
         kind = "demo models (random weights)" if models.demo else "weights"
         self.on_progress(f"{kind}: {models.gguf} and {models.snac_dir}")
         return models
+
+    def _launch_neutts(self) -> Path:
+        """The NeuTTS-Air pair (a NeuCodec worker, a token server reading the voice
+        store); returns the voice store."""
+        from tools.demo_models.build import MANIFEST as ORPHEUS_DEMO_MANIFEST
+        from tools.demo_models.neutts_demo import MANIFEST, NeuTtsDemo, build_neutts_demo
+
+        root = self.models_dir / "neutts"
+        demo = NeuTtsDemo(root)
+        # Demo models go only beside demo models, or over a folder this builder wrote.
+        if (root / MANIFEST).is_file() or (not root.exists() and (self.models_dir / ORPHEUS_DEMO_MANIFEST).is_file()):
+            self.on_progress(f"NeuTTS-Air demo models (random weights): {root}")
+            demo = build_neutts_demo(root)
+        elif not (demo.gguf.is_file() and demo.neucodec_dir.is_dir()):
+            raise StackError(f"{root} must hold backbone.gguf, neucodec/ and voices/ for the NeuTTS-Air family")
+        [worker] = self._launch_all(
+            "NeuCodec worker", self.CODEC_WORKER, 1,
+            ["--model-dir", str(demo.neucodec_dir), "--codec", "neucodec_24khz",
+             "--torch-threads", str(self.torch_threads), *self._calibration_args()], "neutts",
+        )
+        [server] = self._launch_all(
+            "NeuTTS token server", self.TOKEN_SERVER, 1,
+            ["--model", str(demo.gguf), "--codec-workers", worker.address, "--voice-store", str(demo.voices),
+             "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else []),
+             *self._calibration_args()], "neutts",
+        )
+        self.neutts_processes = [worker, server]
+        return demo.voices
 
     def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):
         """Starts `count` instances at once (they load models in parallel), then waits for each.
