@@ -110,3 +110,23 @@ def test_a_gateway_without_a_voice_store_speaks_the_fixed_voices_only(store):
 
     err = run(scenario())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "registered" not in err.details()
+
+
+def test_the_openai_model_field_may_name_a_family_and_then_the_voice_must_be_of_it(store):
+    async def scenario():
+        async with two_families(store) as (orpheus, neutts, _, http):
+            def speech(model, voice):
+                return http.post("/v1/audio/speech", json={"model": model, "input": "Hi.", "voice": voice,
+                                                          "response_format": "pcm"})
+            answers = [await speech("neutts-air", "anna"), await speech("tts-1", "anna"),
+                       await speech("neutts-air", "tara"), await speech("orpheus", "anna"),
+                       await speech("neutts-air", "")]
+            models = (await http.get("/v1/models")).json()
+            return answers, models, len(orpheus.requests), len(neutts.requests)
+
+    answers, models, to_orpheus, to_neutts = run(scenario())
+    assert [a.status_code for a in answers] == [200, 200, 400, 400, 400]
+    assert "model neutts-air asks for a voice of the neutts-air family; 'tara' is of the orpheus family" in \
+        answers[2].json()["error"]["message"]
+    assert (to_orpheus, to_neutts) == (0, 2)  # refused requests reached no token server
+    assert {"orpheus", "neutts-air", "tts-1"} <= {m["id"] for m in models["data"]}

@@ -70,7 +70,7 @@ from gateway.errors import GatewayError, invalid
 from gateway.frontends import shell
 from gateway.frontends.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
 from gateway.frontends.openai_http.errors import error_response
-from gateway.frontends.openai_http.request import LISTED_MODELS, OPENAI_FORMATS, SpeechRequest, parse
+from gateway.frontends.openai_http.request import OPENAI_FORMATS, SpeechRequest, listed_models, parse
 from gateway.frontends.openai_http.tracing import traced
 from gateway.pipeline import Pipeline
 from gateway.synthesis import synthesize
@@ -185,9 +185,10 @@ class SpeechEndpoint:
 
     async def models(self, request: Request) -> Response:
         """OpenAI's model list, for clients that fill a model picker from it: the names
-        clients commonly send, all served by this deployment's model (`model` takes any name)."""
+        clients commonly send and the model families (`model` takes any name)."""
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self._created, "owned_by": "chorus"} for name in LISTED_MODELS
+            {"id": name, "object": "model", "created": self._created, "owned_by": "chorus"}
+            for name in listed_models(self._config)
         ]})
 
     async def riva_realtime(self, request: Request) -> Response:

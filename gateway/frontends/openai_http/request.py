@@ -21,7 +21,9 @@ import math
 from dataclasses import dataclass
 
 from chorus.proto.tts.v1 import gateway_pb2
+from chorus.speech import neutts
 from chorus.speech.audio_formats import FORMATS, NATIVE_RATE
+from chorus.speech.family import ORPHEUS
 from gateway import validation, voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import MAX_TEMPO, MIN_TEMPO
@@ -34,9 +36,16 @@ from gateway.sampling_fields import sampling_from_mapping
 OPENAI_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 STREAM_FORMATS = ("audio", "sse")
 MAX_MODEL_CHARS = 256
-# What `GET /v1/models` lists: OpenAI's speech models and the backbone's family, the
-# names clients offer in a model picker. `model` takes any name; all are this deployment's model.
-LISTED_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "orpheus")
+# What `GET /v1/models` lists: OpenAI's speech models and the model families, the
+# names clients offer in a model picker. `model` takes any name; a family's name asks
+# for a voice of that family (the voice picks the family either way).
+LISTED_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", ORPHEUS)
+FAMILY_MODELS = (ORPHEUS, neutts.NAME)
+
+
+def listed_models(config: GatewayConfig) -> tuple[str, ...]:
+    """The model names to list: NeuTTS-Air's too where registered voices are served."""
+    return LISTED_MODELS + ((neutts.NAME,) if config.voice_store is not None else ())
 _FIELDS = {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions",
            "sample_rate", "sampling", "request_id", "stream"}
 # How much of the unknown field names the warning quotes: the names are the client's,
@@ -100,6 +109,9 @@ def parse(body: object, config: GatewayConfig) -> SpeechRequest:
         request_id=_string(body, "request_id"),
         tempo=float(speed),
     )
+    if model in FAMILY_MODELS and options.spec.family != model:
+        raise invalid(f"model {model} asks for a voice of the {model} family; {options.spec.voice!r} is of the "
+                      f"{options.spec.family} family (GET /v1/audio/voices lists the voices)")
     _warn_unknown(body, options.spec.request_id)
     return SpeechRequest(text=text, options=options, sse=stream_format == "sse", stream=stream)
 
