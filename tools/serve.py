@@ -84,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"chorus serve: {err}", file=sys.stderr)
             return 2
     try:
-        metrics_port = _metrics_port(args.metrics_port, 1 + args.token_servers + args.codec_workers)
+        metrics_port = _metrics_port(args.metrics_port, 1 + args.token_servers + args.codec_workers + 2 * args.neutts)
     except ValueError as err:
         print(f"chorus serve: {err}", file=sys.stderr)
         return 2

@@ -273,14 +273,15 @@ class Stack:
         server", "codec worker 1"...); empty without `metrics_port`."""
         if not self.metrics_port:
             return {}
-        names = ["gateway", *_names("token server", self.token_servers), *_names("codec worker", self.codec_workers)]
+        names = ["gateway", *_names("token server", self.token_servers), *_names("codec worker", self.codec_workers),
+                 *(["NeuCodec worker", "NeuTTS token server"] if self.neutts else [])]
         return {name: f"127.0.0.1:{self.metrics_port + i}" for i, name in enumerate(names)}
 
     def _first_metrics_port(self, key: str) -> int | None:
-        offsets = {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers}
-        if not self.metrics_port or key not in offsets:  # the NeuTTS-Air pair exports none yet
-            return None
-        return self.metrics_port + offsets[key]
+        after = 1 + self.token_servers + self.codec_workers  # the NeuTTS-Air pair comes last
+        offsets = {"gateway": 0, "token_server": 1, "codec_worker": 1 + self.token_servers,
+                   "neutts_codec_worker": after, "neutts_token_server": after + 1}
+        return self.metrics_port + offsets[key] if self.metrics_port else None
 
     def _calibration_args(self) -> list[str]:
         return [] if self.calibrate else ["--no-calibrate"]
@@ -371,13 +372,13 @@ class Stack:
         [worker] = self._launch_all(
             "NeuCodec worker", self.CODEC_WORKER, 1,
             ["--model-dir", str(demo.neucodec_dir), "--codec", "neucodec_24khz",
-             "--torch-threads", str(self.torch_threads), *self._calibration_args()], "neutts",
+             "--torch-threads", str(self.torch_threads), *self._calibration_args()], "neutts_codec_worker",
         )
         [server] = self._launch_all(
             "NeuTTS token server", self.TOKEN_SERVER, 1,
             ["--model", str(demo.gguf), "--codec-workers", worker.address, "--voice-store", str(demo.voices),
              "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else []),
-             *self._calibration_args()], "neutts",
+             *self._calibration_args()], "neutts_token_server",
         )
         self.neutts_processes = [worker, server]
         return demo.voices
@@ -390,7 +391,7 @@ class Stack:
         for i, name in enumerate(_names(label, count)):
             metrics = ["--metrics-port", str(first_metrics + i)] if first_metrics else []
             processes.append(self._launch(name, module, [*args, *self._common_args(), *metrics,
-                                                         *self.extra_args.get(key, [])], port))
+                                                         *self.extra_args.get(key.removeprefix("neutts_"), [])], port))
         self._launched += processes  # stopped even if one of them fails to start
         for process in processes:
             process.wait_ready(self.start_timeout_s)

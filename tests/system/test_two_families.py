@@ -10,6 +10,7 @@ import pytest
 
 from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from chorus.speech import neutts, orpheus
+from ports import free_port_run
 from tools.demo_models.neutts_demo import DEMO_VOICE
 from tools.supervisor import Stack
 
@@ -29,8 +30,11 @@ def spoken(stub, voice: str, tokens: int) -> tuple[bytes, common_pb2.SynthesisSu
 
 
 def test_one_gateway_speaks_an_orpheus_voice_and_the_neutts_demo_voice(demo_models, tmp_path):
-    with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack") as stack:
+    base = free_port_run(5)  # gateway, token server, codec worker, then the NeuTTS-Air pair
+    with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack",
+               metrics_port=base) as stack:
         assert len(stack.neutts_processes) == 2
+        metrics = httpx.get(f"http://{stack.metrics_addresses['NeuTTS token server']}/metrics", timeout=10).text
         with grpc.insecure_channel(stack.gateway_address) as channel:
             stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
             voices = {v.name for v in stub.ListVoices(gateway_pb2.ListVoicesRequest(), timeout=10).voices}
@@ -41,6 +45,7 @@ def test_one_gateway_speaks_an_orpheus_voice_and_the_neutts_demo_voice(demo_mode
         over_http = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/speech", json=body, timeout=120)
 
     assert {DEMO_VOICE, "tara"} <= voices
+    assert "chorus_token_server" in metrics  # the NeuTTS token server's own port, after the Orpheus services
     # PCM16 at 24 kHz: every frame's samples, nothing lost, in each family's frame size.
     assert len(neutts_audio) == 2 * 60 * neutts.SAMPLES_PER_FRAME and neutts_summary.frames == 60
     assert len(orpheus_audio) == 2 * 10 * orpheus.SAMPLES_PER_FRAME and orpheus_summary.frames == 10

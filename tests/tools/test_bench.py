@@ -217,3 +217,23 @@ def test_a_short_sweep_through_a_real_stack_writes_figures_and_plots(demo_models
     assert (out / "sweep.png").stat().st_size > 1000
     assert (out / "timeline-2.png").stat().st_size > 1000
     assert "| 1 |" in done.stdout and "| 2 |" in done.stdout
+
+
+def test_a_sweep_of_the_neutts_family_speaks_its_demo_voice_in_its_own_frames(demo_models, tmp_path):
+    """`chorus bench --family neutts-air`: the stack with both families, requests in
+    NeuCodec frames (50 a second) for the demo voice; and no ceiling for it yet."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "--models", str(demo_models.root), "--family", "neutts-air",
+         "--levels", "1", "--requests", "2", "--frames", "40", "--repeat", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    (level,) = result["levels"]
+    assert result["family"] == "neutts-air" and result["frames_per_request"] == 40
+    assert level["completed"] == 2 and level["failed"] == 0
+    assert level["audio_seconds"] == pytest.approx(2 * 40 * 0.02)
+    refused = subprocess.run([sys.executable, "-m", "tools.cli", "bench", "--family", "neutts-air", "--ceiling"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "measures the Orpheus models only" in refused.stderr

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from chorus.realtime.playback import DEFAULT_START_BUFFER_S
 from tools.bench.ceiling import add_common_arguments
+from tools.bench.load import FAMILIES
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -55,7 +56,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default: 4 per stream of the level, at least 8)")
-    p.add_argument("--frames", type=int, default=60, help="frames per request, fixed (default 60 = 5.12 s)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="orpheus",
+                   help="the model family to load: neutts-air starts the stack with the NeuTTS-Air family too "
+                        "(`chorus serve --neutts`) and speaks its demo voice; --ceiling measures Orpheus's only "
+                        "(default orpheus)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per request, fixed (default: 5.12 s, 60 SNAC frames or 256 NeuCodec frames)")
     p.add_argument("--max-seconds", type=float, default=120.0,
                    help="per level: no new request starts after this (default 120)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each request in seconds")
@@ -104,6 +110,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from tools.bench.load import run_level
 
     levels = _levels(args.levels)
+    family = FAMILIES[args.family]
+    frames = args.frames or family.default_frames
+    if args.ceiling and family.name != "orpheus":
+        print("chorus bench: --ceiling measures the Orpheus models only (bare llama_decode beside the SNAC "
+              "decoder); drop it for the NeuTTS-Air sweep", file=sys.stderr)
+        return 2
     if args.gateway and not is_loopback(args.gateway):
         print(f"chorus bench: {args.gateway} is not on this machine; the load sweep runs on loopback only",
               file=sys.stderr)
@@ -128,6 +140,7 @@ def run_bench(args: argparse.Namespace) -> int:
             from tools.supervisor import Stack
 
             extra, stack_precision = stack_options(args.stack_arg, args.decoder_precision)
+            extra.setdefault("neutts", family.name == "neutts-air")
             stack = Stack(models_dir=args.models, gateway_http_port=None, **extra,
                           on_progress=lambda message: print(message, file=sys.stderr))
             stack.start()
@@ -144,8 +157,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     def done(record, bar=bar):
                         bar.update(1)
 
-                    run = asyncio.run(run_level(address, concurrency, per_level[concurrency], args.frames,
-                                                args.max_seconds, args.timeout, first, done))
+                    run = asyncio.run(run_level(address, concurrency, per_level[concurrency], frames,
+                                                args.max_seconds, args.timeout, first, done, family))
                     first += per_level[concurrency]
                     runs[concurrency].append(run)
     finally:
@@ -160,7 +173,8 @@ def run_bench(args: argparse.Namespace) -> int:
     plots.sweep_summary(summaries, ceiling_spreads, args.out / "sweep.png")
     n_star = ceiling.n_star() if ceiling else None
     result = {
-        "frames_per_request": args.frames,
+        "family": family.name,
+        "frames_per_request": frames,
         "start_buffer_s": start_buffer_s,
         "repeat": args.repeat,
         "decoder_precision": {"requested": args.decoder_precision, "stack": stack_precision,

@@ -59,20 +59,45 @@ class LevelRun:
     records: list[RequestRecord]
 
 
-def fixed_length_request(index: int, frames: int, text: str = TEXT) -> gateway_pb2.SynthesizeRequest:
+@dataclass(frozen=True)
+class BenchFamily:
+    """What the load sweep asks of one model family: a voice of it, and the frames of
+    its codec (a request's length is set in frames)."""
+
+    name: str
+    voice: str  # "" for the gateway's default voice
+    codes_per_frame: int
+    frame_seconds: float
+    default_frames: int  # about 5.12 s of audio
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.codes_per_frame
+
+
+FAMILIES = {
+    "orpheus": BenchFamily("orpheus", "", orpheus.CODES_PER_FRAME, orpheus.FRAME_SECONDS, 60),
+    # The demo NeuTTS-Air family's only voice (tools/demo_models/neutts_demo.py).
+    "neutts-air": BenchFamily("neutts-air", "demo", 1, 0.02, 256),
+}
+
+
+def fixed_length_request(index: int, frames: int, text: str = TEXT,
+                         family: BenchFamily = FAMILIES["orpheus"]) -> gateway_pb2.SynthesizeRequest:
     return gateway_pb2.SynthesizeRequest(
         text=text,
+        voice=family.voice,
         audio=gateway_pb2.AudioConfig(encoding=gateway_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=orpheus.SAMPLE_RATE),
         sampling=common_pb2.SamplingParams(
-            max_tokens=frames * orpheus.CODES_PER_FRAME, ignore_end_of_speech=True, seed=index
+            max_tokens=frames * family.tokens_per_frame, ignore_end_of_speech=True, seed=index
         ),
         request_id=f"bench-{index}",
     )
 
 
-async def _one(stub, index: int, frames: int, timeout_s: float) -> RequestRecord:
+async def _one(stub, index: int, frames: int, timeout_s: float, family: BenchFamily) -> RequestRecord:
     record = RequestRecord(index, time.monotonic())
-    call = stub.Synthesize(fixed_length_request(index, frames), timeout=timeout_s)
+    call = stub.Synthesize(fixed_length_request(index, frames, family=family), timeout=timeout_s)
     try:
         async for response in call:
             now = time.monotonic()
@@ -97,6 +122,7 @@ async def run_level(
     timeout_s: float,
     first_index: int = 0,
     on_done: Callable[[RequestRecord], None] = lambda record: None,
+    family: BenchFamily = FAMILIES["orpheus"],
 ) -> LevelRun:
     records: list[RequestRecord] = []
     issued = 0
@@ -110,7 +136,7 @@ async def run_level(
             while issued < requests and time.monotonic() - started < max_seconds:
                 index = first_index + issued
                 issued += 1
-                record = await _one(stub, index, frames, timeout_s)
+                record = await _one(stub, index, frames, timeout_s, family)
                 records.append(record)
                 on_done(record)
 
