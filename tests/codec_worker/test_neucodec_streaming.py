@@ -246,3 +246,48 @@ def test_the_benchmark_compares_both_schemes_on_the_same_codes(model):
     assert ours.audio.size == reference.size
     assert neutts.first_audio_frames == ours.first_audio_frames == 30
     assert bench.snr_db(ours.audio, reference) > bench.snr_db(neutts.audio, reference)
+
+
+def test_a_streams_bits_hold_whatever_shares_its_step_and_however_many_threads_decode(model):
+    """Within one numeric mode (this CPU's MKL kernels): the engine may hand a stream's
+    frames over in any grouping, beside any other stream, on 1 or 2 torch threads, and
+    its audio is the same to the last bit. Each stream decodes in its own forwards, so
+    a batch partner cannot change it; thread counts are measured, not assumed."""
+    from services.codec_worker.neucodec_streaming import NeuCodecStreams
+
+    first, second = (np.array(random_codes(FRAMES, seed=s)).reshape(-1, 1) for s in (11, 12))
+
+    def decoded(threads: int, steps: list[int], partner: np.ndarray | None) -> np.ndarray:
+        torch.set_num_threads(threads)
+        streams = NeuCodecStreams(model)
+        mine, other = streams.new_stream(), streams.new_stream()
+        parts, i = [], 0
+        for size in steps:
+            work = [(mine, first[i : i + size])] + ([(other, partner[i : i + size])] if partner is not None else [])
+            chunk = streams.decode(work)[0]
+            i += size
+            parts.append(chunk.samples if chunk is not None else np.zeros(0, np.float32))
+        tail = streams.flush(mine)
+        return np.concatenate(parts + [tail.samples if tail is not None else np.zeros(0, np.float32)])
+
+    alone = decoded(1, [FRAMES], None)
+    assert alone.size == FRAMES * 480
+    assert np.array_equal(decoded(2, [FRAMES], None), alone)
+    assert np.array_equal(decoded(1, random_splits(FRAMES, random.Random(3)), second), alone)
+    assert np.array_equal(decoded(2, [1] * FRAMES, second), alone)
+
+
+def test_a_resumed_stream_replays_from_frame_0_and_sends_only_what_was_not_relayed(model):
+    from services.codec_worker.neucodec_streaming import NeuCodecStreams
+
+    codes = np.array(random_codes(40, seed=13)).reshape(-1, 1)
+    streams = NeuCodecStreams(model)
+    whole = streams.new_stream()
+    full = [streams.decode([(whole, codes)])[0], streams.flush(whole)]
+    full_audio = np.concatenate([c.samples for c in full if c is not None])
+    resumed = streams.new_stream(resume_from_sample=5000)
+    chunks = [c for c in (streams.decode([(resumed, codes)])[0], streams.flush(resumed)) if c is not None]
+    assert chunks[0].sample_offset == 5000
+    assert np.array_equal(np.concatenate([c.samples for c in chunks]), full_audio[5000:])
+    with pytest.raises(ValueError, match="starts at frame 0"):
+        streams.new_stream(first_frame_index=3)
