@@ -306,3 +306,34 @@ def test_a_failure_relaying_frames_ends_the_stream_instead_of_stalling_it(neutts
     error = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "relaying frames to the codec worker failed: digest broke" in error.details()
+
+
+def test_a_neutts_stream_outlives_its_codec_worker_with_the_same_audio(neutts_gguf, neucodec_dir, voice_store):
+    """A NeuCodec worker stopped mid-stream: the token server resumes the stream on the
+    other worker from frame 0 (the same windows) and relays only the samples it had not,
+    so the listener gets the uninterrupted audio, sample for sample."""
+    from services.codec_worker.neucodec_model import load_neucodec
+    from services.codec_worker.neucodec_streaming import StreamingNeuCodec
+
+    async def scenario():
+        async with neucodec_worker(neucodec_dir) as a, neucodec_worker(neucodec_dir) as b:
+            async with neutts_server(neutts_gguf, voice_store, codec_workers=(a.address, b.address)) as (_, stub):
+                frames, _ = await codes_of(stub, generate(200))
+                pcm, stopped = [], None
+                async for message in stub.Generate(generate(200, codes_only=False), timeout=60):
+                    if message.WhichOneof("payload") != "audio":
+                        continue
+                    pcm.append(message.audio)
+                    if stopped is None:
+                        (stopped,) = [w for w in (a, b) if w.components["engine"].open_streams]
+                        await stopped.stop(0)
+                return frames, pcm, [w for w in (a, b) if w is not stopped][0].components["engine"].stats.frames
+
+    frames, pcm, resumed_frames = asyncio.run(scenario())
+    assert [c.sample_offset for c in pcm] == list(np.cumsum([0] + [len(c.pcm) // 2 for c in pcm[:-1]]))
+    audio = np.frombuffer(b"".join(c.pcm for c in pcm), dtype="<i2")
+    decoder = StreamingNeuCodec(load_neucodec(neucodec_dir))
+    codes = [f.codes[0] for f in frames]
+    expected = np.concatenate([decoder.push(codes), decoder.finish()])
+    assert np.array_equal(audio, np.clip(np.rint(expected * 32767.0), -32768, 32767).astype("<i2"))
+    assert resumed_frames == 200  # the other worker decoded the whole stream again, from its first frame
