@@ -127,3 +127,35 @@ def test_builder_is_deterministic(tmp_path):
     assert digest(a.gguf) == digest(b.gguf) != digest(c.gguf)
     weights = "pytorch_model.bin"
     assert digest(a.snac_dir / weights) == digest(b.snac_dir / weights) != digest(c.snac_dir / weights)
+
+
+def test_the_neutts_demo_family_is_deterministic_built_once_and_has_its_voice(tmp_path):
+    from chorus.speech import codecs, neutts
+    from chorus.speech.voice_store import VoiceStore
+    from tools.demo_models.neutts_demo import DEMO_VOICE, build_neutts_demo
+
+    a, b = build_neutts_demo(tmp_path / "a", seed=3), build_neutts_demo(tmp_path / "b", seed=3)
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert digest(a.gguf) == digest(b.gguf)
+    assert digest(a.neucodec_dir / "pytorch_model.bin") == digest(b.neucodec_dir / "pytorch_model.bin")
+    voice = VoiceStore(a.voices).get(DEMO_VOICE)
+    assert voice.family == neutts.NAME and voice.reference_rate == 16_000 and voice.reference.size == 32_000
+    assert np.array_equal(voice.codes[codecs.NEUCODEC_24KHZ], VoiceStore(b.voices).get(DEMO_VOICE).codes[
+        codecs.NEUCODEC_24KHZ])
+    written = a.gguf.stat().st_mtime_ns
+    assert build_neutts_demo(tmp_path / "a", seed=3).is_built(3) and a.gguf.stat().st_mtime_ns == written
+    assert not a.is_built(4)
+
+
+def test_chorus_models_demo_builds_the_neutts_family_when_asked(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(tmp_path), "--neutts"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "neutts:" in done.stdout and (tmp_path / "neutts" / "backbone.gguf").is_file()
+    assert (tmp_path / "neutts" / "voices" / "demo").is_dir()

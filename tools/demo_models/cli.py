@@ -1,4 +1,5 @@
-"""`chorus models demo`: writes the demo backbone GGUF and SNAC directory."""
+"""`chorus models demo`: writes the demo backbone GGUF and SNAC directory (and with
+--neutts the NeuTTS-Air demo family under DIR/neutts)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def register(subparsers, name: str, help_text: str) -> None:
     demo.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"output folder (default {DEFAULT_DIR})")
     demo.add_argument("--seed", type=int, default=0, help="weights seed; same seed, same bytes")
     demo.add_argument("--force", action="store_true", help="rebuild even if the files exist")
+    demo.add_argument("--neutts", action="store_true",
+                      help="also the NeuTTS-Air demo family under DIR/neutts: a Qwen2 backbone GGUF, a NeuCodec "
+                           "decoder and a voice store with one voice, demo (what `chorus serve --neutts` serves)")
     demo.set_defaults(func=run_demo)
 
 
@@ -26,5 +30,10 @@ def run_demo(args: argparse.Namespace) -> int:
     models = build_demo_models(args.dir, seed=args.seed, force=args.force)
     print(f"backbone: {models.gguf}")
     print(f"snac:     {models.snac_dir}")
+    if args.neutts:
+        from tools.demo_models.neutts_demo import build_neutts_demo
+
+        family = build_neutts_demo(models.root / "neutts", seed=args.seed, force=args.force)
+        print(f"neutts:   {family.gguf}, {family.neucodec_dir}, voices in {family.voices}")
     print(f"built in {time.perf_counter() - started:.1f}s")
     return 0
