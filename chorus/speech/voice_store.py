@@ -115,18 +115,29 @@ class VoiceStore:
     def family_of(self, name: str) -> str:
         """The family a voice was registered for, from its description alone (a
         gateway routes by it per request; the reference and codes are not read)."""
-        try:
-            description = json.loads((self.root / check_name(name) / DESCRIPTION).read_bytes())
-        except FileNotFoundError:
-            raise VoiceNotFound(f"no voice named {name!r} is registered") from None
-        except (OSError, ValueError) as err:
-            raise VoiceStoreError(f"voice {name!r} cannot be read: {err}") from None
-        family = description.get("family") if isinstance(description, dict) else None
+        folder, description = self._description(name)
+        family = description.get("family")
         if not isinstance(family, str) or not family:
-            raise VoiceStoreError(f"voice {name!r} names no model family")
+            raise VoiceStoreError(f"voice {name!r} cannot be read from {folder} (it names no model family)")
         return family
 
-    def get(self, name: str) -> StoredVoice:
+    def get(self, name: str, with_reference: bool = True) -> StoredVoice:
+        """The voice; without its reference audio (an empty array) when a caller needs
+        only the transcript and codes, as a prompt does on every request."""
+        folder, description = self._description(name)
+        try:
+            return StoredVoice(
+                name=description["name"], family=description["family"], transcript=description["transcript"],
+                reference_rate=int(description["reference_rate"]),
+                reference=_read_array(folder / REFERENCE) if with_reference else np.zeros(0, np.float32),
+                codes={codec: _read_array(folder / f"codes-{check_name(codec, 'codec name')}.npy")
+                       for codec in description["codecs"]},
+                registered_at=float(description["registered_at"]),
+            )
+        except (KeyError, TypeError, OSError, ValueError, VoiceStoreError) as err:
+            raise VoiceStoreError(f"voice {name!r} cannot be read from {folder} ({err})") from err
+
+    def _description(self, name: str) -> tuple[Path, dict]:
         folder = self.root / check_name(name)
         try:
             description = json.loads((folder / DESCRIPTION).read_bytes())
@@ -134,17 +145,9 @@ class VoiceStore:
             raise VoiceNotFound(f"no voice named {name!r} is registered") from None
         except (OSError, ValueError) as err:
             raise VoiceStoreError(f"voice {name!r} cannot be read from {folder} ({err})") from err
-        try:
-            return StoredVoice(
-                name=description["name"], family=description["family"], transcript=description["transcript"],
-                reference_rate=int(description["reference_rate"]),
-                reference=_read_array(folder / REFERENCE),
-                codes={codec: _read_array(folder / f"codes-{check_name(codec, 'codec name')}.npy")
-                       for codec in description["codecs"]},
-                registered_at=float(description["registered_at"]),
-            )
-        except (KeyError, TypeError, OSError, ValueError, VoiceStoreError) as err:
-            raise VoiceStoreError(f"voice {name!r} cannot be read from {folder} ({err})") from err
+        if not isinstance(description, dict):
+            raise VoiceStoreError(f"voice {name!r} cannot be read from {folder} (its description is not an object)")
+        return folder, description
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

@@ -71,7 +71,7 @@ class NeuTtsPrompts:
             raise PromptError(f"name a voice: NeuTTS speaks voices registered from reference audio "
                               f"({', '.join(self.store.names()[:10]) or 'none registered yet'})")
         try:
-            stored = self.store.get(voice)
+            stored = self.store.get(voice, with_reference=False)
         except VoiceStoreError as err:
             raise PromptError(str(err)) from None
         codes = stored.codes.get(self.family.codec)

@@ -110,3 +110,22 @@ def test_a_tampered_voice_is_an_error_that_names_it_and_runs_nothing(tmp_path):
     (tmp_path / "anna" / "voice.json").write_text("{not json")
     with pytest.raises(VoiceStoreError, match="voice 'anna' cannot be read"):
         store.get("anna")
+
+
+def test_the_family_and_the_codes_are_read_without_the_reference(tmp_path):
+    """What the gateway (the family, per request) and a token server's prompt (the
+    transcript and codes) read; a damaged description is an error naming the voice."""
+    store = VoiceStore(tmp_path)
+    store.register("anna", "neutts-air", "Hello.", np.ones(16_000, np.float32), 16_000,
+                   codes={"neucodec_24khz": np.arange(5)})
+    assert store.family_of("anna") == "neutts-air"
+    light = store.get("anna", with_reference=False)
+    assert light.reference.size == 0 and light.transcript == "Hello."
+    assert np.array_equal(light.codes["neucodec_24khz"], np.arange(5))
+    assert store.get("anna").reference.size == 16_000
+    with pytest.raises(VoiceNotFound):
+        store.family_of("nobody")
+    (tmp_path / "anna" / "voice.json").write_text("[1, 2]")
+    for read in (store.family_of, store.get):
+        with pytest.raises(VoiceStoreError, match="voice 'anna' cannot be read"):
+            read("anna")
