@@ -428,7 +428,7 @@ class Stack:
             raise StackError(f"{process.name} is still running")
         port = int(process.address.rpartition(":")[2])
         fresh = self._launch(process.name, process.module, process.args, port)
-        for group in (self._launched, self.codec_worker_processes, self.token_server_processes):
+        for group in (self._launched, self.codec_worker_processes, self.token_server_processes, self.neutts_processes):
             if process in group:
                 group[group.index(process)] = fresh
         if self.gateway_process is process:

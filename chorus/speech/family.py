@@ -45,6 +45,9 @@ class SpeechFamily:
     # (its decoder's output depends on context a few frames cannot restore), rather
     # than decoder_lookahead_frames of context.
     resume_from_start: bool = False
+    # Sampling defaults that differ from Chorus's own (Orpheus's): (field, value) pairs
+    # for a request's unset sampling fields, as the family's reference code samples.
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if min(self.codes_per_frame, self.codebook_size, self.sample_rate, self.samples_per_frame) <= 0:

@@ -41,6 +41,11 @@ SPEECH_GENERATION_START = "<|SPEECH_GENERATION_START|>"
 SPEECH_GENERATION_END = "<|SPEECH_GENERATION_END|>"
 SPECIALS = (TEXT_PROMPT_START, TEXT_PROMPT_END, SPEECH_GENERATION_START, SPEECH_GENERATION_END)
 INPUT_FORMAT_KEY = "neuphonic.input_format"
+# How neutts 1.4.1 samples a GGUF backbone: temperature 1 and top-k 50, the rest
+# llama-cpp-python 0.3's defaults for a completion (top-p 0.95, min-p 0.05, no
+# repetition penalty).
+SAMPLING_DEFAULTS = (("temperature", 1.0), ("top_k", 50), ("top_p", 0.95), ("min_p", 0.05),
+                     ("repetition_penalty", 1.0))
 PHONEMES, BPE = "phonemes", "BPE"
 _SPEECH_TOKEN = re.compile(r"<\|speech_(\d+)\|>")
 
@@ -113,5 +118,5 @@ def family(code_token_base: int, end_of_speech: int) -> SpeechFamily:
         name=NAME, codec=codecs.NEUCODEC_24KHZ, codes_per_frame=1, codebook_size=CODEBOOK_SIZE,
         sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, code_token_base=code_token_base,
         end_of_speech=end_of_speech, decoder_lookahead_frames=DECODER_LOOKAHEAD_FRAMES,
-        tokens_per_char=3.6, minimum_budget=100, resume_from_start=True,
+        tokens_per_char=3.6, minimum_budget=100, resume_from_start=True, sampling_defaults=SAMPLING_DEFAULTS,
     )

@@ -28,10 +28,10 @@ class InvalidRequest(ValueError):
     """A request the engine must not see; the message says which field and why."""
 
 
-def resolve_sampling(request: common_pb2.SamplingParams) -> SamplingParams:
-    """Proto sampling fields (each optional) over the defaults, a random seed if none;
-    ValueError naming the field on a bad value."""
-    defaults = SamplingParams()
+def resolve_sampling(request: common_pb2.SamplingParams, family: SpeechFamily = orpheus.FAMILY) -> SamplingParams:
+    """Proto sampling fields (each optional) over the family's defaults, a random seed
+    if none; ValueError naming the field on a bad value."""
+    defaults = SamplingParams(**dict(family.sampling_defaults))
     values = {name: getattr(request if request.HasField(name) else defaults, name) for name in SAMPLING_FIELDS}
     if not request.HasField("seed"):
         values["seed"] = uuid.uuid4().int & (2**63 - 1)
@@ -89,7 +89,7 @@ def to_generation_request(
     if len(text) > MAX_TEXT_CHARS:
         raise InvalidRequest(f"text has {len(text)} characters, more than {MAX_TEXT_CHARS}; split it (the gateway does)")
     try:
-        sampling = resolve_sampling(request.sampling)
+        sampling = resolve_sampling(request.sampling, family)
         clock = PlaybackClock.from_wire(request.playback, family.sample_rate, now, max(0, request.resume_from_sample))
     except ValueError as err:
         raise InvalidRequest(f"bad request: {err}") from err

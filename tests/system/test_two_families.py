@@ -51,3 +51,22 @@ def test_one_gateway_speaks_an_orpheus_voice_and_the_neutts_demo_voice(demo_mode
     assert len(orpheus_audio) == 2 * 10 * orpheus.SAMPLES_PER_FRAME and orpheus_summary.frames == 10
     assert over_http.status_code == 200, over_http.text
     assert len(over_http.content) == 2 * 50 * neutts.SAMPLES_PER_FRAME
+
+
+def test_a_store_voice_speaks_again_after_every_tier_restarts(demo_models, tmp_path):
+    """The voice store is on disk, read by each process when a request names a voice:
+    killing and restarting the NeuCodec worker, the NeuTTS token server and the gateway
+    loses no voice, and the seeded request gets the same audio as before."""
+    with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack",
+               gateway_http_port=None) as stack:
+        def speak() -> bytes:
+            with grpc.insecure_channel(stack.gateway_address) as channel:
+                return spoken(gateway_pb2_grpc.SynthesisServiceStub(channel), DEMO_VOICE, 40)[0]
+
+        before = speak()
+        for process in [*stack.neutts_processes, stack.gateway_process]:
+            stack.kill(process)
+            stack.restart(process)
+        after = speak()
+    assert len(before) == 2 * 40 * neutts.SAMPLES_PER_FRAME
+    assert after == before

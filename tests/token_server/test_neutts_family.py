@@ -337,3 +337,16 @@ def test_a_neutts_stream_outlives_its_codec_worker_with_the_same_audio(neutts_gg
     expected = np.concatenate([decoder.push(codes), decoder.finish()])
     assert np.array_equal(audio, np.clip(np.rint(expected * 32767.0), -32768, 32767).astype("<i2"))
     assert resumed_frames == 200  # the other worker decoded the whole stream again, from its first frame
+
+
+def test_a_neutts_request_samples_as_neutts_does_unless_it_says_otherwise(vocabulary):
+    from services.token_server.request_mapping import resolve_sampling
+    from services.token_server.sampler import SamplingParams
+
+    family = resolve(vocabulary).family
+    resolved = resolve_sampling(common_pb2.SamplingParams(seed=1), family)
+    assert (resolved.temperature, resolved.top_k, resolved.top_p, resolved.min_p, resolved.repetition_penalty) == \
+        pytest.approx((1.0, 50, 0.95, 0.05, 1.0))
+    mine = resolve_sampling(common_pb2.SamplingParams(seed=1, temperature=0.5, top_k=0), family)
+    assert (mine.temperature, mine.top_k, mine.top_p) == pytest.approx((0.5, 0, 0.95))
+    assert resolve_sampling(common_pb2.SamplingParams(seed=1), orpheus.FAMILY) == SamplingParams(seed=1)
