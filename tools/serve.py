@@ -41,7 +41,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                         "(the demo's: demo) the gateway routes to it")
     p.add_argument("--token-servers", type=int, default=1, help="token server processes")
     p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
-    share = split_for_stack(cpu_budget())
+    share = split_for_stack(cpu_budget())  # one pair; --neutts adds a second, which halves these
     p.add_argument("--llama-threads", type=int, default=None,
                    help=f"llama.cpp threads per token server; default: this machine's CPUs divided between the "
                         f"processes (here {share.llama})")

@@ -244,7 +244,8 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.models_dir = Path(self.models_dir)
-        share = split_for_stack(cpu_budget(), self.token_servers, self.codec_workers)
+        # The NeuTTS-Air pair computes too: a token server and a codec worker more.
+        share = split_for_stack(cpu_budget(), self.token_servers + self.neutts, self.codec_workers + self.neutts)
         self.llama_threads = self.llama_threads or share.llama
         self.torch_threads = self.torch_threads or share.torch
         self.codec_worker_processes: list[ServiceProcess] = []

@@ -70,3 +70,16 @@ def test_a_store_voice_speaks_again_after_every_tier_restarts(demo_models, tmp_p
         after = speak()
     assert len(before) == 2 * 40 * neutts.SAMPLES_PER_FRAME
     assert after == before
+
+
+def test_the_neutts_pair_gets_its_share_of_the_cpus(monkeypatch):
+    """Both families on one machine: the NeuTTS-Air pair's token server and codec worker
+    count in the division of the CPUs, so no compute thread is promised a core twice."""
+    from chorus.realtime.cpu_budget import CpuBudget
+    from tools import supervisor
+
+    monkeypatch.setattr(supervisor, "cpu_budget", lambda: CpuBudget(cpus=8.0, affinity=8, quota=None))
+    one = Stack(neutts=False)
+    both = Stack(neutts=True)
+    assert (one.llama_threads, one.torch_threads) == (4, 4)
+    assert (both.llama_threads, both.torch_threads) == (2, 2)
