@@ -60,7 +60,6 @@ from services.token_server.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
-TOKEN_SECONDS = 1.0 / orpheus.TOKENS_PER_AUDIO_SECOND  # Orpheus's; a family's own: token_seconds(family)
 # Steps an idle probe of the next batch size measures (chorus.realtime.capacity.CapacityProbe).
 PROBE_STEPS = 3
 # The longest the engine thread waits, with requests it cannot run yet, before it looks
@@ -72,6 +71,9 @@ IDLE_POLL_S = 0.02
 def token_seconds(family: SpeechFamily) -> float:
     """Audio seconds one token of the family carries: the unit real-time capacity counts in."""
     return 1.0 / family.tokens_per_audio_second
+
+
+TOKEN_SECONDS = token_seconds(orpheus.FAMILY)  # Orpheus's, for its benchmarks and tests
 
 
 class RequestHandle:

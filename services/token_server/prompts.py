@@ -10,6 +10,7 @@ usable here at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from chorus.speech.voice_store import VoiceStore, VoiceStoreError
 from chorus.speech.voices import unknown_voice
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def _phonemes_of(phonemize: Callable[[str], str], text: str) -> str:
+    return phonemize(text)
 
 
 class PromptError(ValueError):
@@ -63,6 +69,11 @@ class NeuTtsPrompts:
     def family(self) -> SpeechFamily:
         return self.vocabulary.family
 
+    def _reference_phonemes(self, transcript: str) -> str:
+        """A voice's transcript as phonemes: the same for every request naming the voice,
+        so kept (by transcript, so a voice registered again under its name is not stale)."""
+        return _phonemes_of(self.phonemize, transcript)
+
     def build(self, text: str, voice: str) -> list[int]:
         if self.store is None:
             raise PromptError("this token server serves a NeuTTS model and has no voice store (--voice-store): "
@@ -83,7 +94,7 @@ class NeuTtsPrompts:
                               "register it again")
         reference_text, text = stored.transcript, text.replace("\x00", " ")
         if self.vocabulary.input_format == neutts.PHONEMES:
-            reference_text, text = self.phonemize(reference_text), self.phonemize(text)
+            reference_text, text = self._reference_phonemes(reference_text), self.phonemize(text)
             if not text:
                 raise PromptError("the text has no words to speak")
         return self.vocabulary.prompt(self.tokenize, reference_text, codes.tolist(), text)

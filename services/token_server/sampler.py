@@ -17,7 +17,6 @@ from chorus.speech import orpheus
 from chorus.speech.family import SpeechFamily
 from chorus.speech.limits import sampling_problems
 
-N_CODES = orpheus.CODEBOOK_SIZE  # Orpheus's; a family's own is family.codebook_size
 # Log-probability buckets for the top-p threshold search (see nucleus_pick): 1/8 nat
 # wide, down to 64 nats below the best column.
 _BUCKETS_PER_NAT = 8
