@@ -350,3 +350,34 @@ def test_a_neutts_request_samples_as_neutts_does_unless_it_says_otherwise(vocabu
     mine = resolve_sampling(common_pb2.SamplingParams(seed=1, temperature=0.5, top_k=0), family)
     assert (mine.temperature, mine.top_k, mine.top_p) == pytest.approx((0.5, 0, 0.95))
     assert resolve_sampling(common_pb2.SamplingParams(seed=1), orpheus.FAMILY) == SamplingParams(seed=1)
+
+
+def test_the_worst_a_client_sends_a_neutts_server_fails_only_that_request(neutts_gguf, voice_store):
+    """Text at the 20,000-character limit (phonemized off the event loop, then too long
+    for a slot), a 100,000-character voice name, NUL and control characters, a budget
+    at int32's edge: each is refused or spoken on its own, and the server serves the
+    next request as before."""
+    def text_request(text: str, voice: str = "anna", max_tokens: int = 20):
+        sampling = common_pb2.SamplingParams(seed=1, max_tokens=max_tokens, ignore_end_of_speech=True)
+        return token_server_pb2.GenerateRequest(text=text, voice=voice, sampling=sampling, codes_only=True)
+
+    async def scenario():
+        async with neutts_server(neutts_gguf, voice_store) as (_, stub):
+            outcomes = []
+            for request in (text_request("word " * 4000), text_request("Hi.", voice="v" * 100_000),
+                            text_request("a\x00b\x01c\x7f and more"), text_request("Hi.", max_tokens=2**31 - 1)):
+                try:
+                    frames, _ = await codes_of(stub, request)
+                    outcomes.append(("OK", len(frames)))
+                except grpc.aio.AioRpcError as err:
+                    outcomes.append((err.code().name, err.details()))
+            after, _ = await codes_of(stub, generate(10))
+            return outcomes, len(after)
+
+    outcomes, after = asyncio.run(scenario())
+    assert outcomes[0][0] == "INVALID_ARGUMENT" and "too long" in outcomes[0][1]
+    assert outcomes[1][0] == "INVALID_ARGUMENT" and len(outcomes[1][1]) < 300  # the name is echoed cut short
+    assert outcomes[2] == ("OK", 20)  # NUL and control characters are text like any other
+    # A budget past the slot's room is cut to it: a slot of 1,024 positions less the prompt.
+    assert outcomes[3][0] == "OK" and 0 < outcomes[3][1] < 1024
+    assert after == 10
