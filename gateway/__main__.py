@@ -24,7 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--voices", default=env("CHORUS_VOICES", ""), help=VOICES_FLAG_HELP)
     p.add_argument("--voice-store", default=env("CHORUS_VOICE_STORE"),
                    help="folder of voices registered from reference audio; each is routed to the token servers "
-                        "of its model family [CHORUS_VOICE_STORE]")
+                        "of its model family, and where registered voices are written [CHORUS_VOICE_STORE]")
+    p.add_argument("--max-voices", type=int, default=from_env("CHORUS_MAX_VOICES", 1000),
+                   help="most voices the voice store holds; registrations past it are refused (Riva zero-shot "
+                        "prompts register one each) [CHORUS_MAX_VOICES]")
     p.add_argument("--segment-chars", type=int, default=from_env("CHORUS_SEGMENT_CHARS", 240),
                    help="long texts are spoken in pieces of about this many characters")
     p.add_argument("--lookahead", type=int, default=from_env("CHORUS_LOOKAHEAD", 1),
@@ -79,6 +82,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         voices=voices,
         default_voice=voices[0],
         voice_store=args.voice_store or None,
+        max_voices=args.max_voices,
         start_buffer_s=args.start_buffer_ms / 1000.0,
         http_port=_http_port(args.http_port),
         http_read_timeout_s=args.http_read_timeout,

@@ -11,6 +11,7 @@ from chorus.rpc.stall import GATEWAY_STALL, StallPolicy
 from chorus.security.access import MAX_REQUEST_BYTES
 from chorus.security.tls import DEFAULT_ALLOWED_CLIENTS, TlsFiles
 from chorus.speech import orpheus
+from chorus.speech.limits import MAX_REFERENCE_UPLOAD_BYTES
 from chorus.speech.voice_store import VoiceStore, VoiceStoreError
 from chorus.speech.voices import ORPHEUS_VOICES, description, voice_problems
 from chorus.telemetry.tiers import GATEWAY
@@ -32,6 +33,9 @@ class GatewayConfig:
     # Voices registered from reference audio (chorus.speech.voice_store), spoken by the
     # token servers of the family each was registered for; None: the fixed voices only.
     voice_store: Path | None = None
+    # Most voices the store may hold: every distinct Riva zero-shot prompt registers one,
+    # so without a bound any client could fill the volume.
+    max_voices: int = 1000
     # Pieces of a long text are packed up to this many characters (about 15 s of
     # speech, some 1,300 tokens: well inside a slot's context).
     segment_target_chars: int = 240
@@ -119,6 +123,8 @@ class GatewayConfig:
             problems.append("allowed_clients needs TLS (--tls-cert, --tls-key, --tls-ca)")
         if self.api_keys_file is not None:
             object.__setattr__(self, "api_keys_file", Path(self.api_keys_file))
+        if self.max_voices < 1:
+            problems.append(f"max_voices must be at least 1, got {self.max_voices}")
         for name in ("max_streams_per_client", "max_streams_per_key"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -128,8 +134,13 @@ class GatewayConfig:
     @property
     def max_request_bytes(self) -> int:
         """The largest request message the client port reads: the longest text in
-        UTF-8 (up to 4 bytes a character) and room for the rest, at least 1 MiB."""
-        return max(MAX_REQUEST_BYTES, 4 * self.max_text_chars + 64 * 1024)
+        UTF-8 (up to 4 bytes a character) and room for the rest, at least 1 MiB; with
+        a voice store, also the largest reference recording a registration uploads
+        (in base64 on the HTTP port, 4 bytes for every 3)."""
+        largest = max(MAX_REQUEST_BYTES, 4 * self.max_text_chars + 64 * 1024)
+        if self.voice_store is not None:
+            largest = max(largest, MAX_REFERENCE_UPLOAD_BYTES * 4 // 3 + 64 * 1024)
+        return largest
 
     def listed_voices(self) -> list[tuple[str, str]]:
         """(name, description) of every voice, the default first (as ListVoices
@@ -142,7 +153,12 @@ class GatewayConfig:
                 if name in self.voices:
                     continue  # the fixed voice of that name is the one spoken
                 try:
-                    listed.append((name, f"registered from reference audio ({store.family_of(name)})"))
+                    listed.append((name, store_voice_description(store.family_of(name))))
                 except VoiceStoreError:
                     continue  # unreadable: not offered (a request naming it is told why)
         return listed
+
+
+def store_voice_description(family: str) -> str:
+    """How ListVoices and /v1/audio/voices describe a voice of the store."""
+    return f"registered from reference audio ({family})"

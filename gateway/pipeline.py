@@ -171,6 +171,11 @@ class Pipeline:
         self._router = router
         self._lookahead = lookahead
 
+    @property
+    def router(self) -> Router:
+        """The token servers' router, for the calls that are not syntheses (a voice's encoding)."""
+        return self._router
+
     async def run(
         self, feed: TextFeed, spec: GenerationSpec, deadline: float, stats: PipelineStats,
         listener: PlaybackClock | None = None,

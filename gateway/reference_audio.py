@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-REFERENCE_RATE = 16_000  # what the reference encoder reads
+from chorus.speech.limits import MAX_REFERENCE_SECONDS as MAX_SECONDS
+from chorus.speech.limits import MIN_REFERENCE_SECONDS as MIN_SECONDS
+from chorus.speech.limits import MAX_REFERENCE_UPLOAD_BYTES as MAX_BYTES
+from chorus.speech.limits import REFERENCE_RATE
+
 # Below it the recording lacks the band the encoder reads; upsampled it would still lack it.
 MIN_SOURCE_RATE = 16_000
-MIN_SECONDS = 1.0
-MAX_SECONDS = 30.0
-MAX_BYTES = 16 * 1024 * 1024
 # Speech is there when enough 50 ms windows are louder than this (dB below full scale).
 SPEECH_WINDOW_S = 0.05
 SPEECH_DBFS = -40.0

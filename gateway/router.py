@@ -43,7 +43,7 @@ from chorus.speech import orpheus
 from chorus.speech.family import ORPHEUS, reported_family
 from chorus.telemetry import tracing
 
-from chorus.proto.tts.v1 import token_server_pb2, token_server_pb2_grpc
+from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
 from chorus.rpc.discovery import PEER_RETURN_WAIT_S, EndpointSet
 from chorus.rpc.peer_pool import NotServing, Peer, PeerPool
 from chorus.security.tls import ChannelSecurity
@@ -171,6 +171,32 @@ class Router:
                 finally:
                     call.cancel()  # no-op once finished; frees the slot if our consumer went away
         raise _exhausted(failures, relayed.samples)
+
+    async def encode_reference(
+        self, request: token_server_pb2.EncodeReferenceRequest, family: str, deadline: float
+    ) -> common_pb2.ReferenceCodes:
+        """The reference's codes, from the best server of `family` that answers: one
+        unreachable or busy gives way to the next; a refusal of the recording itself
+        is final (every server would refuse it alike)."""
+        if not self.ranked(0, family):
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE,
+                               f"no token server here serves {family} voices, so none can encode the reference")
+        failures: list[tuple[str, grpc.StatusCode, str]] = []
+        for server in self.ranked(self._next_turn(), family):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "the request's deadline passed before the reference was encoded")
+            try:
+                reply = await self._stub(server.address).EncodeReference(request, timeout=remaining)
+                return reply.codes
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._servers.mark_unreachable(server.address)
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise _relayed(server.address, err) from None
+                failures.append((server.address, err.code(), err.details()))
+        raise _exhausted(failures, 0)
 
     async def _wait_for_return(self, failures: list, deadline: float) -> bool:
         """After every server refused the call as unreachable, before any of its audio

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "models": ("tools.demo_models.cli:register", "build demo models"),
     "serve": ("tools.serve:register", "start the whole stack locally"),
     "say": ("tools.client:register_say", "synthesize text through a gateway"),
-    "voices": ("tools.client:register_voices", "list the gateway's voices"),
+    "voices": ("tools.client:register_voices", "list the gateway's voices; clone one from a recording (--add), delete one"),
     "bench": ("tools.bench.command:register", "load sweep through a gateway: real-time streams, TTFA, stalls"),
     "doctor": ("tools.doctor:register", "what a bug report needs: CPU, builds, models, a one-step decode"),
 }

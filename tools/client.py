@@ -273,21 +273,48 @@ def run_say(args: argparse.Namespace) -> int:
 
 
 def register_voices(subparsers, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(name, help=help_text, description="List the voices a Chorus gateway speaks.")
+    p = subparsers.add_parser(
+        name, help=help_text,
+        description="List the voices a Chorus gateway speaks, clone one from a recording, or delete one.")
     p.add_argument("--gateway", default=None, help=f"gateway host:port [CHORUS_GATEWAY, default {DEFAULT_GATEWAY}]")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--add", metavar="NAME", default=None,
+                   help="clone a voice named NAME from --audio and --transcript (the gateway needs --voice-store)")
+    p.add_argument("--audio", type=Path, default=None, help="with --add: the recording (WAV, FLAC, MP3, Ogg; 1-30 s)")
+    p.add_argument("--transcript", default=None, help="with --add: the words spoken in the recording")
+    p.add_argument("--family", default="", help="with --add: the model family to speak it (default: neutts-air)")
+    p.add_argument("--delete", metavar="NAME", default=None, help="delete the registered voice NAME")
     add_access_flags(p)
     p.set_defaults(func=run_voices)
 
 
 def run_voices(args: argparse.Namespace) -> int:
     address = gateway_address(args.gateway)
+    if args.add is not None and (args.audio is None or args.transcript is None):
+        print("chorus voices: --add needs --audio FILE and --transcript TEXT", file=sys.stderr)
+        return 2
     try:
         access = access_from(args)
+        audio = args.audio.read_bytes() if args.add is not None else b""
         with access.channel(address) as channel, ConnectionWatch(channel):
-            reply = gateway_pb2_grpc.SynthesisServiceStub(channel).ListVoices(
-                gateway_pb2.ListVoicesRequest(), timeout=args.timeout, metadata=access.metadata()
-            )
+            stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
+            if args.add is not None:
+                # Encoding a reference takes longer than listing: at least a minute's deadline.
+                added = stub.RegisterVoice(gateway_pb2.RegisterVoiceRequest(
+                    name=args.add, audio=audio, transcript=args.transcript, family=args.family),
+                    timeout=max(args.timeout, 60.0), metadata=access.metadata())
+                print(f"registered {added.voice.name}: {added.voice.description}, "
+                      f"{added.reference_seconds:.2f} s of reference in {added.reference_frames} frames")
+                return 0
+            if args.delete is not None:
+                stub.DeleteVoice(gateway_pb2.DeleteVoiceRequest(name=args.delete), timeout=args.timeout,
+                                 metadata=access.metadata())
+                print(f"deleted {args.delete}")
+                return 0
+            reply = stub.ListVoices(gateway_pb2.ListVoicesRequest(), timeout=args.timeout, metadata=access.metadata())
+    except OSError as err:
+        print(f"chorus voices: cannot read {args.audio}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except grpc.RpcError as err:
         print(f"chorus voices: {_explain(err, address)}", file=sys.stderr)
         return 1

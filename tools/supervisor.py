@@ -232,6 +232,10 @@ class Stack:
     # there when it is missing or the builder's): a NeuCodec worker, a NeuTTS token
     # server and the voice store, which the gateway routes registered voices to.
     neutts: bool = False
+    # Where the NeuTTS-Air family's voices live (registered through the gateway, read by
+    # its token server); None: the demo models' own voices folder. A folder that does
+    # not exist yet starts as a copy of the demo's, so the demo voice is there too.
+    voice_store: Path | None = None
     on_progress: Callable[[str], None] = lambda message: None
     # Children get SIGTERM when this process dies. That takes a fork with Python code
     # before exec, which can crash in a child forked while gRPC threads of this
@@ -370,6 +374,11 @@ class Stack:
             demo = build_neutts_demo(root)
         elif not (demo.gguf.is_file() and demo.neucodec_dir.is_dir()):
             raise StackError(f"{root} must hold backbone.gguf, neucodec/ and voices/ for the NeuTTS-Air family")
+        voices = demo.voices
+        if self.voice_store is not None:
+            voices = Path(self.voice_store)
+            if not voices.exists() and demo.voices.is_dir():
+                shutil.copytree(demo.voices, voices)
         [worker] = self._launch_all(
             "NeuCodec worker", self.CODEC_WORKER, 1,
             ["--model-dir", str(demo.neucodec_dir), "--codec", "neucodec_24khz",
@@ -377,12 +386,12 @@ class Stack:
         )
         [server] = self._launch_all(
             "NeuTTS token server", self.TOKEN_SERVER, 1,
-            ["--model", str(demo.gguf), "--codec-workers", worker.address, "--voice-store", str(demo.voices),
+            ["--model", str(demo.gguf), "--codec-workers", worker.address, "--voice-store", str(voices),
              "--llama-threads", str(self.llama_threads), *(["--slots", str(self.slots)] if self.slots else []),
              *self._calibration_args()], "neutts_token_server",
         )
         self.neutts_processes = [worker, server]
-        return demo.voices
+        return voices
 
     def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):
         """Starts `count` instances at once (they load models in parallel), then waits for each.

@@ -48,6 +48,9 @@ class SpeechFamily:
     # Sampling defaults that differ from Chorus's own (Orpheus's): (field, value) pairs
     # for a request's unset sampling fields, as the family's reference code samples.
     sampling_defaults: tuple[tuple[str, float], ...] = ()
+    # Its voices are cloned from reference recordings, encoded once by its codec's
+    # encoder (Orpheus has fixed voices only).
+    clones_voices: bool = False
 
     def __post_init__(self) -> None:
         if min(self.codes_per_frame, self.codebook_size, self.sample_rate, self.samples_per_frame) <= 0:

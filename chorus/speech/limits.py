@@ -65,3 +65,32 @@ def sampling_problems(value_of: Callable[[str], float | None]) -> list[str]:
             f"or at least {orpheus.CODES_PER_FRAME} (one frame of audio)"
         )
     return problems
+
+
+# --------------------------------------------------------------------------- reference audio
+
+# A voice cloned from a recording: the gateway decodes and checks the upload, the codec
+# worker checks again what reaches its encoder (it is also called directly). The
+# reference encoder reads 16 kHz mono; the length bounds the encoder's work per voice.
+REFERENCE_RATE = 16_000
+MIN_REFERENCE_SECONDS = 1.0
+MAX_REFERENCE_SECONDS = 30.0
+# The largest upload read as a reference, in any container: 30 s of 48 kHz stereo
+# 16-bit WAV is 5.8 MB; an uncompressed 96 kHz one would be cut off here.
+MAX_REFERENCE_UPLOAD_BYTES = 16 * 1024 * 1024
+
+
+def reference_problem(samples_count: int, sample_rate: int) -> str | None:
+    """Why a reference of `samples_count` samples at `sample_rate` is refused, or None."""
+    if sample_rate != REFERENCE_RATE:
+        return f"the reference is at {sample_rate} Hz; send it at {REFERENCE_RATE} Hz mono"
+    seconds = samples_count / REFERENCE_RATE
+    if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
+        return (f"the reference is {seconds:.2f} s long; send {MIN_REFERENCE_SECONDS:g}-"
+                f"{MAX_REFERENCE_SECONDS:g} s of speech")
+    return None
+
+
+# The largest message that carries a reference on the way to its encoder (float32
+# samples, packed), which token servers and codec workers read beside their own.
+REFERENCE_MESSAGE_BYTES = 4 * int(MAX_REFERENCE_SECONDS * REFERENCE_RATE) + 64 * 1024

@@ -119,4 +119,5 @@ def family(code_token_base: int, end_of_speech: int) -> SpeechFamily:
         sample_rate=SAMPLE_RATE, samples_per_frame=SAMPLES_PER_FRAME, code_token_base=code_token_base,
         end_of_speech=end_of_speech, decoder_lookahead_frames=DECODER_LOOKAHEAD_FRAMES,
         tokens_per_char=3.6, minimum_budget=100, resume_from_start=True, sampling_defaults=SAMPLING_DEFAULTS,
+        clones_voices=True,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -49,12 +50,15 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # after INVALID_ARGUMENT: a 400 counts as that
 }
 # ... read backwards to count an HTTP answer under its gRPC code, with the statuses
 # only the HTTP port itself gives (a route or method it lacks, a body too slow,
 # too large or not JSON).
 _CODE_OF_STATUS = {
-    **{status: code for code, status in _HTTP_STATUS.items()},
+    **{status: code for code, status in reversed(_HTTP_STATUS.items())},
     404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
     501: grpc.StatusCode.UNIMPLEMENTED,
@@ -112,16 +116,19 @@ async def streamed_text(
     messages: AsyncIterable[Message],
     config: GatewayConfig,
     settings: str,
-    options_of: Callable[[Message], SynthesisOptions],
+    options_of: Callable[[Message], SynthesisOptions | Awaitable[SynthesisOptions]],
     take: Callable[[Message, TextFeed], Awaitable[bool]],
     first_has_text: bool = False,
 ) -> AsyncIterator[tuple[Message, SynthesisOptions, TextFeed]]:
     """A streaming call's input, for as long as the block runs: its first message (the
     `settings`) mapped by `options_of`, and a feed that a reader task fills with the
-    rest through the door's `take` (the first too when `first_has_text`)."""
+    rest through the door's `take` (the first too when `first_has_text`). `options_of`
+    may be a coroutine function (Riva's zero-shot prompt is encoded before synthesis)."""
     messages = aiter(messages)
     first = await first_message(messages, settings)
     options = options_of(first)
+    if inspect.isawaitable(options):
+        options = await options
     tag(options)
     feed = text_feed(config)
     texts = _starting_with(first, messages) if first_has_text else messages

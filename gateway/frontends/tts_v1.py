@@ -8,12 +8,13 @@ the call's status. Nothing else is decided here.
 from __future__ import annotations
 
 import time
+import uuid
 
 import grpc
 
 from chorus.proto.tts.v1 import gateway_pb2, gateway_pb2_grpc
 from chorus.speech.audio_formats import FORMATS, NATIVE_RATE, SAMPLE_RATES
-from gateway import validation
+from gateway import validation, voice_registration
 from gateway.encoding import Encoded
 from gateway.errors import invalid
 from gateway.feed import TextFeed
@@ -46,6 +47,23 @@ class SynthesisServicer(shell.GrpcDoor, gateway_pb2_grpc.SynthesisServiceService
         return gateway_pb2.ListVoicesResponse(
             voices=[gateway_pb2.Voice(name=n, description=d) for n, d in self._config.listed_voices()]
         )
+
+    async def RegisterVoice(self, request, context: grpc.aio.ServicerContext):
+        async with shell.gateway_status(context):
+            registered = await voice_registration.register_voice(
+                self._config, self._pipeline.router, request.name, request.transcript, request.audio,
+                request.family, uuid.uuid4().hex,
+                voice_registration.deadline_of(self._config, context.time_remaining()),
+            )
+            return gateway_pb2.RegisterVoiceResponse(
+                voice=gateway_pb2.Voice(name=registered.name, description=registered.description),
+                reference_seconds=registered.reference_seconds, reference_frames=registered.frames,
+            )
+
+    async def DeleteVoice(self, request, context: grpc.aio.ServicerContext):
+        async with shell.gateway_status(context):
+            await voice_registration.delete_voice(self._config, request.name)
+            return gateway_pb2.DeleteVoiceResponse()
 
     async def GetLimits(self, request, context):
         return gateway_pb2.GetLimitsResponse(

@@ -46,8 +46,30 @@ class NeuCodecLoadError(RuntimeError):
     """The NeuCodec directory cannot be served; the message says why."""
 
 
+class JsonShape:
+    """A frozen dataclass of sizes kept as a JSON file beside the weights: tuples are
+    written as lists and read back as tuples, and unknown keys are refused (a typo
+    would otherwise silently take a default). `what` names the file in messages."""
+
+    what = "config"
+
+    def to_json(self) -> str:
+        raw = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return json.dumps(raw, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str):
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"the {cls.what} is not a JSON object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown {cls.what} keys {sorted(unknown)}")
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
+
+
 @dataclass(frozen=True)
-class NeuCodecShape:
+class NeuCodecShape(JsonShape):
     """The decoder's sizes. The defaults are neucodec 0.0.6's (about 190 M parameters
     in the decoder); the demo model is smaller (tools/demo_models/neucodec_dir.py)."""
 
@@ -84,21 +106,6 @@ class NeuCodecShape:
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "levels": list(self.levels)}, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> NeuCodecShape:
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("the config is not a JSON object")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        if "levels" in raw:
-            raw["levels"] = tuple(raw["levels"])
-        return cls(**raw)
 
 
 class _ResidualFsq(nn.Module):

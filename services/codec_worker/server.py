@@ -14,6 +14,7 @@ import time
 from typing import AsyncIterator
 
 import grpc
+import numpy as np
 import torch
 from opentelemetry import trace
 
@@ -25,6 +26,7 @@ from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy, Share
 from chorus.speech import codecs
 from chorus.telemetry import tracing
+from chorus.speech.limits import REFERENCE_MESSAGE_BYTES
 from services.codec_worker import metrics, numeric_mode, precision
 from services.codec_worker.config import CodecWorkerConfig
 from services.codec_worker.decode_engine import Audio, DecodeEngine, DecodeFailed, End, EngineStream
@@ -32,7 +34,9 @@ from services.codec_worker.idle_watch import IdleWatch
 from services.codec_worker.memory import HeapTrimmer
 from services.codec_worker.model import LoadedSnac, ModelLoadError, load_snac
 from services.codec_worker.neucodec_model import NeuCodecLoadError, load_neucodec
+from services.codec_worker.neucodec_encoder import load_neucodec_encoder
 from services.codec_worker.neucodec_streaming import NeuCodecStreams
+from services.codec_worker.reference_encoding import BadReference, EncoderBusy, NoEncoder, ReferenceEncoder
 from services.codec_worker.streaming_decoder import StreamingSnacDecoder
 
 log = logging.getLogger(__name__)
@@ -119,11 +123,15 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
         self._device = ""
         self._numeric_mode = ""
         self._codecs: frozenset[str] = frozenset()
+        self._encoder = ReferenceEncoder(None)
         self._open = 0  # calls, against max_streams
         self._decoding = 0  # streams past DecodeStart, reported by GetLoad
 
-    def attach(self, engine: DecodeEngine, device: str, numeric_mode: str, decodes: frozenset[str]) -> None:
+    def attach(self, engine: DecodeEngine, device: str, numeric_mode: str, decodes: frozenset[str],
+               encoder: ReferenceEncoder | None = None) -> None:
         self._engine, self._device, self._numeric_mode, self._codecs = engine, device, numeric_mode, decodes
+        if encoder is not None:
+            self._encoder = encoder
 
     async def GetLoad(self, request, context):
         reply = codec_pb2.GetLoadResponse(open_streams=self._decoding, max_streams=self._max_streams,
@@ -135,6 +143,26 @@ class CodecServicer(codec_pb2_grpc.CodecServiceServicer):
             reply.lag_seconds = self._engine.lag_seconds
             reply.capacity_streams = self._engine.capacity.streams()
         return reply
+
+    async def Encode(self, request: codec_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        if self._engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "codec worker is still loading its model")
+        codec = request.codec or next(iter(sorted(self._codecs)))
+        if codec not in self._codecs:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this codec worker encodes {', '.join(sorted(self._codecs))}, not {codec[:70]!r}")
+        tracing.tag_request(request.request_id, **{"chorus.reference_samples": len(request.audio.samples)})
+        try:
+            codes = await self._encoder.encode(np.asarray(request.audio.samples, dtype=np.float32),
+                                               request.audio.sample_rate_hz)
+        except NoEncoder as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except BadReference as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except EncoderBusy as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        trace.get_current_span().set_attribute("chorus.frames", int(codes.size))
+        return codec_pb2.EncodeResponse(codes=common_pb2.ReferenceCodes(codec=codec, codes=codes.tolist()))
 
     async def Decode(
         self, request_iterator: AsyncIterator[codec_pb2.DecodeRequest], context: grpc.aio.ServicerContext
@@ -263,6 +291,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
+        max_request_bytes=REFERENCE_MESSAGE_BYTES,  # a reference to encode is the largest message
         share=Share.CONNECTION,
         on_refused=lambda reason: metrics.RPC.refused_calls.labels(reason).inc(),
     )
@@ -273,7 +302,7 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls else None
     running = await serve_with_health(server, [SERVICE_NAME], port, config.host, credentials)
     try:
-        loaded, decoder = await asyncio.to_thread(_load_decoder, config)
+        loaded, decoder, encoder = await asyncio.to_thread(_load_decoder, config)
         engine = DecodeEngine(
             decoder,
             max_batch=config.max_batch,
@@ -294,7 +323,9 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
     running.on_stop.append(lambda: asyncio.to_thread(trimmer.stop))
     running.components.update(engine=engine, decoder=decoder, model=loaded, trimmer=trimmer)
     reported_mode = numeric_mode.with_precision(loaded.numeric_mode, decoder.precision, loaded.device_name)
-    servicer.attach(engine, loaded.device_name, reported_mode, frozenset({config.codec}))
+    reference_encoder = ReferenceEncoder(encoder)
+    running.on_stop.append(lambda: asyncio.to_thread(reference_encoder.close))
+    servicer.attach(engine, loaded.device_name, reported_mode, frozenset({config.codec}), reference_encoder)
 
     def engine_died(error: BaseException) -> None:
         log.error("the decode engine died (%s): NOT_SERVING", error)
@@ -314,17 +345,21 @@ async def start_server(config: CodecWorkerConfig, port: int = 0) -> RunningServe
 
 
 def _load_decoder(config: CodecWorkerConfig):
-    """The model of the configured codec and the streaming decoder over it."""
+    """The model of the configured codec, the streaming decoder over it, and its
+    reference encoder (None: the codec clones no voices, or this directory lacks it)."""
     if config.codec == codecs.NEUCODEC_24KHZ:
         try:
             model = load_neucodec(config.model_dir)
+            encoder = load_neucodec_encoder(config.model_dir)
         except NeuCodecLoadError as err:
             raise ModelLoadError(str(err)) from None
+        if encoder is None:
+            log.warning("%s has no encoder: this worker decodes but cannot clone voices", config.model_dir)
         device = torch.device("cpu")
         mode = numeric_mode.ensure(config.numeric_mode)
-        return LoadedSnac(model, device, mode), NeuCodecStreams(model)
+        return LoadedSnac(model, device, mode), NeuCodecStreams(model), encoder
     loaded = load_snac(config.model_dir, config.device, config.half, config.numeric_mode)
-    return loaded, StreamingSnacDecoder(loaded.model, precision=decoder_precision(config, loaded))
+    return loaded, StreamingSnacDecoder(loaded.model, precision=decoder_precision(config, loaded)), None
 
 
 def decoder_precision(config: CodecWorkerConfig, loaded: LoadedSnac) -> str:

@@ -162,6 +162,26 @@ class CodecPool:
             raise NoCodecWorkerError(f"every codec worker failed for this stream: {', '.join(sorted(exclude))}")
         return candidates[0]
 
+    async def encode(self, request: codec_pb2.EncodeRequest, timeout_s: float | None) -> codec_pb2.EncodeResponse:
+        """Encodes on the least-loaded worker of our codec, and on the next when one is
+        unreachable or busy; a refusal of the recording itself is final (another
+        worker would refuse it alike) and raised as the worker's AioRpcError."""
+        tried: set[str] = set()
+        while True:
+            address = self.pick(exclude=tried)  # NoCodecWorkerError once every worker was tried
+            tried.add(address)
+            try:
+                return await self._stub(address).Encode(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.mark_failed(address)
+                last_error = f"{address}: {err.code().name}: {err.details()}"
+                if len(tried) >= len(self._workers.ranked()):
+                    raise NoCodecWorkerError(f"no codec worker could encode the reference (last, {last_error})") \
+                        from None
+
     def open(self, address: str) -> grpc.aio.StreamStreamCall:
         self._in_flight[address] += 1
         self._in_flight_peak[address] = max(self._in_flight_peak[address], self._in_flight[address])

@@ -14,6 +14,7 @@ from chorus.rpc.serving import RunningServer, new_server, serve_with_health
 from chorus.security.access import AccessPolicy
 from chorus.security.tls import ChannelSecurity
 from chorus.telemetry.tiers import CODEC_WORKER
+from chorus.speech.limits import REFERENCE_MESSAGE_BYTES
 from services.token_server import metrics
 from services.token_server.codec_pool import CodecPool
 from services.token_server.config import TokenServerConfig
@@ -61,6 +62,7 @@ async def start_server(config: TokenServerConfig, port: int = 0) -> RunningServe
     policy = AccessPolicy(
         allowed_clients=config.allowed_clients if config.tls else (),
         max_streams_per_client=config.max_streams_per_client,
+        max_request_bytes=REFERENCE_MESSAGE_BYTES,  # a reference to encode is the largest message
         on_refused=lambda reason: metrics.RPC.refused_calls.labels(reason).inc(),
     )
     server = new_server(metrics.RPC, policy)

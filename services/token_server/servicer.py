@@ -21,7 +21,7 @@ from chorus.speech import orpheus
 from chorus.speech.limits import MAX_REQUEST_ID_CHARS, PIECE_SUFFIX_CHARS, request_id_problem
 from chorus.telemetry import tracing
 from services.token_server import metrics
-from chorus.proto.tts.v1 import common_pb2, token_server_pb2, token_server_pb2_grpc
+from chorus.proto.tts.v1 import codec_pb2, common_pb2, token_server_pb2, token_server_pb2_grpc
 from services.token_server.code_digest import CodeDigest
 from services.token_server.codec_pool import CodecPool, NoCodecWorkerError
 from services.token_server.codec_relay import CodecRelay
@@ -215,6 +215,26 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                 summary=summary_of(request_id, event.stats, event.reason, started, first_audio_at,
                                    relay.relayed_samples, handle.request.sampling.seed, self._engine.family.sample_rate)
             )
+
+    async def EncodeReference(self, request, context: grpc.aio.ServicerContext):
+        family = self._engine.family
+        if (problem := request_id_problem(request.request_id)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        tracing.tag_request(request.request_id)
+        if not family.clones_voices:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this token server's family, {family.name}, speaks fixed voices only and clones "
+                                "none; register the voice with a server of a family that clones (neutts-air)")
+        try:
+            reply = await self._pool.encode(
+                codec_pb2.EncodeRequest(request_id=request.request_id, audio=request.audio, codec=family.codec),
+                context.time_remaining(),
+            )
+        except NoCodecWorkerError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except grpc.aio.AioRpcError as err:  # the worker refused the recording itself
+            await context.abort(err.code(), f"codec worker: {err.details()}")
+        return token_server_pb2.EncodeReferenceResponse(codes=reply.codes)
 
     async def GetStatus(self, request, context):
         busy, waiting = self._engine.load()

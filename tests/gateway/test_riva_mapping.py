@@ -5,7 +5,10 @@ INVALID_ARGUMENT that names what to send instead. No server: the mapping is a fu
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
+import numpy as np
 import pytest
 
 from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2
@@ -69,6 +72,18 @@ def test_riva_request_without_id_or_seed_gets_both():
     assert options.timeout_s == CONFIG.request_deadline_s
 
 
+def test_a_zero_shot_request_speaks_the_voice_its_prompt_was_registered_as_instead_of_voice_name(tmp_path):
+    from chorus.speech.voice_store import VoiceStore
+
+    VoiceStore(tmp_path).register("zero-shot-ab12", "neutts-air", "Hi there.", np.zeros(16_000, np.float32), 16_000)
+    config = dataclasses.replace(CONFIG, voice_store=tmp_path)
+    message = _zero_shot(audio_prompt=b"RIFF", transcript="Hi there.")
+    message.voice_name = "leo"
+    assert synthesis_options(message, config, None, cloned_voice="zero-shot-ab12").spec.voice == "zero-shot-ab12"
+    with pytest.raises(GatewayError):  # never spoken with voice_name when the prompt was not registered
+        synthesis_options(message, config, None)
+
+
 def _zero_shot(**fields) -> riva_tts_pb2.SynthesizeSpeechRequest:
     message = request()
     message.zero_shot_data.SetInParent()
@@ -81,8 +96,6 @@ REFUSED = [
     (request(language_code="fr-FR"), CONFIG, "language_code 'fr-FR' is not spoken here"),
     (request(language_code="english"), CONFIG, "language_code 'english'"),
     (request(language_code="enx"), CONFIG, "language_code 'enx'"),
-    (_zero_shot(), CONFIG, "zero_shot_data is not supported"),
-    (_zero_shot(audio_prompt=b"RIFF", transcript="hi"), CONFIG, "zero_shot_data is not supported"),
     (request(custom_dictionary="tomato  T AH M EY T OW"), CONFIG, "custom_dictionary is not supported"),
     (request(enable_word_time_offsets=True), CONFIG, "enable_word_time_offsets is not supported"),
     (request(encoding=99), CONFIG, "encoding 99 is not supported"),

@@ -32,13 +32,15 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
 
     def __init__(
         self, fail_with=None, fail_after_frames=None, frame_delay_s=0.0, reported_busy=0, endless=False, codes=None,
-        family="",
+        family="", encode_fails_with=None,
     ):
         """`codes`: a model stand-in (an int): then each frame's PCM is piece value + frame,
         each audio chunk carries a code digest that depends on `codes`, and replays
         (resume_from_sample, verify_frames) are served as a token server does."""
         self.fail_with = fail_with
         self.family = family  # what GetStatus reports ("" as a server from before the field)
+        self.encode_fails_with = encode_fails_with  # (code, details) EncodeReference answers with
+        self.encoded: list[token_server_pb2.EncodeReferenceRequest] = []
         self.codes = codes
         self.fail_after_frames = fail_after_frames
         self.frame_delay_s = frame_delay_s
@@ -106,6 +108,17 @@ class FakeTokenService(token_server_pb2_grpc.TokenServiceServicer):
 
     def digest(self, request, frames: int) -> token_server_pb2.CodeDigest:
         return token_server_pb2.CodeDigest(frames=frames, digest=hash((self.codes, request.sampling.seed, frames)) % 2**64)
+
+    async def EncodeReference(self, request, context):
+        """One code per 320 samples (NeuCodec's 50 Hz at 16 kHz), from the samples' level."""
+        self.encoded.append(request)
+        if self.encode_fails_with is not None:
+            await context.abort(*self.encode_fails_with)
+        samples = np.asarray(request.audio.samples, np.float32)
+        frames = samples[: samples.size // 320 * 320].reshape(-1, 320)
+        codes = (np.abs(frames).mean(axis=1) * 65535).astype(np.int32)
+        return token_server_pb2.EncodeReferenceResponse(
+            codes=common_pb2.ReferenceCodes(codec="neucodec_24khz", codes=codes.tolist()))
 
     async def GetStatus(self, request, context):
         return token_server_pb2.GetStatusResponse(

@@ -83,3 +83,76 @@ def test_the_neutts_pair_gets_its_share_of_the_cpus(monkeypatch):
     both = Stack(neutts=True)
     assert (one.llama_threads, one.torch_threads) == (4, 4)
     assert (both.llama_threads, both.torch_threads) == (2, 2)
+
+
+def test_voices_cloned_through_every_door_speak_through_every_door_and_outlive_every_tier(demo_models, tmp_path,
+                                                                                          capsys):
+    """A voice registered over tts.v1, one over HTTP and one from a Riva zero-shot
+    prompt, encoded by the NeuCodec worker's real encoder (demo weights) into the
+    stack's voice store; each speaks through tts.v1, Riva and the OpenAI endpoint, and
+    after the NeuCodec worker, the NeuTTS token server and the gateway are each killed
+    and restarted, every one is still there and gives the same seeded audio."""
+    import base64
+
+    import numpy as np
+
+    from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
+    from chorus.speech.voice_store import VoiceStore
+    from services.codec_worker.neucodec_encoder import load_neucodec_encoder
+    from support.speechlike import recording
+    from tools import cli
+
+    store_root = tmp_path / "voices"
+    transcript = "Hello, this is my voice."
+    with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack",
+               voice_store=store_root) as stack:
+        def riva_request(**fields):
+            return riva_tts_pb2.SynthesizeSpeechRequest(
+                text="Riva speaks it.", encoding=riva_audio_pb2.LINEAR_PCM, sample_rate_hz=24_000,
+                custom_configuration={"max_tokens": "30", "seed": "7", "ignore_end_of_speech": "true"}, **fields)
+
+        def speak_everywhere(voice: str) -> tuple[bytes, bytes, bytes]:
+            with grpc.insecure_channel(stack.gateway_address) as channel:
+                over_tts = spoken(gateway_pb2_grpc.SynthesisServiceStub(channel), voice, 40)[0]
+                over_riva = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel).Synthesize(
+                    riva_request(voice_name=voice), timeout=120).audio
+            body = {"model": "neutts-air", "input": "OpenAI speaks it.", "voice": voice, "response_format": "pcm",
+                    "sampling": {"max_tokens": 30, "seed": 7, "ignore_end_of_speech": True}}
+            reply = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/speech", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return over_tts, over_riva, reply.content
+
+        reference = tmp_path / "reference.wav"
+        reference.write_bytes(recording(2.0))
+        # tts.v1's RegisterVoice, as `chorus voices --add` sends it.
+        added = cli.main(["voices", "--gateway", stack.gateway_address, "--add", "grpc-voice", "--audio",
+                          str(reference), "--transcript", transcript])
+        registered = capsys.readouterr().out
+        with grpc.insecure_channel(stack.gateway_address) as channel:
+            zero_shot = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel).Synthesize(riva_request(
+                zero_shot_data=riva_tts_pb2.ZeroShotData(audio_prompt=recording(3.0, level=0.5),
+                                                         transcript="A prompt for Riva.")), timeout=120)
+        over_http = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/voices", timeout=120, json={
+            "name": "http-voice", "transcript": transcript,
+            "audio": base64.b64encode(recording(2.5, rate=48_000, fmt="FLAC")).decode()})
+        assert over_http.status_code == 201, over_http.text
+        voices = ["grpc-voice", "http-voice", *(n for n in VoiceStore(store_root).names() if n.startswith("zero"))]
+        before = {voice: speak_everywhere(voice) for voice in voices}
+        for process in [*stack.neutts_processes, stack.gateway_process]:
+            stack.kill(process)
+            stack.restart(process)
+        after = {voice: speak_everywhere(voice) for voice in voices}
+
+    assert added == 0 and "registered grpc-voice" in registered and "100 frames" in registered
+    assert over_http.json()["reference_frames"] == 125
+    assert len(zero_shot.audio) == 2 * 30 * neutts.SAMPLES_PER_FRAME and len(voices) == 3
+    for voice in voices:
+        over_tts, over_riva, over_openai = before[voice]
+        assert len(over_tts) == 2 * 40 * neutts.SAMPLES_PER_FRAME
+        assert len(over_riva) == len(over_openai) == 2 * 30 * neutts.SAMPLES_PER_FRAME
+    assert after == before
+    # What the store holds are the real encoder's codes of the stored 16 kHz reference.
+    encoder = load_neucodec_encoder(demo_models.root / "neutts" / "neucodec")
+    for voice in voices:
+        stored = VoiceStore(store_root).get(voice)
+        np.testing.assert_array_equal(stored.codes["neucodec_24khz"], encoder.encode(stored.reference))

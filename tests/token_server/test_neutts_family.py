@@ -381,3 +381,100 @@ def test_the_worst_a_client_sends_a_neutts_server_fails_only_that_request(neutts
     # A budget past the slot's room is cut to it: a slot of 1,024 positions less the prompt.
     assert outcomes[3][0] == "OK" and 0 < outcomes[3][1] < 1024
     assert after == 10
+
+
+def test_a_reference_is_encoded_by_the_neutts_servers_codec_worker_to_the_encoders_codes(
+        neutts_gguf, neucodec_dir, voice_store):
+    """EncodeReference goes token server -> codec worker -> NeuCodec's encoder (real
+    modules, demo weights): the codes are those of the encoder run directly."""
+    from services.codec_worker.neucodec_encoder import load_neucodec_encoder
+    from support.speechlike import speechlike
+
+    samples = speechlike(2.0)
+
+    async def scenario():
+        async with neucodec_worker(neucodec_dir) as worker, \
+                neutts_server(neutts_gguf, voice_store, codec_workers=(worker.address,)) as (_, stub):
+            request = token_server_pb2.EncodeReferenceRequest(
+                request_id="ref-1", audio=common_pb2.ReferenceAudio(samples=samples.tolist(), sample_rate_hz=16_000))
+            return await stub.EncodeReference(request, timeout=120)
+
+    reply = asyncio.run(scenario())
+    expected = load_neucodec_encoder(neucodec_dir).encode(samples)
+    assert reply.codes.codec == codecs.NEUCODEC_24KHZ
+    assert len(reply.codes.codes) == expected.size >= 100  # 50 a second
+    np.testing.assert_array_equal(np.asarray(reply.codes.codes), expected)
+
+
+def test_a_neucodec_worker_refuses_references_it_cannot_encode_with_the_reason(neucodec_dir, tmp_path):
+    """The codec worker checks what reaches its encoder as the gateway does (it is also
+    called directly), and a decoder-only directory says it cannot clone."""
+    import shutil
+
+    from chorus.proto.tts.v1 import codec_pb2, codec_pb2_grpc
+    from support.speechlike import speechlike
+
+    decoder_only = tmp_path / "decoder-only"
+    shutil.copytree(neucodec_dir, decoder_only)
+    (decoder_only / "encoder.json").unlink()
+    good = speechlike(1.5)
+    nan = good.copy()
+    nan[100] = np.nan
+    cases = {
+        "nan": (nan, 16_000),
+        "rate": (good, 24_000),
+        "short": (good[:8000], 16_000),
+        "long": (np.zeros(16_000 * 61 // 2, np.float32), 16_000),
+        "loud": (good * 4, 16_000),
+    }
+
+    async def scenario():
+        answers = {}
+        async with neucodec_worker(neucodec_dir) as worker, grpc.aio.insecure_channel(worker.address) as channel:
+            stub = codec_pb2_grpc.CodecServiceStub(channel)
+            for name, (samples, rate) in cases.items():
+                request = codec_pb2.EncodeRequest(audio=common_pb2.ReferenceAudio(samples=samples.tolist(),
+                                                                                 sample_rate_hz=rate))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Encode(request, timeout=60)
+                answers[name] = err.value
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Encode(codec_pb2.EncodeRequest(codec="snac_24khz"), timeout=60)
+            answers["snac"] = err.value
+            answers["fine"] = await stub.Encode(codec_pb2.EncodeRequest(
+                audio=common_pb2.ReferenceAudio(samples=good.tolist(), sample_rate_hz=16_000)), timeout=60)
+        async with neucodec_worker(decoder_only) as worker, grpc.aio.insecure_channel(worker.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await codec_pb2_grpc.CodecServiceStub(channel).Encode(codec_pb2.EncodeRequest(
+                    audio=common_pb2.ReferenceAudio(samples=good.tolist(), sample_rate_hz=16_000)), timeout=60)
+            answers["decoder_only"] = err.value
+        return answers
+
+    answers = asyncio.run(scenario())
+    for name in cases:
+        assert answers[name].code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    assert "not numbers" in answers["nan"].details() and "16000 Hz" in answers["rate"].details()
+    assert "0.50 s long" in answers["short"].details() and "30.50 s long" in answers["long"].details()
+    assert "[-1, 1]" in answers["loud"].details()
+    assert answers["snac"].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(answers["fine"].codes.codes) == 75  # the worker still encodes after every refusal
+    assert answers["decoder_only"].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no encoder" in answers["decoder_only"].details()
+
+
+def test_an_orpheus_token_server_clones_no_voice(gguf_path, snac_dir):
+    async def scenario():
+        config = TokenServerConfig(model_path=gguf_path, slots=1, llama_threads=1, realtime_admission=False,
+                                   calibrate=False)
+        running = await start_server(config, port=0)
+        try:
+            async with grpc.aio.insecure_channel(running.address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await token_server_pb2_grpc.TokenServiceStub(channel).EncodeReference(
+                        token_server_pb2.EncodeReferenceRequest(), timeout=30)
+                return err.value
+        finally:
+            await running.stop(1)
+
+    err = asyncio.run(scenario())
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "fixed voices only" in err.details()

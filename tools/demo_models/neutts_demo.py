@@ -3,8 +3,10 @@ voice store holding one voice, `demo`.
 
 NeuTTS speaks only voices registered from reference audio, so the demo family comes
 with one: 2 seconds of random NeuCodec codes, their audio through the demo decoder
-(resampled to 16 kHz, as a reference is kept), and a transcript. Registering a voice
-from a real recording needs the NeuCodec encoder, which Chorus does not have yet.
+(resampled to 16 kHz, as a reference is kept), and a transcript. Voices from
+recordings are registered through the gateway, whose NeuCodec worker encodes them
+with the demo encoder that neucodec/ also holds (random weights, so a cloned demo
+voice sounds like no one).
 Built on demand (`chorus serve --neutts`), beside the Orpheus demo models, with its own
 manifest so that a folder from an older builder is rebuilt.
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from chorus.speech import codecs, neutts
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: neucodec/ holds the encoder too
 MANIFEST = "neutts-demo.json"
 DEMO_VOICE = "demo"
 DEMO_TRANSCRIPT = "This is the demo voice of Chorus, made of random codes."
@@ -50,7 +52,8 @@ class NeuTtsDemo:
         except (OSError, ValueError):
             return False
         return (manifest == {"builder_version": BUILDER_VERSION, "seed": seed} and self.gguf.is_file()
-                and (self.neucodec_dir / "pytorch_model.bin").is_file() and (self.voices / DEMO_VOICE).is_dir())
+                and (self.neucodec_dir / "pytorch_model.bin").is_file()
+                and (self.neucodec_dir / "encoder.json").is_file() and (self.voices / DEMO_VOICE).is_dir())
 
 
 def build_neutts_demo(out_dir: Path, seed: int = 0, force: bool = False) -> NeuTtsDemo:

@@ -39,7 +39,9 @@ from gateway.frontends import shell
 from gateway.frontends.openai_http.errors import refusal_response
 
 SPEECH = "/v1/audio/speech"
-ROUTES = (f"POST {SPEECH}", "GET /v1/audio/voices", "GET /v1/models")
+ROUTES = (f"POST {SPEECH}", "GET /v1/audio/voices", "GET /v1/models", "POST /v1/audio/voices")
+# A voice's name is in its DELETE path; the label names the route, not the voice.
+VOICE_DELETE = "DELETE /v1/audio/voices/{name}"
 OPEN_PATHS = frozenset({"/", "/health"})
 
 # Where the scope's state carries what the door learned: the admitted caller (for
@@ -98,7 +100,9 @@ class HttpGuard:
             await self.app(scope, receive, send)
             return
         route = f"{scope['method']} {scope['path']}"
-        labels = (OPENAI, route if route in ROUTES else "other")
+        if scope["method"] == "DELETE" and scope["path"].startswith("/v1/audio/voices/"):
+            route = VOICE_DELETE
+        labels = (OPENAI, route if route in ROUTES or route == VOICE_DELETE else "other")
         span = trace.get_current_span()
         state = scope.setdefault("state", {})
         exchange = _Exchange(send, lambda status: _mark_span(span, state.get(OUTCOME) or shell.code_of_http_status(status), status))

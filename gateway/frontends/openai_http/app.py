@@ -1,5 +1,6 @@
 """The gateway's HTTP port: OpenAI's `POST /v1/audio/speech`, `GET /v1/audio/voices`,
-`GET /v1/models`, `GET /health`, and the browser page at `/`.
+`GET /v1/models`, `GET /health`, the browser page at `/`, and cloned voices'
+`POST /v1/audio/voices` and `DELETE /v1/audio/voices/{name}` (voices.py).
 
 Starlette on uvicorn, on the gateway's own event loop: a request here shares the
 gRPC calls' pipeline, router, limits and validation, so there is one gateway with
@@ -66,12 +67,19 @@ from chorus.telemetry.tracing import RpcMetrics
 from gateway import voice_aliases
 from gateway.config import GatewayConfig
 from gateway.encoding import Encoded, whole_file
-from gateway.errors import GatewayError, invalid
+from gateway.errors import GatewayError
 from gateway.frontends import shell
 from gateway.frontends.openai_http.access import CALLER, IDENTITIES, OUTCOME, HttpGuard
+from gateway.frontends.openai_http.body import json_body
 from gateway.frontends.openai_http.errors import error_response
-from gateway.frontends.openai_http.request import OPENAI_FORMATS, SpeechRequest, listed_models, parse
+from gateway.frontends.openai_http.request import (
+    OPENAI_FORMATS,
+    SpeechRequest,
+    listed_models,
+    parse,
+)
 from gateway.frontends.openai_http.tracing import traced
+from gateway.frontends.openai_http.voices import VoiceEndpoints
 from gateway.pipeline import Pipeline
 from gateway.synthesis import synthesize
 
@@ -101,6 +109,7 @@ class SpeechEndpoint:
     def __init__(self, config: GatewayConfig, pipeline: Pipeline, is_serving: Callable[[], bool]) -> None:
         self._config = config
         self._pipeline = pipeline
+        self._voices = VoiceEndpoints(config, pipeline)
         self._is_serving = is_serving
         self._policy: AccessPolicy | None = None
         # The tasks of speech requests waiting for or relaying audio, to cut when the
@@ -118,13 +127,15 @@ class SpeechEndpoint:
         middleware = [Middleware(HttpGuard, policy=policy, metrics=metrics)]
         if self._config.cors_origins:
             middleware.insert(0, Middleware(
-                CORSMiddleware, allow_origins=self._config.cors_origins, allow_methods=["GET", "POST"],
+                CORSMiddleware, allow_origins=self._config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=_CORS_HEADERS, expose_headers=_CORS_EXPOSED,
             ))
         return traced(Starlette(middleware=middleware, routes=[
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/audio/voices", self.voices, methods=["GET"]),
+            Route("/v1/audio/voices", self._voices.register, methods=["POST"]),
+            Route("/v1/audio/voices/{name}", self._voices.delete, methods=["DELETE"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route(RIVA_REALTIME_SESSIONS, self.riva_realtime, methods=["POST"]),
             Route("/v1/audio/speech", self.speech, methods=["POST"]),
@@ -206,22 +217,11 @@ class SpeechEndpoint:
         arrived = time.monotonic()
         if not self._is_serving():
             return error_response(GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry"))
-        content_type = request.headers.get("content-type", "")
-        if content_type.partition(";")[0].strip().lower() != "application/json":
-            return error_response(invalid(
-                f"the body must be JSON sent as `Content-Type: application/json`, got {content_type or 'none'!r}"
-            ), 415)
+        body = await json_body(request, self._config.http_read_timeout_s)
+        if isinstance(body, Response):
+            return body
         try:
-            async with asyncio.timeout(self._config.http_read_timeout_s):
-                raw = await request.body()
-        except TimeoutError:
-            # The rest of the body may never come: the connection is not reused.
-            late = GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, (
-                f"the body did not arrive within {self._config.http_read_timeout_s:g} s "
-                "(--http-read-timeout): send it whole, with a Content-Length that matches it"))
-            return error_response(late, 408, headers={"Connection": "close"})
-        try:
-            parsed = parse(_json_body(raw), self._config)
+            parsed = parse(body, self._config)
         except GatewayError as err:
             return error_response(err)
         # The request's id, voice and output on its HTTP SERVER span (tracing.py) and log
@@ -340,24 +340,6 @@ async def _cancel_on_disconnect(request: Request, task: asyncio.Task) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     task.cancel()
-
-
-def _json_body(raw: bytes) -> object:
-    """The body as JSON (its size is HttpGuard's to limit), every string in it valid
-    Unicode: JSON's escapes can spell an unpaired surrogate ("\\ud800"), which Python
-    decodes and nothing downstream can encode."""
-    try:
-        body = json.loads(raw)
-        json.dumps(body, ensure_ascii=False).encode()
-    except RecursionError:
-        raise invalid("the body nests too deeply: it is a JSON object of fields (`sampling` one level down)") from None
-    except UnicodeEncodeError as err:
-        bad = err.object[err.start:err.end].encode("unicode_escape").decode()
-        raise invalid(f"the body holds an unpaired UTF-16 surrogate ({bad}): every string must be valid Unicode "
-                      "(a \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one)") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise invalid(f"the body is not JSON: {err}") from None
-    return body
 
 
 def _sse(event: dict) -> bytes:

@@ -35,15 +35,17 @@ OPUS_RATE_FOR = {12000: 16000, 22050: 24000, 44100: 48000}
 
 
 def synthesis_options(
-    request: riva_tts_pb2.SynthesizeSpeechRequest, config: GatewayConfig, time_remaining: float | None
+    request: riva_tts_pb2.SynthesizeSpeechRequest, config: GatewayConfig, time_remaining: float | None,
+    cloned_voice: str = "",
 ) -> SynthesisOptions:
+    """`cloned_voice`: the voice a request's zero_shot_data was registered as
+    (frontends/riva/zero_shot.py), spoken instead of voice_name."""
     language = request.language_code
     if language and not _ENGLISH.fullmatch(language):
         raise invalid(f"language_code {language!r} is not spoken here; this deployment speaks English: "
                       f"use {LANGUAGE} (or en, or en- and a region such as en-GB), or leave it empty")
-    if request.HasField("zero_shot_data"):
-        raise invalid("zero_shot_data is not supported (no voice cloning, with an audio prompt or without); "
-                      "leave it unset and pick a voice_name")
+    if request.HasField("zero_shot_data") and not cloned_voice:
+        raise invalid("zero_shot_data was not registered as a voice")  # the servicer registers it first
     if request.custom_dictionary:
         raise invalid("custom_dictionary is not supported: the backbone reads text, not phonemes")
     if request.enable_word_time_offsets:
@@ -57,7 +59,7 @@ def synthesis_options(
     return validation.options(
         config,
         time_remaining,
-        voice=voice_aliases.resolve(request.voice_name, config),
+        voice=cloned_voice or voice_aliases.resolve(request.voice_name, config),
         audio=gateway_pb2.AudioConfig(encoding=FORMATS[fmt_name].wire, sample_rate_hz=rate),
         sampling=sampling_from_mapping(dict(request.custom_configuration), "custom_configuration"),
         request_id=request.id.value if request.HasField("id") else "",

@@ -20,9 +20,11 @@ The mapping (README.md lists it for users):
   from the first) and streams audio chunks as they are generated.
 - Chorus's summary travels in trailing metadata: `chorus-summary-bin` (a serialized
   tts.v1 SynthesisSummary) and a few readable `chorus-*` keys.
-- Zero-shot prompts (any `zero_shot_data`, with an audio prompt or not), custom
-  dictionaries and word timings are refused with INVALID_ARGUMENT: the backbone has
-  none of them, and silence about it would mislead.
+- `zero_shot_data`: the prompt recording and its transcript clone a voice (a family
+  that clones, NeuTTS-Air, must be served), registered the first time the prompt is
+  seen and spoken instead of `voice_name` (riva/zero_shot.py).
+- Custom dictionaries and word timings are refused with INVALID_ARGUMENT: the
+  backbone has neither, and silence about it would mislead.
 
 The request's mapping onto SynthesisOptions is `mapping.py`'s; what every door does
 alike (reading the stream, statuses, tags) is `gateway.frontends.shell`'s.
@@ -36,11 +38,13 @@ import grpc
 
 from chorus.proto.riva import riva_tts_pb2, riva_tts_pb2_grpc
 from chorus.proto.tts.v1 import common_pb2
-from gateway import validation, voice_aliases
+from gateway import validation, voice_aliases, voice_registration
 from gateway.encoding import Encoded, whole_file
 from gateway.feed import TextFeed
 from gateway.frontends import shell
+from gateway.frontends.riva import zero_shot
 from gateway.frontends.riva.mapping import LANGUAGE, synthesis_options
+from gateway.request_types import SynthesisOptions
 
 SERVICE_NAME = riva_tts_pb2.DESCRIPTOR.services_by_name["RivaSpeechSynthesis"].full_name
 
@@ -63,7 +67,7 @@ class RivaSynthesisServicer(shell.GrpcDoor, riva_tts_pb2_grpc.RivaSpeechSynthesi
         arrived = time.monotonic()
         async with shell.gateway_status(context):
             validation.check_text(request.text, self._config)
-            options = synthesis_options(request, self._config, context.time_remaining())
+            options = await self._options(request, context)
             shell.tag(options, text_chars=len(request.text))
             feed = await shell.whole_text_feed(request.text, self._config)
             audio, samples = [], 0
@@ -85,7 +89,7 @@ class RivaSynthesisServicer(shell.GrpcDoor, riva_tts_pb2_grpc.RivaSpeechSynthesi
         # Each request is one text, the first (which carries the settings) included.
         async with shell.gateway_status(context), shell.streamed_text(
             request_iterator, self._config, "the synthesis settings",
-            lambda first: synthesis_options(first, self._config, context.time_remaining()), self._take,
+            lambda first: self._options(first, context), self._take,
             first_has_text=True,
         ) as (first, options, feed):
             async with self._synthesis(feed, options, arrived) as items:
@@ -110,6 +114,18 @@ class RivaSynthesisServicer(shell.GrpcDoor, riva_tts_pb2_grpc.RivaSpeechSynthesi
             },
         )
         return riva_tts_pb2.RivaSynthesisConfigResponse(model_config=[config])
+
+    async def _options(self, request: riva_tts_pb2.SynthesizeSpeechRequest,
+                       context: grpc.aio.ServicerContext) -> SynthesisOptions:
+        """The request's options; a zero-shot prompt is registered (once) and spoken."""
+        voice = ""
+        if request.HasField("zero_shot_data"):
+            voice = await zero_shot.voice_of(
+                self._config, self._pipeline.router, request.zero_shot_data,
+                request.id.value if request.HasField("id") else "",
+                voice_registration.deadline_of(self._config, context.time_remaining()),
+            )
+        return synthesis_options(request, self._config, context.time_remaining(), cloned_voice=voice)
 
     async def _take(self, request: riva_tts_pb2.SynthesizeSpeechRequest, feed: TextFeed) -> bool:
         """One request of SynthesizeOnline: one text (as the client sends a list), spoken whole."""

@@ -25,23 +25,27 @@ _sym_db = _symbol_database.Default()
 from chorus.proto.tts.v1 import common_pb2 as tts_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12tts/v1/codec.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"\xb5\x01\n\x0b\x44\x65\x63odeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_frame_index\x18\x02 \x01(\x03\x12\x1a\n\x12resume_from_sample\x18\x03 \x01(\x03\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\'\n\x08playback\x18\x06 \x01(\x0b\x32\x15.tts.v1.PlaybackClock\x12\r\n\x05\x63odec\x18\x07 \x01(\t\"f\n\rDecodeRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.tts.v1.DecodeStartH\x00\x12$\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x12.tts.v1.CodeFramesH\x00\x42\t\n\x07payload\"@\n\x0e\x44\x65\x63odeResponse\x12\x1f\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x10.tts.v1.PcmChunk\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xca\x01\n\x0fGetLoadResponse\x12\x14\n\x0copen_streams\x18\x01 \x01(\x05\x12\x13\n\x0bmax_streams\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rate\x18\x04 \x01(\x01\x12\x12\n\nbusy_ratio\x18\x05 \x01(\x01\x12\x13\n\x0blag_seconds\x18\x06 \x01(\x01\x12\x18\n\x10\x63\x61pacity_streams\x18\x07 \x01(\x05\x12\x14\n\x0cnumeric_mode\x18\x08 \x01(\t\x12\x0e\n\x06\x63odecs\x18\t \x03(\t2\x87\x01\n\x0c\x43odecService\x12;\n\x06\x44\x65\x63ode\x12\x15.tts.v1.DecodeRequest\x1a\x16.tts.v1.DecodeResponse(\x01\x30\x01\x12:\n\x07GetLoad\x12\x16.tts.v1.GetLoadRequest\x1a\x17.tts.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12tts/v1/codec.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"Y\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.tts.v1.ReferenceAudio\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"7\n\x0e\x45ncodeResponse\x12%\n\x05\x63odes\x18\x01 \x01(\x0b\x32\x16.tts.v1.ReferenceCodes\"\xb5\x01\n\x0b\x44\x65\x63odeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_frame_index\x18\x02 \x01(\x03\x12\x1a\n\x12resume_from_sample\x18\x03 \x01(\x03\x12\x15\n\rdeterministic\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\'\n\x08playback\x18\x06 \x01(\x0b\x32\x15.tts.v1.PlaybackClock\x12\r\n\x05\x63odec\x18\x07 \x01(\t\"f\n\rDecodeRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.tts.v1.DecodeStartH\x00\x12$\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x12.tts.v1.CodeFramesH\x00\x42\t\n\x07payload\"@\n\x0e\x44\x65\x63odeResponse\x12\x1f\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x10.tts.v1.PcmChunk\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xca\x01\n\x0fGetLoadResponse\x12\x14\n\x0copen_streams\x18\x01 \x01(\x05\x12\x13\n\x0bmax_streams\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_rate\x18\x04 \x01(\x01\x12\x12\n\nbusy_ratio\x18\x05 \x01(\x01\x12\x13\n\x0blag_seconds\x18\x06 \x01(\x01\x12\x18\n\x10\x63\x61pacity_streams\x18\x07 \x01(\x05\x12\x14\n\x0cnumeric_mode\x18\x08 \x01(\t\x12\x0e\n\x06\x63odecs\x18\t \x03(\t2\xc0\x01\n\x0c\x43odecService\x12;\n\x06\x44\x65\x63ode\x12\x15.tts.v1.DecodeRequest\x1a\x16.tts.v1.DecodeResponse(\x01\x30\x01\x12:\n\x07GetLoad\x12\x16.tts.v1.GetLoadRequest\x1a\x17.tts.v1.GetLoadResponse\x12\x37\n\x06\x45ncode\x12\x15.tts.v1.EncodeRequest\x1a\x16.tts.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tts.v1.codec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECODESTART']._serialized_start=52
-  _globals['_DECODESTART']._serialized_end=233
-  _globals['_DECODEREQUEST']._serialized_start=235
-  _globals['_DECODEREQUEST']._serialized_end=337
-  _globals['_DECODERESPONSE']._serialized_start=339
-  _globals['_DECODERESPONSE']._serialized_end=403
-  _globals['_GETLOADREQUEST']._serialized_start=405
-  _globals['_GETLOADREQUEST']._serialized_end=421
-  _globals['_GETLOADRESPONSE']._serialized_start=424
-  _globals['_GETLOADRESPONSE']._serialized_end=626
-  _globals['_CODECSERVICE']._serialized_start=629
-  _globals['_CODECSERVICE']._serialized_end=764
+  _globals['_ENCODEREQUEST']._serialized_start=51
+  _globals['_ENCODEREQUEST']._serialized_end=140
+  _globals['_ENCODERESPONSE']._serialized_start=142
+  _globals['_ENCODERESPONSE']._serialized_end=197
+  _globals['_DECODESTART']._serialized_start=200
+  _globals['_DECODESTART']._serialized_end=381
+  _globals['_DECODEREQUEST']._serialized_start=383
+  _globals['_DECODEREQUEST']._serialized_end=485
+  _globals['_DECODERESPONSE']._serialized_start=487
+  _globals['_DECODERESPONSE']._serialized_end=551
+  _globals['_GETLOADREQUEST']._serialized_start=553
+  _globals['_GETLOADREQUEST']._serialized_end=569
+  _globals['_GETLOADRESPONSE']._serialized_start=572
+  _globals['_GETLOADRESPONSE']._serialized_end=774
+  _globals['_CODECSERVICE']._serialized_start=777
+  _globals['_CODECSERVICE']._serialized_end=969
 # @@protoc_insertion_point(module_scope)

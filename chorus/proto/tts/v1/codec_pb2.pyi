@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EncodeRequest(_message.Message):
+    __slots__ = ("request_id", "audio", "codec")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    audio: _common_pb2.ReferenceAudio
+    codec: str
+    def __init__(self, request_id: _Optional[str] = ..., audio: _Optional[_Union[_common_pb2.ReferenceAudio, _Mapping]] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("codes",)
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    codes: _common_pb2.ReferenceCodes
+    def __init__(self, codes: _Optional[_Union[_common_pb2.ReferenceCodes, _Mapping]] = ...) -> None: ...
+
 class DecodeStart(_message.Message):
     __slots__ = ("request_id", "first_frame_index", "resume_from_sample", "deterministic", "seed", "playback", "codec")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class CodecServiceStub:
                 request_serializer=tts_dot_v1_dot_codec__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=tts_dot_v1_dot_codec__pb2.GetLoadResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/tts.v1.CodecService/Encode',
+                request_serializer=tts_dot_v1_dot_codec__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=tts_dot_v1_dot_codec__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class CodecServiceServicer:
@@ -69,6 +74,15 @@ class CodecServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encodes a reference recording to codes, once per cloned voice. A worker whose
+        model has no encoder, or whose codec is not the one asked for, answers
+        FAILED_PRECONDITION; one encode runs at a time, beside the decode streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CodecServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_CodecServiceServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=tts_dot_v1_dot_codec__pb2.GetLoadRequest.FromString,
                     response_serializer=tts_dot_v1_dot_codec__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=tts_dot_v1_dot_codec__pb2.EncodeRequest.FromString,
+                    response_serializer=tts_dot_v1_dot_codec__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +158,33 @@ class CodecService:
             '/tts.v1.CodecService/GetLoad',
             tts_dot_v1_dot_codec__pb2.GetLoadRequest.SerializeToString,
             tts_dot_v1_dot_codec__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tts.v1.CodecService/Encode',
+            tts_dot_v1_dot_codec__pb2.EncodeRequest.SerializeToString,
+            tts_dot_v1_dot_codec__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,3 +85,19 @@ class SynthesisSummary(_message.Message):
     underruns: int
     stall_seconds: float
     def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., tokens: _Optional[int] = ..., frames: _Optional[int] = ..., audio_seconds: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., time_to_first_audio_ms: _Optional[float] = ..., real_time_factor: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., time_to_decodable_frames_ms: _Optional[float] = ..., seed: _Optional[int] = ..., underruns: _Optional[int] = ..., stall_seconds: _Optional[float] = ...) -> None: ...
+
+class ReferenceAudio(_message.Message):
+    __slots__ = ("samples", "sample_rate_hz")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedScalarFieldContainer[float]
+    sample_rate_hz: int
+    def __init__(self, samples: _Optional[_Iterable[float]] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
+
+class ReferenceCodes(_message.Message):
+    __slots__ = ("codec", "codes")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, codec: _Optional[str] = ..., codes: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from chorus.proto.tts.v1 import common_pb2 as tts_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tts/v1/gateway.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"N\n\x0b\x41udioConfig\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x15.tts.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"\x92\x01\n\x11SynthesizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\"\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.tts.v1.AudioConfig\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"/\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\"q\n\x12SynthesizeResponse\x12#\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.tts.v1.AudioChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x42\t\n\x07payload\"\x8c\x01\n\x19StreamingSynthesizeConfig\x12\r\n\x05voice\x18\x01 \x01(\t\x12\"\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x13.tts.v1.AudioConfig\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x07\n\x05\x46lush\"\x0c\n\nEndOfInput\"\xaf\x01\n\x1aStreamingSynthesizeRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.tts.v1.StreamingSynthesizeConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x1e\n\x05\x66lush\x18\x03 \x01(\x0b\x32\r.tts.v1.FlushH\x00\x12!\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x12.tts.v1.EndOfInputH\x00\x42\t\n\x07payload\"z\n\x1bStreamingSynthesizeResponse\x12#\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.tts.v1.AudioChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x42\t\n\x07payload\"\x13\n\x11ListVoicesRequest\"*\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"3\n\x12ListVoicesResponse\x12\x1d\n\x06voices\x18\x01 \x03(\x0b\x32\r.tts.v1.Voice\"\x12\n\x10GetLimitsRequest\"\x8d\x01\n\x11GetLimitsResponse\x12\x16\n\x0emax_text_chars\x18\x01 \x01(\x05\x12(\n\tencodings\x18\x02 \x03(\x0e\x32\x15.tts.v1.AudioEncoding\x12\x17\n\x0fsample_rates_hz\x18\x03 \x03(\x05\x12\x1d\n\x15native_sample_rate_hz\x18\x04 \x01(\x05*\xfe\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41UDIO_ENCODING_PCM_S16LE\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x03\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x04\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x05\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x06\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x07\x12\x16\n\x12\x41UDIO_ENCODING_AAC\x10\x08\x32\xc4\x02\n\x10SynthesisService\x12\x45\n\nSynthesize\x12\x19.tts.v1.SynthesizeRequest\x1a\x1a.tts.v1.SynthesizeResponse0\x01\x12\x62\n\x13StreamingSynthesize\x12\".tts.v1.StreamingSynthesizeRequest\x1a#.tts.v1.StreamingSynthesizeResponse(\x01\x30\x01\x12\x43\n\nListVoices\x12\x19.tts.v1.ListVoicesRequest\x1a\x1a.tts.v1.ListVoicesResponse\x12@\n\tGetLimits\x12\x18.tts.v1.GetLimitsRequest\x1a\x19.tts.v1.GetLimitsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tts/v1/gateway.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"N\n\x0b\x41udioConfig\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x15.tts.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"\x92\x01\n\x11SynthesizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12\"\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.tts.v1.AudioConfig\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"/\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\"q\n\x12SynthesizeResponse\x12#\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.tts.v1.AudioChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x42\t\n\x07payload\"\x8c\x01\n\x19StreamingSynthesizeConfig\x12\r\n\x05voice\x18\x01 \x01(\t\x12\"\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x13.tts.v1.AudioConfig\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x07\n\x05\x46lush\"\x0c\n\nEndOfInput\"\xaf\x01\n\x1aStreamingSynthesizeRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.tts.v1.StreamingSynthesizeConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x1e\n\x05\x66lush\x18\x03 \x01(\x0b\x32\r.tts.v1.FlushH\x00\x12!\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x12.tts.v1.EndOfInputH\x00\x42\t\n\x07payload\"z\n\x1bStreamingSynthesizeResponse\x12#\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.tts.v1.AudioChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x42\t\n\x07payload\"\x13\n\x11ListVoicesRequest\"*\n\x05Voice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"3\n\x12ListVoicesResponse\x12\x1d\n\x06voices\x18\x01 \x03(\x0b\x32\r.tts.v1.Voice\"W\n\x14RegisterVoiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c\x12\x12\n\ntranscript\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\"j\n\x15RegisterVoiceResponse\x12\x1c\n\x05voice\x18\x01 \x01(\x0b\x32\r.tts.v1.Voice\x12\x19\n\x11reference_seconds\x18\x02 \x01(\x01\x12\x18\n\x10reference_frames\x18\x03 \x01(\x05\"\"\n\x12\x44\x65leteVoiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteVoiceResponse\"\x12\n\x10GetLimitsRequest\"\x8d\x01\n\x11GetLimitsResponse\x12\x16\n\x0emax_text_chars\x18\x01 \x01(\x05\x12(\n\tencodings\x18\x02 \x03(\x0e\x32\x15.tts.v1.AudioEncoding\x12\x17\n\x0fsample_rates_hz\x18\x03 \x03(\x05\x12\x1d\n\x15native_sample_rate_hz\x18\x04 \x01(\x05*\xfe\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41UDIO_ENCODING_PCM_S16LE\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x03\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x04\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x05\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x06\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x07\x12\x16\n\x12\x41UDIO_ENCODING_AAC\x10\x08\x32\xda\x03\n\x10SynthesisService\x12\x45\n\nSynthesize\x12\x19.tts.v1.SynthesizeRequest\x1a\x1a.tts.v1.SynthesizeResponse0\x01\x12\x62\n\x13StreamingSynthesize\x12\".tts.v1.StreamingSynthesizeRequest\x1a#.tts.v1.StreamingSynthesizeResponse(\x01\x30\x01\x12\x43\n\nListVoices\x12\x19.tts.v1.ListVoicesRequest\x1a\x1a.tts.v1.ListVoicesResponse\x12@\n\tGetLimits\x12\x18.tts.v1.GetLimitsRequest\x1a\x19.tts.v1.GetLimitsResponse\x12L\n\rRegisterVoice\x12\x1c.tts.v1.RegisterVoiceRequest\x1a\x1d.tts.v1.RegisterVoiceResponse\x12\x46\n\x0b\x44\x65leteVoice\x12\x1a.tts.v1.DeleteVoiceRequest\x1a\x1b.tts.v1.DeleteVoiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tts.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=1197
-  _globals['_AUDIOENCODING']._serialized_end=1451
+  _globals['_AUDIOENCODING']._serialized_start=1453
+  _globals['_AUDIOENCODING']._serialized_end=1707
   _globals['_AUDIOCONFIG']._serialized_start=53
   _globals['_AUDIOCONFIG']._serialized_end=131
   _globals['_SYNTHESIZEREQUEST']._serialized_start=134
@@ -58,10 +58,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOICE']._serialized_end=977
   _globals['_LISTVOICESRESPONSE']._serialized_start=979
   _globals['_LISTVOICESRESPONSE']._serialized_end=1030
-  _globals['_GETLIMITSREQUEST']._serialized_start=1032
-  _globals['_GETLIMITSREQUEST']._serialized_end=1050
-  _globals['_GETLIMITSRESPONSE']._serialized_start=1053
-  _globals['_GETLIMITSRESPONSE']._serialized_end=1194
-  _globals['_SYNTHESISSERVICE']._serialized_start=1454
-  _globals['_SYNTHESISSERVICE']._serialized_end=1778
+  _globals['_REGISTERVOICEREQUEST']._serialized_start=1032
+  _globals['_REGISTERVOICEREQUEST']._serialized_end=1119
+  _globals['_REGISTERVOICERESPONSE']._serialized_start=1121
+  _globals['_REGISTERVOICERESPONSE']._serialized_end=1227
+  _globals['_DELETEVOICEREQUEST']._serialized_start=1229
+  _globals['_DELETEVOICEREQUEST']._serialized_end=1263
+  _globals['_DELETEVOICERESPONSE']._serialized_start=1265
+  _globals['_DELETEVOICERESPONSE']._serialized_end=1286
+  _globals['_GETLIMITSREQUEST']._serialized_start=1288
+  _globals['_GETLIMITSREQUEST']._serialized_end=1306
+  _globals['_GETLIMITSRESPONSE']._serialized_start=1309
+  _globals['_GETLIMITSRESPONSE']._serialized_end=1450
+  _globals['_SYNTHESISSERVICE']._serialized_start=1710
+  _globals['_SYNTHESISSERVICE']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)

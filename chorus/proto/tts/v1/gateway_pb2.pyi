@@ -125,6 +125,38 @@ class ListVoicesResponse(_message.Message):
     voices: _containers.RepeatedCompositeFieldContainer[Voice]
     def __init__(self, voices: _Optional[_Iterable[_Union[Voice, _Mapping]]] = ...) -> None: ...
 
+class RegisterVoiceRequest(_message.Message):
+    __slots__ = ("name", "audio", "transcript", "family")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    audio: bytes
+    transcript: str
+    family: str
+    def __init__(self, name: _Optional[str] = ..., audio: _Optional[bytes] = ..., transcript: _Optional[str] = ..., family: _Optional[str] = ...) -> None: ...
+
+class RegisterVoiceResponse(_message.Message):
+    __slots__ = ("voice", "reference_seconds", "reference_frames")
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    voice: Voice
+    reference_seconds: float
+    reference_frames: int
+    def __init__(self, voice: _Optional[_Union[Voice, _Mapping]] = ..., reference_seconds: _Optional[float] = ..., reference_frames: _Optional[int] = ...) -> None: ...
+
+class DeleteVoiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteVoiceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetLimitsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -55,6 +55,16 @@ class SynthesisServiceStub:
                 request_serializer=tts_dot_v1_dot_gateway__pb2.GetLimitsRequest.SerializeToString,
                 response_deserializer=tts_dot_v1_dot_gateway__pb2.GetLimitsResponse.FromString,
                 _registered_method=True)
+        self.RegisterVoice = channel.unary_unary(
+                '/tts.v1.SynthesisService/RegisterVoice',
+                request_serializer=tts_dot_v1_dot_gateway__pb2.RegisterVoiceRequest.SerializeToString,
+                response_deserializer=tts_dot_v1_dot_gateway__pb2.RegisterVoiceResponse.FromString,
+                _registered_method=True)
+        self.DeleteVoice = channel.unary_unary(
+                '/tts.v1.SynthesisService/DeleteVoice',
+                request_serializer=tts_dot_v1_dot_gateway__pb2.DeleteVoiceRequest.SerializeToString,
+                response_deserializer=tts_dot_v1_dot_gateway__pb2.DeleteVoiceResponse.FromString,
+                _registered_method=True)
 
 
 class SynthesisServiceServicer:
@@ -90,6 +100,22 @@ class SynthesisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterVoice(self, request, context):
+        """Clones a voice from a few seconds of speech and its transcript, once; requests
+        then name it as `voice`. It is kept in the deployment's voice store, so every
+        gateway and token server finds it, and it outlives any of their restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVoice(self, request, context):
+        """Removes a registered voice (fixed voices cannot be removed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SynthesisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +138,16 @@ def add_SynthesisServiceServicer_to_server(servicer, server):
                     servicer.GetLimits,
                     request_deserializer=tts_dot_v1_dot_gateway__pb2.GetLimitsRequest.FromString,
                     response_serializer=tts_dot_v1_dot_gateway__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'RegisterVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterVoice,
+                    request_deserializer=tts_dot_v1_dot_gateway__pb2.RegisterVoiceRequest.FromString,
+                    response_serializer=tts_dot_v1_dot_gateway__pb2.RegisterVoiceResponse.SerializeToString,
+            ),
+            'DeleteVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVoice,
+                    request_deserializer=tts_dot_v1_dot_gateway__pb2.DeleteVoiceRequest.FromString,
+                    response_serializer=tts_dot_v1_dot_gateway__pb2.DeleteVoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +259,60 @@ class SynthesisService:
             '/tts.v1.SynthesisService/GetLimits',
             tts_dot_v1_dot_gateway__pb2.GetLimitsRequest.SerializeToString,
             tts_dot_v1_dot_gateway__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tts.v1.SynthesisService/RegisterVoice',
+            tts_dot_v1_dot_gateway__pb2.RegisterVoiceRequest.SerializeToString,
+            tts_dot_v1_dot_gateway__pb2.RegisterVoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tts.v1.SynthesisService/DeleteVoice',
+            tts_dot_v1_dot_gateway__pb2.DeleteVoiceRequest.SerializeToString,
+            tts_dot_v1_dot_gateway__pb2.DeleteVoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,23 +25,27 @@ _sym_db = _symbol_database.Default()
 from chorus.proto.tts.v1 import common_pb2 as tts_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tts/v1/token_server.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"\xf9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\ncodes_only\x18\x05 \x01(\x08\x12\x1b\n\x13\x64\x65terministic_audio\x18\x06 \x01(\x08\x12\'\n\x08playback\x18\x07 \x01(\x0b\x32\x15.tts.v1.PlaybackClock\x12\x1a\n\x12resume_from_sample\x18\x08 \x01(\x03\x12\x15\n\rverify_frames\x18\t \x01(\x03\",\n\nCodeDigest\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x06\"\xb6\x01\n\x10GenerateResponse\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x10.tts.v1.PcmChunkH\x00\x12$\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x12.tts.v1.CodeFramesH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x12!\n\x05\x63odes\x18\x04 \x01(\x0b\x32\x12.tts.v1.CodeDigestB\t\n\x07payload\"\x12\n\x10GetStatusRequest\"\xba\x01\n\x11GetStatusResponse\x12\x13\n\x0bslots_total\x18\x01 \x01(\x05\x12\x12\n\nslots_busy\x18\x02 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x18\n\x10\x63\x61pacity_streams\x18\x06 \x01(\x05\x12\x16\n\x0e\x61\x63tive_streams\x18\x07 \x01(\x05\x12\x0e\n\x06\x66\x61mily\x18\x08 \x01(\t2\x91\x01\n\x0cTokenService\x12?\n\x08Generate\x12\x17.tts.v1.GenerateRequest\x1a\x18.tts.v1.GenerateResponse0\x01\x12@\n\tGetStatus\x12\x18.tts.v1.GetStatusRequest\x1a\x19.tts.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tts/v1/token_server.proto\x12\x06tts.v1\x1a\x13tts/v1/common.proto\"S\n\x16\x45ncodeReferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.tts.v1.ReferenceAudio\"@\n\x17\x45ncodeReferenceResponse\x12%\n\x05\x63odes\x18\x01 \x01(\x0b\x32\x16.tts.v1.ReferenceCodes\"\xf9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.tts.v1.SamplingParams\x12\x12\n\ncodes_only\x18\x05 \x01(\x08\x12\x1b\n\x13\x64\x65terministic_audio\x18\x06 \x01(\x08\x12\'\n\x08playback\x18\x07 \x01(\x0b\x32\x15.tts.v1.PlaybackClock\x12\x1a\n\x12resume_from_sample\x18\x08 \x01(\x03\x12\x15\n\rverify_frames\x18\t \x01(\x03\",\n\nCodeDigest\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x06\"\xb6\x01\n\x10GenerateResponse\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x10.tts.v1.PcmChunkH\x00\x12$\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x12.tts.v1.CodeFramesH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.tts.v1.SynthesisSummaryH\x00\x12!\n\x05\x63odes\x18\x04 \x01(\x0b\x32\x12.tts.v1.CodeDigestB\t\n\x07payload\"\x12\n\x10GetStatusRequest\"\xba\x01\n\x11GetStatusResponse\x12\x13\n\x0bslots_total\x18\x01 \x01(\x05\x12\x12\n\nslots_busy\x18\x02 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x18\n\x10\x63\x61pacity_streams\x18\x06 \x01(\x05\x12\x16\n\x0e\x61\x63tive_streams\x18\x07 \x01(\x05\x12\x0e\n\x06\x66\x61mily\x18\x08 \x01(\t2\xe5\x01\n\x0cTokenService\x12?\n\x08Generate\x12\x17.tts.v1.GenerateRequest\x1a\x18.tts.v1.GenerateResponse0\x01\x12@\n\tGetStatus\x12\x18.tts.v1.GetStatusRequest\x1a\x19.tts.v1.GetStatusResponse\x12R\n\x0f\x45ncodeReference\x12\x1e.tts.v1.EncodeReferenceRequest\x1a\x1f.tts.v1.EncodeReferenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tts.v1.token_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=59
-  _globals['_GENERATEREQUEST']._serialized_end=308
-  _globals['_CODEDIGEST']._serialized_start=310
-  _globals['_CODEDIGEST']._serialized_end=354
-  _globals['_GENERATERESPONSE']._serialized_start=357
-  _globals['_GENERATERESPONSE']._serialized_end=539
-  _globals['_GETSTATUSREQUEST']._serialized_start=541
-  _globals['_GETSTATUSREQUEST']._serialized_end=559
-  _globals['_GETSTATUSRESPONSE']._serialized_start=562
-  _globals['_GETSTATUSRESPONSE']._serialized_end=748
-  _globals['_TOKENSERVICE']._serialized_start=751
-  _globals['_TOKENSERVICE']._serialized_end=896
+  _globals['_ENCODEREFERENCEREQUEST']._serialized_start=58
+  _globals['_ENCODEREFERENCEREQUEST']._serialized_end=141
+  _globals['_ENCODEREFERENCERESPONSE']._serialized_start=143
+  _globals['_ENCODEREFERENCERESPONSE']._serialized_end=207
+  _globals['_GENERATEREQUEST']._serialized_start=210
+  _globals['_GENERATEREQUEST']._serialized_end=459
+  _globals['_CODEDIGEST']._serialized_start=461
+  _globals['_CODEDIGEST']._serialized_end=505
+  _globals['_GENERATERESPONSE']._serialized_start=508
+  _globals['_GENERATERESPONSE']._serialized_end=690
+  _globals['_GETSTATUSREQUEST']._serialized_start=692
+  _globals['_GETSTATUSREQUEST']._serialized_end=710
+  _globals['_GETSTATUSRESPONSE']._serialized_start=713
+  _globals['_GETSTATUSRESPONSE']._serialized_end=899
+  _globals['_TOKENSERVICE']._serialized_start=902
+  _globals['_TOKENSERVICE']._serialized_end=1131
 # @@protoc_insertion_point(module_scope)

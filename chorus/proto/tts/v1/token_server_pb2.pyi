@@ -6,6 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EncodeReferenceRequest(_message.Message):
+    __slots__ = ("request_id", "audio")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    audio: _common_pb2.ReferenceAudio
+    def __init__(self, request_id: _Optional[str] = ..., audio: _Optional[_Union[_common_pb2.ReferenceAudio, _Mapping]] = ...) -> None: ...
+
+class EncodeReferenceResponse(_message.Message):
+    __slots__ = ("codes",)
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    codes: _common_pb2.ReferenceCodes
+    def __init__(self, codes: _Optional[_Union[_common_pb2.ReferenceCodes, _Mapping]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "text", "voice", "sampling", "codes_only", "deterministic_audio", "playback", "resume_from_sample", "verify_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

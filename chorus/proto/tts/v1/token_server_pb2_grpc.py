@@ -45,6 +45,11 @@ class TokenServiceStub:
                 request_serializer=tts_dot_v1_dot_token__server__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tts_dot_v1_dot_token__server__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.EncodeReference = channel.unary_unary(
+                '/tts.v1.TokenService/EncodeReference',
+                request_serializer=tts_dot_v1_dot_token__server__pb2.EncodeReferenceRequest.SerializeToString,
+                response_deserializer=tts_dot_v1_dot_token__server__pb2.EncodeReferenceResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -66,6 +71,15 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeReference(self, request, context):
+        """Encodes a reference recording with one of this server's codec workers, for a
+        voice cloned from it. Only families whose prompts carry a reference's codes
+        ("neutts-air") clone; others answer FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +92,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tts_dot_v1_dot_token__server__pb2.GetStatusRequest.FromString,
                     response_serializer=tts_dot_v1_dot_token__server__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'EncodeReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeReference,
+                    request_deserializer=tts_dot_v1_dot_token__server__pb2.EncodeReferenceRequest.FromString,
+                    response_serializer=tts_dot_v1_dot_token__server__pb2.EncodeReferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +154,33 @@ class TokenService:
             '/tts.v1.TokenService/GetStatus',
             tts_dot_v1_dot_token__server__pb2.GetStatusRequest.SerializeToString,
             tts_dot_v1_dot_token__server__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tts.v1.TokenService/EncodeReference',
+            tts_dot_v1_dot_token__server__pb2.EncodeReferenceRequest.SerializeToString,
+            tts_dot_v1_dot_token__server__pb2.EncodeReferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
