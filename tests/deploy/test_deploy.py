@@ -88,6 +88,11 @@ VARIANTS = {
         "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
     }}},
     "everything-on": EVERYTHING_ON,
+    # Both model families: the NeuTTS-Air pool beside Orpheus's, with TLS and monitoring on.
+    "neutts": {**EVERYTHING_ON, "neutts": {"enabled": True, "tokenServer": {"slots": 8, "autoscaling": {
+        "maxReplicas": 4}}, "codec": {"replicas": 1, "autoscaling": {"enabled": False}}}},
+    "neutts-demo": {"models": {"source": "demo"}, "neutts": {"enabled": True,
+                                                            "voiceStore": {"existingClaim": "voices"}}},
     # TLS with no HTTP port, images from a registry (podman names local builds localhost/...).
     "tls-no-http": {"tls": {"enabled": True, "gatewaySecretName": "gw", "tokenServerSecretName": "ts",
                             "codecWorkerSecretName": "cw"},
@@ -305,7 +310,8 @@ def test_objects_fit_together(source):
         service = services[component]
         assert service["spec"].get("clusterIP") == "None"
         grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
-        assert env[variable] == f"{service['metadata']['name']}:{grpc_port}"
+        # The first address; a second family's pool adds its own (test_the_neutts_pool_...).
+        assert env[variable].split(",")[0] == f"{service['metadata']['name']}:{grpc_port}"
     assert services["gateway"]["spec"].get("clusterIP") != "None"
 
     (account,) = objects["ServiceAccount"].values()
@@ -672,6 +678,110 @@ def test_each_service_reads_its_settings_from_the_manifest_environment(component
         assert args.token_servers == "chorus-token-server:50052"
         assert args.lookahead == 2  # from extraEnv
         assert args.http_port == "8443"  # gateway.http.port
+
+
+NEUTTS_POOL = {"neutts-token-server": "token-server", "neucodec-worker": "codec-worker"}
+
+
+def _pool(objects) -> dict[str, dict]:
+    return {_component(d): d for d in objects["Deployment"].values() if _component(d) in NEUTTS_POOL}
+
+
+def test_the_neutts_pool_deploys_beside_orpheus_with_the_voice_store_and_its_peers_only():
+    objects = _by_kind(SOURCES["helm:neutts"]())
+    pool, tiers = _pool(objects), _tiers(objects)
+    assert set(pool) == set(NEUTTS_POOL) and set(tiers) == set(PORTS)
+    env = _config(objects)["data"]
+    # The gateway routes over both families' token servers; each pool's token servers
+    # use their own codec workers.
+    assert env["CHORUS_TOKEN_SERVERS"] == "chorus-token-server:50052,chorus-neutts-token-server:50052"
+    token, codec = _env(_container(pool["neutts-token-server"])), _env(_container(pool["neucodec-worker"]))
+    assert token["CHORUS_CODEC_WORKERS"] == "chorus-neucodec-worker:50053"
+    assert token["CHORUS_MODEL"] == "/models/neutts/backbone.gguf" and token["CHORUS_SLOTS"] == "8"
+    assert token["CHORUS_VOICE_STORE"] == "/voices"
+    assert codec["CHORUS_CODEC"] == "neucodec_24khz" and codec["CHORUS_SNAC_DIR"] == "/models/neutts/neucodec"
+    assert "CHORUS_CODEC" not in _env(_container(tiers["codec-worker"]))
+    services = {_component(s): s for s in objects["Service"].values()}
+    for component in NEUTTS_POOL:
+        assert services[component]["spec"]["clusterIP"] == "None"
+    # Each tier scales on its own: the NeuTTS token servers' HPA with the pool's
+    # settings; the NeuCodec workers fixed, as asked.
+    hpas = {_component(h): h for h in objects["HorizontalPodAutoscaler"].values()}
+    assert hpas["neutts-token-server"]["spec"]["maxReplicas"] == 4
+    assert hpas["token-server"]["spec"]["maxReplicas"] == 8
+    assert "neucodec-worker" not in hpas and pool["neucodec-worker"]["spec"]["replicas"] == 1
+    assert {m["pods"]["metric"]["name"] for m in hpas["neutts-token-server"]["spec"]["metrics"]} == \
+        HPA_METRICS["token-server"]
+    # The pool presents its tier's TLS identity: the same Secret, probes checked as that tier.
+    for component, tier in NEUTTS_POOL.items():
+        pod = pool[component]["spec"]["template"]["spec"]
+        secret = next(v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "tls")
+        tier_pod = tiers[tier]["spec"]["template"]["spec"]
+        assert secret == next(v["secret"]["secretName"] for v in tier_pod["volumes"] if v["name"] == "tls")
+        probe = _container(pool[component])["readinessProbe"]["exec"]["command"]
+        assert probe[probe.index("--tier") + 1] == f"chorus-{tier}"
+    # The voice store: written by gateways, read by NeuTTS token servers, nowhere else.
+    (claim,) = [c for c in objects["PersistentVolumeClaim"].values() if _component(c) == "voices"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    mounts = {}
+    for component, deployment in {**tiers, **pool}.items():
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mount = [m for m in _container(deployment)["volumeMounts"] if m["name"] == "voices"]
+        if mount:
+            assert volumes["voices"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+            mounts[component] = mount[0]["readOnly"]
+    assert mounts == {"gateway": False, "neutts-token-server": True}
+    gateway_env = _env(_container(tiers["gateway"]))
+    assert gateway_env["CHORUS_VOICE_STORE"] == "/voices" and gateway_env["CHORUS_MAX_VOICES"] == "1000"
+    # Network: the gateway reaches each pool's token servers, and each pool's codec
+    # workers take only their own pool's token servers.
+    labels = {c: d["spec"]["template"]["metadata"]["labels"] for c, d in {**tiers, **pool}.items()}
+    policies = {_component(p): p["spec"] for p in objects["NetworkPolicy"].values()}
+
+    def senders(component: str) -> set[str]:
+        (peers,) = [rule["from"] for rule in policies[component]["ingress"] if {"port": "grpc"} in rule["ports"]]
+        return {c for c, pod in labels.items()
+                if any(peer["podSelector"]["matchLabels"].items() <= pod.items() for peer in peers)}
+
+    assert senders("neutts-token-server") == senders("token-server") == {"gateway"}
+    assert senders("neucodec-worker") == {"neutts-token-server"}
+    assert senders("codec-worker") == {"token-server"}
+    (monitor,) = objects["ServiceMonitor"].values()
+    scraped = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert set(scraped) == set(PORTS) | set(NEUTTS_POOL)
+
+
+def test_demo_models_build_the_neutts_family_in_its_pool_and_an_existing_voice_claim_is_used():
+    objects = _by_kind(SOURCES["helm:neutts-demo"]())
+    pool = _pool(objects)
+    for component, deployment in pool.items():
+        (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"] == ["chorus", "models", "demo", "--dir", "/models", "--neutts"], component
+    (orpheus_init,) = _tiers(objects)["token-server"]["spec"]["template"]["spec"]["initContainers"]
+    assert "--neutts" not in orpheus_init["command"]
+    assert "voices" not in {_component(c) for c in objects.get("PersistentVolumeClaim", {}).values()}
+    volumes = {v["name"]: v for v in pool["neutts-token-server"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["voices"]["persistentVolumeClaim"]["claimName"] == "voices"
+
+
+@pytest.mark.parametrize("component", NEUTTS_POOL)
+def test_the_neutts_pool_reads_its_settings_from_the_manifest_environment(component, monkeypatch):
+    tier = NEUTTS_POOL[component]
+    parse_args = importlib.import_module(PARSERS[tier]).parse_args
+    objects = _by_kind(SOURCES["helm:neutts"]())
+    for name in [n for n in os.environ if n.startswith("CHORUS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**_config(objects)["data"], **_env(_container(_pool(objects)[component]))}.items():
+        if value is not None and name.startswith("CHORUS_"):
+            monkeypatch.setenv(name, value)
+    args = parse_args([])
+    if tier == "token-server":
+        assert (args.model, args.codec_workers) == ("/models/neutts/backbone.gguf", "chorus-neucodec-worker:50053")
+        assert (args.voice_store, args.phoneme_language, args.slots) == ("/voices", "en-us", 8)
+    else:
+        assert (args.model_dir, args.codec) == ("/models/neutts/neucodec", "neucodec_24khz")
 
 
 def test_chart_commands_are_console_scripts_of_the_package():

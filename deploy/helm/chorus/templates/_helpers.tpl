@@ -82,6 +82,10 @@ its digest when one is given.
 {{ include "chorus.name" . }}:{{ .port }}
 {{- end -}}
 
+{{- define "chorus.voiceStoreClaim" -}}
+{{ .Values.neutts.voiceStore.existingClaim | default (printf "%s-voices" (include "chorus.fullname" .)) }}
+{{- end -}}
+
 {{- define "chorus.modelsClaim" -}}
 {{ .Values.models.existingClaim | default (printf "%s-models" (include "chorus.fullname" .)) }}
 {{- end -}}

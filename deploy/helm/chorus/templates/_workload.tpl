@@ -12,6 +12,13 @@ _helpers.tpl plus:
   headless    Service without a cluster IP
   metrics     the HPA's Pods metrics: list of dict name, target
   httpPort    the gateway's HTTP port (OpenAI endpoint, page); unset or 0: none
+  identity    the component whose TLS identity the pods present (its Secret, its
+              tier name in probes); unset: their own. A second family's pool is
+              a token server or codec worker to its peers, so it is one to TLS.
+  backbone, snacDir, demoArgs
+              the model files the init container waits for, and what it adds to
+              `chorus models demo`; unset: the Orpheus pool's
+  voiceStore  mount the voice store: "read" or "write"; unset: not mounted
 */}}
 
 {{/*
@@ -47,7 +54,8 @@ grpc:
 {{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") -}}
 {{- end -}}
 {{- $tls := $root.Values.tls.enabled -}}
-{{- $probe := dict "tls" $tls "tier" (printf "chorus-%s" .component) "port" $v.port -}}
+{{- $identity := .identity | default .component -}}
+{{- $probe := dict "tls" $tls "tier" (printf "chorus-%s" $identity) "port" $v.port -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -103,14 +111,15 @@ spec:
         - name: demo-models
           image: {{ include "chorus.image" (dict "root" $root "kind" "cpu") }}
           imagePullPolicy: {{ $root.Values.images.pullPolicy }}
-          command: [chorus, models, demo, --dir, {{ $root.Values.models.mountPath }}]
+          command: [chorus, models, demo, --dir, {{ $root.Values.models.mountPath }}{{ range .demoArgs }}, {{ . }}{{ end }}]
         {{- else }}
         # The weights may still be on their way (models.fetch): start once they are there.
         - name: wait-for-models
           image: {{ include "chorus.image" (dict "root" $root "kind" $image) }}
           imagePullPolicy: {{ $root.Values.images.pullPolicy }}
           command: [python, -m, tools.fetch_models, --wait, --dir, {{ $root.Values.models.mountPath }},
-                    --backbone-name, {{ $root.Values.models.backbone }}, --snac-name, {{ $root.Values.models.snacDir }}]
+                    --backbone-name, {{ .backbone | default $root.Values.models.backbone }},
+                    --snac-name, {{ .snacDir | default $root.Values.models.snacDir }}]
         {{- end }}
           env:
             - name: HOME
@@ -220,6 +229,11 @@ spec:
               mountPath: /etc/chorus/api-keys
               readOnly: true
             {{- end }}
+            {{- if .voiceStore }}
+            - name: voices
+              mountPath: {{ $root.Values.neutts.voiceStore.mountPath }}
+              readOnly: {{ eq .voiceStore "read" }}
+            {{- end }}
             - name: tmp
               mountPath: /tmp
       volumes:
@@ -236,7 +250,7 @@ spec:
         {{- if $tls }}
         - name: tls
           secret:
-            secretName: {{ include "chorus.tlsSecret" . }}
+            secretName: {{ include "chorus.tlsSecret" (dict "root" $root "component" $identity "key" .key) }}
         {{- end }}
         {{- if and (eq .component "gateway") $v.apiKeysSecret }}
         # Mounted as a directory, not a subPath: Kubernetes then updates the file
@@ -244,6 +258,11 @@ spec:
         - name: api-keys
           secret:
             secretName: {{ $v.apiKeysSecret }}
+        {{- end }}
+        {{- if .voiceStore }}
+        - name: voices
+          persistentVolumeClaim:
+            claimName: {{ include "chorus.voiceStoreClaim" $root }}
         {{- end }}
         - name: tmp
           emptyDir: {}
