@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from chorus.realtime.cpu_budget import cpu_budget, split_for_stack
-from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError
+from tools.supervisor import DEFAULT_MODELS_DIR, Stack, StackError, serves_neutts_by_default
 
 DEFAULT_GATEWAY_PORT = 50051
 
@@ -35,13 +35,14 @@ def register(subparsers, name: str, help_text: str) -> None:
     p.add_argument("--slots", type=int, default=None,
                    help="token server slots (most parallel streams; real-time capacity admits fewer when the "
                         "machine cannot hold them); default: the token server's")
-    p.add_argument("--neutts", action="store_true",
-                   help="also serve the NeuTTS-Air family from MODELS/neutts (demo models built there beside demo "
-                        "models): a NeuCodec worker, a NeuTTS token server, and its voice store, whose voices "
-                        "(the demo's: demo) the gateway routes to it")
+    p.add_argument("--neutts", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve the NeuTTS-Air family beside Orpheus from MODELS/neutts: a NeuCodec worker, a "
+                        "NeuTTS token server, and its voice store, whose voices (the demo's: demo; those "
+                        "registered through the gateway) the gateway routes to it. Default: on with demo models "
+                        "(built beside them) or when MODELS/neutts exists; --no-neutts serves Orpheus only")
     p.add_argument("--token-servers", type=int, default=1, help="token server processes")
     p.add_argument("--codec-workers", type=int, default=1, help="codec worker processes")
-    share = split_for_stack(cpu_budget())  # one pair; --neutts adds a second, which halves these
+    share = split_for_stack(cpu_budget())  # one pair; NeuTTS-Air adds a second, which halves these
     p.add_argument("--llama-threads", type=int, default=None,
                    help=f"llama.cpp threads per token server; default: this machine's CPUs divided between the "
                         f"processes (here {share.llama})")
@@ -83,8 +84,11 @@ def run_serve(args: argparse.Namespace) -> int:
         except OutputError as err:  # before minutes of startup, not after
             print(f"chorus serve: {err}", file=sys.stderr)
             return 2
+    neutts = args.neutts if args.neutts is not None else serves_neutts_by_default(args.models, args.demo_models)
+    if not neutts and args.neutts is None:
+        progress(f"NeuTTS-Air: not served ({args.models} holds real weights and no neutts/ folder)")
     try:
-        metrics_port = _metrics_port(args.metrics_port, 1 + args.token_servers + args.codec_workers + 2 * args.neutts)
+        metrics_port = _metrics_port(args.metrics_port, 1 + args.token_servers + args.codec_workers + 2 * neutts)
     except ValueError as err:
         print(f"chorus serve: {err}", file=sys.stderr)
         return 2
@@ -92,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models_dir=args.models, demo_models=args.demo_models, slots=args.slots, token_servers=args.token_servers,
         codec_workers=args.codec_workers, llama_threads=args.llama_threads, torch_threads=args.torch_threads,
         gateway_port=_gateway_port(args.gateway_port), gateway_http_port=_http_port(args), log_level=args.log_level,
-        on_progress=progress, metrics_port=metrics_port, neutts=args.neutts,
+        on_progress=progress, metrics_port=metrics_port, neutts=neutts,
         otlp_endpoint=args.otlp_endpoint or os.environ.get("CHORUS_OTLP_ENDPOINT") or None,
         extra_args={"token_server": args.token_server_arg, "codec_worker": args.codec_worker_arg,
                     "gateway": args.gateway_arg},
@@ -112,6 +116,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if stack.metrics_addresses:
             print("metrics: " + ", ".join(f"{name} http://{address}/metrics"
                                           for name, address in stack.metrics_addresses.items()), flush=True)
+        if stack.neutts_voice_store is not None:
+            print(f"NeuTTS-Air: voices in {stack.neutts_voice_store} (register more with `chorus voices --add`)",
+                  flush=True)
         if args.say is not None:
             return _say_once(stack, args.say, args.output)
         progress(f"serving; logs in {stack.work_dir}; Ctrl-C stops")

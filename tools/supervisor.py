@@ -190,6 +190,22 @@ class ServiceProcess:
         return "\n".join(logged[-lines:])
 
 
+def serves_neutts_by_default(models_dir: Path, demo_models: bool = False) -> bool:
+    """Whether `chorus serve` serves the NeuTTS-Air family unless told otherwise: when
+    MODELS/neutts is there (built before, or weights put there), or when MODELS holds
+    or will hold demo models (the NeuTTS demo is then built beside them). A folder of
+    real Orpheus weights alone serves Orpheus only: there is nothing to serve NeuTTS
+    from, and demo models are never written beside weights Chorus did not create."""
+    from tools.demo_models.build import MANIFEST as ORPHEUS_DEMO_MANIFEST
+
+    models_dir = Path(models_dir)
+    if (models_dir / "neutts").exists() or demo_models:
+        return True
+    if not models_dir.is_dir() or not any(models_dir.iterdir()):
+        return True
+    return (models_dir / ORPHEUS_DEMO_MANIFEST).is_file()
+
+
 @dataclass
 class Stack:
     """Codec workers, token servers and a gateway on loopback; use as a context manager."""
@@ -255,6 +271,7 @@ class Stack:
         self.codec_worker_processes: list[ServiceProcess] = []
         self.token_server_processes: list[ServiceProcess] = []
         self.neutts_processes: list[ServiceProcess] = []  # its codec worker, then its token server
+        self.neutts_voice_store: Path | None = None  # where the NeuTTS-Air family's voices are, once started
         self.gateway_process: ServiceProcess | None = None
         self._launched: list[ServiceProcess] = []  # in launch order, stopped in reverse
         self._own_work_dir = self.work_dir is None
@@ -391,6 +408,7 @@ class Stack:
              *self._calibration_args()], "neutts_token_server",
         )
         self.neutts_processes = [worker, server]
+        self.neutts_voice_store = voices
         return voices
 
     def _launch_all(self, label: str, module: str, count: int, args: list[str], key: str, port: int = 0):

@@ -354,7 +354,7 @@ def test_chorus_serve_spreads_metrics_ports_and_every_service_has_process_metric
     server on BASE+1, the codec worker on BASE+2, where three services once fought for
     one port; each of them exports the process metrics; --otlp-endpoint reaches all
     three, each under its own name (OTEL_SERVICE_NAME is not handed down)."""
-    base = free_port_run(3)
+    base = free_port_run(5)  # the NeuTTS-Air pair, served by default beside demo models, takes BASE+3 and BASE+4
     env = {**os.environ, "CHORUS_METRICS_PORT": str(base), "PYTHONUNBUFFERED": "1",
            "OTEL_SERVICE_NAME": "one-name-for-all", "OTEL_BSP_SCHEDULE_DELAY": "200",
            "CHORUS_NO_CALIBRATE": "1"}  # measures no capacity: the services start without calibrating

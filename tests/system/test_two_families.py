@@ -1,8 +1,16 @@
-"""Both model families served at once, as processes (`chorus serve --neutts`'s Stack):
+"""Both model families served at once, as processes (`chorus serve` beside demo models, or its Stack):
 the Orpheus pair, the NeuTTS-Air pair (a NeuCodec worker, a NeuTTS token server reading
 the demo voice store) and one gateway routing each voice to its family."""
 
 from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import httpx2 as httpx
@@ -12,7 +20,10 @@ from chorus.proto.tts.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from chorus.speech import neutts, orpheus
 from ports import free_port_run
 from tools.demo_models.neutts_demo import DEMO_VOICE
-from tools.supervisor import Stack
+from tools import serve
+from tools.supervisor import Stack, serves_neutts_by_default
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +40,45 @@ def spoken(stub, voice: str, tokens: int) -> tuple[bytes, common_pb2.SynthesisSu
     return audio, summary
 
 
-def test_one_gateway_speaks_an_orpheus_voice_and_the_neutts_demo_voice(demo_models, tmp_path):
+def test_chorus_serve_on_demo_models_serves_both_families_through_one_gateway(demo_models, tmp_path):
+    """`chorus serve --models DIR` with no family flag, as a process: beside demo models
+    it builds and serves the NeuTTS-Air pair too, and one gateway speaks an Orpheus voice
+    and the NeuTTS demo voice, every frame's samples."""
     base = free_port_run(5)  # gateway, token server, codec worker, then the NeuTTS-Air pair
-    with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack",
-               metrics_port=base) as stack:
-        assert len(stack.neutts_processes) == 2
-        metrics = httpx.get(f"http://{stack.metrics_addresses['NeuTTS token server']}/metrics", timeout=10).text
-        with grpc.insecure_channel(stack.gateway_address) as channel:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHORUS_NO_CALIBRATE": "1"}
+    log = (tmp_path / "serve.log").open("w+")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "serve", "--models", str(demo_models.root), "--gateway-port", "0",
+         "--http-port", "0", "--metrics-port", str(base)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops" not in (printed := Path(log.name).read_text()):
+            assert serve.poll() is None, printed[-3000:]
+            assert time.monotonic() < deadline, printed[-3000:]
+            time.sleep(0.2)
+        gateway_address = next(line.split()[1] for line in printed.splitlines() if line.startswith("gateway: "))
+        http_address = next(line.split("//")[1].split("/")[0] for line in printed.splitlines()
+                            if line.startswith("HTTP: "))
+        metrics = httpx.get(f"http://127.0.0.1:{base + 4}/metrics", timeout=10).text
+        with grpc.insecure_channel(gateway_address) as channel:
             stub = gateway_pb2_grpc.SynthesisServiceStub(channel)
             voices = {v.name for v in stub.ListVoices(gateway_pb2.ListVoicesRequest(), timeout=10).voices}
             neutts_audio, neutts_summary = spoken(stub, DEMO_VOICE, 60)  # 60 NeuCodec frames: 1.2 s
             orpheus_audio, orpheus_summary = spoken(stub, "tara", 7 * 10)  # 10 SNAC frames: 0.85 s
         body = {"model": "tts-1", "input": "Through the OpenAI door.", "voice": DEMO_VOICE, "response_format": "pcm",
                 "sampling": {"max_tokens": 50, "ignore_end_of_speech": True}}
-        over_http = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/speech", json=body, timeout=120)
+        over_http = httpx.post(f"http://{http_address}/v1/audio/speech", json=body, timeout=120)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(60)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
 
+    assert "NeuTTS-Air: voices in" in printed and "NeuTTS token server http://" in printed
     assert {DEMO_VOICE, "tara"} <= voices
     assert "chorus_token_server" in metrics  # the NeuTTS token server's own port, after the Orpheus services
     # PCM16 at 24 kHz: every frame's samples, nothing lost, in each family's frame size.
@@ -51,6 +86,27 @@ def test_one_gateway_speaks_an_orpheus_voice_and_the_neutts_demo_voice(demo_mode
     assert len(orpheus_audio) == 2 * 10 * orpheus.SAMPLES_PER_FRAME and orpheus_summary.frames == 10
     assert over_http.status_code == 200, over_http.text
     assert len(over_http.content) == 2 * 50 * neutts.SAMPLES_PER_FRAME
+
+
+def test_chorus_serve_serves_neutts_beside_demo_models_or_its_folder_and_never_beside_weights_alone(tmp_path):
+    from tools.demo_models.build import MANIFEST
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "orpheus.gguf").write_bytes(b"GGUF")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / MANIFEST).write_text("{}")
+    assert serves_neutts_by_default(tmp_path / "missing") and serves_neutts_by_default(demo)
+    assert not serves_neutts_by_default(weights)
+    assert serves_neutts_by_default(weights, demo_models=True)
+    (weights / "neutts").mkdir()
+    assert serves_neutts_by_default(weights)
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(), "serve", "")
+    assert parser.parse_args(["serve"]).neutts is None
+    assert parser.parse_args(["serve", "--no-neutts"]).neutts is False
+    assert parser.parse_args(["serve", "--neutts"]).neutts is True
 
 
 def test_a_store_voice_speaks_again_after_every_tier_restarts(demo_models, tmp_path):

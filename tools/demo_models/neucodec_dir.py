@@ -85,6 +85,9 @@ def _write_demo_encoder(out_dir: Path, shape: NeuCodecShape, encoder_shape: NeuC
     (out_dir / ENCODER_CONFIG_FILE).write_text(encoder_shape.to_json())
     semantic = Wav2Vec2BertModel(Wav2Vec2BertConfig(**DEMO_SEMANTIC_CONFIG))
     shutil.rmtree(out_dir / SEMANTIC_MODEL_DIR, ignore_errors=True)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar for one small shard is noise in `chorus serve`'s output
     semantic.save_pretrained(out_dir / SEMANTIC_MODEL_DIR)
 
     encoder = NeuCodecEncoder(encoder_shape, shape, semantic)
