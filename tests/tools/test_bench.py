@@ -183,6 +183,18 @@ def test_a_short_pinned_ceiling_measures_every_trial_and_restores_affinity(demo_
     assert "N* = " in measured.table()
 
 
+def test_the_neutts_ceiling_runs_its_own_backbone_beside_the_neucodec_decoder(demo_models):
+    """`family="neutts-air"`: the NeuTTS demo backbone (its prompt holds a reference,
+    phonemized) and the streaming NeuCodec decoder, both measured; the models come from
+    MODELS/neutts, built beside the demo models as `chorus serve` builds them."""
+    backbone, neucodec_dir = ceiling_bench.family_models(demo_models.root, "neutts-air")
+    measured = ceiling_bench.measure(backbone, neucodec_dir, [1], seconds=0.3, frames=30, frames_per_step=(1,),
+                                     cpus=1, repeat=1, family="neutts-air")
+    (split,) = measured.splits
+    assert split.backbone_audio_s > 0 and split.decoder_audio_s > 0 and measured.decoder_precision == "fp32"
+    assert neucodec_dir.name == "neucodec" and backbone.parent.name == "neutts"
+
+
 @pytest.mark.parametrize("address, loopback", [
     ("127.0.0.1:50051", True), ("localhost:1", True), ("[::1]:50051", True), ("10.1.2.3:50051", False),
 ])
@@ -221,11 +233,13 @@ def test_a_short_sweep_through_a_real_stack_writes_figures_and_plots(demo_models
 
 def test_a_sweep_of_the_neutts_family_speaks_its_demo_voice_in_its_own_frames(demo_models, tmp_path):
     """`chorus bench --family neutts-air`: the stack with both families, requests in
-    NeuCodec frames (50 a second) for the demo voice; and no ceiling for it yet."""
+    NeuCodec frames (50 a second) for the demo voice, and the ceiling of its own models
+    (its backbone beside the streaming NeuCodec decoder) in the same run."""
     out = tmp_path / "bench"
     done = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--models", str(demo_models.root), "--family", "neutts-air",
          "--levels", "1", "--requests", "2", "--frames", "40", "--repeat", "1", "--out", str(out),
+         "--ceiling", "--ceiling-seconds", "0.3",
          "--stack-arg", "calibrate=0"],  # capacity is not what this test measures
         capture_output=True, text=True, timeout=600,
     )
@@ -235,6 +249,6 @@ def test_a_sweep_of_the_neutts_family_speaks_its_demo_voice_in_its_own_frames(de
     assert result["family"] == "neutts-air" and result["frames_per_request"] == 40
     assert level["completed"] == 2 and level["failed"] == 0
     assert level["audio_seconds"] == pytest.approx(2 * 40 * 0.02)
-    refused = subprocess.run([sys.executable, "-m", "tools.cli", "bench", "--family", "neutts-air", "--ceiling"],
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "measures the Orpheus models only" in refused.stderr
+    splits = result["ceiling"]["splits"]
+    assert splits and all(s["backbone_audio_s"] > 0 and s["decoder_audio_s"] > 0 for s in splits)
+    assert result["ceiling"]["decoder_precision"] == "fp32" and "measuring the neutts-air ceiling" in done.stderr

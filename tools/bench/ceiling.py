@@ -33,6 +33,12 @@ thread): `chorus serve` never picks one (`split_for_stack`), and on 2 cores they
 collapse (2+2 at batch 3 measured 2.62 / 1.46 audio s/s against 1+1's 9.82 / 5.78), so
 they only cost time and never win.
 
+`--family neutts-air` measures the NeuTTS-Air pair the same way: its backbone (a
+prompt holding a 2 s reference and its transcript, one code token a frame at 50 frames
+a second) beside the streaming NeuCodec decoder, which decodes each stream in its own
+forward (no cross-stream batch), so its side's figure at B is B streams decoded one
+after another.
+
 N* is the largest measured batch whose ceiling is at least 1.15x its streams: the
 most streams this machine could hold real time with the 15% margin a stack needs for
 everything the bare loops leave out (sampling, relays, the gateway, scheduling).
@@ -58,9 +64,14 @@ from pathlib import Path
 
 from chorus.realtime.cpu_budget import cpu_budget
 from chorus.speech import orpheus
+from chorus.speech.family import ORPHEUS
 from tools.bench.stats import Spread
 
 TEXT = "Benchmarks speak the same sentence, so that every request costs the same."
+# A NeuTTS-Air slot also holds its voice's reference: 2 s of codes and their words, as
+# the demo voice's (tools/demo_models/neutts_demo.py).
+NEUTTS_REFERENCE_FRAMES = 100
+NEUTTS_TRANSCRIPT = "This is the demo voice of Chorus, made of random codes."
 CTX_PER_SLOT = 1024
 # A stack needs this much over its streams' real-time rate for what the bare loops
 # leave out; the same 15% the capacity issue's target uses.
@@ -92,7 +103,7 @@ def _start_side(conn, start) -> object:
         raise
 
 
-def _backbone_side(conn, model: str, max_batch: int, frames: int) -> None:
+def _backbone_side(conn, model: str, max_batch: int, frames: int, family_name: str = ORPHEUS) -> None:
     def start():
         from services.token_server.llama_backend import LlamaBackbone
 
@@ -105,8 +116,8 @@ def _backbone_side(conn, model: str, max_batch: int, frames: int) -> None:
 
     from services.token_server.llama_backend import TokenBatch
 
-    prompt = orpheus.wrap_prompt(backbone.tokenize(orpheus.prompt_text(TEXT, orpheus.DEFAULT_VOICE)))
-    tokens_per_request = frames * orpheus.CODES_PER_FRAME
+    prompt, family = _prompt_and_family(backbone, family_name)
+    tokens_per_request = frames * family.codes_per_frame
     batch = TokenBatch(512, max_batch)
     conn.send(("ready", None))
     while (run := conn.recv()) is not None:
@@ -128,16 +139,38 @@ def _backbone_side(conn, model: str, max_batch: int, frames: int) -> None:
                     generated[seq] = 0
             batch.clear()
             for seq in range(run.batch):
-                position = generated[seq] % orpheus.CODES_PER_FRAME
-                token = orpheus.AUDIO_TOKEN_BASE + position * orpheus.CODEBOOK_SIZE + seq
+                position = generated[seq] % family.codes_per_frame
+                token = family.code_token_id(seq % family.codebook_size, position)
                 batch.add([token], len(prompt) + generated[seq], seq, True)
                 generated[seq] += 1
             backbone.decode(batch)
             tokens += run.batch
         elapsed = time.perf_counter() - started
-        conn.send(tokens / elapsed / orpheus.TOKENS_PER_AUDIO_SECOND)
+        conn.send(tokens / elapsed / family.tokens_per_audio_second)
     batch.free()
     backbone.close()
+
+
+def _prompt_and_family(backbone, family_name: str):
+    """The prompt a benchmark request's slot holds, and the family whose code tokens
+    it then generates. NeuTTS-Air's prompt carries a 2 s reference (as the demo
+    voice's) and its transcript, as phonemes when the backbone reads them."""
+    if family_name == ORPHEUS:
+        return orpheus.wrap_prompt(backbone.tokenize(orpheus.prompt_text(TEXT, orpheus.DEFAULT_VOICE))), orpheus.FAMILY
+    import numpy as np
+
+    from chorus.speech import neutts
+
+    vocabulary = neutts.resolve(backbone.token_text, backbone.n_vocab, backbone.metadata(neutts.INPUT_FORMAT_KEY))
+    phonemize = lambda text: text  # noqa: E731
+    if vocabulary.input_format == neutts.PHONEMES:
+        from chorus.speech.phonemes import Phonemizer
+
+        phonemize = Phonemizer()
+    reference = np.random.default_rng(0).integers(0, neutts.CODEBOOK_SIZE, NEUTTS_REFERENCE_FRAMES)
+    prompt = vocabulary.prompt(lambda text: backbone.tokenize(text, add_bos=False), phonemize(NEUTTS_TRANSCRIPT),
+                               reference.tolist(), phonemize(TEXT))
+    return prompt, vocabulary.family
 
 
 def streaming_decoder(snac_dir: str, precision_name: str):
@@ -152,9 +185,20 @@ def streaming_decoder(snac_dir: str, precision_name: str):
     return StreamingSnacDecoder(model, precision=mode), mode
 
 
-def _decoder_side(conn, snac_dir: str, frames: int, precision_name: str) -> None:
+def neucodec_decoder(neucodec_dir: str):
+    """The streaming decoder a NeuCodec worker runs (fp32, one stream a forward)."""
+    from services.codec_worker.neucodec_model import load_neucodec
+    from services.codec_worker.neucodec_streaming import NeuCodecStreams
+
+    return NeuCodecStreams(load_neucodec(neucodec_dir)), "fp32"
+
+
+def _decoder_side(conn, model_dir: str, frames: int, precision_name: str, family_name: str = ORPHEUS) -> None:
     def start():
-        decoder, mode = streaming_decoder(snac_dir, precision_name)
+        if family_name == ORPHEUS:
+            decoder, mode = streaming_decoder(model_dir, precision_name)
+        else:
+            decoder, mode = neucodec_decoder(model_dir)
         decoder.warm_up()
         return decoder, mode
 
@@ -162,7 +206,9 @@ def _decoder_side(conn, snac_dir: str, frames: int, precision_name: str) -> None
     import numpy as np
     import torch
 
-    codes = np.random.default_rng(0).integers(0, orpheus.CODEBOOK_SIZE, (frames, orpheus.CODES_PER_FRAME))
+    codes = np.random.default_rng(0).integers(0, decoder.codebook_size if family_name != ORPHEUS
+                                              else orpheus.CODEBOOK_SIZE, (frames, decoder.codes_per_frame))
+    frame_seconds = decoder.frame_seconds if family_name != ORPHEUS else orpheus.FRAME_SECONDS
     conn.send(("ready", mode))
     while (run := conn.recv()) is not None:
         torch.set_num_threads(run.threads)
@@ -182,7 +228,7 @@ def _decoder_side(conn, snac_dir: str, frames: int, precision_name: str) -> None
             fed += run.frames_per_step
             decoded += run.batch * run.frames_per_step
         elapsed = time.perf_counter() - started
-        conn.send(decoded * orpheus.FRAME_SECONDS / elapsed)
+        conn.send(decoded * frame_seconds / elapsed)
 
 
 @dataclass(frozen=True)
@@ -352,6 +398,7 @@ def measure(
     oversubscribed: bool = False,
     decoder_precision: str = "auto",
     on_progress=lambda split: None,
+    family: str = ORPHEUS,
 ) -> Ceiling:
     """Every (batch, llama threads, torch threads, frames per step) combination, both
     sides started together, `repeat` times.
@@ -360,7 +407,9 @@ def measure(
     one, so that a neighbour's burst on a shared machine lands on several
     combinations once instead of on one combination every time. `cpus` pins both
     sides to that many CPUs of this process's; None measures on this process's CPU
-    budget, unpinned."""
+    budget, unpinned. `family` ("orpheus", "neutts-air") picks the prompt, the code
+    tokens and the decoder: `model` is that family's backbone and `snac_dir` its codec's
+    folder (NeuCodec's for NeuTTS-Air)."""
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
     pinned = cpus is not None
@@ -371,8 +420,9 @@ def measure(
     backbone_conn, backbone_child = ctx.Pipe()
     decoder_conn, decoder_child = ctx.Pipe()
     sides = [
-        ctx.Process(target=_backbone_side, args=(backbone_child, str(model), max(batches), frames), daemon=True),
-        ctx.Process(target=_decoder_side, args=(decoder_child, str(snac_dir), frames, decoder_precision),
+        ctx.Process(target=_backbone_side, args=(backbone_child, str(model), max(batches), frames, family),
+                    daemon=True),
+        ctx.Process(target=_decoder_side, args=(decoder_child, str(snac_dir), frames, decoder_precision, family),
                     daemon=True),
     ]
     try:
@@ -419,6 +469,23 @@ def measure(
             os.sched_setaffinity(0, previous_affinity)
 
 
+def family_models(models_dir: Path, family: str) -> tuple[Path, Path]:
+    """The backbone and codec folder a family's ceiling measures: Orpheus's from
+    MODELS (demo models built when missing), NeuTTS-Air's from MODELS/neutts (its demo
+    built beside demo models, as `chorus serve` builds it)."""
+    from tools.supervisor import locate_models
+
+    models = locate_models(models_dir)
+    if family == ORPHEUS:
+        return models.gguf, models.snac_dir
+    from tools.demo_models.neutts_demo import NeuTtsDemo, build_neutts_demo
+
+    demo = build_neutts_demo(Path(models_dir) / "neutts") if models.demo else NeuTtsDemo(Path(models_dir) / "neutts")
+    if not (demo.gguf.is_file() and demo.neucodec_dir.is_dir()):
+        raise FileNotFoundError(f"{demo.root} must hold backbone.gguf and neucodec/ for the NeuTTS-Air ceiling")
+    return demo.gguf, demo.neucodec_dir
+
+
 def progress_line(s: Split) -> str:
     return (f"trial {s.trial + 1} batch {s.batch} llama {s.llama_threads} torch {s.torch_threads} "
             f"fps {s.frames_per_step}: {s.backbone_audio_s:.2f} / {s.decoder_audio_s:.2f}")
@@ -453,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscribed", action="store_true",
                    help="also measure splits with more threads than CPUs (chorus serve picks none on 2 CPUs or more)")
     add_common_arguments(p)
+    p.add_argument("--family", choices=(ORPHEUS, "neutts-air"), default=ORPHEUS,
+                   help="the model family to measure (neutts-air: the NeuTTS-Air demo models in MODELS/neutts, "
+                        "built if missing; --frames then counts NeuCodec frames)")
     p.add_argument("--json", type=Path)
     return p
 
@@ -461,12 +531,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     from tools.supervisor import locate_models
 
-    models = locate_models(args.models)
+    backbone, codec_dir = family_models(args.models, args.family)
     ceiling = measure(
-        models.gguf, models.snac_dir, [int(b) for b in args.batches.split(",")], args.seconds, args.frames,
+        backbone, codec_dir, [int(b) for b in args.batches.split(",")], args.seconds, args.frames,
         tuple(int(f) for f in args.frames_per_step.split(",")), cpus=args.cpus, repeat=args.repeat,
         oversubscribed=args.oversubscribed, decoder_precision=args.decoder_precision,
-        on_progress=lambda s: print(progress_line(s), flush=True),
+        on_progress=lambda s: print(progress_line(s), flush=True), family=args.family,
     )
     print(ceiling.table())
     if args.json:

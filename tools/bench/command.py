@@ -58,7 +58,7 @@ def register(subparsers, name: str, help_text: str) -> None:
                    help="requests per level (default: 4 per stream of the level, at least 8)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="orpheus",
                    help="the model family to load: neutts-air starts the stack with the NeuTTS-Air family too "
-                        "(`chorus serve --neutts`) and speaks its demo voice; --ceiling measures Orpheus's only "
+                        "(as `chorus serve` does) and speaks its demo voice; --ceiling then measures its models "
                         "(default orpheus)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames per request, fixed (default: 5.12 s, 60 SNAC frames or 256 NeuCodec frames)")
@@ -112,10 +112,6 @@ def run_bench(args: argparse.Namespace) -> int:
     levels = _levels(args.levels)
     family = FAMILIES[args.family]
     frames = args.frames or family.default_frames
-    if args.ceiling and family.name != "orpheus":
-        print("chorus bench: --ceiling measures the Orpheus models only (bare llama_decode beside the SNAC "
-              "decoder); drop it for the NeuTTS-Air sweep", file=sys.stderr)
-        return 2
     if args.gateway and not is_loopback(args.gateway):
         print(f"chorus bench: {args.gateway} is not on this machine; the load sweep runs on loopback only",
               file=sys.stderr)
@@ -127,13 +123,12 @@ def run_bench(args: argparse.Namespace) -> int:
     stack_precision = None
     if args.ceiling:
         from tools.bench import ceiling as ceiling_bench
-        from tools.supervisor import locate_models
-
-        models = locate_models(args.models)
-        print("measuring the ceiling (bare llama_decode beside the streaming decoder, over thread splits)...",
-              file=sys.stderr)
-        ceiling = ceiling_bench.measure(models.gguf, models.snac_dir, levels, args.ceiling_seconds,
-                                        repeat=args.repeat, decoder_precision=args.decoder_precision)
+        backbone, codec_dir = ceiling_bench.family_models(args.models, family.name)
+        print(f"measuring the {family.name} ceiling (bare llama_decode beside the streaming decoder, over thread "
+              "splits)...", file=sys.stderr)
+        ceiling = ceiling_bench.measure(backbone, codec_dir, levels, args.ceiling_seconds, frames=frames,
+                                        repeat=args.repeat, decoder_precision=args.decoder_precision,
+                                        family=family.name)
     try:
         address = args.gateway
         if not address:
