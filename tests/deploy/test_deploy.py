@@ -488,7 +488,7 @@ def test_demo_models_are_built_in_each_pod():
             assert "initContainers" not in spec
             continue
         (init,) = spec["initContainers"]
-        assert init["command"] == ["chorus", "models", "demo", "--dir", "/models"]
+        assert init["command"] == ["chorus", "models", "demo", "--dir", "/models", "--no-neutts"]
         assert {v["name"]: v for v in spec["volumes"]}["models"] == {"name": "models", "emptyDir": {}}
 
     # The chart calls the real CLI, and that CLI writes where CHORUS_MODEL points.

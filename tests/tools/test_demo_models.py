@@ -150,12 +150,18 @@ def test_the_neutts_demo_family_is_deterministic_built_once_and_has_its_voice(tm
     assert not a.is_built(4)
 
 
-def test_chorus_models_demo_builds_the_neutts_family_when_asked(tmp_path):
+def test_chorus_models_demo_builds_both_families_unless_told_orpheus_only(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(tmp_path), "--neutts"],
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(tmp_path / "both")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "neutts:" in done.stdout and (tmp_path / "neutts" / "backbone.gguf").is_file()
-    assert (tmp_path / "neutts" / "voices" / "demo").is_dir()
+    both = tmp_path / "both" / "neutts"
+    assert "neutts:" in done.stdout and (both / "backbone.gguf").is_file()
+    assert (both / "voices" / "demo").is_dir() and (both / "neucodec" / "encoder.json").is_file()
+    assert "Writing model shards" not in done.stderr  # transformers' progress bar is silenced
+    orpheus_only = subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir",
+                                   str(tmp_path / "orpheus"), "--no-neutts"], capture_output=True, text=True, timeout=300)
+    assert orpheus_only.returncode == 0, orpheus_only.stderr[-2000:]
+    assert (tmp_path / "orpheus" / "backbone.gguf").is_file() and not (tmp_path / "orpheus" / "neutts").exists()

@@ -1,5 +1,5 @@
-"""`chorus models demo`: writes the demo backbone GGUF and SNAC directory (and with
---neutts the NeuTTS-Air demo family under DIR/neutts)."""
+"""`chorus models demo`: writes the demo backbone GGUF and SNAC directory, and the
+NeuTTS-Air demo family under DIR/neutts (`--no-neutts`: Orpheus's only)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ DEFAULT_DIR = Path("models/demo")
 def register(subparsers, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text)
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
-    demo = kinds.add_parser("demo", help="random-weight Orpheus backbone GGUF + SNAC 24 kHz directory")
+    demo = kinds.add_parser("demo", help="random-weight demo models of both families: an Orpheus backbone GGUF + "
+                                         "SNAC 24 kHz directory, and NeuTTS-Air's under DIR/neutts")
     demo.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"output folder (default {DEFAULT_DIR})")
     demo.add_argument("--seed", type=int, default=0, help="weights seed; same seed, same bytes")
     demo.add_argument("--force", action="store_true", help="rebuild even if the files exist")
-    demo.add_argument("--neutts", action="store_true",
-                      help="also the NeuTTS-Air demo family under DIR/neutts: a Qwen2 backbone GGUF, a NeuCodec "
-                           "decoder and a voice store with one voice, demo (what `chorus serve --neutts` serves)")
+    demo.add_argument("--neutts", action=argparse.BooleanOptionalAction, default=True,
+                      help="the NeuTTS-Air demo family under DIR/neutts: a Qwen2 backbone GGUF, a NeuCodec decoder "
+                           "and encoder, and a voice store with one voice, demo (what `chorus serve` serves beside "
+                           "Orpheus); --no-neutts builds Orpheus's only (default: both)")
     demo.set_defaults(func=run_demo)
 
 

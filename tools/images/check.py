@@ -136,8 +136,8 @@ def check(args) -> int:
             t0 = time.monotonic()
             models = args.models
             if not (models / "backbone.gguf").exists():
-                subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(models)],
-                               cwd=ROOT, check=True)
+                subprocess.run([sys.executable, "-m", "tools.cli", "models", "demo", "--dir", str(models),
+                                "--no-neutts"], cwd=ROOT, check=True)  # the images' run speaks Orpheus
             try:
                 report["run"] = run.serve_and_say(built["cpu"].ref, built["gateway"].ref, models, work, runtime,
                                                   out / "hello.wav", log=say)
