@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from pathlib import Path
 
 import riva.client
 
@@ -31,6 +32,8 @@ def main() -> None:
         print(json.dumps([{"model_name": c.model_name, "parameters": dict(c.parameters)} for c in reply.model_config]))
         return
     text = options.pop("text")
+    if "zero_shot_audio_prompt_file" in options:  # the client opens it as a Path
+        options["zero_shot_audio_prompt_file"] = Path(options["zero_shot_audio_prompt_file"])
     if mode == "synthesize":
         future = service.synthesize(text, encoding=encoding, future=True, **options)
         response = future.result()

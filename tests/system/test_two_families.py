@@ -143,40 +143,48 @@ def test_the_neutts_pair_gets_its_share_of_the_cpus(monkeypatch):
 
 def test_voices_cloned_through_every_door_speak_through_every_door_and_outlive_every_tier(demo_models, tmp_path,
                                                                                           capsys):
-    """A voice registered over tts.v1, one over HTTP and one from a Riva zero-shot
-    prompt, encoded by the NeuCodec worker's real encoder (demo weights) into the
-    stack's voice store; each speaks through tts.v1, Riva and the OpenAI endpoint, and
-    after the NeuCodec worker, the NeuTTS token server and the gateway are each killed
-    and restarted, every one is still there and gives the same seeded audio."""
+    """A voice registered over tts.v1 (`chorus voices --add`), one over HTTP and one from
+    a zero-shot prompt sent by NVIDIA's `nvidia-riva-client`, encoded by the NeuCodec
+    worker's real encoder (demo weights) into the stack's voice store; each speaks
+    through tts.v1, the Riva client and OpenAI's `openai` package, and after the
+    NeuCodec worker, the NeuTTS token server and the gateway are each killed and
+    restarted, every one is still there and gives the same seeded audio."""
     import base64
+    import json
 
     import numpy as np
+    import openai
 
-    from chorus.proto.riva import riva_audio_pb2, riva_tts_pb2, riva_tts_pb2_grpc
     from chorus.speech.voice_store import VoiceStore
     from services.codec_worker.neucodec_encoder import load_neucodec_encoder
     from support.speechlike import recording
     from tools import cli
 
+    riva_script = ROOT / "tests" / "support" / "riva_client_run.py"
     store_root = tmp_path / "voices"
     transcript = "Hello, this is my voice."
+    sampling = {"max_tokens": 30, "seed": 7, "ignore_end_of_speech": True}
+    riva_sampling = {key: str(value).lower() for key, value in sampling.items()}
+
+    def riva(address: str, **options) -> bytes:
+        done = subprocess.run([sys.executable, str(riva_script), address, "synthesize", json.dumps(
+            {"text": "Riva speaks it.", "sample_rate_hz": 24_000, "custom_configuration": riva_sampling,
+             **options})], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return base64.b64decode(json.loads(done.stdout.strip().splitlines()[-1])["audio"])
+
     with Stack(models_dir=demo_models.root, neutts=True, calibrate=False, work_dir=tmp_path / "stack",
                voice_store=store_root) as stack:
-        def riva_request(**fields):
-            return riva_tts_pb2.SynthesizeSpeechRequest(
-                text="Riva speaks it.", encoding=riva_audio_pb2.LINEAR_PCM, sample_rate_hz=24_000,
-                custom_configuration={"max_tokens": "30", "seed": "7", "ignore_end_of_speech": "true"}, **fields)
-
         def speak_everywhere(voice: str) -> tuple[bytes, bytes, bytes]:
             with grpc.insecure_channel(stack.gateway_address) as channel:
                 over_tts = spoken(gateway_pb2_grpc.SynthesisServiceStub(channel), voice, 40)[0]
-                over_riva = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel).Synthesize(
-                    riva_request(voice_name=voice), timeout=120).audio
-            body = {"model": "neutts-air", "input": "OpenAI speaks it.", "voice": voice, "response_format": "pcm",
-                    "sampling": {"max_tokens": 30, "seed": 7, "ignore_end_of_speech": True}}
-            reply = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/speech", json=body, timeout=120)
-            assert reply.status_code == 200, reply.text
-            return over_tts, over_riva, reply.content
+            over_riva = riva(stack.gateway_address, voice_name=voice)
+            with openai.OpenAI(base_url=f"http://{stack.gateway_http_address}/v1", api_key="chorus", max_retries=0,
+                               timeout=120) as client:
+                over_openai = client.audio.speech.create(model="neutts-air", voice=voice, input="OpenAI speaks it.",
+                                                         response_format="pcm",
+                                                         extra_body={"sampling": sampling}).content
+            return over_tts, over_riva, over_openai
 
         reference = tmp_path / "reference.wav"
         reference.write_bytes(recording(2.0))
@@ -184,10 +192,10 @@ def test_voices_cloned_through_every_door_speak_through_every_door_and_outlive_e
         added = cli.main(["voices", "--gateway", stack.gateway_address, "--add", "grpc-voice", "--audio",
                           str(reference), "--transcript", transcript])
         registered = capsys.readouterr().out
-        with grpc.insecure_channel(stack.gateway_address) as channel:
-            zero_shot = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel).Synthesize(riva_request(
-                zero_shot_data=riva_tts_pb2.ZeroShotData(audio_prompt=recording(3.0, level=0.5),
-                                                         transcript="A prompt for Riva.")), timeout=120)
+        prompt = tmp_path / "prompt.wav"
+        prompt.write_bytes(recording(3.0, level=0.5))
+        zero_shot = riva(stack.gateway_address, zero_shot_audio_prompt_file=str(prompt),
+                         zero_shot_transcript="A prompt for Riva.")
         over_http = httpx.post(f"http://{stack.gateway_http_address}/v1/audio/voices", timeout=120, json={
             "name": "http-voice", "transcript": transcript,
             "audio": base64.b64encode(recording(2.5, rate=48_000, fmt="FLAC")).decode()})
@@ -201,7 +209,7 @@ def test_voices_cloned_through_every_door_speak_through_every_door_and_outlive_e
 
     assert added == 0 and "registered grpc-voice" in registered and "100 frames" in registered
     assert over_http.json()["reference_frames"] == 125
-    assert len(zero_shot.audio) == 2 * 30 * neutts.SAMPLES_PER_FRAME and len(voices) == 3
+    assert len(zero_shot) == 2 * 30 * neutts.SAMPLES_PER_FRAME and len(voices) == 3
     for voice in voices:
         over_tts, over_riva, over_openai = before[voice]
         assert len(over_tts) == 2 * 40 * neutts.SAMPLES_PER_FRAME
