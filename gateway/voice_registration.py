@@ -123,7 +123,9 @@ async def zero_shot_voice(
 ) -> str:
     """The name of the voice a zero-shot prompt clones, registering it the first
     time that recording and transcript are seen."""
-    digest = hashlib.sha256(len(audio).to_bytes(8, "little") + audio + transcript.strip().encode()).hexdigest()
+    # Megabytes of hashing: off the event loop, which every stream's relay shares.
+    digest = await asyncio.to_thread(
+        lambda: hashlib.sha256(len(audio).to_bytes(8, "little") + audio + transcript.strip().encode()).hexdigest())
     name = ZERO_SHOT_PREFIX + digest[:32]
     try:
         await register_voice(config, router, name, transcript, audio, "", request_id, deadline)

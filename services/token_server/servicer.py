@@ -81,6 +81,11 @@ def _ms(at: float | None, since: float) -> float:
     return (at - since) * 1000 if at is not None else 0.0
 
 
+# A caller without a deadline still gets an answer: a reference of at most 30 s encodes
+# in seconds even on a CPU, so a worker silent for this long has failed.
+ENCODE_TIMEOUT_S = 120.0
+
+
 class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
     def __init__(self, config: TokenServerConfig, engine: Engine, pool: CodecPool, prompts: Prompts) -> None:
         self._config = config
@@ -226,9 +231,10 @@ class TokenServicer(token_server_pb2_grpc.TokenServiceServicer):
                                 f"this token server's family, {family.name}, speaks fixed voices only and clones "
                                 "none; register the voice with a server of a family that clones (neutts-air)")
         try:
+            remaining = context.time_remaining()
             reply = await self._pool.encode(
                 codec_pb2.EncodeRequest(request_id=request.request_id, audio=request.audio, codec=family.codec),
-                context.time_remaining(),
+                ENCODE_TIMEOUT_S if remaining is None else min(remaining, ENCODE_TIMEOUT_S),
             )
         except NoCodecWorkerError as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))

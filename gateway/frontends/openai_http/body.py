@@ -19,6 +19,9 @@ from starlette.responses import Response
 from gateway.errors import GatewayError, invalid
 from gateway.frontends.openai_http.errors import error_response
 
+# Bodies from this size on are parsed off the event loop.
+LARGE_BODY_BYTES = 256 * 1024
+
 
 async def json_body(request: Request, read_timeout_s: float, shape: str = "") -> object | Response:
     """The body parsed, or the error response to send instead. `shape` (an example
@@ -39,7 +42,9 @@ async def json_body(request: Request, read_timeout_s: float, shape: str = "") ->
             "(--http-read-timeout): send it whole, with a Content-Length that matches it"))
         return error_response(late, 408, headers={"Connection": "close"})
     try:
-        return parse_json(raw)
+        # A speech body is kilobytes; a voice's recording in base64 is up to 21 MB, whose
+        # parsing would stall every stream this event loop relays.
+        return parse_json(raw) if len(raw) < LARGE_BODY_BYTES else await asyncio.to_thread(parse_json, raw)
     except GatewayError as err:
         return error_response(err)
 

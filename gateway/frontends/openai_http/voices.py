@@ -10,6 +10,7 @@ needs a preflight, which CORS then governs. The logic is the tts.v1 door's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import uuid
@@ -39,9 +40,10 @@ class VoiceEndpoints:
         try:
             if not isinstance(body, dict):
                 raise invalid("the body must be a JSON object with `name`, `transcript` and `audio`")
+            name, transcript, family = _text(body, "name"), _text(body, "transcript"), _text(body, "family", False)
+            audio = await asyncio.to_thread(_audio, body)  # megabytes of base64, off the event loop
             registered = await voice_registration.register_voice(
-                self._config, self._pipeline.router, _text(body, "name"), _text(body, "transcript"),
-                _audio(body), _text(body, "family", required=False), uuid.uuid4().hex,
+                self._config, self._pipeline.router, name, transcript, audio, family, uuid.uuid4().hex,
                 voice_registration.deadline_of(self._config, None),
             )
         except GatewayError as err:

@@ -12,6 +12,7 @@ model) has no counterpart in a codec-language model and is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import wave
 
@@ -55,5 +56,5 @@ async def voice_of(
     if not data.transcript.strip():
         raise invalid("zero_shot_data.transcript is empty: the words spoken in the audio prompt are needed to "
                       "clone its voice")
-    return await voice_registration.zero_shot_voice(
-        config, router, prompt_audio(data), data.transcript, request_id, deadline)
+    audio = await asyncio.to_thread(prompt_audio, data)  # a WAV header around megabytes of PCM: a copy
+    return await voice_registration.zero_shot_voice(config, router, audio, data.transcript, request_id, deadline)
