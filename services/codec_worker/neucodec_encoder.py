@@ -61,6 +61,7 @@ from services.codec_worker.neucodec_model import (
     JsonShape,
     NeuCodecLoadError,
     NeuCodecShape,
+    read_checkpoint,
 )
 
 if TYPE_CHECKING:
@@ -430,12 +431,7 @@ def load_neucodec_encoder(model_dir: Path | str) -> NeuCodecEncoder | None:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: torch raises several kinds
-        raise NeuCodecLoadError(f"{weights} cannot be read as a checkpoint: {err}") from err
-    if not isinstance(state, dict):
-        raise NeuCodecLoadError(f"{weights} holds no state dict")
+    state = read_checkpoint(weights)
     wanted = encoder_tensors(state)
     _check_widths(wanted, codec_shape, weights, config)
     try:

@@ -267,6 +267,17 @@ def istft_same(frames: torch.Tensor, window: torch.Tensor, hop: int) -> torch.Te
     return y / envelope
 
 
+def read_checkpoint(weights: Path) -> dict:
+    """A NeuCodec checkpoint's tensors by name (no pickled code runs), or NeuCodecLoadError."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: torch raises several kinds
+        raise NeuCodecLoadError(f"{weights} cannot be read as a checkpoint: {err}") from err
+    if not isinstance(state, dict):
+        raise NeuCodecLoadError(f"{weights} holds no state dict")
+    return state
+
+
 def load_neucodec(model_dir: Path | str) -> NeuCodecDecoder:
     """Reads config.json (a NeuCodecShape) and pytorch_model.bin (a neucodec
     checkpoint, or a demo one): every decoder parameter must be there, the encoder's
@@ -281,12 +292,7 @@ def load_neucodec(model_dir: Path | str) -> NeuCodecDecoder:
     except (ValueError, TypeError) as err:
         raise NeuCodecLoadError(f"{config} is not a valid NeuCodec config: {err}") from err
     model = NeuCodecDecoder(shape)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: torch raises several kinds
-        raise NeuCodecLoadError(f"{weights} cannot be read as a checkpoint: {err}") from err
-    if not isinstance(state, dict):
-        raise NeuCodecLoadError(f"{weights} holds no state dict")
+    state = read_checkpoint(weights)
     wanted = {k: v for k, v in state.items() if k.startswith(_DECODER_PREFIXES)}
     try:
         missing, _ = model.load_state_dict(wanted, strict=False)
