@@ -7,7 +7,7 @@ with one: 2 seconds of random NeuCodec codes, their audio through the demo decod
 recordings are registered through the gateway, whose NeuCodec worker encodes them
 with the demo encoder that neucodec/ also holds (random weights, so a cloned demo
 voice sounds like no one).
-Built on demand (`chorus serve --neutts`), beside the Orpheus demo models, with its own
+Built on demand (`chorus serve`, `chorus models demo`), beside the Orpheus demo models, with its own
 manifest so that a folder from an older builder is rebuilt.
 """
 
