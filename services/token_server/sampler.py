@@ -5,6 +5,9 @@ that position, or end of speech at a frame boundary once a frame exists. Restric
 the logits to those 4097 columns before sampling means every frame decodes, and
 makes sampling cheap (4097 columns instead of 156,940). All slots of a step are
 sampled together in numpy so that the Python around llama_decode stays small.
+NeuTTS-Air's rows are 65,537 columns; with top-k or min-p on (its defaults) each is
+first cut to the few dozen columns those rules can keep, which picks exactly what the
+whole row would (_narrowed) at a fraction of the work.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ EOS_COLUMN = orpheus.FAMILY.eos_column  # Orpheus's column of end of speech in a
 # only the top logits), so it is raised to it.
 _SMALLEST_TEMPERATURE = np.finfo(np.float32).tiny
 _FLOAT32_MAX = np.finfo(np.float32).max
+# Rows this wide (NeuTTS-Air's 65,537 columns) are first cut to the columns top-k and
+# min-p can keep (_narrowed): every step of nucleus_pick then reads a few dozen columns
+# instead of all of them. Orpheus's 4,097 are left whole, as they were.
+NARROW_FROM_COLUMNS = 8192
+# How far below the exact limit the cut is taken, relative to the logits' size: far
+# above float32 rounding (1e-7), far below any gap a probability rule resolves.
+_NARROW_MARGIN = 1e-4
 
 
 @dataclass(frozen=True)
@@ -127,8 +137,53 @@ def sample(
         np.array([p.top_p for p in params], dtype=np.float32),
         draws,
     )
-    choice[idx] = nucleus_pick(rows, *args)
+    narrowed = _narrowed(rows, *args[:3]) if rows.shape[1] >= NARROW_FROM_COLUMNS else None
+    if narrowed is None:
+        choice[idx] = nucleus_pick(rows, *args)
+    else:
+        candidates, columns = narrowed
+        picks = nucleus_pick(candidates, *args)
+        choice[idx] = columns[np.arange(len(picks)), picks]
     return choice
+
+
+def _narrowed(
+    rows: np.ndarray, temps: np.ndarray, top_k: np.ndarray, min_p: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each row cut to the columns top-k or min-p may leave a probability, in column
+    order and padded with -inf, and their column numbers; None when a row keeps every
+    column (it uses neither).
+
+    nucleus_pick then applies the same rules to the candidates and gives the same pick
+    as on the whole row: every column it would keep is a candidate (the best one
+    included, so every log probability is the same), columns it would zero are absent
+    or zero here too, and a zero adds nothing to a bucket's mass or to a draw. The cut
+    is taken a margin below the exact limit so that float rounding cannot leave out a
+    column the exact rule keeps; the exact rule then drops the extra ones.
+    """
+    n_rows, n_cols = rows.shape
+    best = rows.max(axis=1)
+    floors = np.empty(n_rows, dtype=np.float32)
+    for r in range(n_rows):
+        floor = -np.inf
+        if 0 < top_k[r] < n_cols:
+            floor = float(np.partition(rows[r], n_cols - top_k[r])[n_cols - top_k[r]])  # the k-th largest logit
+        if min_p[r] > 0.0:
+            # p >= min_p  <=>  (logit - best) / T >= ln(min_p)
+            floor = max(floor, float(best[r]) + float(max(temps[r], _SMALLEST_TEMPERATURE)) * float(np.log(min_p[r])))
+        if not np.isfinite(floor):
+            return None
+        floors[r] = floor - _NARROW_MARGIN * (1.0 + abs(floor) + abs(float(best[r])))
+    keep = rows >= floors[:, None]
+    counts = keep.sum(axis=1)
+    width = int(counts.max())
+    candidates = np.full((n_rows, width), -np.inf, dtype=np.float32)
+    columns = np.zeros((n_rows, width), dtype=np.int64)
+    for r in range(n_rows):
+        cols = np.flatnonzero(keep[r])
+        candidates[r, : cols.size] = rows[r, cols]
+        columns[r, : cols.size] = cols
+    return candidates, columns
 
 
 def make_finite(legal: np.ndarray) -> None:

@@ -219,3 +219,76 @@ def test_huge_logits_keep_their_order():
     with np.errstate(invalid="raise"):
         pick = sample(legal, [sampler], np.array([0]), np.array([False]))[0]
     assert pick in (7, 9)
+
+
+# --- wide rows (NeuTTS-Air's 65,537 columns) are cut to their candidates first -------
+
+def _wide_case(rng: np.random.Generator, n_rows: int):
+    """Rows of 65,537 columns with the values that stress a cut: ties (logits on a coarse
+    grid), -inf and NaN stretches, +inf, a dead row, end of speech barred."""
+    from chorus.speech import neutts
+
+    family = neutts.family(10, 9)
+    vocab = family.code_token_base + family.codebook_size + 2
+    rows = []
+    for _ in range(n_rows):
+        row = rng.standard_normal(vocab).astype(np.float32) * rng.choice([0.5, 3.0, 20.0])
+        kind = rng.integers(6)
+        if kind == 0:
+            row = np.round(row * 2) / 2  # many exact ties
+        elif kind == 1:
+            row[rng.integers(vocab, size=vocab // 3)] = -np.inf
+        elif kind == 2:
+            row[rng.integers(vocab, size=50)] = np.nan
+        elif kind == 3:
+            row[rng.integers(vocab, size=3)] = np.inf
+        elif kind == 4:
+            row[:] = -np.inf  # dead: codes uniform
+        rows.append(row)
+    params = [SamplingParams(
+        temperature=float(rng.choice([0.0, 1e-40, 0.05, 0.7, 1.0, 2.0])),
+        top_k=int(rng.choice([0, 1, 50, 4096])),
+        min_p=float(rng.choice([0.0, 0.05, 0.5, 0.999])),
+        top_p=float(rng.choice([0.1, 0.9, 0.95, 1.0])),
+        repetition_penalty=float(rng.choice([1.0, 1.3])),
+        seed=int(rng.integers(2**32)),
+    ) for _ in range(n_rows)]
+    positions = np.zeros(n_rows, dtype=np.int64)
+    eos = rng.random(n_rows) < 0.5
+    return family, rows, params, positions, eos
+
+
+def test_cutting_wide_rows_to_their_candidates_picks_exactly_what_the_whole_rows_pick(monkeypatch):
+    """The cut (sampler._narrowed) is an optimization, not a change: on the same logits,
+    parameters and generators, every pick is the same as sampling the whole row."""
+    import services.token_server.sampler as sampler_module
+
+    rng = np.random.default_rng(20261205)
+    compared = cut = 0
+    for _ in range(150):
+        family, rows, params, positions, eos = _wide_case(rng, int(rng.integers(1, 4)))
+
+        def picks(narrow_from: int) -> np.ndarray:
+            monkeypatch.setattr(sampler_module, "NARROW_FROM_COLUMNS", narrow_from)
+            samplers = [SequenceSampler(p, family) for p in params]
+            for s in samplers:
+                s.seen[0, :64] = True  # a few generated codes, for the penalty
+            return np.concatenate([sample(gather_legal_logits(rows, positions, family), samplers, positions, eos)
+                                   for _ in range(3)])
+
+        whole, narrowed = picks(10**9), picks(8192)
+        np.testing.assert_array_equal(narrowed, whole)
+        compared += whole.size
+        cut += all(p.temperature > 0 and (0 < p.top_k < 65_537 or p.min_p > 0) for p in params)
+    assert compared > 300 and cut > 20  # the cut itself was taken, many times
+
+
+def test_a_wide_row_is_cut_to_its_top_k_and_min_p_candidates():
+    import services.token_server.sampler as sampler_module
+
+    row = np.linspace(-10, 10, 65_537, dtype=np.float32)[None]
+    candidates, columns = sampler_module._narrowed(row, np.array([1.0], np.float32), np.array([50]),
+                                                   np.array([0.0], np.float32))
+    assert columns[0, -1] == 65_536 and 50 <= candidates.shape[1] < 60  # the 50 best and a margin's few more
+    assert sampler_module._narrowed(row, np.array([1.0], np.float32), np.array([0]),
+                                    np.array([0.0], np.float32)) is None  # top-p alone needs the whole row
