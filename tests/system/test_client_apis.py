@@ -252,3 +252,53 @@ def test_browser_page_plays_the_stream_as_it_arrives(stack, chromium, tmp_path, 
     # Every received sample was played by Web Audio (counted as each buffer ended).
     assert stats["playedSamples"] == stats["receivedSamples"]
     assert stats["ttfaMs"] > 0 and stats["lateChunks"] >= 0
+
+
+def test_browser_page_clones_a_voice_from_a_recording_and_speaks_with_it(demo_models, chromium, tmp_path):
+    """The page's clone form: a recording file and its words go to POST
+    /v1/audio/voices (JSON, base64), the new voice is listed and picked, and Speak plays
+    it through the NeuTTS-Air pair, every sample. A second clone under the same name is
+    refused with the gateway's message, shown on the page."""
+    from playwright.sync_api import sync_playwright
+
+    from chorus.speech import neutts
+    from chorus.speech.voice_store import VoiceStore
+    from support.speechlike import recording
+
+    reference = tmp_path / "me.wav"
+    reference.write_bytes(recording(2.0))
+    sampling = json.dumps({"max_tokens": 30, "ignore_end_of_speech": True, "seed": 5})
+    with Stack(calibrate=False, models_dir=demo_models.root, neutts=True, voice_store=tmp_path / "voices",
+               work_dir=tmp_path / "stack") as stack, sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{stack.gateway_http_address}/?sampling={quote(sampling)}")
+            page.wait_for_function("document.querySelectorAll('#voice option').length > 0")
+
+            def clone() -> object:
+                page.evaluate("window.chorus.cloned = null")
+                page.fill("#clone-name", "page-voice")
+                page.fill("#clone-transcript", "Hello, this is my voice.")
+                page.set_input_files("#clone-audio", str(reference))
+                page.click("#clone")
+                page.wait_for_function("window.chorus.cloned !== null", timeout=120_000)
+                return page.evaluate("window.chorus.cloned")
+
+            cloned = clone()
+            picked = page.locator("#voice").input_value()
+            page.fill("#text", "Spoken in a cloned voice.")
+            page.click("#speak")
+            page.wait_for_function("window.chorus.done", timeout=180_000)
+            stats = page.evaluate("window.chorus")
+            again = clone()
+            refusal = page.locator("#clone-state").inner_text()
+        finally:
+            browser.close()
+    assert cloned == picked == "page-voice"
+    assert VoiceStore(tmp_path / "voices").get("page-voice").codes["neucodec_24khz"].size == 100
+    assert stats["error"] is None and stats["receivedSamples"] == 30 * neutts.SAMPLES_PER_FRAME
+    assert stats["playedSamples"] == stats["receivedSamples"]
+    assert again is False and "already registered" in refusal
