@@ -23,7 +23,6 @@ from chorus.proto.tts.v1 import common_pb2, token_server_pb2
 from chorus.speech import neutts
 from chorus.speech.family import ORPHEUS
 from chorus.speech.voice_store import (
-    StoredVoice,
     VoiceExists,
     VoiceNotFound,
     VoiceStore,
@@ -132,7 +131,7 @@ async def zero_shot_voice(
     except GatewayError as err:
         if err.code != grpc.StatusCode.ALREADY_EXISTS:
             raise
-        await _check_readable(store_of(config), name)
+        await _check_readable(store_of(config), name)  # seen before: its description must still read
     return name
 
 
@@ -151,18 +150,21 @@ async def delete_voice(config: GatewayConfig, name: str) -> None:
 async def _encode(
     router: Router, reference: ReferenceAudio, family: str, request_id: str, deadline: float
 ) -> common_pb2.ReferenceCodes:
-    request = token_server_pb2.EncodeReferenceRequest(
+    # Building a message of up to 480,000 floats takes tens of milliseconds: off the event loop.
+    request = await asyncio.to_thread(lambda: token_server_pb2.EncodeReferenceRequest(
         request_id=request_id,
         audio=common_pb2.ReferenceAudio(samples=reference.samples.tolist(), sample_rate_hz=REFERENCE_RATE),
-    )
+    ))
     codes = await router.encode_reference(request, family, deadline)
     if not codes.codes or not codes.codec:
         raise GatewayError(grpc.StatusCode.INTERNAL, "the reference was encoded to no codes; nothing was stored")
     return codes
 
 
-async def _check_readable(store: VoiceStore, name: str) -> StoredVoice:
+async def _check_readable(store: VoiceStore, name: str) -> None:
+    """Its description only: the request is routed by it next, and the token server
+    reads the codes itself (reading them here too was work done twice)."""
     try:
-        return await asyncio.to_thread(store.get, name, False)
+        await asyncio.to_thread(store.family_of, name)
     except VoiceStoreError as err:
         raise GatewayError(grpc.StatusCode.INTERNAL, str(err)) from None

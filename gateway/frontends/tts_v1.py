@@ -7,6 +7,7 @@ the call's status. Nothing else is decided here.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -44,9 +45,9 @@ class SynthesisServicer(shell.GrpcDoor, gateway_pb2_grpc.SynthesisServiceService
                 yield item
 
     async def ListVoices(self, request, context):
-        return gateway_pb2.ListVoicesResponse(
-            voices=[gateway_pb2.Voice(name=n, description=d) for n, d in self._config.listed_voices()]
-        )
+        # A description file per registered voice (up to --max-voices): read off the event loop.
+        listed = await asyncio.to_thread(self._config.listed_voices)
+        return gateway_pb2.ListVoicesResponse(voices=[gateway_pb2.Voice(name=n, description=d) for n, d in listed])
 
     async def RegisterVoice(self, request, context: grpc.aio.ServicerContext):
         async with shell.gateway_status(context):

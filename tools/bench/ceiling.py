@@ -206,9 +206,8 @@ def _decoder_side(conn, model_dir: str, frames: int, precision_name: str, family
     import numpy as np
     import torch
 
-    codes = np.random.default_rng(0).integers(0, decoder.codebook_size if family_name != ORPHEUS
-                                              else orpheus.CODEBOOK_SIZE, (frames, decoder.codes_per_frame))
-    frame_seconds = decoder.frame_seconds if family_name != ORPHEUS else orpheus.FRAME_SECONDS
+    # Both decoders state their codec's facts, as the decode engine reads them.
+    codes = np.random.default_rng(0).integers(0, decoder.codebook_size, (frames, decoder.codes_per_frame))
     conn.send(("ready", mode))
     while (run := conn.recv()) is not None:
         torch.set_num_threads(run.threads)
@@ -228,7 +227,7 @@ def _decoder_side(conn, model_dir: str, frames: int, precision_name: str, family
             fed += run.frames_per_step
             decoded += run.batch * run.frames_per_step
         elapsed = time.perf_counter() - started
-        conn.send(decoded * frame_seconds / elapsed)
+        conn.send(decoded * decoder.frame_seconds / elapsed)
 
 
 @dataclass(frozen=True)
@@ -529,7 +528,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from tools.supervisor import locate_models
 
     backbone, codec_dir = family_models(args.models, args.family)
     ceiling = measure(

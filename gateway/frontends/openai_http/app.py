@@ -187,9 +187,9 @@ class SpeechEndpoint:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, _CUT_MESSAGE) from None
 
     async def voices(self, request: Request) -> Response:
+        listed = await asyncio.to_thread(self._config.listed_voices)  # a file per registered voice
         return JSONResponse({
-            "voices": [{"id": name, "name": name, "description": description}
-                       for name, description in self._config.listed_voices()],
+            "voices": [{"id": name, "name": name, "description": description} for name, description in listed],
             "aliases": voice_aliases.aliases(self._config),
             "response_formats": list(OPENAI_FORMATS),
         })
