@@ -24,6 +24,9 @@ from chorus.speech.limits import REFERENCE_RATE
 
 # Below it the recording lacks the band the encoder reads; upsampled it would still lack it.
 MIN_SOURCE_RATE = 16_000
+# Above it no recording is real (studio audio tops out at 384 kHz), and a header claiming
+# billions of samples a second only makes the resampler allocate for them.
+MAX_SOURCE_RATE = 384_000
 # Speech is there when enough 50 ms windows are louder than this (dB below full scale).
 SPEECH_WINDOW_S = 0.05
 SPEECH_DBFS = -40.0
@@ -61,6 +64,9 @@ def read_reference(data: bytes) -> ReferenceAudio:
         if source_rate < MIN_SOURCE_RATE:
             raise ReferenceAudioError(f"the reference is sampled at {source_rate} Hz; it must be at least "
                                       f"{MIN_SOURCE_RATE} Hz (record or export it at 16 kHz or more)")
+        if source_rate > MAX_SOURCE_RATE:
+            raise ReferenceAudioError(f"the reference claims {source_rate} samples a second; at most "
+                                      f"{MAX_SOURCE_RATE} Hz is read (export it at 16-48 kHz)")
         samples = _decode(container, stream, source_rate)
     seconds = samples.size / REFERENCE_RATE
     if seconds < MIN_SECONDS:

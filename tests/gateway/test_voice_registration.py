@@ -131,9 +131,12 @@ def test_a_name_registered_twice_keeps_the_first_voice(tmp_path):
                     name="anna", audio=recording(level=0.5), transcript="Another text."), timeout=20)
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.DeleteVoice(gateway_pb2.DeleteVoiceRequest(name="nobody"))
-            return err.value, missing.value
+            with pytest.raises(grpc.aio.AioRpcError) as fixed:
+                await stub.DeleteVoice(gateway_pb2.DeleteVoiceRequest(name="tara"))
+            return err.value, missing.value, fixed.value
 
-    err, missing = run(scenario())
+    err, missing, fixed = run(scenario())
+    assert fixed.code() == grpc.StatusCode.FAILED_PRECONDITION and "fixed voice" in fixed.details()
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "delete it first" in err.details()
     assert missing.code() == grpc.StatusCode.NOT_FOUND
     assert VoiceStore(tmp_path / "voices").get("anna").transcript == TRANSCRIPT
@@ -285,3 +288,125 @@ def test_a_reference_over_a_mebibyte_registers(tmp_path):
     reply, over_http, encoded = run(scenario())
     assert reply.reference_frames == 1000 and over_http.status_code == 201
     assert len(encoded[0].audio.samples) == 20 * 16_000
+
+
+# --- every door gets every rule, and the worst a client can send ---------------------
+
+AUDIO_RULES = {
+    "not_audio": (b"not audio at all" * 100, "not audio"),
+    "8khz": (recording(rate=8_000), "at least 16000 Hz"),
+    "silence": (recording(level=0.0), "silent"),
+    "short": (recording(seconds=0.5), "at least 1 s"),
+    "long": (recording(seconds=31, rate=16_000), "longer than 30 s"),
+}
+
+
+async def _register(door: str, stub, channel, http, audio: bytes, name: str = "anna", transcript: str = TRANSCRIPT):
+    """(refused, message) of one registration through `door`; Riva registers by zero-shot
+    prompt. Riva reads bytes that are no container as bare PCM, so bytes that are not
+    audio go to it claiming to be Ogg, as a client sending a broken file would."""
+    if door == "tts.v1":
+        try:
+            await stub.RegisterVoice(gateway_pb2.RegisterVoiceRequest(name=name, audio=audio, transcript=transcript),
+                                     timeout=30)
+            return False, ""
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details()
+    if door == "http":
+        reply = await http.post("/v1/audio/voices", json={"name": name, "transcript": transcript,
+                                                          "audio": base64.b64encode(audio).decode()})
+        return (False, "") if reply.status_code == 201 else (reply.status_code, reply.json()["error"]["message"])
+    try:
+        await riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel).Synthesize(riva_tts_pb2.SynthesizeSpeechRequest(
+            text="Cloned.", encoding=riva_audio_pb2.LINEAR_PCM, sample_rate_hz=24_000,
+            zero_shot_data=riva_tts_pb2.ZeroShotData(
+                audio_prompt=audio, transcript=transcript,
+                encoding=riva_audio_pb2.LINEAR_PCM if audio.startswith(b"RIFF") else riva_audio_pb2.OGGOPUS)),
+            timeout=30)
+        return False, ""
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details()
+
+
+REFUSED = {"tts.v1": grpc.StatusCode.INVALID_ARGUMENT, "riva": grpc.StatusCode.INVALID_ARGUMENT, "http": 400}
+
+
+@pytest.mark.parametrize("case", sorted(AUDIO_RULES))
+@pytest.mark.parametrize("door", ["tts.v1", "http", "riva"])
+def test_every_door_refuses_unusable_audio_with_the_same_reason_before_any_encoding(tmp_path, door, case):
+    audio, words = AUDIO_RULES[case]
+
+    async def scenario():
+        async with gateway_with(tmp_path / "voices") as ((neutts,), stub, channel, http):
+            return await _register(door, stub, channel, http, audio), neutts.encoded, neutts.requests
+
+    (refused, message), encoded, spoken = run(scenario())
+    assert refused == REFUSED[door] and words in message
+    assert encoded == [] and spoken == [] and VoiceStore(tmp_path / "voices").names() == []
+
+
+@pytest.mark.parametrize("door", ["tts.v1", "http", "riva"])
+def test_every_door_holds_the_store_to_max_voices(tmp_path, door):
+    async def scenario():
+        async with gateway_with(tmp_path / "voices", max_voices=1) as (_, stub, channel, http):
+            first = await _register(door, stub, channel, http, recording(), name="first")
+            second = await _register(door, stub, channel, http, recording(level=0.5), name="second")
+            return first, second
+
+    first, (refused, message) = run(scenario())
+    assert first == (False, "")
+    assert refused == {"tts.v1": grpc.StatusCode.RESOURCE_EXHAUSTED, "riva": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       "http": 429}[door] and "--max-voices" in message
+    assert len(VoiceStore(tmp_path / "voices").names()) == 1
+
+
+def _bare_pcm_prompt(rate: int) -> riva_tts_pb2.SynthesizeSpeechRequest:
+    pcm = (recording(rate=16_000)[44:])  # the samples behind a 44-byte WAV header
+    return riva_tts_pb2.SynthesizeSpeechRequest(
+        text="Cloned.", encoding=riva_audio_pb2.LINEAR_PCM, sample_rate_hz=24_000,
+        zero_shot_data=riva_tts_pb2.ZeroShotData(audio_prompt=pcm, sample_rate_hz=rate, transcript=TRANSCRIPT))
+
+
+def test_the_worst_a_client_sends_to_registration_fails_only_that_request(tmp_path):
+    """Huge names and transcripts, NUL, an upload one byte past the limit, a body past
+    the port's limit, bare PCM that claims 2^31-1 or 1 sample a second: each is refused
+    with a short reason, nothing is encoded or stored, and the gateway then registers
+    and speaks as before."""
+    too_big = b"\0" * (16 * 1024 * 1024 + 1)
+
+    async def scenario():
+        async with gateway_with(tmp_path / "voices") as ((neutts,), stub, channel, http):
+            answers = {
+                "long name": await _register("tts.v1", stub, channel, http, recording(), name="a" * 100_000),
+                "long name http": await _register("http", stub, channel, http, recording(), name="a" * 100_000),
+                "long transcript": await _register("tts.v1", stub, channel, http, recording(),
+                                                   transcript="word " * 20_000),
+                "long transcript riva": await _register("riva", stub, channel, http, recording(),
+                                                        transcript="word " * 20_000),
+                "NUL": await _register("http", stub, channel, http, recording(), transcript="Hi\0there."),
+                "16 MiB + 1": await _register("tts.v1", stub, channel, http, too_big),
+                "16 MiB + 1 riva": await _register("riva", stub, channel, http, too_big),
+            }
+            past_port = await http.post("/v1/audio/voices", content=b"{" + b" " * (23 * 1024 * 1024) + b"}",
+                                        headers={"Content-Type": "application/json"})
+            riva = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(channel)
+            for rate in (2**31 - 1, 1):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await riva.Synthesize(_bare_pcm_prompt(rate), timeout=30)
+                answers[f"bare PCM at {rate} Hz"] = (err.value.code(), err.value.details())
+            encoded_before = len(neutts.encoded)
+            after = await _register("http", stub, channel, http, recording())
+            spoken = await speak(stub, "anna")
+            return answers, past_port, encoded_before, after, spoken
+
+    answers, past_port, encoded_before, after, spoken = run(scenario())
+    for what, (refused, message) in answers.items():
+        assert refused in (grpc.StatusCode.INVALID_ARGUMENT, 400), what
+        assert 0 < len(message) < 400, what
+    assert "at most 2000" in answers["long transcript"][1] and "control characters" in answers["NUL"][1]
+    assert "16,777,217 bytes" in answers["16 MiB + 1"][1] and "16,777,217 bytes" in answers["16 MiB + 1 riva"][1]
+    assert "at most 384000 Hz" in answers[f"bare PCM at {2**31 - 1} Hz"][1]
+    assert "at least 16000 Hz" in answers["bare PCM at 1 Hz"][1]
+    assert past_port.status_code == 413
+    assert encoded_before == 0 and after == (False, "") and spoken
+    assert VoiceStore(tmp_path / "voices").names() == ["anna"]
