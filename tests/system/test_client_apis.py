@@ -9,6 +9,7 @@ Lengths are exact where the format allows: requests use a seeded, fixed-length b
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -224,27 +225,35 @@ def chromium() -> str:
     return "/usr/bin/chromium"
 
 
-def test_browser_page_plays_the_stream_as_it_arrives(stack, chromium, tmp_path, capsys):
+@contextlib.contextmanager
+def browser_page(http_address: str, chromium: str, profile: Path, sampling: dict):
+    """The gateway's page in headless Chromium, its voices loaded; `sampling` goes in the
+    page's query (tts.v1 sampling parameters, bounding each request's length)."""
     from playwright.sync_api import sync_playwright
 
-    sampling = json.dumps({"max_tokens": 7 * 40, "ignore_end_of_speech": True, "seed": 5})
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
         )
         try:
             page = browser.new_page()
-            page.goto(f"http://{stack.gateway_http_address}/?sampling={quote(sampling)}")
+            page.goto(f"http://{http_address}/?sampling={quote(json.dumps(sampling))}")
             page.wait_for_function("document.querySelectorAll('#voice option').length > 0")
-            assert page.locator("#voice option").first.get_attribute("value") == "tara"
-            page.fill("#text", "A sentence for the browser to play.")
-            page.click("#speak")
-            page.wait_for_function("window.chorus.done", timeout=180_000)
-            stats = page.evaluate("window.chorus")
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_browser_page_plays_the_stream_as_it_arrives(stack, chromium, tmp_path, capsys):
+    sampling = {"max_tokens": 7 * 40, "ignore_end_of_speech": True, "seed": 5}
+    with browser_page(stack.gateway_http_address, chromium, tmp_path / "profile", sampling) as page:
+        assert page.locator("#voice option").first.get_attribute("value") == "tara"
+        page.fill("#text", "A sentence for the browser to play.")
+        page.click("#speak")
+        page.wait_for_function("window.chorus.done", timeout=180_000)
+        stats = page.evaluate("window.chorus")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
     with capsys.disabled():
         print(f"\n[browser] screenshot: {SCREENSHOT}; page stats: {stats}")
     assert stats["error"] is None
@@ -259,44 +268,33 @@ def test_browser_page_clones_a_voice_from_a_recording_and_speaks_with_it(demo_mo
     /v1/audio/voices (JSON, base64), the new voice is listed and picked, and Speak plays
     it through the NeuTTS-Air pair, every sample. A second clone under the same name is
     refused with the gateway's message, shown on the page."""
-    from playwright.sync_api import sync_playwright
-
     from chorus.speech import neutts
     from chorus.speech.voice_store import VoiceStore
     from support.speechlike import recording
 
     reference = tmp_path / "me.wav"
     reference.write_bytes(recording(2.0))
-    sampling = json.dumps({"max_tokens": 30, "ignore_end_of_speech": True, "seed": 5})
+    sampling = {"max_tokens": 30, "ignore_end_of_speech": True, "seed": 5}
     with Stack(calibrate=False, models_dir=demo_models.root, neutts=True, voice_store=tmp_path / "voices",
-               work_dir=tmp_path / "stack") as stack, sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-        )
-        try:
-            page = browser.new_page()
-            page.goto(f"http://{stack.gateway_http_address}/?sampling={quote(sampling)}")
-            page.wait_for_function("document.querySelectorAll('#voice option').length > 0")
+               work_dir=tmp_path / "stack") as stack, \
+            browser_page(stack.gateway_http_address, chromium, tmp_path / "profile", sampling) as page:
+        def clone() -> object:
+            page.evaluate("window.chorus.cloned = null")
+            page.fill("#clone-name", "page-voice")
+            page.fill("#clone-transcript", "Hello, this is my voice.")
+            page.set_input_files("#clone-audio", str(reference))
+            page.click("#clone")
+            page.wait_for_function("window.chorus.cloned !== null", timeout=120_000)
+            return page.evaluate("window.chorus.cloned")
 
-            def clone() -> object:
-                page.evaluate("window.chorus.cloned = null")
-                page.fill("#clone-name", "page-voice")
-                page.fill("#clone-transcript", "Hello, this is my voice.")
-                page.set_input_files("#clone-audio", str(reference))
-                page.click("#clone")
-                page.wait_for_function("window.chorus.cloned !== null", timeout=120_000)
-                return page.evaluate("window.chorus.cloned")
-
-            cloned = clone()
-            picked = page.locator("#voice").input_value()
-            page.fill("#text", "Spoken in a cloned voice.")
-            page.click("#speak")
-            page.wait_for_function("window.chorus.done", timeout=180_000)
-            stats = page.evaluate("window.chorus")
-            again = clone()
-            refusal = page.locator("#clone-state").inner_text()
-        finally:
-            browser.close()
+        cloned = clone()
+        picked = page.locator("#voice").input_value()
+        page.fill("#text", "Spoken in a cloned voice.")
+        page.click("#speak")
+        page.wait_for_function("window.chorus.done", timeout=180_000)
+        stats = page.evaluate("window.chorus")
+        again = clone()
+        refusal = page.locator("#clone-state").inner_text()
     assert cloned == picked == "page-voice"
     assert VoiceStore(tmp_path / "voices").get("page-voice").codes["neucodec_24khz"].size == 100
     assert stats["error"] is None and stats["receivedSamples"] == 30 * neutts.SAMPLES_PER_FRAME
